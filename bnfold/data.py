@@ -1,0 +1,216 @@
+"""Data for calibration and verification: files cut into batches, or any iterable of batches.
+
+Accepted: ``.npz`` (one array per model input, in file order; first axis = samples), ``.npy`` (one
+input), ``.pt`` (a tensor, a tuple/list of tensors, or a dict of named tensors; read with
+``weights_only=True``), or ``module:fn`` / ``file.py:fn`` returning an iterable of batches. A batch is a
+tensor, a tuple/list of tensors (positional inputs) or a dict (keyword inputs).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import DataError
+
+FORMS = ".npz, .npy, .pt, or module:fn returning batches"
+
+
+@dataclass
+class Batch:
+    args: tuple
+    kwargs: dict
+
+    @property
+    def size(self) -> int:
+        import torch
+
+        for t in itertools.chain(self.args, self.kwargs.values()):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                return int(t.shape[0])
+        return 1
+
+
+def as_batch(item: Any) -> Batch:
+    import numpy as np
+    import torch
+
+    def tens(x):
+        if isinstance(x, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(x))
+        return x
+
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return Batch((tens(item),), {})
+    if isinstance(item, (tuple, list)):
+        return Batch(tuple(tens(x) for x in item), {})
+    if isinstance(item, dict):
+        return Batch((), {k: tens(v) for k, v in item.items()})
+    raise DataError(f"a batch is a {type(item).__name__}", "yield tensors, tuples of tensors or dicts of tensors")
+
+
+def _check_arrays(arrays: list, where: str) -> None:
+    import numpy as np
+
+    if not arrays:
+        raise DataError(f"{where} holds no arrays", "save one array per model input")
+    n = None
+    for i, a in enumerate(arrays):
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"{where}: array {i} has dtype {a.dtype}, not numeric", "save float or integer arrays")
+        if a.ndim == 0:
+            raise DataError(f"{where}: array {i} is a scalar", "the first axis must count samples")
+        if a.shape[0] == 0:
+            raise DataError(f"{where}: array {i} is empty (0 samples)", "provide at least two samples")
+        if n is not None and a.shape[0] != n:
+            raise DataError(f"{where}: arrays have {n} and {a.shape[0]} samples", "give every input the same number of samples")
+        n = a.shape[0]
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DataError(f"{where}: array {i} contains NaN or Inf", "clean the data")
+
+
+def _read_arrays(path: Path) -> tuple[list, list | None]:
+    """(arrays, names) of a data file; names only for dict-like sources (keyword inputs)."""
+    import numpy as np
+    import torch
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return [z[k] for k in z.files], None
+        if suffix == ".npy":
+            return [np.load(path, allow_pickle=False)], None
+        if suffix == ".pt" or suffix == ".pth":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, torch.Tensor):
+                return [obj.numpy()], None
+            if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
+                return [t.numpy() for t in obj], None
+            if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
+                return [t.numpy() for t in obj.values()], list(obj)
+            raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors", "save a tensor, a tuple or a dict of tensors")
+    except DataError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot read data file '{path}': {first}", "check that the file is complete and of the type its suffix says") from err
+    raise DataError(f"data file '{path}' has an unknown type '{suffix}'", f"use {FORMS}")
+
+
+def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> list[Batch]:
+    """Materialise calibration/verification data as a list of batches (checked, non-empty)."""
+    if isinstance(spec, (str, Path)):
+        text = str(spec)
+        path = Path(text)
+        if path.suffix.lower() in (".npz", ".npy", ".pt", ".pth"):
+            if not path.is_file():
+                raise DataError(f"data file '{path}' does not exist", "check --calib")
+            arrays, names = _read_arrays(path)
+            _check_arrays(arrays, f"'{path}'")
+            return split_arrays(arrays, batch_size, names)
+        if ":" in text:
+            from .load import parse_model_spec, resolve_factory
+
+            try:
+                fn = resolve_factory(parse_model_spec(text))
+            except Exception as err:
+                raise DataError(f"data spec '{text}': {err}", f"use {FORMS}") from err
+            try:
+                source = fn()
+            except Exception as err:
+                raise DataError(f"data factory '{text}' raised {type(err).__name__}: {err}", "fix the data factory") from err
+            return collect(source, where=f"'{text}'")
+        raise DataError(f"data '{text}' is not a known form", f"use {FORMS}")
+    return collect(spec, where="the data")
+
+
+def split_arrays(arrays: list, batch_size: int | None, names: list | None = None) -> list[Batch]:
+    import numpy as np
+    import torch
+
+    n = arrays[0].shape[0]
+    if batch_size is not None and batch_size <= 0:
+        raise DataError(f"batch size {batch_size} is not positive", "pass --batch-size 2 or more")
+    bs = batch_size or n
+    batches = []
+    for start in range(0, n, bs):
+        parts = [torch.from_numpy(np.ascontiguousarray(a[start:start + bs])) for a in arrays]
+        batches.append(Batch((), dict(zip(names, parts))) if names else Batch(tuple(parts), {}))
+    return batches
+
+
+def collect(source: Any, where: str = "the data") -> list[Batch]:
+    import torch
+
+    if isinstance(source, (torch.Tensor,)) or not hasattr(source, "__iter__"):
+        raise DataError(f"{where} is a {type(source).__name__}, not an iterable of batches", "return a list, generator or DataLoader")
+    batches = [as_batch(b) for b in source]
+    if not batches:
+        raise DataError(f"{where} yielded no batches", "provide at least one batch")
+    return batches
+
+
+def take_samples(batches: list[Batch], n: int) -> Batch | None:
+    """The first ``n`` samples of ``batches`` as one batch (for verification)."""
+    import torch
+
+    if not batches:
+        return None
+    first = batches[0]
+    if first.kwargs:
+        return Batch((), {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in first.kwargs.items()})
+    return Batch(tuple(v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for v in first.args), {})
+
+
+def iter_tensors(batch: Batch) -> Iterator:
+    yield from batch.args
+    yield from batch.kwargs.values()
+
+
+def model_dtype_device(model):
+    """The dtype of the model's first floating parameter (or buffer) and its device."""
+    import torch
+
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.float32, torch.device("cpu")
+
+
+def prepare(batch: Batch, dtype, device) -> Batch:
+    """Floating tensors cast to the model's dtype; everything moved to its device."""
+    import torch
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            x = x.to(device)
+            return x.to(dtype) if x.is_floating_point() else x
+        return x
+
+    return Batch(tuple(conv(a) for a in batch.args), {k: conv(v) for k, v in batch.kwargs.items()})
+
+
+def _max_positional(model) -> int | None:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def call_model(model, batch: Batch):
+    """model(*args, **kwargs); (inputs, labels) pairs lose the items forward() has no parameter for."""
+    args = batch.args
+    limit = _max_positional(model)
+    if limit is not None and len(args) > limit and limit > 0:
+        args = args[:limit]
+    return model(*args, **batch.kwargs)

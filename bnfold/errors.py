@@ -1,0 +1,82 @@
+"""Typed exceptions. The CLI renders these once, as one line, with their exit code.
+
+Exit codes (also in the README):
+    0  success
+    1  verification failed: outputs differ beyond tolerance
+    2  bad input or usage (a file, a flag, a data set, a missing provider that was required)
+    3  the model itself could not be traced, folded or exported
+
+Anything that is not a ``BnfoldError`` is a bug in bnfold and is shown with a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_MODEL = 3
+
+
+class BnfoldError(Exception):
+    """Base class of every error a user can cause. ``str(err)`` is the one line to show."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}. {fix}" if fix else problem)
+
+
+class BadInputError(BnfoldError):
+    """A file, spec, flag or data set that cannot be used as given (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ModelSpecError(BadInputError):
+    """The model spec or its factory is wrong (exit 2)."""
+
+
+class WeightsError(BadInputError):
+    """The checkpoint cannot be read or does not fit the model (exit 2)."""
+
+
+class DataError(BadInputError):
+    """Calibration or verification data is unusable (exit 2)."""
+
+
+class CalibrationError(DataError):
+    """Calibration could not produce finite statistics (exit 2)."""
+
+
+class OutputPathError(BadInputError):
+    """The output path cannot be written (exit 2)."""
+
+
+class ProviderError(BadInputError):
+    """An unknown provider, or a required provider that cannot run here (exit 2)."""
+
+
+class ConfigError(BadInputError):
+    """A batch-conversion config file is invalid (exit 2)."""
+
+
+class ModelError(BnfoldError):
+    """The model could not be traced, folded or exported (exit 3)."""
+
+    exit_code = EXIT_MODEL
+
+
+class ExportError(ModelError):
+    """torch.onnx.export or onnx.checker failed (exit 3)."""
+
+
+class VerificationFailed(BnfoldError):
+    """Outputs differ beyond tolerance (exit 1). Carries the report that shows where."""
+
+    exit_code = EXIT_VERIFY_FAILED
+
+    def __init__(self, problem: str, report=None):
+        super().__init__(problem)
+        self.report = report
