@@ -1,0 +1,385 @@
+"""The one function that strings the stages together: (calibrate →) fold → export → verify → report.
+
+The ONNX file is written beside its target under a hidden staging name, verified there, and only
+renamed onto the output path when verification passed (or ``keep_failed=True``), so a failing or
+interrupted conversion never leaves a file at the output path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import check_output_path, sha256_file, write_text_atomic
+from .errors import BadInputError, EXIT_OK, EXIT_VERIFY_FAILED
+
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, str | None]:
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    def v(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    ort = v("onnxruntime") or v("onnxruntime-gpu")
+    return {
+        "bnfold": __version__,
+        "python": platform.python_version(),
+        "torch": v("torch"),
+        "onnx": v("onnx"),
+        "onnxscript": v("onnxscript"),
+        "onnxruntime": ort,
+        "onnxruntime_package": "onnxruntime-gpu" if v("onnxruntime-gpu") else "onnxruntime",
+        "numpy": v("numpy"),
+    }
+
+
+@dataclass
+class ConvertReport:
+    model: str
+    output: str | None
+    passed: bool = False
+    exit_code: int = EXIT_OK
+    folded: list = field(default_factory=list)
+    unfolded: list = field(default_factory=list)
+    fold: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    export: dict = field(default_factory=dict)
+    verification: dict | None = None
+    providers_unavailable: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "passed": self.passed,
+            "exit_code": self.exit_code,
+            "model": self.model,
+            "output": self.output,
+            "folded": self.folded,
+            "unfolded": self.unfolded,
+            "fold": self.fold,
+            "calibration": self.calibration,
+            "export": self.export,
+            "verification": self.verification,
+            "providers_unavailable": self.providers_unavailable,
+            "notes": self.notes,
+            "timings": self.timings,
+            "versions": self.versions,
+        }
+
+
+@contextlib.contextmanager
+def _stage(timings: dict, name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t, 4)
+
+
+def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
+    """Seeded normal inputs of the given shapes (float32 unless ``dtype``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(tuple(s), generator=g, dtype=torch.float64).to(dtype or torch.float32) for s in shapes)
+
+
+def _staging_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.{os.getpid()}.staging.onnx"
+
+
+def _verify_sets(example: tuple, dynamic_batch: bool, calib_batches, seed: int) -> dict:
+    import torch
+
+    from .data import take_samples
+
+    sets: dict[str, Any] = {}
+    n = example[0].shape[0] if example and example[0].dim() else 1
+    if dynamic_batch:
+        for b in sorted({1, max(4, n)}):
+            shapes = [(b,) + tuple(t.shape[1:]) for t in example]
+            sets[f"random(batch={b})"] = random_inputs(shapes, example[0].dtype, seed + b)
+    else:
+        sets[f"random(batch={n})"] = random_inputs([tuple(t.shape) for t in example], example[0].dtype, seed + 1)
+    if calib_batches:
+        k = max(4, n) if dynamic_batch else n
+        sample = take_samples(calib_batches, k)
+        if sample is not None and sample.size == k and not sample.kwargs:
+            dtype = example[0].dtype
+            sets[f"calibration[:{k}]"] = tuple(t.to(dtype) if t.is_floating_point() else t for t in sample.args)
+    return sets
+
+
+def convert(
+    model,
+    example_inputs,
+    output: str | Path,
+    *,
+    calib=None,
+    batch_size: int | None = None,
+    estimator: str = "paper",
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    atol=None,
+    rtol=None,
+    providers=("cpu", "cuda"),
+    require_providers=(),
+    verify: bool = True,
+    report: str | Path | None = None,
+    force: bool = True,
+    keep_failed: bool = False,
+    progress: bool = False,
+    seed: int = 0,
+    model_name: str | None = None,
+) -> ConvertReport:
+    """Calibrate (when ``calib`` is given), fold, export to ``output`` and verify it.
+
+    ``model``: an nn.Module, or the path of an .onnx file (folded with ``fold_onnx``).
+    ``example_inputs``: a tensor or tuple of tensors (for an .onnx model, None or shapes to
+    override dynamic dimensions). Returns a ConvertReport (truthy when verification passed); the JSON
+    report is written to ``report`` when given.
+    """
+    from . import verification as verify_mod
+
+    output = check_output_path(output, force=force)
+    if report is not None:
+        check_output_path(report, force=True, what="report")
+    verify_mod.check_tolerance(atol, "atol")
+    verify_mod.check_tolerance(rtol, "rtol")
+    provider_list = verify_mod.parse_providers(providers)
+    if require_providers:
+        verify_mod.parse_providers(require_providers)
+    rep = ConvertReport(model=model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__), output=str(output))
+    rep.versions = versions()
+    staged = _staging_path(output)
+    try:
+        if isinstance(model, (str, Path)):
+            _convert_onnx(rep, Path(model), example_inputs, staged, calib, batch_size, atol, rtol,
+                          provider_list, require_providers, verify, seed)
+        else:
+            _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
+                           atol, rtol, provider_list, require_providers, verify, progress, seed)
+        if rep.passed or keep_failed:
+            os.replace(staged, output)
+            rep.export["path"] = str(output)
+        else:
+            rep.export["path"] = None
+            rep.notes.append(f"verification failed: nothing was written to {output} (use --keep-failed to keep it)")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+    rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
+    if report is not None:
+        write_report(rep, report)
+    return rep
+
+
+def write_report(rep: ConvertReport, path: str | Path) -> None:
+    import json
+
+    write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
+                   atol, rtol, providers, require_providers, do_verify, progress, seed):
+    import copy
+
+    import torch
+
+    from .calibration import run_calibration
+    from .data import Batch, call_model, load_batches, model_dtype_device
+    from .exporting import export_proto, opset_of, save_onnx
+    from .folding import fold_with_plan
+    from .verification import verify
+
+    if example_inputs is None:
+        raise BadInputError("no example inputs", "pass --input-shape (one per model input)")
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    dtype, device = model_dtype_device(model)
+    example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
+    reference = copy.deepcopy(model).eval()
+    with _stage(rep.timings, "check_inputs"):
+        try:
+            with torch.no_grad():
+                call_model(reference, Batch(example, {}))
+        except Exception as err:
+            shapes = ", ".join(str(list(t.shape)) for t in example)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}", "check --input-shape (rank, channels, size)") from err
+    calib_batches = None
+    if calib is not None:
+        with _stage(rep.timings, "calibrate"):
+            calib_batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
+            reference, summary = run_calibration(reference, calib_batches, estimator=estimator, inplace=True, progress=progress)
+            rep.calibration = summary.to_dict()
+    with _stage(rep.timings, "fold"):
+        folded, plan = fold_with_plan(reference, example, inplace=False)
+    rep.fold = {"tracer": plan.tracer, "trace_error": plan.trace_error, "batchnorm_layers": plan.bn_count}
+    rep.folded = [{"bn": f.bn, "into": f.into, "direction": f.direction, "into_type": f.into_type} for f in plan.folded]
+    rep.unfolded = [{"bn": u.bn, "reason": u.reason} for u in plan.unfolded]
+    if plan.bn_count == 0:
+        rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
+    export_example = example
+    if dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
+        export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, seed)
+    with _stage(rep.timings, "export"):
+        proto = export_proto(folded, export_example, opset=opset, dynamic_batch=dynamic_batch)
+        info = save_onnx(proto, staged)
+    rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
+                  "external_data": info["external_data"], "dynamic_batch": dynamic_batch,
+                  "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
+                  "nodes": len(proto.graph.node)}
+    del proto
+    if not do_verify:
+        rep.passed = True
+        rep.notes.append("verification skipped (--no-verify)")
+        return
+    with _stage(rep.timings, "verify"):
+        sets = _verify_sets(example, dynamic_batch, calib_batches, seed)
+        vr = verify(reference, staged, sets, atol=atol, rtol=rtol, providers=providers, folded=folded,
+                    require_providers=require_providers)
+    rep.verification = vr.to_dict()
+    rep.providers_unavailable = vr.providers_unavailable
+    rep.passed = vr.passed
+
+
+def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...], Any]]:
+    """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    ins = [i for i in m.graph.input if i.name not in inits]
+    if overrides is not None and len(overrides) != len(ins):
+        raise BadInputError(f"the ONNX model has {len(ins)} inputs but {len(overrides)} input shapes were given", "pass one --input-shape per model input")
+    out = []
+    for k, i in enumerate(ins):
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if overrides is not None:
+            shape = tuple(overrides[k])
+            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                raise BadInputError(f"input shape {list(shape)} does not fit ONNX input '{i.name}' {['?' if d is None else d for d in dims]}", "match the fixed dimensions of the model input")
+        else:
+            shape = tuple(d if d else 1 for d in dims)
+        out.append((shape, helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+    return out
+
+
+def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rtol, providers, require_providers, do_verify, seed):
+    import numpy as np
+    import torch
+
+    from .data import load_batches, take_samples
+    from .onnx_fold import fold_onnx_file
+    from .verification import verify
+
+    with _stage(rep.timings, "fold"):
+        plan, info = fold_onnx_file(src, staged)
+    rep.fold = {"tracer": "onnx", "batchnorm_layers": plan.bn_count}
+    rep.folded = [{"bn": f.bn, "into": f.into, "direction": f.direction, "into_type": f.into_type} for f in plan.folded]
+    rep.unfolded = [{"bn": u.bn, "reason": u.reason} for u in plan.unfolded]
+    rep.export = {"path": None, **{k: info[k] for k in ("opset", "sha256", "bytes", "external_data", "nodes", "batchnorm_nodes")}}
+    if plan.bn_count == 0:
+        rep.notes.append("the model has no BatchNormalization node: written and verified as it is")
+    if not do_verify:
+        rep.passed = True
+        rep.notes.append("verification skipped (--no-verify)")
+        return
+    overrides = None
+    if example_inputs is not None:
+        overrides = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
+    specs = onnx_input_shapes(src, overrides)
+    rng = np.random.default_rng(seed)
+    args = []
+    for shape, dt in specs:
+        if np.dtype(dt).kind == "f":
+            args.append(torch.from_numpy(rng.standard_normal(shape).astype(dt)))
+        else:
+            args.append(torch.from_numpy(rng.integers(0, 2, size=shape).astype(dt)))
+    sets = {"random": tuple(args)}
+    if calib is not None:
+        batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
+        sample = take_samples(batches, specs[0][0][0])
+        if sample is not None and not sample.kwargs and len(sample.args) == len(specs):
+            sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
+    with _stage(rep.timings, "verify"):
+        vr = verify(src, staged, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
+    rep.verification = vr.to_dict()
+    rep.providers_unavailable = vr.providers_unavailable
+    rep.passed = vr.passed
+
+
+def check_artifact(
+    model,
+    onnx_path: str | Path,
+    example_inputs=None,
+    *,
+    calib=None,
+    batch_size: int | None = None,
+    estimator: str = "paper",
+    dynamic_batch: bool = False,
+    atol=None,
+    rtol=None,
+    providers=("cpu", "cuda"),
+    require_providers=(),
+    seed: int = 0,
+):
+    """Verify an existing ONNX artifact against its source (an nn.Module or the original .onnx).
+
+    With ``calib``, the PyTorch reference is first calibrated exactly as ``convert --calib`` does,
+    and samples of the data join the random inputs. Returns a VerifyReport.
+    """
+    import numpy as np
+    import torch
+
+    from .calibration import run_calibration
+    from .data import load_batches, model_dtype_device, take_samples
+    from .onnx_fold import load_onnx
+    from .verification import verify
+
+    load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
+    batches = None
+    if calib is not None:
+        batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
+    if isinstance(model, (str, Path)):
+        load_onnx(model)
+        overrides = None if example_inputs is None else [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
+        specs = onnx_input_shapes(Path(model), overrides)
+        rng = np.random.default_rng(seed)
+        args = tuple(torch.from_numpy(rng.standard_normal(s).astype(dt) if np.dtype(dt).kind == "f" else rng.integers(0, 2, size=s).astype(dt)) for s, dt in specs)
+        sets = {"random": args}
+        if batches:
+            sample = take_samples(batches, specs[0][0][0])
+            if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == specs[0][0][0]:
+                sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
+        return verify(str(model), onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
+    if example_inputs is None:
+        raise BadInputError("no example inputs", "pass --input-shape (one per model input)")
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    dtype, device = model_dtype_device(model)
+    example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t for t in example)
+    reference = model
+    if batches is not None:
+        reference, _ = run_calibration(model, batches, estimator=estimator)
+    sets = _verify_sets(example, dynamic_batch, batches, seed)
+    return verify(reference, onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)

@@ -1,0 +1,108 @@
+"""Report stage: tables for people (rich), Markdown for CI summaries. JSON comes from ``to_dict``.
+
+Works on the plain dicts of ``ConvertReport.to_dict()`` so that reports read back from JSON (batch
+conversions run in worker processes) render the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+LEVEL_NAMES = {"disable_all": "ORT_DISABLE_ALL", "default": "ORT_ENABLE_ALL", None: "-"}
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.2e}"
+
+
+def _status(ok: bool, color: bool = True) -> str:
+    word = "PASSED" if ok else "FAILED"
+    if not color:
+        return word
+    return f"[green]{word}[/]" if ok else f"[bold red]{word}[/]"
+
+
+def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm layers"):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("BatchNorm")
+    t.add_column("fate")
+    t.add_column("into / reason", overflow="fold")
+    for f in folded:
+        t.add_row(f["bn"], f"folded {f['direction']}", f"{f['into']} ({f['into_type']})")
+    for u in unfolded:
+        t.add_row(u["bn"], "[yellow]left[/]", u["reason"])
+    return t
+
+
+def verification_table(verification: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title="Verification", title_justify="left")
+    for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", "max rel", "cosine", "needs atol", "result"):
+        t.add_column(col, overflow="fold")
+    for run in verification.get("runs", []):
+        for o in run["outputs"]:
+            cos = "-" if o.get("cosine_similarity") is None else f"{o['cosine_similarity']:.9f}"
+            result = _status(o["passed"])
+            if o.get("problem") and not o["passed"]:
+                result += f"\n{o['problem']}"
+            t.add_row(run["target"], run["provider"], LEVEL_NAMES.get(run["graph_optimization"], run["graph_optimization"]),
+                      run["inputs"], o["name"], _fmt(o.get("max_abs_error")), _fmt(o.get("max_rel_error")), cos,
+                      _fmt(o.get("required_atol")), result)
+    return t
+
+
+def render_convert(rep: dict[str, Any], console, *, verbose: bool = False) -> None:
+    folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
+    if folded or unfolded:
+        if verbose or len(folded) + len(unfolded) <= 40:
+            console.print(plan_table(folded, unfolded))
+        else:
+            console.print(plan_table([], unfolded, title=f"BatchNorm layers left ({len(folded)} folded, not listed; --verbose lists them)"))
+    cal = rep.get("calibration")
+    if cal:
+        console.print(f"calibration: {cal['estimator']} estimator, {cal['batches']} batches, {cal['samples']} samples"
+                      + (f", {cal['world_size']} processes" if cal.get("world_size", 1) > 1 else ""))
+    if rep.get("verification"):
+        console.print(verification_table(rep["verification"]))
+    for u in rep.get("providers_unavailable", []):
+        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for note in rep.get("notes", []):
+        console.print(f"note: {note}")
+    exp = rep.get("export") or {}
+    bn_total = len(folded) + len(unfolded)
+    summary = f"{len(folded)}/{bn_total} BatchNorm folded"
+    if exp.get("path"):
+        summary += f" · wrote {exp['path']} (opset {exp.get('opset')}, {exp.get('batchnorm_nodes', 0)} BatchNormalization nodes, sha256 {str(exp.get('sha256'))[:12]}…)"
+    console.print(f"{_status(rep['passed'])} {rep.get('model', '')}: {summary}")
+
+
+def render_verify(vr: dict[str, Any], console) -> None:
+    console.print(verification_table(vr))
+    for u in vr.get("providers_unavailable", []):
+        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    console.print(_status(vr["passed"]))
+
+
+def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
+    """A Markdown table of conversions (for $GITHUB_STEP_SUMMARY)."""
+    lines = ["## bnfold conversions", "", "| model | output | result | BN folded | max abs error | providers | note |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        rep = e.get("report") or {}
+        runs = (rep.get("verification") or {}).get("runs", [])
+        errs = [r.get("max_abs_error") for r in runs if r.get("max_abs_error") is not None]
+        bn = f"{len(rep.get('folded', []))}/{len(rep.get('folded', [])) + len(rep.get('unfolded', []))}" if rep else "-"
+        provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
+        result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
+        if e.get("skipped"):
+            result = "unchanged (skipped)"
+        note = (e.get("error") or "").replace("|", "\\|")
+        lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | {_fmt(max(errs) if errs else None)} | {provs} | {note} |")
+    return "\n".join(lines) + "\n"
