@@ -333,7 +333,6 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
     interest = set(bns) | {name for name, m in model.named_modules() if isinstance(m, _PRODUCERS)}
     g, plan.tracer, plan.trace_error = _trace(model, example_inputs, interest)
     shared = _shared_params(model)
-    taken: set[str] = set()  # producers/consumers already rewritten by a fold in this plan
     for name, bn in bns.items():
         problem = _bn_problem(bn)
         if problem:
@@ -351,14 +350,12 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
         target, back_why = _backward_reason(g, model, name, call, shared)
         if target:
             plan.folded.append(Folded(name, target, "backward", type(model.get_submodule(target)).__name__))
-            taken.add(target)
             continue
+        # A conv may take one forward fold (its only input) and one backward fold (its only
+        # consumer); _apply composes them on one float64 copy, so both stay exact.
         target, fwd_why = _forward_reason(g, model, name, call, shared)
-        if target and target in taken:
-            target, fwd_why = None, f"consumer `{target}` already takes another fold"
         if target:
             plan.folded.append(Folded(name, target, "forward", type(model.get_submodule(target)).__name__))
-            taken.add(target)
             continue
         plan.unfolded.append(Unfolded(name, f"backward: {back_why}; forward: {fwd_why}"))
     return plan

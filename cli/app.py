@@ -162,8 +162,10 @@ def convert(
     config: Optional[Path] = typer.Option(None, "--config", help="Run every [[conversion]] of a TOML file."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel processes for --config."),
     skip_unchanged: bool = typer.Option(False, "--skip-unchanged", help="With --config: skip conversions whose manifest matches."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line (same as bnfold --quiet)."),
 ):
     """Fold (and optionally calibrate), export to ONNX and verify the result."""
+    STATE["quiet"] = STATE["quiet"] or quiet
 
     def work():
         if config is not None:
@@ -251,8 +253,10 @@ def calibrate(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a checkpoint that holds Python objects."),
     no_overwrite: bool = typer.Option(False, "--no-overwrite", help="Refuse to replace an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (same as bnfold --quiet)."),
 ):
     """Recompute BatchNorm population statistics (BN paper, §3.1) and save the state_dict."""
+    STATE["quiet"] = STATE["quiet"] or quiet
 
     def work():
         import io
