@@ -135,6 +135,8 @@ def run_calibration(
         batches: Iterable = load_batches(data, batch_size)
     elif data is None:
         raise DataError("no calibration data", "pass --calib DATA or an iterable of batches")
+    elif not hasattr(data, "__iter__") or isinstance(data, torch.Tensor):
+        raise DataError(f"calibration data is a {type(data).__name__}, not an iterable of batches", "pass a list of batches, a DataLoader or a data file")
     else:
         batches = data
     dtype, device = model_dtype_device(work)

@@ -25,6 +25,8 @@ class BnfoldError(Exception):
     def __init__(self, problem: str, fix: str | None = None):
         self.problem = problem
         self.fix = fix
+        if fix:
+            fix = fix[0].upper() + fix[1:]
         super().__init__(f"{problem}. {fix}" if fix else problem)
 
 

@@ -119,11 +119,24 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
             )
             proto = program.model_proto
     except Exception as err:
-        text = str(err).strip()
-        first = next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)
-        raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {first[:300]}", "make the model exportable (see the torch.export docs) or report it") from err
+        raise ExportError(f"torch.onnx.export failed: {_cause(err)}", "make the model exportable (see the torch.export docs) or report it") from err
     strip_metadata(proto)
     return proto
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost cause's first line, without terminal colour codes."""
+    import re
+
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    parts = []
+    for e in (chain[0], chain[-1]) if len(chain) > 1 else (chain[0],):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        parts.append(f"{type(e).__name__}: {first[:240]}")
+    return " ← ".join(parts)
 
 
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:

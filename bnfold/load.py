@@ -61,7 +61,14 @@ def parse_model_spec(spec: str) -> ModelSpec:
 def _import_file(path: Path):
     if not path.is_file():
         raise ModelSpecError(f"model file '{path}' does not exist", "check the path before ':'")
-    name = f"bnfold_user_{abs(hash(str(path.resolve())))}"
+    # Import under the file's own name (as `python file.py` users' pickles refer to it) unless that
+    # name is taken by another module; then under a stable name derived from the path.
+    name = path.stem
+    taken = sys.modules.get(name)
+    if not name.isidentifier() or (taken is not None and getattr(taken, "__file__", None) != str(path.resolve())):
+        import hashlib
+
+        name = "bnfold_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ModelSpecError(f"cannot import '{path}' as Python", "point at a .py file")
@@ -148,7 +155,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Mapping[
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             msg = str(err)
-            if "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg:
+            if "Unsupported global" in msg or "GLOBAL " in msg:
                 if not trust_pickle:
                     raise WeightsError(
                         f"'{path}' holds pickled Python objects (e.g. a whole model), which safe loading refuses",

@@ -1,0 +1,213 @@
+"""The bad-input catalogue: each case exits 2 (3 when the model cannot be exported), prints one
+clear line on stderr naming the problem and the fix, no traceback, and leaves no output file."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import bnfold
+from bnfold.errors import BadInputError, DataError, ModelError, OutputPathError, ProviderError
+from bnfold_cli.app import app
+from conftest import SAMPLE, SAMPLE_SPEC
+
+runner = CliRunner()
+W = str(SAMPLE / "weights.pt")
+CALIB = str(SAMPLE / "calib.npz")
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder with helper model files and broken data files."""
+    (tmp_path / "factories.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        NOT_CALLABLE = 3
+        def raises():
+            raise RuntimeError("cannot build: missing config")
+        def not_a_module():
+            return {"a": 1}
+        def no_bn():
+            return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+        class Unexportable(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 2, 3)
+                self.bn = nn.BatchNorm2d(2)
+            def forward(self, x):
+                y = self.bn(self.conv(x))
+                if y.sum() > 0:  # data-dependent Python branch: torch.export cannot trace it
+                    return y * 2
+                return y - 1
+        def unexportable():
+            return Unexportable()
+    """))
+    (tmp_path / "syntax.py").write_text("def build(:\n")
+    sd = torch.load(W, weights_only=True)
+    torch.save({k: v for k, v in sd.items() if k != "conv1.weight"}, tmp_path / "missing_key.pt")
+    torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "unexpected_key.pt")
+    torch.save({**sd, "conv1.weight": torch.zeros(3, 3)}, tmp_path / "wrong_shape.pt")
+    torch.save([1, 2, 3], tmp_path / "not_state_dict.pt")
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(2048))
+    data = Path(W).read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    from bnfold.load import load_model
+    torch.save(load_model(SAMPLE_SPEC, W), tmp_path / "whole_model.pt")
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", x=np.zeros((10, 3, 5), np.float32))
+    np.savez(tmp_path / "strings.npz", x=np.array(["a", "b"]))
+    bad = np.random.rand(10, 1, 8, 8).astype(np.float32)
+    bad[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad)
+    (tmp_path / "data.csv").write_text("1,2,3\n")
+    (tmp_path / "not.onnx").write_text("this is not onnx")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "existing.onnx").write_bytes(b"old")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def _cases(w: Path):
+    ok = ["--weights", W, "--input-shape", "1,1,8,8"]
+    o = ["-o", str(w / "out" / "m.onnx")]
+    s = SAMPLE_SPEC
+    return {
+        "malformed spec": (["convert", "no_colon_here", *ok, *o], 2, "names no factory"),
+        "bad factory name": (["convert", f"{s.rpartition(':')[0]}:1bad", *ok, *o], 2, "malformed"),
+        "missing model file": (["convert", str(w / "missing.py") + ":build", *ok, *o], 2, "does not exist"),
+        "missing attribute": (["convert", s.rpartition(":")[0] + ":nope", *ok, *o], 2, "has no attribute 'nope'"),
+        "module not found": (["convert", "no_such_pkg.models:build", *ok, *o], 2, "not found"),
+        "syntax error in model file": (["convert", f"{w / 'syntax.py'}:build", *ok, *o], 2, "SyntaxError"),
+        "factory raises": (["convert", f"{w / 'factories.py'}:raises", "--input-shape", "1,1,8,8", *o], 2, "cannot build: missing config"),
+        "factory returns non-module": (["convert", f"{w / 'factories.py'}:not_a_module", "--input-shape", "1,1,8,8", *o], 2, "not a torch.nn.Module"),
+        "attribute not callable": (["convert", f"{w / 'factories.py'}:NOT_CALLABLE", "--input-shape", "1,1,8,8", *o], 2, "not a callable"),
+        "weights missing": (["convert", s, "--weights", str(w / "nope.pt"), "--input-shape", "1,1,8,8", *o], 2, "does not exist"),
+        "corrupt checkpoint": (["convert", s, "--weights", str(w / "corrupt.pt"), "--input-shape", "1,1,8,8", *o], 2, "cannot read checkpoint"),
+        "truncated checkpoint": (["convert", s, "--weights", str(w / "truncated.pt"), "--input-shape", "1,1,8,8", *o], 2, "truncated"),
+        "missing keys": (["convert", s, "--weights", str(w / "missing_key.pt"), "--input-shape", "1,1,8,8", *o], 2, "missing keys conv1.weight"),
+        "unexpected keys": (["convert", s, "--weights", str(w / "unexpected_key.pt"), "--input-shape", "1,1,8,8", *o], 2, "unexpected keys extra.weight"),
+        "wrong shapes": (["convert", s, "--weights", str(w / "wrong_shape.pt"), "--input-shape", "1,1,8,8", *o], 2, "conv1.weight: checkpoint (3, 3)"),
+        "not a state_dict": (["convert", s, "--weights", str(w / "not_state_dict.pt"), "--input-shape", "1,1,8,8", *o], 2, "not a state_dict"),
+        "pickled model without --trust-pickle": (["convert", s, "--weights", str(w / "whole_model.pt"), "--input-shape", "1,1,8,8", *o], 2, "--trust-pickle"),
+        "input shape wrong rank": (["convert", s, "--weights", W, "--input-shape", "1,8,8", *o], 2, "rejected example inputs of shape [1, 8, 8]"),
+        "input shape zero": (["convert", s, "--weights", W, "--input-shape", "0,1,8,8", *o], 2, "zero dimension"),
+        "input shape negative": (["convert", s, "--weights", W, "--input-shape", "1,-1,8,8", *o], 2, "negative dimension"),
+        "input shape non-numeric": (["convert", s, "--weights", W, "--input-shape", "1,one,8,8", *o], 2, "non-integer dimension 'one'"),
+        "input shape wrong channels": (["convert", s, "--weights", W, "--input-shape", "1,3,8,8", *o], 2, "rejected example inputs"),
+        "no input shape": (["convert", s, "--weights", W, *o], 2, "no --input-shape"),
+        "calib empty": (["convert", s, *ok, "--calib", str(w / "empty.npz"), *o], 2, "empty (0 samples)"),
+        "calib wrong shape": (["convert", s, *ok, "--calib", str(w / "wrong_shape.npz"), *o], 2, "rejected calibration batch 0"),
+        "calib wrong dtype": (["convert", s, *ok, "--calib", str(w / "strings.npz"), *o], 2, "not numeric"),
+        "calib NaN": (["convert", s, *ok, "--calib", str(w / "nan.npz"), *o], 2, "NaN or Inf"),
+        "calib m = 1": (["convert", s, *ok, "--calib", CALIB, "--batch-size", "1", *o], 2, "sees 1 value per channel"),
+        "calib missing": (["convert", s, *ok, "--calib", str(w / "nope.npz"), *o], 2, "does not exist"),
+        "calib unknown type": (["convert", s, *ok, "--calib", str(w / "data.csv"), *o], 2, "not a known form"),
+        "batch size zero": (["convert", s, *ok, "--calib", CALIB, "--batch-size", "0", *o], 2, "not positive"),
+        "unknown estimator": (["convert", s, *ok, "--calib", CALIB, "--estimator", "ema", *o], 2, "unknown estimator"),
+        "output folder missing": (["convert", s, *ok, "-o", str(w / "nope" / "m.onnx")], 2, "does not exist"),
+        "output is a folder": (["convert", s, *ok, "-o", str(w / "out")], 2, "is a folder"),
+        "output parent is a file": (["convert", s, *ok, "-o", str(w / "a_file" / "m.onnx")], 2, "is not a folder"),
+        "existing output with --no-overwrite": (["convert", s, *ok, "-o", str(w / "existing.onnx"), "--no-overwrite"], 2, "already exists"),
+        "onnx input not onnx": (["convert", str(w / "not.onnx"), *o], 2, "not a readable ONNX model"),
+        "onnx input missing": (["convert", str(w / "missing.onnx"), *o], 2, "does not exist"),
+        "unknown provider": (["convert", s, *ok, "--providers", "cpu,tpu", *o], 2, "unknown provider 'tpu'"),
+        "negative tolerance": (["convert", s, *ok, "--atol", "-1e-3", *o], 2, "negative"),
+        "non-numeric tolerance": (["convert", s, *ok, "--rtol", "tight", *o], 2, "not a number"),
+        "model cannot be exported": (["convert", f"{w / 'factories.py'}:unexportable", "--input-shape", "1,1,8,8", *o], 3, "torch.onnx.export failed"),
+        "verify: artifact missing": (["verify", s, str(w / "none.onnx"), *ok], 2, "does not exist"),
+        "verify: artifact not onnx": (["verify", s, str(w / "not.onnx"), *ok], 2, "not a readable ONNX model"),
+        "calibrate: onnx model": (["calibrate", str(w / "not.onnx"), "--calib", CALIB, "-o", str(w / "out" / "c.pt")], 2, "needs the PyTorch model"),
+    }
+
+
+CASES = list(_cases(Path("/placeholder")).keys())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_catalogue(case, work):
+    args, code, message = _cases(work)[case]
+    before = {p.relative_to(work) for p in work.rglob("*")}
+    res = runner.invoke(app, args)
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("bnfold: error:")]
+    assert len(errors) == 1, res.stderr
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    after = {p.relative_to(work) for p in work.rglob("*")}
+    assert after - before == set(), f"left behind: {after - before}"
+
+
+def test_debug_shows_traceback(work):
+    res = runner.invoke(app, ["--debug", "convert", "no_colon", "-o", str(work / "m.onnx")])
+    assert res.exit_code == 2 and "Traceback" in res.stderr
+
+
+def test_trust_pickle_loads_whole_model(work):
+    out = work / "out" / "m.onnx"
+    res = runner.invoke(app, ["convert", SAMPLE_SPEC, "--weights", str(work / "whole_model.pt"), "--trust-pickle",
+                              "--input-shape", "1,1,8,8", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.stderr
+    assert out.is_file()
+
+
+def test_model_without_batchnorm_converts_and_says_so(work):
+    out = work / "out" / "m.onnx"
+    res = runner.invoke(app, ["convert", f"{work / 'factories.py'}:no_bn", "--input-shape", "1,1,8,8", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert "no BatchNorm" in res.stdout and out.is_file()
+
+
+def test_existing_output_is_replaced_by_default(work):
+    out = work / "existing.onnx"
+    res = runner.invoke(app, ["convert", SAMPLE_SPEC, "--weights", W, "--input-shape", "1,1,8,8", "-o", str(out), "-q"])
+    assert res.exit_code == 0 and out.read_bytes() != b"old"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_folder(work):
+    ro = work / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    res = runner.invoke(app, ["convert", SAMPLE_SPEC, "--weights", W, "--input-shape", "1,1,8,8", "-o", str(ro / "m.onnx")])
+    assert res.exit_code == 2 and "not writable" in res.stderr
+
+
+def test_required_provider_missing_is_an_error(work):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("CUDA can run here")
+    out = work / "out" / "m.onnx"
+    res = runner.invoke(app, ["convert", SAMPLE_SPEC, "--weights", W, "--input-shape", "1,1,8,8", "-o", str(out),
+                              "--require-providers", "cuda"])
+    assert res.exit_code == 2 and "required provider 'cuda' cannot run here" in res.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ the API
+def test_api_errors(tmp_path):
+    with pytest.raises(ModelError, match="expected a torch.nn.Module"):
+        bnfold.fold("model.pt")
+    with pytest.raises(ModelError):
+        bnfold.inspect(None)
+    with pytest.raises(DataError, match="unknown estimator"):
+        bnfold.calibrate(nn.BatchNorm1d(2), [torch.randn(4, 2)], estimator="ema")
+    with pytest.raises(DataError, match="not an iterable of batches"):
+        bnfold.calibrate(nn.BatchNorm1d(2), 3)
+    with pytest.raises(OutputPathError, match="does not exist"):
+        bnfold.export(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 2, 2),), tmp_path / "no" / "x.onnx")
+    with pytest.raises(BadInputError, match="not a readable ONNX"):
+        (tmp_path / "x.onnx").write_text("nope")
+        bnfold.fold_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx")
+    assert not (tmp_path / "y.onnx").exists()
+    with pytest.raises(ProviderError, match="unknown provider"):
+        bnfold.verify(nn.Conv2d(1, 1, 1), tmp_path / "x.onnx", torch.randn(1, 1, 2, 2), providers=["gpu0"])
+    with pytest.raises(BadInputError, match="negative"):
+        bnfold.verify(nn.Conv2d(1, 1, 1), tmp_path / "x.onnx", torch.randn(1, 1, 2, 2), atol={"output": -1})
