@@ -75,6 +75,8 @@ def _import_file(path: Path):
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)  # let the file import its neighbours
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # leave no __pycache__ in the user's folder
     try:
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -84,6 +86,7 @@ def _import_file(path: Path):
             raise
         raise ModelSpecError(f"importing '{path}' failed: {type(err).__name__}: {_first_line(err)}", "fix the model file") from err
     finally:
+        sys.dont_write_bytecode = dont_write
         if sys.path and sys.path[0] == folder:
             sys.path.pop(0)
     return module

@@ -420,7 +420,15 @@ def inspect(
     _guard(work)
 
 
+def _on_sigterm(signum, frame):
+    # Turn SIGTERM into the same clean unwinding as Ctrl-C: temporary files are removed.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app(prog_name="bnfold")
 
 

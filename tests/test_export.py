@@ -1,0 +1,117 @@
+"""Export: one checked file, reproducible bytes across runs and folders, atomic under SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.exporting import export_proto
+from conftest import SAMPLE, file_hash, randomize_bn
+
+
+def test_export_writes_one_checked_file_without_metadata(tmp_path):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    path = bnfold.export(bnfold.fold(model), (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", opset=18)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert all(len(n.metadata_props) == 0 for n in m.graph.node)
+    assert str(tmp_path) not in path.read_bytes().decode("latin-1")
+    assert "/work" not in path.read_bytes().decode("latin-1") and "site-packages" not in path.read_bytes().decode("latin-1")
+
+
+def test_our_folding_visible_with_exporter_optimiser_off():
+    # the dynamo exporter's optimiser folds Conv→BN by itself: with it off, only our fold removes BN
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    raw = export_proto(model, x, optimize=False)
+    folded = export_proto(bnfold.fold(model), x, optimize=False)
+    assert any(n.op_type == "BatchNormalization" for n in raw.graph.node)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+
+
+def test_dynamic_batch_export(tmp_path):
+    import onnxruntime as ort
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    path = bnfold.export(model, (torch.randn(2, 3, 6, 6),), tmp_path / "d.onnx", dynamic_batch=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = torch.randn(n, 3, 6, 6)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def _convert(cwd, spec_dir, out):
+    cmd = ["bnfold", "convert", f"{spec_dir / 'model.py'}:build", "--weights", str(spec_dir / "weights.pt"),
+           "--input-shape", "1,1,8,8", "--calib", str(spec_dir / "calib.npz"), "--batch-size", "64", "-o", str(out), "-q"]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
+def test_reproducible_bytes_across_runs_and_folders(tmp_path):
+    a, b = tmp_path / "a" / "deep" / "folder", tmp_path / "b"
+    for d in (a, b):
+        shutil.copytree(SAMPLE, d)
+    first = _convert(a, a, a / "m.onnx")
+    again = _convert(a, a, a / "m2.onnx")
+    other = _convert(b, b, b / "m.onnx")
+    assert first == again == other
+    assert b"folder" not in first and str(tmp_path).encode() not in first
+
+
+SLOW_MODEL = textwrap.dedent("""
+    import os, time, torch
+    from torch import nn
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.bn = nn.BatchNorm2d(2)
+        def forward(self, x):
+            if torch.compiler.is_exporting():
+                open(os.environ["MARKER"], "w").close()
+                time.sleep(120)
+            return self.bn(self.conv(x))
+    def build():
+        return Slow()
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_export_leaves_no_file(tmp_path, sig):
+    (tmp_path / "slow.py").write_text(SLOW_MODEL)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    marker = tmp_path / "exporting"
+    env = {**__import__("os").environ, "MARKER": str(marker)}
+    p = subprocess.Popen(["bnfold", "convert", f"{tmp_path / 'slow.py'}:build", "--input-shape", "1,1,6,6",
+                          "-o", str(out_dir / "m.onnx"), "--report", str(out_dir / "r.json")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), p.communicate()[1] if p.poll() is not None else "export never started"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "interrupted" in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_user_files_never_modified(tmp_path):
+    before = {p.name: file_hash(p) for p in SAMPLE.iterdir() if p.is_file()}
+    _convert(tmp_path, SAMPLE, tmp_path / "m.onnx")
+    assert {p.name: file_hash(p) for p in SAMPLE.iterdir() if p.is_file()} == before

@@ -1,0 +1,142 @@
+"""Verification: the comparator, nested outputs, per-output tolerances, honest provider reporting."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.errors import ProviderError
+from bnfold.verification import compare, flatten_outputs, make_session, tf32_off
+from conftest import randomize_bn
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        pooled = y.mean((2, 3))
+        return {"logits": self.head(pooled), "aux": (pooled, y.amax((2, 3)))}
+
+
+def test_compare_statistics_and_tolerances():
+    ref = np.array([1.0, 2.0, 0.0, -4.0], np.float32)
+    got = ref + np.array([0, 1e-5, 3e-4, -2e-4], np.float32)
+    c = compare("y", ref, got)  # float32 defaults: atol 1e-4, rtol 1e-4 → the element at 0 fails
+    assert not c and c.max_abs_error == pytest.approx(3e-4, rel=1e-3)
+    assert c.required_atol == pytest.approx(3e-4, rel=1e-3)  # the -2e-4 at |ref| = 4 needs none
+    assert compare("y", ref, got, atol=c.required_atol * 1.01)  # the reported tolerance passes
+    assert compare("y", ref, got, atol={"y": 1e-3})
+    assert not compare("y", ref, got, atol={"other": 1e-3})
+    assert compare("y", ref, got, atol={"*": 1e-3})
+    assert 0.999 < c.cosine_similarity <= 1.0
+
+
+def test_compare_shape_dtype_and_nonfinite():
+    a = np.ones((2, 3), np.float32)
+    assert "shape" in compare("y", a, np.ones((3, 2), np.float32)).problem
+    assert "dtype" in compare("y", a, np.ones((2, 3), np.float64)).problem
+    b = a.copy()
+    b[0, 0] = np.nan
+    assert "NaN/Inf differ" in compare("y", a, b).problem
+    assert compare("y", b, b.copy())  # the same NaN in both is not a difference
+    assert compare("x", np.arange(3), np.arange(3)) and not compare("x", np.arange(3), np.arange(3) + 1)
+
+
+def test_flatten_outputs_names():
+    out = {"logits": torch.zeros(1), "aux": (torch.ones(1), [torch.ones(2)])}
+    assert [n for n, _ in flatten_outputs(out)] == ["output.logits", "output.aux.0", "output.aux.1.0"]
+
+
+def test_nested_outputs_end_to_end(tmp_path):
+    model = randomize_bn(TwoHeads()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    rep = bnfold.convert(model, (x,), tmp_path / "m.onnx", providers="cpu",
+                         atol={"output.aux.1": 1e-3}, report=tmp_path / "r.json")
+    assert rep.passed, rep.verification
+    names = [o["name"] for o in rep.verification["runs"][-1]["outputs"]]
+    assert names == ["output.logits", "output.aux.0", "output.aux.1"]
+    atols = {o["name"]: o["atol"] for o in rep.verification["runs"][-1]["outputs"]}
+    assert atols == {"output.logits": 1e-4, "output.aux.0": 1e-4, "output.aux.1": 1e-3}
+
+
+def test_corrupted_file_fails_with_precise_report(tmp_path):
+    import onnx
+
+    model = randomize_bn(TwoHeads()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    path = bnfold.export(bnfold.fold(model), (x,), tmp_path / "m.onnx")
+    m = onnx.load(str(path))
+    head = next(i for i in m.graph.initializer if onnx.numpy_helper.to_array(i).shape == (2, 4))
+    arr = onnx.numpy_helper.to_array(head).copy()
+    arr[1, 2] += 0.25
+    head.CopyFrom(onnx.numpy_helper.from_array(arr, head.name))
+    onnx.save(m, str(path))
+    vr = bnfold.verify(model, path, (x,), providers=["cpu"])
+    assert not vr and vr.providers_run == ["cpu"]
+    failing = {(r.graph_optimization, o.name) for r, o in vr.failures()}
+    # only the logits read the perturbed weight; the aux outputs still match
+    assert failing == {("disable_all", "output.logits"), ("default", "output.logits")}
+
+
+def test_cuda_absent_is_unavailable_not_passed(tmp_path):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))).eval()
+    x = torch.randn(1, 1, 5, 5)
+    path = bnfold.export(model, (x,), tmp_path / "m.onnx")
+    vr = bnfold.verify(model, path, (x,))  # default: cpu and cuda
+    if "cuda" in vr.providers_run:
+        pytest.skip("CUDA really runs here")
+    assert [u["provider"] for u in vr.providers_unavailable] == ["cuda"]
+    assert vr.providers_unavailable[0]["reason"]
+    assert all(r.provider != "cuda" for r in vr.runs)
+    with pytest.raises(ProviderError, match="required provider 'cuda'"):
+        bnfold.verify(model, path, (x,), require_providers=["cuda"])
+
+
+def test_listed_cuda_that_falls_back_is_unavailable(tmp_path, monkeypatch):
+    """onnxruntime may list CUDA and then quietly run on CPU: only get_providers() tells."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    path = bnfold.export(model, (torch.randn(1, 1, 5, 5),), tmp_path / "m.onnx")
+    real_session = ort.InferenceSession
+
+    class FallbackSession:
+        def __init__(self, *a, providers=None, **k):
+            self._s = real_session(*a, providers=["CPUExecutionProvider"], **k)
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FallbackSession)
+    sess, why = make_session(path, "cuda", "default")
+    assert sess is None and "fell back to CPUExecutionProvider" in why
+
+
+def test_tf32_flags_restored():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    with tf32_off():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 is True
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_reference_on_gpu(tmp_path):
+    model = randomize_bn(TwoHeads()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    rep = bnfold.convert(model, (x,), tmp_path / "m.onnx", providers="cpu,cuda")
+    assert rep.passed
+    if "cuda" in rep.verification["providers_run"]:
+        assert any(r["provider"] == "cuda" and r["device"] == "cuda" for r in rep.verification["runs"])
