@@ -28,16 +28,24 @@ class TwoHeads(nn.Module):
 
 
 def test_compare_statistics_and_tolerances():
-    ref = np.array([1.0, 2.0, 0.0, -4.0], np.float32)
-    got = ref + np.array([0, 1e-5, 3e-4, -2e-4], np.float32)
+    ref = np.array([1.0, 0.5, 0.0, -0.25], np.float32)
+    got = ref + np.array([0, 1e-5, 3e-4, -2e-5], np.float32)
     c = compare("y", ref, got)  # float32 defaults: atol 1e-4, rtol 1e-4 → the element at 0 fails
     assert not c and c.max_abs_error == pytest.approx(3e-4, rel=1e-3)
-    assert c.required_atol == pytest.approx(3e-4, rel=1e-3)  # the -2e-4 at |ref| = 4 needs none
+    assert c.atol == 1e-4 and c.required_atol == pytest.approx(3e-4, rel=1e-3)
     assert compare("y", ref, got, atol=c.required_atol * 1.01)  # the reported tolerance passes
     assert compare("y", ref, got, atol={"y": 1e-3})
     assert not compare("y", ref, got, atol={"other": 1e-3})
     assert compare("y", ref, got, atol={"*": 1e-3})
     assert 0.999 < c.cosine_similarity <= 1.0
+
+
+def test_default_atol_scales_with_output_magnitude():
+    ref = np.array([1e5, 1.0, 0.0], np.float32)
+    c = compare("y", ref, ref + np.array([0, 0, 5.0], np.float32))
+    assert c.atol == pytest.approx(10.0) and c  # 5 is rounding noise next to 1e5
+    assert not compare("y", ref, ref + np.array([0, 0, 50.0], np.float32))
+    assert not compare("y", ref, ref + np.array([0, 0, 5.0], np.float32), atol=1e-4)  # given: as is
 
 
 def test_compare_shape_dtype_and_nonfinite():
