@@ -8,5 +8,5 @@ export PYTHONPATH="$PWD:$shim:$PWD/tests" PYTHONUNBUFFERED=1 OUT
 nvidia-smi -L 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 benchmarks/gpu_check.py 2>&1 | grep -v -i warning | tee "$OUT/gpu_check.log"; rc1=${PIPESTATUS[0]}
 python3 -m pytest -q -p no:cacheprovider tests/test_verification.py tests/test_folding.py tests/test_calibration.py \
-  tests/test_onnx_fold.py -x 2>&1 | tail -25 | tee "$OUT/pytest.log"; rc2=${PIPESTATUS[0]}
+  tests/test_onnx_fold.py tests/test_export.py -x 2>&1 | tail -25 | tee "$OUT/pytest.log"; rc2=${PIPESTATUS[0]}
 echo "gpu_check rc=$rc1 pytest rc=$rc2"

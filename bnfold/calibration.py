@@ -191,7 +191,11 @@ def run_calibration(
         total = len(batches) if hasattr(batches, "__len__") else None
         from rich.progress import Progress
 
-        with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
+        from .verification import tf32_off
+
+        # TF32 off on CUDA: cuDNN's default TF32 convolutions shift GPU statistics by ~1e-4
+        # relative against the fp32 model that the ONNX file runs; restored afterwards.
+        with Progress(disable=not progress, transient=True) as bar, torch.no_grad(), tf32_off():
             task = bar.add_task("calibrating", total=total)
             for i, raw in enumerate(batches):
                 batch = prepare(as_batch(raw), dtype, device)

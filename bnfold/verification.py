@@ -181,7 +181,8 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol=None, 
         res.max_abs_error = float(diff.max())
         res.mean_abs_error = float(diff.mean())
         res.median_abs_error = float(np.median(diff))
-        res.max_rel_error = float((diff / np.maximum(absr, np.finfo(np.float64).tiny)).max())
+        nonzero = absr > 0  # relative error is undefined where the reference is 0
+        res.max_rel_error = float((diff[nonzero] / absr[nonzero]).max()) if nonzero.any() else 0.0
         res.required_atol = float(max((diff - r * absr).max(), 0.0))
         rn, gn = r64[both].ravel(), g64[both].ravel()
         denom = np.linalg.norm(rn) * np.linalg.norm(gn)
@@ -312,9 +313,12 @@ def _torch_outputs(model, args: tuple, kwargs: Mapping, device=None) -> list[tup
 
     from .data import Batch, call_model
 
-    if device is not None:
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if device is None:  # inputs go where the model lives (a CUDA model gets CUDA inputs)
+        from .data import model_dtype_device
+
+        device = model_dtype_device(model)[1]
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with torch.no_grad():
         out = call_model(model, Batch(tuple(args), dict(kwargs)))
     return [(n, _to_numpy(t)) for n, t in flatten_outputs(out)]
@@ -394,13 +398,16 @@ def verify(
             outs = run_session(ref_sess, args, kwargs)
             cpu_ref[sname] = [(f"output.{i}" if len(outs) > 1 else "output", o) for i, o in enumerate(outs)]
         else:
-            cpu_ref[sname] = _torch_outputs(reference, args, kwargs)
+            with tf32_off():  # a model that lives on the GPU is still compared in true fp32
+                cpu_ref[sname] = _torch_outputs(reference, args, kwargs)
 
     if folded is not None:
         for sname, (args, kwargs) in sets.items():
-            got = [o for _, o in _torch_outputs(folded.eval(), args, kwargs)]
+            with tf32_off():
+                got = [o for _, o in _torch_outputs(folded.eval(), args, kwargs)]
             outs = _compare_lists(cpu_ref[sname], got, atol, rtol)
-            report.runs.append(Run("folded-module", "pytorch", None, sname, all(outs), outs, device="cpu"))
+            report.runs.append(Run("folded-module", "pytorch", None, sname, all(outs), outs,
+                                   device=str(next(folded.parameters(), torch.empty(0)).device)))
 
     for provider in wanted:
         sessions = {}

@@ -203,3 +203,16 @@ def test_two_processes_equal_one(tmp_path):
         if "running" in k or "num_batches" in k:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0, msg=k)
     assert int(b["bn1.num_batches_tracked"]) == int(a["bn1.num_batches_tracked"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibrate_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = randomize_bn(Mixed()).eval()
+    batches = _batches([6, 9, 5], dtype=torch.float32)
+    cpu = bnfold.calibrate(model, batches)
+    gpu = bnfold.calibrate(copy.deepcopy(model).cuda(), [b.cuda() for b in batches])
+    assert next(gpu.parameters()).is_cuda
+    for name in ("b1", "b2", "b3", "b4"):
+        torch.testing.assert_close(gpu.get_submodule(name).running_var.cpu(), cpu.get_submodule(name).running_var, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gpu.get_submodule(name).running_mean.cpu(), cpu.get_submodule(name).running_mean, rtol=1e-5, atol=1e-6)

@@ -148,3 +148,15 @@ def test_cuda_reference_on_gpu(tmp_path):
     assert rep.passed
     if "cuda" in rep.verification["providers_run"]:
         assert any(r["provider"] == "cuda" and r["device"] == "cuda" for r in rep.verification["runs"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_convert_a_model_that_lives_on_the_gpu(tmp_path):
+    model = randomize_bn(TwoHeads()).eval().cuda()
+    rep = bnfold.convert(model, (torch.randn(2, 3, 6, 6, device="cuda"),), tmp_path / "m.onnx")
+    assert rep.passed, rep.verification
+    assert next(model.parameters()).is_cuda  # untouched, still on the GPU
+    runs = rep.verification["runs"]
+    assert any(r["target"] == "folded-module" and r["device"].startswith("cuda") for r in runs)
+    cuda_runs = [r for r in runs if r["provider"] == "cuda"]
+    assert bool(cuda_runs) == ("cuda" in rep.verification["providers_run"])
