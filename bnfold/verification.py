@@ -385,8 +385,27 @@ def verify(
     report = VerifyReport()
     sets = _input_sets(inputs)
     onnx_ref = isinstance(reference, (str, Path))
-    if not onnx_ref:
-        reference = copy.deepcopy(reference).eval()
+    with contextlib.ExitStack() as stack:
+        if not onnx_ref:
+            stack.enter_context(_eval_mode(reference))  # no copy of the weights: flags restored
+        if folded is not None:
+            stack.enter_context(_eval_mode(folded))
+        return _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels):
+    import torch
 
     # references on CPU (computed once per input set)
     cpu_ref: dict[str, list] = {}
@@ -404,7 +423,7 @@ def verify(
     if folded is not None:
         for sname, (args, kwargs) in sets.items():
             with tf32_off():
-                got = [o for _, o in _torch_outputs(folded.eval(), args, kwargs)]
+                got = [o for _, o in _torch_outputs(folded, args, kwargs)]
             outs = _compare_lists(cpu_ref[sname], got, atol, rtol)
             report.runs.append(Run("folded-module", "pytorch", None, sname, all(outs), outs,
                                    device=str(next(folded.parameters(), torch.empty(0)).device)))
@@ -425,7 +444,8 @@ def verify(
         gpu_ref = provider == "cuda" and not onnx_ref and torch.cuda.is_available()
         ctx = tf32_off() if gpu_ref else contextlib.nullcontext()
         with ctx:
-            ref_model = copy.deepcopy(reference).to("cuda") if gpu_ref else None
+            on_gpu = gpu_ref and any(p.is_cuda for p in reference.parameters())
+            ref_model = (reference if on_gpu else copy.deepcopy(reference).to("cuda")) if gpu_ref else None
             for sname, (args, kwargs) in sets.items():
                 ref = _torch_outputs(ref_model, args, kwargs, device="cuda") if gpu_ref else cpu_ref[sname]
                 for level, sess in sessions.items():

@@ -160,3 +160,17 @@ def test_convert_a_model_that_lives_on_the_gpu(tmp_path):
     assert any(r["target"] == "folded-module" and r["device"].startswith("cuda") for r in runs)
     cuda_runs = [r for r in runs if r["provider"] == "cuda"]
     assert bool(cuda_runs) == ("cuda" in rep.verification["providers_run"])
+
+
+def test_verify_leaves_the_reference_as_it_was(tmp_path):
+    from conftest import state_hash
+
+    model = randomize_bn(TwoHeads())
+    model.train()
+    model.head.eval()
+    x = torch.randn(2, 3, 6, 6)
+    path = bnfold.export(bnfold.fold(model), (x,), tmp_path / "m.onnx")
+    before, flags = state_hash(model), {n: m.training for n, m in model.named_modules()}
+    assert bnfold.verify(model, path, (x,), providers="cpu")  # compared in eval mode ...
+    assert state_hash(model) == before  # ... without touching statistics or flags
+    assert {n: m.training for n, m in model.named_modules()} == flags
