@@ -40,7 +40,8 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent if str(path.parent) else ".")
+    # one leading dot only: onnx refuses external-data locations that contain ".."
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.lstrip('.')}.", suffix=suffix + ".tmp", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
     tmp_path = Path(tmp)
     try:

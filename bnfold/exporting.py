@@ -54,8 +54,12 @@ def _initializer_bytes(proto) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
-def save_onnx(proto, path: str | Path, *, check: bool = True) -> dict[str, Any]:
-    """Write ``proto`` atomically (deterministic bytes); external data above the 2 GB limit."""
+def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | None = None) -> dict[str, Any]:
+    """Write ``proto`` atomically (deterministic bytes); external data above the 2 GB limit.
+
+    ``data_name``: the external data file's name (beside ``path``); default ``path.name + ".data"``.
+    A caller that writes under a staging name passes the final name, so the model refers to it.
+    """
     import onnx
 
     path = Path(path)
@@ -71,7 +75,7 @@ def save_onnx(proto, path: str | Path, *, check: bool = True) -> dict[str, Any]:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     else:
-        data_name = path.name + ".data"
+        data_name = data_name or path.name + ".data"
         with atomic_path(path.parent / data_name) as tmp_data, atomic_path(path) as tmp:
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024)
             # the model refers to the data file by name: point it at the final name before renaming

@@ -413,12 +413,12 @@ def fold_onnx_proto(model) -> FoldPlan:
     return plan
 
 
-def fold_onnx_file(src: str | Path, dst: str | Path) -> tuple[FoldPlan, dict[str, Any]]:
+def fold_onnx_file(src: str | Path, dst: str | Path, data_name: str | None = None) -> tuple[FoldPlan, dict[str, Any]]:
     from .exporting import opset_of, save_onnx
 
     model = load_onnx(src)
     plan = fold_onnx_proto(model)
-    info = save_onnx(model, dst)
+    info = save_onnx(model, dst, data_name=data_name)
     info["opset"] = opset_of(model)
     info["nodes"] = len(model.graph.node)
     info["batchnorm_nodes"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)

@@ -186,6 +186,10 @@ def convert(
     finally:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
+        data = rep.export.get("external_data")
+        if data and rep.export.get("path") is None:  # the data file of an output that was not kept
+            with contextlib.suppress(FileNotFoundError):
+                (output.parent / data).unlink()
     rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
     if report is not None:
         write_report(rep, report)
@@ -242,7 +246,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, seed)
     with _stage(rep.timings, "export"):
         proto = export_proto(folded, export_example, opset=opset, dynamic_batch=dynamic_batch)
-        info = save_onnx(proto, staged)
+        info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
     rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": dynamic_batch,
                   "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
@@ -294,7 +298,7 @@ def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rto
     from .verification import verify
 
     with _stage(rep.timings, "fold"):
-        plan, info = fold_onnx_file(src, staged)
+        plan, info = fold_onnx_file(src, staged, data_name=Path(rep.output).name + ".data")
     rep.fold = {"tracer": "onnx", "batchnorm_layers": plan.bn_count}
     rep.folded = [{"bn": f.bn, "into": f.into, "direction": f.direction, "into_type": f.into_type} for f in plan.folded]
     rep.unfolded = [{"bn": u.bn, "reason": u.reason} for u in plan.unfolded]

@@ -390,7 +390,7 @@ def verify(
             stack.enter_context(_eval_mode(reference))  # no copy of the weights: flags restored
         if folded is not None:
             stack.enter_context(_eval_mode(folded))
-        return _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels)
+        return _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, tuple(levels))
 
 
 @contextlib.contextmanager
@@ -429,14 +429,10 @@ def _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, re
                                    device=str(next(folded.parameters(), torch.empty(0)).device)))
 
     for provider in wanted:
-        sessions = {}
-        for level in levels:
-            sess, why = make_session(onnx_path, provider, level)
-            if sess is None:
-                report.providers_unavailable.append({"provider": provider, "reason": why})
-                break
-            sessions[level] = sess
-        if not sessions:
+        # one session at a time (a large model is loaded once per level, never twice at once)
+        sess, why = make_session(onnx_path, provider, levels[0])
+        if sess is None:
+            report.providers_unavailable.append({"provider": provider, "reason": why})
             if provider in required:
                 raise ProviderError(f"required provider '{provider}' cannot run here: {why}", "run on a machine where it works, or drop --require-providers")
             continue
@@ -446,12 +442,18 @@ def _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, re
         with ctx:
             on_gpu = gpu_ref and any(p.is_cuda for p in reference.parameters())
             ref_model = (reference if on_gpu else copy.deepcopy(reference).to("cuda")) if gpu_ref else None
-            for sname, (args, kwargs) in sets.items():
-                ref = _torch_outputs(ref_model, args, kwargs, device="cuda") if gpu_ref else cpu_ref[sname]
-                for level, sess in sessions.items():
+            refs = {s: (_torch_outputs(ref_model, a, k, device="cuda") if gpu_ref else cpu_ref[s]) for s, (a, k) in sets.items()}
+            del ref_model
+            for i, level in enumerate(levels):
+                if i:
+                    sess, why = make_session(onnx_path, provider, level)
+                    if sess is None:
+                        report.providers_unavailable.append({"provider": provider, "reason": f"{level}: {why}"})
+                        continue
+                for sname, (args, kwargs) in sets.items():
                     got = run_session(sess, args, kwargs)
-                    outs = _compare_lists(ref, got, atol, rtol)
+                    outs = _compare_lists(refs[sname], got, atol, rtol)
                     report.runs.append(Run("onnx", provider, level, sname, all(outs), outs,
                                            device="cuda" if gpu_ref else "cpu"))
-            del ref_model
+                del sess
     return report

@@ -115,3 +115,25 @@ def test_user_files_never_modified(tmp_path):
     before = {p.name: file_hash(p) for p in SAMPLE.iterdir() if p.is_file()}
     _convert(tmp_path, SAMPLE, tmp_path / "m.onnx")
     assert {p.name: file_hash(p) for p in SAMPLE.iterdir() if p.is_file()} == before
+
+
+def test_external_data_path(tmp_path, monkeypatch):
+    """Models past the protobuf limit go through one external data file named after the output
+    (the limit is lowered here so a small model takes that path)."""
+    import bnfold.exporting
+
+    monkeypatch.setattr(bnfold.exporting, "PROTO_LIMIT", 1000)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    rep = bnfold.convert(model, x, tmp_path / "m.onnx", providers="cpu")
+    assert rep.passed and rep.export["external_data"] == "m.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    loc = {e.value for t in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.initializer for e in t.external_data if e.key == "location"}
+    assert loc == {"m.onnx.data"}
+    # ONNX in, ONNX out through external data as well
+    plan = bnfold.fold_onnx(tmp_path / "m.onnx", tmp_path / "again.onnx")
+    assert (tmp_path / "again.onnx.data").is_file() and plan.bn_count == 0
+    # a failed verification keeps neither file
+    bad = bnfold.convert(model, x, tmp_path / "f.onnx", providers="cpu", atol=0.0, rtol=0.0)
+    assert not bad.passed and not (tmp_path / "f.onnx").exists() and not (tmp_path / "f.onnx.data").exists()
