@@ -369,37 +369,31 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _apply(model: nn.Module, plan: FoldPlan) -> None:
-    """Rewrite weights (float64 work copies, one cast each) and swap folded BNs for nn.Identity."""
-    work: dict[str, dict[str, torch.Tensor]] = {}
+    """Rewrite weights and swap folded BNs for nn.Identity.
 
-    def current(path):
-        mod = model.get_submodule(path)
-        if path not in work:
-            b = mod.bias
-            work[path] = {
-                "weight": mod.weight.detach().to(torch.float64),
-                "bias": None if b is None else b.detach().to(torch.float64),
-            }
-        return mod, work[path]
-
+    Module by module: a float64 copy of its weight and bias takes every fold aimed at it (a forward
+    and a backward fold compose in either order), is cast back once, and is freed before the next
+    module, so at most one module's float64 copy exists at a time.
+    """
+    by_target: dict[str, list[Folded]] = {}
     for f in plan.folded:
-        bn = model.get_submodule(f.bn)
-        s, t = bn_scale_shift(bn)
-        mod, w = current(f.into)
-        s, t = s.to(w["weight"].device), t.to(w["weight"].device)
-        if f.direction == "backward":
-            w["weight"], w["bias"] = fold_math.fold_backward(
-                w["weight"], w["bias"], s, t, transposed=isinstance(mod, _CONVT), groups=getattr(mod, "groups", 1)
-            )
-        else:
-            w["weight"], w["bias"] = fold_math.fold_forward(w["weight"], w["bias"], s, t, groups=getattr(mod, "groups", 1))
-
-    for path, w in work.items():
+        by_target.setdefault(f.into, []).append(f)
+    for path, folds in by_target.items():
         mod = model.get_submodule(path)
         like = mod.weight
+        w = like.detach().to(torch.float64)
+        b = None if mod.bias is None else mod.bias.detach().to(torch.float64)
+        for f in folds:
+            s, t = bn_scale_shift(model.get_submodule(f.bn))
+            s, t = s.to(w.device), t.to(w.device)
+            if f.direction == "backward":
+                w, b = fold_math.fold_backward(w, b, s, t, transposed=isinstance(mod, _CONVT), groups=getattr(mod, "groups", 1))
+            else:
+                w, b = fold_math.fold_forward(w, b, s, t, groups=getattr(mod, "groups", 1))
         with torch.no_grad():
-            mod.weight = nn.Parameter(fold_math.cast_like(w["weight"], like), requires_grad=like.requires_grad)
-            mod.bias = nn.Parameter(fold_math.cast_like(w["bias"], like), requires_grad=like.requires_grad)
+            mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
+            mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+        del w, b, like
     for f in plan.folded:
         _set_submodule(model, f.bn, nn.Identity())
 

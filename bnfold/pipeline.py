@@ -204,7 +204,6 @@ def write_report(rep: ConvertReport, path: str | Path) -> None:
 
 def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
                    atol, rtol, providers, require_providers, do_verify, progress, seed):
-    import copy
 
     import torch
 
@@ -219,11 +218,15 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     dtype, device = model_dtype_device(model)
     example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
-    reference = copy.deepcopy(model).eval()
+    from .verification import _eval_mode
+
+    # the reference is the user's model itself (compared in eval mode, flags restored) unless
+    # calibration gives it new statistics, which happens on a copy: the user's model never changes
+    reference = model
     with _stage(rep.timings, "check_inputs"):
         try:
-            with torch.no_grad():
-                call_model(reference, Batch(example, {}))
+            with torch.no_grad(), _eval_mode(model):
+                call_model(model, Batch(example, {}))
         except Exception as err:
             shapes = ", ".join(str(list(t.shape)) for t in example)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -232,7 +235,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
     if calib is not None:
         with _stage(rep.timings, "calibrate"):
             calib_batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
-            reference, summary = run_calibration(reference, calib_batches, estimator=estimator, inplace=True, progress=progress)
+            reference, summary = run_calibration(model, calib_batches, estimator=estimator, inplace=False, progress=progress)
             rep.calibration = summary.to_dict()
     with _stage(rep.timings, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=False)
