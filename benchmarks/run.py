@@ -14,7 +14,6 @@ onnxruntime's saved optimised model; a > 2 GB model through external data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import io
@@ -145,7 +144,6 @@ def bench_calibrate(reps):
 
 # --------------------------------------------------------------------------------------- latency
 def bench_latency(reps):
-    import numpy as np
     import onnxruntime as ort
     import torch
 
@@ -210,7 +208,6 @@ def bench_onnx_in(reps):
     import onnxruntime as ort
     import torch
 
-    import bnfold
     import models
     from bnfold.onnx_fold import fold_onnx_proto
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .data import Batch, as_batch, call_model, load_batches, model_dtype_device, prepare
+from .data import as_batch, call_model, load_batches, model_dtype_device, prepare
 from .errors import CalibrationError, DataError
 from .verification import tf32_off
 

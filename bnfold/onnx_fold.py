@@ -178,6 +178,27 @@ def _bn_params(G: _Graph, bn) -> tuple[Any, Any, str | None]:
     return s, t, None
 
 
+def _weights(G: _Graph, node, what: str = "weights"):
+    """(W, B or None, None) of a Conv-like node, or (None, None, reason) when not constant."""
+    w = G.const(node.input[1])
+    has_b = len(node.input) > 2 and bool(node.input[2])
+    b = G.const(node.input[2]) if has_b else None
+    if w is None or (has_b and b is None):
+        return None, None, f"{node.op_type} '{node.name}' {what} are not constant"
+    return w, b, None
+
+
+def _set_weights(G: _Graph, node, w_new, b_new, dtype) -> None:
+    """Point ``node`` at new initializers (copies: shared initializers stay as they were)."""
+    node.input[1] = G.add_init(node.input[1], w_new.numpy().astype(dtype))
+    has_b = len(node.input) > 2 and bool(node.input[2])
+    bname = G.add_init(node.input[2] if has_b else (node.name or node.op_type.lower()) + "_bias", b_new.numpy().astype(dtype))
+    if len(node.input) > 2:
+        node.input[2] = bname
+    else:
+        node.input.append(bname)
+
+
 def _backward(G: _Graph, bn, s, t) -> tuple[str | None, str | None]:
     """Fold into the producer of the BN input. (producer description, None) or (None, reason)."""
     from .fold_math import fold_backward
@@ -192,24 +213,15 @@ def _backward(G: _Graph, bn, s, t) -> tuple[str | None, str | None]:
     op = prod.op_type
     c = s.numel()
     if op in ("Conv", "ConvTranspose"):
-        w = G.const(prod.input[1])
-        if w is None:
-            return None, f"{op} '{prod.name}' weight is not constant"
-        b = G.const(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else None
-        if len(prod.input) > 2 and prod.input[2] and b is None:
-            return None, f"{op} '{prod.name}' bias is not constant"
+        w, b, why = _weights(G, prod)
+        if why:
+            return None, why
         groups = int(_attr(prod, "group", 1))
         try:
             w2, b2 = fold_backward(_t(w), None if b is None else _t(b), s, t, transposed=op == "ConvTranspose", groups=groups)
         except ValueError as err:
             return None, f"{op} '{prod.name}': {err}"
-        wname = G.add_init(prod.input[1], w2.numpy().astype(w.dtype))
-        bname = G.add_init(prod.input[2] if b is not None else (prod.name or op) + "_bias", b2.numpy().astype(w.dtype))
-        prod.input[1] = wname
-        if len(prod.input) > 2:
-            prod.input[2] = bname
-        else:
-            prod.input.append(bname)
+        _set_weights(G, prod, w2, b2, w.dtype)
         _bypass(G, prod, bn)
         return f"{op} {prod.name or prod.output[0]}", None
     if op == "Gemm":
@@ -321,20 +333,14 @@ def _forward(G: _Graph, bn, s, t) -> tuple[str | None, str | None]:
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if any(int(p) for p in pads) or auto not in ("NOTSET", "VALID"):
             return None, f"consumer Conv '{cons.name}' pads its input (pads={list(pads)}, auto_pad={auto})"
-        w = G.const(cons.input[1])
-        b = G.const(cons.input[2]) if len(cons.input) > 2 and cons.input[2] else None
-        if w is None or (len(cons.input) > 2 and cons.input[2] and b is None):
-            return None, f"consumer Conv '{cons.name}' weights are not constant"
+        w, b, why = _weights(G, cons)
+        if why:
+            return None, f"consumer {why}"
         try:
             w2, b2 = fold_forward(_t(w), None if b is None else _t(b), s, t, groups=int(_attr(cons, "group", 1)))
         except ValueError as err:
             return None, f"consumer Conv '{cons.name}': {err}"
-        cons.input[1] = G.add_init(cons.input[1], w2.numpy().astype(w.dtype))
-        bname = G.add_init(cons.input[2] if b is not None else (cons.name or "conv") + "_bias", b2.numpy().astype(w.dtype))
-        if len(cons.input) > 2:
-            cons.input[2] = bname
-        else:
-            cons.input.append(bname)
+        _set_weights(G, cons, w2, b2, w.dtype)
     elif cons.op_type == "Gemm":
         if int(_attr(cons, "transA", 0)):
             return None, f"consumer Gemm '{cons.name}' has transA=1 (BN channels would be its rows)"

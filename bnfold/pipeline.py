@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import check_output_path, sha256_file, write_text_atomic
+from ._io import check_output_path, write_text_atomic
 from .errors import BadInputError, EXIT_OK, EXIT_VERIFY_FAILED
 
 SCHEMA_VERSION = 1
@@ -107,8 +107,6 @@ def _staging_path(output: Path) -> Path:
 
 
 def _verify_sets(example: tuple, dynamic_batch: bool, calib_batches, seed: int) -> dict:
-    import torch
-
     from .data import take_samples
 
     sets: dict[str, Any] = {}
@@ -196,6 +194,18 @@ def convert(
     return rep
 
 
+def _record_plan(rep: ConvertReport, plan) -> None:
+    d = plan.to_dict()
+    rep.fold = {"tracer": d["tracer"], "trace_error": d["trace_error"], "batchnorm_layers": plan.bn_count}
+    rep.folded, rep.unfolded = d["folded"], d["unfolded"]
+
+
+def _record_verification(rep: ConvertReport, vr) -> None:
+    rep.verification = vr.to_dict()
+    rep.providers_unavailable = vr.providers_unavailable
+    rep.passed = vr.passed
+
+
 def write_report(rep: ConvertReport, path: str | Path) -> None:
     import json
 
@@ -239,9 +249,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
             rep.calibration = summary.to_dict()
     with _stage(rep.timings, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=False)
-    rep.fold = {"tracer": plan.tracer, "trace_error": plan.trace_error, "batchnorm_layers": plan.bn_count}
-    rep.folded = [{"bn": f.bn, "into": f.into, "direction": f.direction, "into_type": f.into_type} for f in plan.folded]
-    rep.unfolded = [{"bn": u.bn, "reason": u.reason} for u in plan.unfolded]
+    _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
     export_example = example
@@ -263,9 +271,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
         sets = _verify_sets(example, dynamic_batch, calib_batches, seed)
         vr = verify(reference, staged, sets, atol=atol, rtol=rtol, providers=providers, folded=folded,
                     require_providers=require_providers)
-    rep.verification = vr.to_dict()
-    rep.providers_unavailable = vr.providers_unavailable
-    rep.passed = vr.passed
+    _record_verification(rep, vr)
 
 
 def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...], Any]]:
@@ -292,19 +298,38 @@ def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...],
     return out
 
 
-def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rtol, providers, require_providers, do_verify, seed):
+def onnx_input_sets(src: Path, example_inputs, batches, seed: int) -> dict:
+    """Seeded random inputs for an ONNX model's graph inputs (dynamic dims from ``example_inputs``
+    shapes, else 1), plus the first calibration samples when they fit."""
     import numpy as np
     import torch
 
-    from .data import load_batches, take_samples
+    from .data import take_samples
+
+    overrides = None
+    if example_inputs is not None:
+        overrides = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
+    specs = onnx_input_shapes(src, overrides)
+    rng = np.random.default_rng(seed)
+    sets = {"random": tuple(
+        torch.from_numpy(rng.standard_normal(shape).astype(dt) if np.dtype(dt).kind == "f" else rng.integers(0, 2, size=shape).astype(dt))
+        for shape, dt in specs)}
+    if batches:
+        n = specs[0][0][0] if specs and specs[0][0] else 1
+        sample = take_samples(batches, n)
+        if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
+            sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
+    return sets
+
+
+def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rtol, providers, require_providers, do_verify, seed):
+    from .data import load_batches
     from .onnx_fold import fold_onnx_file
     from .verification import verify
 
     with _stage(rep.timings, "fold"):
         plan, info = fold_onnx_file(src, staged, data_name=Path(rep.output).name + ".data")
-    rep.fold = {"tracer": "onnx", "batchnorm_layers": plan.bn_count}
-    rep.folded = [{"bn": f.bn, "into": f.into, "direction": f.direction, "into_type": f.into_type} for f in plan.folded]
-    rep.unfolded = [{"bn": u.bn, "reason": u.reason} for u in plan.unfolded]
+    _record_plan(rep, plan)
     rep.export = {"path": None, **{k: info[k] for k in ("opset", "sha256", "bytes", "external_data", "nodes", "batchnorm_nodes")}}
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNormalization node: written and verified as it is")
@@ -312,28 +337,13 @@ def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rto
         rep.passed = True
         rep.notes.append("verification skipped (--no-verify)")
         return
-    overrides = None
-    if example_inputs is not None:
-        overrides = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
-    specs = onnx_input_shapes(src, overrides)
-    rng = np.random.default_rng(seed)
-    args = []
-    for shape, dt in specs:
-        if np.dtype(dt).kind == "f":
-            args.append(torch.from_numpy(rng.standard_normal(shape).astype(dt)))
-        else:
-            args.append(torch.from_numpy(rng.integers(0, 2, size=shape).astype(dt)))
-    sets = {"random": tuple(args)}
+    batches = None
     if calib is not None:
         batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
-        sample = take_samples(batches, specs[0][0][0])
-        if sample is not None and not sample.kwargs and len(sample.args) == len(specs):
-            sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
+    sets = onnx_input_sets(src, example_inputs, batches, seed)
     with _stage(rep.timings, "verify"):
         vr = verify(src, staged, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
-    rep.verification = vr.to_dict()
-    rep.providers_unavailable = vr.providers_unavailable
-    rep.passed = vr.passed
+    _record_verification(rep, vr)
 
 
 def check_artifact(
@@ -356,11 +366,10 @@ def check_artifact(
     With ``calib``, the PyTorch reference is first calibrated exactly as ``convert --calib`` does,
     and samples of the data join the random inputs. Returns a VerifyReport.
     """
-    import numpy as np
     import torch
 
     from .calibration import run_calibration
-    from .data import load_batches, model_dtype_device, take_samples
+    from .data import load_batches, model_dtype_device
     from .onnx_fold import load_onnx
     from .verification import verify
 
@@ -370,15 +379,7 @@ def check_artifact(
         batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
     if isinstance(model, (str, Path)):
         load_onnx(model)
-        overrides = None if example_inputs is None else [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
-        specs = onnx_input_shapes(Path(model), overrides)
-        rng = np.random.default_rng(seed)
-        args = tuple(torch.from_numpy(rng.standard_normal(s).astype(dt) if np.dtype(dt).kind == "f" else rng.integers(0, 2, size=s).astype(dt)) for s, dt in specs)
-        sets = {"random": args}
-        if batches:
-            sample = take_samples(batches, specs[0][0][0])
-            if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == specs[0][0][0]:
-                sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
+        sets = onnx_input_sets(Path(model), example_inputs, batches, seed)
         return verify(str(model), onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
     if example_inputs is None:
         raise BadInputError("no example inputs", "pass --input-shape (one per model input)")

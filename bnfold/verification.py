@@ -373,8 +373,6 @@ def verify(
     input sets. ``atol``/``rtol``: a number, or {output_name: number, "*": default}.
     Returns a VerifyReport (truthy when every run passed).
     """
-    import torch
-
     check_tolerance(atol, "atol")
     check_tolerance(rtol, "rtol")
     wanted = parse_providers(providers)

@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from bnfold import __version__
-from bnfold.errors import EXIT_BAD_INPUT, EXIT_MODEL, BadInputError, BnfoldError
+from bnfold.errors import EXIT_MODEL, BadInputError, BnfoldError
 
 app = typer.Typer(
     name="bnfold",
@@ -119,6 +119,15 @@ def _load_torch(model: str, weights: Optional[Path], trust_pickle: bool):
     return spec, load_model(spec, weights, trust_pickle=trust_pickle)
 
 
+def _source(model: str, weights, trust_pickle: bool, input_shape, seed: int):
+    """(what to convert or verify: an .onnx path or the loaded nn.Module, its example inputs)."""
+    shapes = _shapes(input_shape)
+    spec, m = _load_torch(model, weights, trust_pickle)
+    if spec.kind == "onnx":
+        return spec.target, (shapes or None)
+    return m, _example(m, shapes, seed)
+
+
 def _example(model_obj, shapes, seed: int):
     from bnfold.data import model_dtype_device
     from bnfold.pipeline import random_inputs
@@ -181,11 +190,9 @@ def convert(
         if report is not None:
             check_output_path(report, what="report")
         a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
-        shapes = _shapes(input_shape)
-        spec, model_obj = _load_torch(model, weights, trust_pickle)
-        example = (shapes or None) if spec.kind == "onnx" else _example(model_obj, shapes, seed)
+        source, example = _source(model, weights, trust_pickle, input_shape, seed)
         rep = bnfold.convert(
-            spec.target if spec.kind == "onnx" else model_obj, example, output, calib=calib, batch_size=batch_size,
+            source, example, output, calib=calib, batch_size=batch_size,
             estimator=estimator, opset=opset, dynamic_batch=dynamic_batch, atol=a, rtol=r, providers=providers,
             require_providers=require_providers or (), verify=not no_verify, report=report, force=not no_overwrite,
             keep_failed=keep_failed, progress=not STATE["quiet"] and sys.stderr.isatty(), seed=seed, model_name=model,
@@ -359,10 +366,8 @@ def verify(
         if report is not None:
             check_output_path(report, what="report")
         a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
-        shapes = _shapes(input_shape)
-        spec, m = _load_torch(model, weights, trust_pickle)
-        example = (shapes or None) if spec.kind == "onnx" else _example(m, shapes, seed)
-        vr = check_artifact(spec.target if spec.kind == "onnx" else m, onnx_file, example, calib=calib, batch_size=batch_size,
+        source, example = _source(model, weights, trust_pickle, input_shape, seed)
+        vr = check_artifact(source, onnx_file, example, calib=calib, batch_size=batch_size,
                             estimator=estimator, dynamic_batch=dynamic_batch, atol=a, rtol=r, providers=providers,
                             require_providers=require_providers or (), seed=seed)
         from bnfold.pipeline import SCHEMA_VERSION, versions
@@ -393,8 +398,6 @@ def inspect(
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
 
     def work():
-        from dataclasses import asdict
-
         shapes = _shapes(input_shape)
         spec, m = _load_torch(model, weights, trust_pickle)
         if spec.kind == "onnx":

@@ -87,7 +87,6 @@ def test_onnx_loading_from_random_bytes(tmp_path, data):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(min_value=1, max_value=10_000))
 def test_truncated_onnx_is_refused(tmp_path, cut):
-    import onnx
     from onnx import helper, TensorProto
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
