@@ -29,8 +29,12 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
         raise OutputPathError(f"folder '{parent}' for the {what} does not exist", "create it first")
     if not parent.is_dir():
         raise OutputPathError(f"'{parent}' is not a folder", f"choose another {what} path")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"folder '{parent}' is not writable", f"choose a writable folder for the {what}")
+    try:  # a real probe: os.access() says yes to root even where writing fails
+        fd, probe = tempfile.mkstemp(prefix=".bnfold-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise OutputPathError(f"folder '{parent}' is not writable", f"choose a writable folder for the {what}") from None
     if p.exists() and not force:
         raise OutputPathError(f"{what} '{p}' already exists", "pass --force to overwrite it")
     return p

@@ -113,6 +113,7 @@ def _cases(w: Path):
         "unknown estimator": (["convert", s, *ok, "--calib", CALIB, "--estimator", "ema", *o], 2, "unknown estimator"),
         "output folder missing": (["convert", s, *ok, "-o", str(w / "nope" / "m.onnx")], 2, "does not exist"),
         "output is a folder": (["convert", s, *ok, "-o", str(w / "out")], 2, "is a folder"),
+        "output folder unwritable": (["convert", s, *ok, "-o", "/sys/bnfold-test.onnx"], 2, "is not writable"),
         "output parent is a file": (["convert", s, *ok, "-o", str(w / "a_file" / "m.onnx")], 2, "is not a folder"),
         "existing output with --no-overwrite": (["convert", s, *ok, "-o", str(w / "existing.onnx"), "--no-overwrite"], 2, "already exists"),
         "onnx input not onnx": (["convert", str(w / "not.onnx"), *o], 2, "not a readable ONNX model"),
