@@ -246,6 +246,12 @@ def _tied(model: nn.Module, path: str, shared: dict[int, list[str]]) -> str | No
     return None
 
 
+def _overrides_forward(mod: nn.Module) -> bool:
+    """A Conv/Linear subclass whose forward() is not torch's: it may pad or add more."""
+    base = next(c for c in type(mod).__mro__ if c in _PRODUCERS)
+    return type(mod).forward is not base.forward
+
+
 def _has_padding(conv: nn.Module) -> bool:
     pad = conv.padding
     if isinstance(pad, str):
@@ -268,7 +274,7 @@ def _backward_reason(g: _Graph, model, bn_path: str, bn_call: _Call, shared) -> 
     prod = model.get_submodule(ppath)
     if not isinstance(prod, _PRODUCERS):
         return None, f"its input comes from {type(prod).__name__} `{ppath}`, not from a Conv/Linear"
-    if type(prod).forward is not type(prod).__mro__[[c in _PRODUCERS for c in type(prod).__mro__].index(True)].forward:
+    if _overrides_forward(prod):
         return None, f"producer `{ppath}` ({type(prod).__name__}) overrides forward()"
     if len(g.calls[ppath]) != 1:
         return None, f"producer `{ppath}` is called {len(g.calls[ppath])} times (its weights serve every call)"
@@ -307,6 +313,8 @@ def _forward_reason(g: _Graph, model, bn_path: str, bn_call: _Call, shared) -> t
         return None, f"consumer `{cpath}` is a ConvTranspose (border outputs see part of the kernel: the shift would not be exact)"
     if not isinstance(cons, _CONV + (nn.Linear,)):
         return None, f"BN output goes to {type(cons).__name__} `{cpath}`"
+    if _overrides_forward(cons):  # e.g. a "same"-padding conv that pads inside forward()
+        return None, f"consumer `{cpath}` ({type(cons).__name__}) overrides forward()"
     if len(g.calls[cpath]) != 1:
         return None, f"consumer `{cpath}` is called {len(g.calls[cpath])} times"
     ccall = next(iter(g.calls[cpath].values()))

@@ -243,6 +243,17 @@ def test_refuse_bn_subclass_with_extra_behaviour():
     assert torch.equal(folded(x), model(x))  # the activation is still there
 
 
+def test_refuse_conv_subclass_that_pads_in_forward():
+    class Conv2dSame(nn.Conv2d):  # the timm pattern: padding computed inside forward()
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+    reason = _reason(Seq(nn.BatchNorm2d(3), Conv2dSame(3, 4, 3)), torch.randn(2, 3, 5, 5), "0")
+    assert "Conv2dSame) overrides forward()" in reason
+    reason = _reason(Seq(Conv2dSame(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(2, 3, 5, 5), "1")
+    assert "overrides forward()" in reason
+
+
 def test_refuse_linear_on_3d_input():
     model = Seq(nn.Linear(5, 5), nn.BatchNorm1d(5))
     assert "rank 3" in _reason(model, torch.randn(2, 5, 5), "1")
