@@ -198,7 +198,7 @@ def bench_error():
                 # run both in float64 so only the folded weights' rounding differs
                 ea = (ours.double()(x) - ref).abs().max().item()
                 eb = (theirs.double()(x) - ref).abs().max().item()
-                row("error", f"{name} {str(dtype)[6:]} max |out − float64 ref|: bnfold vs fuse_conv_bn_eval", f"{ea:.3g}", f"{eb:.3g}", ea / eb if eb else None, "≤ 1.0×")
+                row("error", f"{name} {str(dtype)[6:]} max abs error vs float64 reference: bnfold vs fuse_conv_bn_eval", f"{ea:.3g}", f"{eb:.3g}", ea / eb if eb else None, "≤ 1.0×")
 
 
 # -------------------------------------------------------------------------------------- ONNX in
