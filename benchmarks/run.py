@@ -65,7 +65,7 @@ print("BENCH", json.dumps({{"seconds": time.perf_counter() - t, "maxrss_mb": res
 """
 
 CONVERT_BODY = """
-sys.argv = ["bnfold", "convert", "benchmarks/models.py:{model}", "--input-shape", "1,3,224,224", "-o", "{out}", "--providers", "cpu", "--report", "{report}", "-q"]
+sys.argv = ["bnfold", "convert", "benchmarks/models.py:{model}", "--input-shape", "{shape}", "-o", "{out}", "--providers", "cpu", "--report", "{report}", "-q"]
 try:
     runpy.run_module("bnfold", run_name="__main__")
 except SystemExit as e:
@@ -94,7 +94,7 @@ def bench_convert(reps):
         out_a, out_b, rep = Path(d) / "a.onnx", Path(d) / "b.onnx", Path(d) / "r.json"
         wall_a, wall_b, rss_a, rss_b, stages = [], [], [], [], []
         for _ in range(reps):
-            a = _child(CONVERT_BODY.format(model="resnet50", out=out_a, report=rep))
+            a = _child(CONVERT_BODY.format(model="resnet50", shape="1,3,224,224", out=out_a, report=rep))
             b = _child(EXPORT_BODY.format(model="resnet50", out=out_b))
             wall_a.append(a["seconds"]); rss_a.append(a["maxrss_mb"])
             wall_b.append(b["seconds"]); rss_b.append(b["maxrss_mb"])
@@ -266,17 +266,10 @@ def bench_onnx_in(reps):
 
 # ----------------------------------------------------------------------------------------- scale
 def bench_scale():
-    body = """
-sys.argv = ["bnfold", "convert", "benchmarks/models.py:bignet", "--input-shape", "1,3,4,4", "-o", "{out}", "--providers", "cpu", "--report", "{report}", "-q"]
-try:
-    runpy.run_module("bnfold", run_name="__main__")
-except SystemExit as e:
-    assert e.code in (0, None), e.code
-"""
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
         out, rep = Path(d) / "big.onnx", Path(d) / "r.json"
         try:
-            res = _child(body.format(out=out, report=rep))
+            res = _child(CONVERT_BODY.format(model="bignet", shape="1,3,4,4", out=out, report=rep))
         except RuntimeError as err:
             row("scale", f"2.4 GB conv net: FAILED {str(err).splitlines()[-1][:80]}", "", "", None)
             return
