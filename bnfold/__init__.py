@@ -45,12 +45,11 @@ from .errors import (  # noqa: E402  (light: no heavy imports)
     DataError,
     ExportError,
     ModelError,
-    VerificationFailed,
 )
 
 __all__ = sorted(
     list(_EXPORTS)
-    + ["BnfoldError", "BadInputError", "CalibrationError", "DataError", "ExportError", "ModelError", "VerificationFailed", "__version__"]
+    + ["BnfoldError", "BadInputError", "CalibrationError", "DataError", "ExportError", "ModelError", "__version__"]
 )
 
 

@@ -8,10 +8,11 @@ tensor, a tuple/list of tensors (positional inputs) or a dict (keyword inputs).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from .errors import DataError
 
@@ -167,11 +168,6 @@ def take_samples(batches: list[Batch], n: int) -> Batch | None:
     return Batch(tuple(v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for v in first.args), {})
 
 
-def iter_tensors(batch: Batch) -> Iterator:
-    yield from batch.args
-    yield from batch.kwargs.values()
-
-
 def model_dtype_device(model):
     """The dtype of the model's first floating parameter (or buffer) and its device."""
     import torch
@@ -193,6 +189,18 @@ def prepare(batch: Batch, dtype, device) -> Batch:
         return x
 
     return Batch(tuple(conv(a) for a in batch.args), {k: conv(v) for k, v in batch.kwargs.items()})
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run ``model`` in eval mode without copying it; every module's flag is restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def _max_positional(model) -> int | None:

@@ -6,7 +6,9 @@ Exit codes (also in the README):
     2  bad input or usage (a file, a flag, a data set, a missing provider that was required)
     3  the model itself could not be traced, folded or exported
 
-Anything that is not a ``BnfoldError`` is a bug in bnfold and is shown with a traceback.
+A failed verification is not an exception: ``verify`` and ``convert`` return reports that are
+falsy when they failed, and the CLI exits 1. Anything that is not a ``BnfoldError`` is a bug in
+bnfold (or a model that breaks in an unforeseen way) and is shown with a traceback under --debug.
 """
 
 from __future__ import annotations
@@ -73,12 +75,3 @@ class ModelError(BnfoldError):
 class ExportError(ModelError):
     """torch.onnx.export or onnx.checker failed (exit 3)."""
 
-
-class VerificationFailed(BnfoldError):
-    """Outputs differ beyond tolerance (exit 1). Carries the report that shows where."""
-
-    exit_code = EXIT_VERIFY_FAILED
-
-    def __init__(self, problem: str, report=None):
-        super().__init__(problem)
-        self.report = report

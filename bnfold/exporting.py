@@ -106,9 +106,10 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)
-    model = model.eval()
+    from .data import eval_mode
+
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

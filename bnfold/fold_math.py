@@ -47,6 +47,13 @@ def bn_scale_shift(
     return s, t
 
 
+def _bias64(bias: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The bias in float64, zeros when the layer has none."""
+    if bias is None:
+        return torch.zeros(n, dtype=torch.float64, device=like.device)
+    return bias.to(torch.float64)
+
+
 def fold_backward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -59,7 +66,7 @@ def fold_backward(
     """Fold y = s·(W∗x + b) + t into (W', b'). Works for Conv (any dims), ConvTranspose, Linear."""
     w = weight.to(torch.float64)
     out_channels = s.numel()
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if bias is None else bias.to(torch.float64)
+    b = _bias64(bias, out_channels, w)
     if not transposed:
         if w.shape[0] != out_channels:
             raise ValueError(f"weight has {w.shape[0]} output channels, BN has {out_channels}")
@@ -91,7 +98,7 @@ def fold_forward(
     out_channels, in_per_group = w.shape[0], w.shape[1]
     if in_per_group * groups != s.numel():
         raise ValueError(f"weight {tuple(w.shape)} with groups={groups} does not read {s.numel()} channels")
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if bias is None else bias.to(torch.float64)
+    b = _bias64(bias, out_channels, w)
     out_per_group = out_channels // groups
     # channel index read by weight[o, i]: group(o) * in_per_group + i
     sg = s.reshape(groups, 1, in_per_group)

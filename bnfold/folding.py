@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -443,6 +443,3 @@ def inspect(model: nn.Module, example_inputs=None) -> FoldPlan:
     work = copy.deepcopy(model).eval()
     return _discover(work, _as_tuple(example_inputs))
 
-
-def iter_batchnorms(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if n and is_batchnorm(m))

@@ -28,12 +28,6 @@ class ModelSpec:
     target: str  # file path or dotted module name
     attr: str | None = None  # factory name
 
-    @property
-    def source_file(self) -> Path | None:
-        if self.kind in ("file", "onnx"):
-            return Path(self.target)
-        return None
-
     def __str__(self) -> str:
         return f"{self.target}:{self.attr}" if self.attr else self.target
 

@@ -218,7 +218,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
     import torch
 
     from .calibration import run_calibration
-    from .data import Batch, call_model, load_batches, model_dtype_device
+    from .data import Batch, call_model, eval_mode, load_batches, model_dtype_device
     from .exporting import export_proto, opset_of, save_onnx
     from .folding import fold_with_plan
     from .verification import verify
@@ -228,14 +228,12 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     dtype, device = model_dtype_device(model)
     example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
-    from .verification import _eval_mode
-
     # the reference is the user's model itself (compared in eval mode, flags restored) unless
     # calibration gives it new statistics, which happens on a copy: the user's model never changes
     reference = model
     with _stage(rep.timings, "check_inputs"):
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), eval_mode(model):
                 call_model(model, Batch(example, {}))
         except Exception as err:
             shapes = ", ".join(str(list(t.shape)) for t in example)

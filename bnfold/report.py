@@ -19,11 +19,8 @@ def _fmt(x: float | None) -> str:
     return f"{x:.2e}"
 
 
-def _status(ok: bool, color: bool = True) -> str:
-    word = "PASSED" if ok else "FAILED"
-    if not color:
-        return word
-    return f"[green]{word}[/]" if ok else f"[bold red]{word}[/]"
+def _status(ok: bool) -> str:
+    return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
 
 
 def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm layers"):

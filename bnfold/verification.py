@@ -164,10 +164,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol=None, 
     if ref.size == 0:
         res.passed = True
         return res
-    if ref.dtype.kind in "fc":
-        r64, g64 = ref.astype(np.float64), got.astype(np.float64)
-    else:
-        r64, g64 = ref.astype(np.float64), got.astype(np.float64)
+    r64, g64 = ref.astype(np.float64), got.astype(np.float64)
     fin_r, fin_g = np.isfinite(r64), np.isfinite(g64)
     res.nonfinite_reference = int((~fin_r).sum())
     res.nonfinite_candidate = int((~fin_g).sum())
@@ -373,6 +370,8 @@ def verify(
     input sets. ``atol``/``rtol``: a number, or {output_name: number, "*": default}.
     Returns a VerifyReport (truthy when every run passed).
     """
+    from .data import eval_mode
+
     check_tolerance(atol, "atol")
     check_tolerance(rtol, "rtol")
     wanted = parse_providers(providers)
@@ -385,21 +384,10 @@ def verify(
     onnx_ref = isinstance(reference, (str, Path))
     with contextlib.ExitStack() as stack:
         if not onnx_ref:
-            stack.enter_context(_eval_mode(reference))  # no copy of the weights: flags restored
+            stack.enter_context(eval_mode(reference))  # no copy of the weights: flags restored
         if folded is not None:
-            stack.enter_context(_eval_mode(folded))
+            stack.enter_context(eval_mode(folded))
         return _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, tuple(levels))
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels):

@@ -136,3 +136,14 @@ def test_external_data_path(tmp_path, monkeypatch):
     # a failed verification keeps neither file
     bad = bnfold.convert(model, x, tmp_path / "f.onnx", providers="cpu", atol=0.0, rtol=0.0)
     assert not bad.passed and not (tmp_path / "f.onnx").exists() and not (tmp_path / "f.onnx.data").exists()
+
+
+def test_export_leaves_the_model_in_train_mode():
+    from conftest import state_hash
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.train()
+    before = state_hash(model)
+    export_proto(model, (torch.randn(1, 3, 6, 6),))
+    assert model.training and model[1].training  # exported in eval mode, flags restored
+    assert state_hash(model) == before
