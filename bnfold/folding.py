@@ -2,48 +2,64 @@
 
 Discovery reads the model's graph, not its module order: ``torch.fx`` symbolic tracing first, and
 ``torch.export`` (which needs example inputs) for models fx cannot trace. Both graphs are reduced to
-the same question per module *call*: which node feeds it, and who consumes its output. The rules
-(see the README's table) then decide, for every BN layer, one of
+the same questions per module *call*: which node feeds it, and who consumes its output (reads of
+``.shape``/``.size()``/``.dim()`` are metadata, not consumers). The rules in ``fold_rules`` (one unit
+per pattern: backward, concat, reshape, forward/pool-head) then decide, for every BN layer, where it
+folds or why it stays.
 
-* folded **backward** into the Conv/ConvTranspose/Linear that produces its input;
-* folded **forward** into the unpadded Conv or the Linear that is its only consumer;
-* left in place, with the reason.
-
-The rewrite works on a copy (unless ``inplace=True``): the same classes, the folded BN layers
-replaced by ``nn.Identity`` so state_dict names of every other module keep working. All math runs on
+The rewrite works on a copy (unless ``inplace=True``): the same classes, each folded BN replaced by
+what remains of its forward (``nn.Identity`` for torch's BN; ``act(drop(x))`` for timm's
+``BatchNormAct2d``), so state_dict names of every other module keep working. All math runs on
 float64 working copies of the weights (``fold_math``) and is cast back once per tensor.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import fold_math
+from . import bn_kinds, fold_math
+from .bn_kinds import is_batchnorm, register_batchnorm  # noqa: F401  (public re-exports)
 from .errors import ModelError
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PRODUCERS = _CONV + _CONVT + (nn.Linear,)
 
 
 # ----------------------------------------------------------------------------------- plan data
 @dataclass
 class Folded:
     bn: str
-    into: str
-    direction: str  # "backward" (producer → BN) or "forward" (BN → consumer)
-    into_type: str
+    into: list[str]
+    rule: str  # backward | forward | concat | reshape | pool-head | ...
+    into_type: list[str]
+    stage: str = "pytorch"  # "pytorch" or "onnx"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bn": self.bn, "into": list(self.into), "rule": self.rule, "into_type": list(self.into_type),
+                "pass": self.stage}
 
 
 @dataclass
 class Unfolded:
     bn: str
     reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bn": self.bn, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One piece of a fold: apply the BN's (s, t) — channels ``sl`` of it, each repeated ``repeat``
+    times — to ``target``'s output channels ("backward") or input channels ("forward")."""
+
+    target: str
+    op: str  # "backward" | "forward"
+    bn: str
+    sl: tuple[int, int] | None = None
+    repeat: int = 1
 
 
 @dataclass
@@ -54,13 +70,14 @@ class FoldPlan:
     unfolded: list[Unfolded] = field(default_factory=list)
     tracer: str | None = None
     trace_error: str | None = None
+    edits: list[Edit] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tracer": self.tracer,
             "trace_error": self.trace_error,
-            "folded": [asdict(f) for f in self.folded],
-            "unfolded": [asdict(u) for u in self.unfolded],
+            "folded": [f.to_dict() for f in self.folded],
+            "unfolded": [u.to_dict() for u in self.unfolded],
         }
 
     @property
@@ -69,35 +86,11 @@ class FoldPlan:
 
 
 # ------------------------------------------------------------------------------ BN recognition
-def _is_frozen_bn(m: nn.Module) -> bool:
-    return type(m).__name__ == "FrozenBatchNorm2d" and all(
-        hasattr(m, b) for b in ("weight", "bias", "running_mean", "running_var", "eps")
-    )
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    """BatchNorm of any flavour: torch's BN1d/2d/3d, SyncBatchNorm, subclasses, FrozenBatchNorm2d."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_frozen_bn(m)
-
-
-def _plain_forwards() -> set[Callable]:
-    plain = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
-    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-        plain.add(cls.forward)
-    return plain
-
-
 def _bn_problem(m: nn.Module) -> str | None:
     """Why this BN cannot be folded whatever its neighbours are, or None."""
-    if _is_frozen_bn(m):
-        if not type(m).__module__.startswith("torchvision"):
-            return f"{type(m).__qualname__} is not torchvision's FrozenBatchNorm2d; its forward is unknown"
-        return None
-    if type(m).forward not in _plain_forwards():
-        return (
-            f"{type(m).__module__}.{type(m).__qualname__} overrides forward() (it does more than "
-            "BatchNorm); folding would drop that behaviour"
-        )
+    kind, why = bn_kinds.bn_kind(m)
+    if kind is None:
+        return why or f"{type(m).__qualname__} is not a known BatchNorm kind"
     if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
         return "no running statistics (track_running_stats=False): run calibration first (bnfold calibrate / --calib)"
     return None
@@ -111,10 +104,10 @@ def bn_scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ discovery
 class _LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps every BN (subclasses, FrozenBatchNorm2d) and producer as one call."""
+    """fx tracer that keeps every BN kind and producer (registered or subclassed) as one call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_batchnorm(m) or isinstance(m, _PRODUCERS):
+        if is_batchnorm(m) or bn_kinds.is_producer_like(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -129,14 +122,36 @@ class _Call:
     rank_in: int | None = None
 
 
+# metadata reads: the value's data is not consumed
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+_META_METHODS = {"size", "dim", "numel", "type", "get_device", "nelement"}
+_META_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
+_SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
+_LIKE = {"zeros_like", "ones_like", "empty_like"}
+
+
+def _fn_name(node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    name = getattr(t, "__name__", None) or str(t)
+    if hasattr(t, "_schema"):  # aten OpOverload: aten.cat.default → "cat"
+        name = t._schema.name.split("::")[-1]
+    return name
+
+
 class _Graph:
     """Module calls and node ownership over an fx graph (from fx or torch.export)."""
 
-    def __init__(self, graph: torch.fx.Graph, owner: Callable, rank: Callable, is_param: Callable, describe: Callable):
+    def __init__(self, graph: torch.fx.Graph, owner: Callable, rank: Callable, is_param: Callable, describe: Callable,
+                 shape: Callable, module_of: Callable, tracer: str):
         self.graph = graph
         self.owner = owner  # node -> (path, call_key) | None
         self.rank = rank
+        self.shape = shape  # node -> tuple | None
+        self.module_of = module_of  # node -> nn.Module | None (fx call_module nodes outside interest)
         self.describe = describe
+        self.tracer = tracer
         self.calls: dict[str, dict[Any, _Call]] = {}
         for node in graph.nodes:
             own = owner(node)
@@ -151,8 +166,38 @@ class _Graph:
             if any(owner(u) != own for u in node.users):
                 call.outputs.append(node)
 
-    def users_outside(self, node, own) -> list:
+    @staticmethod
+    def is_meta_read(node, value=None) -> bool:
+        """``node`` reads only metadata (shape, dtype, …) of ``value``."""
+        if value is not None and node.op in ("call_method", "call_function"):
+            name = _fn_name(node)
+            if name in _SHAPE_OF_SECOND and len(node.args) > 1 and node.args[1] is value and node.args[0] is not value:
+                return True  # x.reshape_as(value): value is a shape template
+            if name in _LIKE and node.args and node.args[0] is value:
+                return True
+        if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+            return node.args[1] in _META_ATTRS
+        if node.op == "call_method":
+            return node.target in _META_METHODS
+        if node.op == "call_function":
+            return _fn_name(node) in _META_ATEN or node.target is len
+        return False
+
+    def users_outside(self, node, own=None) -> list:
+        own = self.owner(node) if own is None else own
+        if own is None:  # a free node (function, module outside interest): every user is outside
+            return list(node.users)
         return [u for u in node.users if self.owner(u) != own]
+
+    def data_users(self, node, own=None) -> list:
+        """Consumers of ``node``'s value outside its call, metadata reads excluded."""
+        return [u for u in self.users_outside(node, own) if not self.is_meta_read(u, node)]
+
+    def op_name(self, node) -> str | None:
+        """'cat', 'flatten', 'mean', ... for function/method nodes; None for others."""
+        if node.op in ("call_function", "call_method"):
+            return _fn_name(node)
+        return None
 
     def what(self, node) -> str:
         own = self.owner(node)
@@ -174,19 +219,25 @@ def _fx_graph(model: nn.Module, example_inputs: tuple | None, interest: set[str]
             return (node.target, node.name)
         return None
 
-    def rank(node):
+    def shape(node):
         meta = node.meta.get("tensor_meta")
-        return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def rank(node):
+        s = shape(node)
+        return None if s is None else len(s)
+
+    def module_of(node):
+        return model.get_submodule(node.target) if node.op == "call_module" else None
 
     def describe(node):
         if node.op == "placeholder":
             return "the model input"
         if node.op == "call_module":
             return f"module `{node.target}` ({type(model.get_submodule(node.target)).__name__})"
-        name = getattr(node.target, "__name__", str(node.target))
-        return f"`{name}`"
+        return f"`{_fn_name(node)}`"
 
-    return _Graph(graph, owner, rank, lambda n: n.op == "get_attr", describe)
+    return _Graph(graph, owner, rank, lambda n: n.op == "get_attr", describe, shape, module_of, "fx")
 
 
 def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -> _Graph:
@@ -199,8 +250,19 @@ def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -
         stack = node.meta.get("nn_module_stack")
         if not stack or node.op != "call_function":
             return None
-        key, (path, _type) = list(stack.items())[-1]
-        return (path, key) if path in interest else None
+        for key, (path, _type) in reversed(list(stack.items())):  # innermost module of interest
+            if path in interest:
+                return (path, key)
+        return None
+
+    def shape(node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            try:
+                return tuple(int(d) for d in val.shape)
+            except Exception:  # symbolic sizes
+                return None
+        return None
 
     def rank(node):
         val = node.meta.get("val")
@@ -209,9 +271,10 @@ def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -
     def describe(node):
         if node.op == "placeholder":
             return "the model input"
-        return f"`{getattr(node.target, '__name__', node.target)}`"
+        return f"`{_fn_name(node)}`"
 
-    return _Graph(ep.graph, owner, rank, lambda n: n.op == "placeholder" and n.name in state_inputs, describe)
+    return _Graph(ep.graph, owner, rank, lambda n: n.op == "placeholder" and n.name in state_inputs, describe,
+                  shape, lambda n: None, "torch.export")
 
 
 def _trace(model: nn.Module, example_inputs: tuple | None, interest: set[str]) -> tuple[_Graph | None, str | None, str | None]:
@@ -228,7 +291,6 @@ def _trace(model: nn.Module, example_inputs: tuple | None, interest: set[str]) -
         return None, None, f"{fx_msg}; torch.export: {type(ex_err).__name__}: {first}"
 
 
-# ---------------------------------------------------------------------------------------- rules
 def _shared_params(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -236,111 +298,17 @@ def _shared_params(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _tied(model: nn.Module, path: str, shared: dict[int, list[str]]) -> str | None:
-    mod = model.get_submodule(path)
-    for pname in ("weight", "bias"):
-        p = getattr(mod, pname, None)
-        if isinstance(p, nn.Parameter) and len(shared.get(id(p), [])) > 1:
-            others = [n for n in shared[id(p)] if n != f"{path}.{pname}"]
-            return f"its {pname} is shared with {', '.join(others)}"
-    return None
-
-
-def _overrides_forward(mod: nn.Module) -> bool:
-    """A Conv/Linear subclass whose forward() is not torch's: it may pad or add more."""
-    base = next(c for c in type(mod).__mro__ if c in _PRODUCERS)
-    return type(mod).forward is not base.forward
-
-
-def _has_padding(conv: nn.Module) -> bool:
-    pad = conv.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return False
-        # 'same' pads unless every (dilated) kernel extent is 1
-        return any((k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation))
-    return any(p != 0 for p in pad)
-
-
-def _backward_reason(g: _Graph, model, bn_path: str, bn_call: _Call, shared) -> tuple[str | None, str | None]:
-    """(producer path, None) when the BN can fold into its producer, else (None, reason)."""
-    if len(bn_call.inputs) != 1:
-        return None, f"BN has {len(bn_call.inputs)} activation inputs"
-    src = bn_call.inputs[0]
-    own = g.owner(src)
-    if own is None:
-        return None, f"its input comes from {g.what(src)}, not from a Conv/Linear module"
-    ppath = own[0]
-    prod = model.get_submodule(ppath)
-    if not isinstance(prod, _PRODUCERS):
-        return None, f"its input comes from {type(prod).__name__} `{ppath}`, not from a Conv/Linear"
-    if _overrides_forward(prod):
-        return None, f"producer `{ppath}` ({type(prod).__name__}) overrides forward()"
-    if len(g.calls[ppath]) != 1:
-        return None, f"producer `{ppath}` is called {len(g.calls[ppath])} times (its weights serve every call)"
-    consumers = g.users_outside(src, own)
-    if len(consumers) != 1:
-        return None, f"producer `{ppath}`'s output has {len(consumers)} consumers"
-    tied = _tied(model, ppath, shared)
-    if tied:
-        return None, f"producer `{ppath}`: {tied}"
-    if isinstance(prod, nn.Linear):
-        if bn_call.rank_in is None:
-            return None, "Linear → BN needs example inputs to check the Linear output is (N, C)"
-        if bn_call.rank_in != 2:
-            return None, f"Linear `{ppath}` output has rank {bn_call.rank_in}; BatchNorm1d normalises dim 1, not the Linear's features"
-    out_ch = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
-    bn = model.get_submodule(bn_path)
-    if bn.running_mean.numel() != out_ch:
-        return None, f"producer `{ppath}` has {out_ch} output channels, BN has {bn.running_mean.numel()}"
-    return ppath, None
-
-
-def _forward_reason(g: _Graph, model, bn_path: str, bn_call: _Call, shared) -> tuple[str | None, str | None]:
-    """(consumer path, None) when the BN can fold into its only consumer, else (None, reason)."""
-    if len(bn_call.outputs) != 1:
-        return None, "BN output is not a single value"
-    out = bn_call.outputs[0]
-    users = g.users_outside(out, g.owner(out))
-    if len(users) != 1:
-        return None, f"BN output has {len(users)} consumers"
-    own = g.owner(users[0])
-    if own is None:
-        return None, f"BN output goes to {g.what(users[0])}, not to a Conv/Linear module"
-    cpath = own[0]
-    cons = model.get_submodule(cpath)
-    if isinstance(cons, _CONVT):
-        return None, f"consumer `{cpath}` is a ConvTranspose (border outputs see part of the kernel: the shift would not be exact)"
-    if not isinstance(cons, _CONV + (nn.Linear,)):
-        return None, f"BN output goes to {type(cons).__name__} `{cpath}`"
-    if _overrides_forward(cons):  # e.g. a "same"-padding conv that pads inside forward()
-        return None, f"consumer `{cpath}` ({type(cons).__name__}) overrides forward()"
-    if len(g.calls[cpath]) != 1:
-        return None, f"consumer `{cpath}` is called {len(g.calls[cpath])} times"
-    ccall = next(iter(g.calls[cpath].values()))
-    if ccall.inputs != [out]:
-        return None, f"consumer `{cpath}` reads other inputs too"
-    if isinstance(cons, _CONV) and _has_padding(cons):
-        return None, f"consumer `{cpath}` pads its input (padding={cons.padding}); padded zeros never went through the BN"
-    if isinstance(cons, nn.Linear):
-        if bn_call.rank_in is None:
-            return None, "BN → Linear needs example inputs to check the BN input is (N, C)"
-        if bn_call.rank_in != 2:
-            return None, f"BN input has rank {bn_call.rank_in}; the Linear `{cpath}` does not read channels on dim 1"
-    tied = _tied(model, cpath, shared)
-    if tied:
-        return None, f"consumer `{cpath}`: {tied}"
-    return cpath, None
-
-
 def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
+    from .fold_rules import RULES, Context, Match
+
     bns = {name: m for name, m in model.named_modules() if name and is_batchnorm(m)}
     plan = FoldPlan()
     if not bns:
         return plan
-    interest = set(bns) | {name for name, m in model.named_modules() if isinstance(m, _PRODUCERS)}
+    interest = set(bns) | {name for name, m in model.named_modules() if name and bn_kinds.is_producer_like(m)}
     g, plan.tracer, plan.trace_error = _trace(model, example_inputs, interest)
-    shared = _shared_params(model)
+    ctx = Context(g, model, _shared_params(model)) if g is not None else None
+    taken: dict[tuple[str, str], str] = {}  # (target, op) → the BN already folded there
     for name, bn in bns.items():
         problem = _bn_problem(bn)
         if problem:
@@ -355,17 +323,25 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
             plan.unfolded.append(Unfolded(name, why))
             continue
         call = next(iter(calls.values()))
-        target, back_why = _backward_reason(g, model, name, call, shared)
-        if target:
-            plan.folded.append(Folded(name, target, "backward", type(model.get_submodule(target)).__name__))
-            continue
-        # A conv may take one forward fold (its only input) and one backward fold (its only
-        # consumer); _apply composes them on one float64 copy, so both stay exact.
-        target, fwd_why = _forward_reason(g, model, name, call, shared)
-        if target:
-            plan.folded.append(Folded(name, target, "forward", type(model.get_submodule(target)).__name__))
-            continue
-        plan.unfolded.append(Unfolded(name, f"backward: {back_why}; forward: {fwd_why}"))
+        reasons = []
+        for rule in RULES:
+            res = rule.match(ctx, name, call)
+            if res is None:
+                continue
+            if isinstance(res, Match):
+                clash = next((taken[(e.target, e.op)] for e in res.edits if (e.target, e.op) in taken), None)
+                if clash:
+                    reasons.append(f"{rule.name}: its target already takes the fold of `{clash}`")
+                    continue
+                for e in res.edits:
+                    taken[(e.target, e.op)] = name
+                plan.edits.extend(res.edits)
+                into_type = [type(model.get_submodule(t)).__name__ for t in res.into]
+                plan.folded.append(Folded(name, list(res.into), res.rule or rule.name, into_type))
+                break
+            reasons.append(f"{rule.name}: {res.reason}")
+        else:
+            plan.unfolded.append(Unfolded(name, "; ".join(reasons)))
     return plan
 
 
@@ -377,33 +353,45 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _apply(model: nn.Module, plan: FoldPlan) -> None:
-    """Rewrite weights and swap folded BNs for nn.Identity.
+    """Rewrite weights and swap folded BNs for what remains of their forward.
 
-    Module by module: a float64 copy of its weight and bias takes every fold aimed at it (a forward
+    Module by module: a float64 copy of its weight and bias takes every edit aimed at it (a forward
     and a backward fold compose in either order), is cast back once, and is freed before the next
     module, so at most one module's float64 copy exists at a time.
     """
-    by_target: dict[str, list[Folded]] = {}
-    for f in plan.folded:
-        by_target.setdefault(f.into, []).append(f)
-    for path, folds in by_target.items():
+    by_target: dict[str, list[Edit]] = {}
+    for e in plan.edits:
+        by_target.setdefault(e.target, []).append(e)
+    st_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, edits in by_target.items():
         mod = model.get_submodule(path)
         like = mod.weight
         w = like.detach().to(torch.float64)
         b = None if mod.bias is None else mod.bias.detach().to(torch.float64)
-        for f in folds:
-            s, t = bn_scale_shift(model.get_submodule(f.bn))
+        groups = getattr(mod, "groups", 1)
+        for e in edits:
+            if e.bn not in st_cache:
+                st_cache[e.bn] = bn_scale_shift(model.get_submodule(e.bn))
+            s, t = st_cache[e.bn]
+            if e.sl is not None:
+                s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
+            if e.repeat != 1:
+                s, t = s.repeat_interleave(e.repeat), t.repeat_interleave(e.repeat)
             s, t = s.to(w.device), t.to(w.device)
-            if f.direction == "backward":
-                w, b = fold_math.fold_backward(w, b, s, t, transposed=isinstance(mod, _CONVT), groups=getattr(mod, "groups", 1))
+            if e.op == "backward":
+                w, b = fold_math.fold_backward(w, b, s, t, transposed=bn_kinds.is_transposed(mod), groups=groups)
             else:
-                w, b = fold_math.fold_forward(w, b, s, t, groups=getattr(mod, "groups", 1))
+                w, b = fold_math.fold_forward(w, b, s, t, groups=groups)
         with torch.no_grad():
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
             mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
         del w, b, like
     for f in plan.folded:
-        _set_submodule(model, f.bn, nn.Identity())
+        if f.stage != "pytorch":
+            continue
+        bn = model.get_submodule(f.bn)
+        kind, _ = bn_kinds.bn_kind(bn)
+        _set_submodule(model, f.bn, kind.remainder(bn))
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -429,15 +417,15 @@ def fold_with_plan(model: nn.Module, example_inputs=None, *, inplace: bool = Fal
 def fold(model: nn.Module, example_inputs=None, *, inplace: bool = False) -> nn.Module:
     """Return a copy of ``model`` (eval mode) with every foldable BatchNorm folded.
 
-    Folded BN layers become ``nn.Identity``; the rest stay, with reasons in ``inspect(model)``.
-    ``example_inputs`` (a tensor or tuple) enables the torch.export fallback and the shape checks
-    that Linear ↔ BatchNorm1d folds need.
+    Folded BN layers become what remains of their forward (``nn.Identity`` for torch's BN); the rest
+    stay, with reasons in ``inspect(model)``. ``example_inputs`` (a tensor or tuple) enables the
+    torch.export fallback and the shape checks that Linear ↔ BatchNorm1d, reshape and flatten folds need.
     """
     return fold_with_plan(model, example_inputs, inplace=inplace)[0]
 
 
 def inspect(model: nn.Module, example_inputs=None) -> FoldPlan:
-    """Every BN layer's fate (folded backward/forward into what, or why not). Changes nothing."""
+    """Every BN layer's fate (folded into what, by which rule, or why not). Changes nothing."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}", "pass the model object")
     work = copy.deepcopy(model).eval()

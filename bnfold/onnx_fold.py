@@ -414,7 +414,7 @@ def fold_onnx_proto(model) -> FoldPlan:
             plan.unfolded.append(Unfolded(name, f"backward: {back}; forward: {fwd}"))
             continue
         op, _, node_name = into.partition(" ")
-        plan.folded.append(Folded(name, node_name, direction, op))
+        plan.folded.append(Folded(name, [node_name], direction, [op], stage="onnx"))
     _cleanup(G)
     return plan
 

@@ -31,7 +31,7 @@ def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm
     t.add_column("fate")
     t.add_column("into / reason", overflow="fold")
     for f in folded:
-        t.add_row(f["bn"], f"folded {f['direction']}", f"{f['into']} ({f['into_type']})")
+        t.add_row(f["bn"], f"folded {f['rule']}", ", ".join(f"{i} ({ty})" for i, ty in zip(f["into"], f["into_type"])))
     for u in unfolded:
         t.add_row(u["bn"], "[yellow]left[/]", u["reason"])
     return t

@@ -300,7 +300,7 @@ def _check(model: nn.Module, x: torch.Tensor, expected: dict, allow_unfolded=Fal
     x64 = x.double()
     folded64, plan = fold_with_plan(m64, (x64,))
     assert state_hash(m64) == before, "fold changed the user's model"
-    got = {f.bn: (f.into, f.direction) for f in plan.folded}
+    got = {f.bn: (f.into[0] if len(f.into) == 1 else tuple(f.into), f.rule) for f in plan.folded}
     assert got == expected, plan
     if not allow_unfolded:
         assert not plan.unfolded, plan.unfolded

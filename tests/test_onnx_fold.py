@@ -68,7 +68,7 @@ def fold_and_compare(m, in_shape, expect_folded, dtype=np.float32, tol=1e-5):
     plan = fold_onnx_proto(folded)
     onnx.checker.check_model(folded)
     after = run(folded, {"x": x})
-    assert [(f.direction, f.into_type) for f in plan.folded] == expect_folded, plan
+    assert [(f.rule, f.into_type[0]) for f in plan.folded] == expect_folded, plan
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     for b, a in zip(before, after):
         assert a.dtype == b.dtype
@@ -249,7 +249,7 @@ def test_fold_onnx_file_api_and_cli(tmp_path):
     import json
 
     d = json.loads(res.stdout)
-    assert d["passed"] and d["export"]["batchnorm_nodes"] == 0 and d["folded"][0]["direction"] == "backward"
+    assert d["passed"] and d["export"]["batchnorm_nodes"] == 0 and d["folded"][0]["rule"] == "backward"
     assert {r["graph_optimization"] for r in d["verification"]["runs"]} == {"disable_all", "default"}
 
 

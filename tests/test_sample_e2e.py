@@ -75,7 +75,7 @@ def test_inspect_lists_every_bn():
     res = runner.invoke(app, ["inspect", *BASE, "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
-    assert {(f["bn"], f["direction"], f["into"]) for f in d["folded"]} == {
+    assert {(f["bn"], f["rule"], f["into"][0]) for f in d["folded"]} == {
         ("bn1", "backward", "conv1"), ("bn2", "backward", "conv2"), ("bn3", "forward", "conv3"), ("bn4", "backward", "fc1")}
     table = runner.invoke(app, ["inspect", *BASE])
     assert "folded forward" in table.stdout and "4/4 BatchNorm layers foldable" in table.stdout

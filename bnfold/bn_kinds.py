@@ -1,0 +1,220 @@
+"""Registries: which modules are BatchNorm (and what replaces them once folded), and which modules
+are Conv/Linear producers bnfold may fold into (exactly, or refused with a reason).
+
+Both registries are data keyed by class. A class counts when it is registered or when it inherits
+``forward`` unchanged from a registered class; a subclass that overrides ``forward`` is unknown and
+refused with that reason. Library classes (torchvision, timm) are registered lazily and only when
+their module is already imported: a model that holds one has imported it, so bnfold never imports
+timm or torchvision itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+# ------------------------------------------------------------------------------------ BN kinds
+@dataclass(frozen=True)
+class BNKind:
+    cls: type
+    remainder: Callable[[nn.Module], nn.Module]  # what stays of forward() once s·x + t is folded
+
+
+class DropAct(nn.Module):
+    """What remains of timm's ``BatchNormAct2d`` once folded: ``act(drop(x))``, same submodule names
+    (``drop``, ``act``) so their state_dict keys, if any, do not move."""
+
+    def __init__(self, drop: nn.Module | None, act: nn.Module | None):
+        super().__init__()
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(x))
+
+
+def identity_remainder(bn: nn.Module) -> nn.Module:
+    return nn.Identity()
+
+
+def drop_act_remainder(bn: nn.Module) -> nn.Module:
+    return DropAct(getattr(bn, "drop", None), getattr(bn, "act", None))
+
+
+_BN: dict[type, BNKind] = {}
+_LAZY_BN = {
+    # module name → [(class name, remainder)]; registered by type once the module is imported
+    "torchvision.ops.misc": [("FrozenBatchNorm2d", identity_remainder)],
+    "timm.layers.norm_act": [
+        ("BatchNormAct2d", drop_act_remainder),
+        ("SyncBatchNormAct", drop_act_remainder),
+        ("FrozenBatchNormAct2d", drop_act_remainder),
+    ],
+    "timm.layers": [],  # importing timm.layers imports norm_act too
+}
+
+
+def register_batchnorm(cls: type, remainder: Callable[[nn.Module], nn.Module] | None = None) -> None:
+    """Teach bnfold a BatchNorm class: its forward must be ``s·x + t`` (from ``running_mean``,
+    ``running_var``, ``eps``, ``weight``, ``bias``) followed by ``remainder(bn)(…)``.
+
+    ``remainder`` builds the module that replaces a folded layer (default: ``nn.Identity``), e.g.
+    ``lambda bn: bn.act`` for a BN whose forward ends with an activation.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_batchnorm expects an nn.Module subclass, got {cls!r}")
+    _BN[cls] = BNKind(cls, remainder or identity_remainder)
+
+
+for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    register_batchnorm(_c)
+
+
+def _load_lazy() -> None:
+    for modname, entries in list(_LAZY_BN.items()):
+        mod = sys.modules.get(modname)
+        if mod is None:
+            continue
+        for clsname, rem in entries:
+            cls = getattr(mod, clsname, None)
+            if isinstance(cls, type):
+                register_batchnorm(cls, rem)
+        del _LAZY_BN[modname]
+    _load_lazy_producers()
+
+
+def _registered_base(cls: type, registry: dict) -> type | None:
+    for base in cls.__mro__:
+        if base in registry:
+            return base
+    return None
+
+
+def bn_kind(m: nn.Module) -> tuple[BNKind | None, str | None]:
+    """(kind, None) for a known BN, (None, reason) for a BN subclass bnfold does not know."""
+    _load_lazy()
+    cls = type(m)
+    base = _registered_base(cls, _BN)
+    if base is None:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return None, (f"{cls.__module__}.{cls.__qualname__} overrides forward() (it does more than BatchNorm); "
+                          "folding would drop that behaviour (bnfold.register_batchnorm teaches bnfold its remainder)")
+        return None, None
+    if base is not cls and cls.forward is not base.forward:
+        return None, (f"{cls.__module__}.{cls.__qualname__} overrides forward() (it does more than "
+                      f"{base.__qualname__}); folding would drop that behaviour "
+                      "(bnfold.register_batchnorm teaches bnfold its remainder)")
+    return _BN[base], None
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """BatchNorm of any flavour: torch's BN (subclasses included), registered kinds."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    _load_lazy()
+    return _registered_base(type(m), _BN) is not None
+
+
+def remainder_is_identity(rem: nn.Module) -> bool:
+    """True when the remainder is the identity in eval (only Identity / Dropout inside)."""
+    leaves = [m for m in rem.modules() if not list(m.children())]
+    return all(isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) for m in leaves) and (
+        type(rem) in (nn.Identity, DropAct, nn.Sequential) or isinstance(rem, nn.modules.dropout._DropoutNd)
+    )
+
+
+# ----------------------------------------------------------------------------------- producers
+@dataclass(frozen=True)
+class ProducerKind:
+    cls: type
+    backward: str | None  # None: a backward fold is exact; else the reason it is refused
+    forward: str | None  # same for a forward fold (BN → this module)
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PROD: dict[type, ProducerKind] = {}
+
+_WS = "standardises its weight in forward() (weight standardisation): a folded scale would be normalised away"
+_LAZY_PROD = {
+    "timm.layers.conv2d_same": [
+        ("Conv2dSame", None, "pads its input inside forward() (TF 'same'): padded zeros never went through the BN"),
+    ],
+    "timm.layers.std_conv": [(n, _WS, _WS) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")],
+    "timm.layers.cond_conv2d": [
+        ("CondConv2d", "mixes expert kernels with input-dependent routing weights (CondConv)",
+         "mixes expert kernels with input-dependent routing weights (CondConv)"),
+    ],
+}
+
+
+def register_producer(cls: type, *, backward: str | None = None, forward: str | None = None) -> None:
+    """Teach bnfold a Conv/Linear subclass: ``backward``/``forward`` None means that fold is exact
+    for it, a string is the reason it is refused."""
+    _PROD[cls] = ProducerKind(cls, backward, forward)
+
+
+for _c in _CONV + _CONVT + (nn.Linear,):
+    register_producer(_c)
+
+
+def _load_lazy_producers() -> None:
+    for modname, entries in list(_LAZY_PROD.items()):
+        mod = sys.modules.get(modname)
+        if mod is None:
+            continue
+        for clsname, back, fwd in entries:
+            cls = getattr(mod, clsname, None)
+            if isinstance(cls, type):
+                register_producer(cls, backward=back, forward=fwd)
+        del _LAZY_PROD[modname]
+
+
+def producer_kind(m: nn.Module) -> tuple[ProducerKind | None, str | None]:
+    """(kind, None) for a known producer; (None, reason) for a Conv/Linear subclass that overrides
+    forward() and is not registered; (None, None) for anything else."""
+    _load_lazy()
+    cls = type(m)
+    base = _registered_base(cls, _PROD)
+    if base is None:
+        return None, None
+    if base is not cls and cls.forward is not base.forward:
+        return None, f"{cls.__qualname__} overrides forward()"
+    return _PROD[base], None
+
+
+def is_producer_like(m: nn.Module) -> bool:
+    """Modules the tracer keeps as one call: registered producers and their subclasses."""
+    _load_lazy()
+    return _registered_base(type(m), _PROD) is not None
+
+
+def base_type(m: nn.Module) -> type:
+    """torch's Conv/ConvTranspose/Linear class under a producer (for the math), or the type."""
+    for base in type(m).__mro__:
+        if base in _CONV + _CONVT + (nn.Linear,):
+            return base
+    return type(m)
+
+
+def is_transposed(m: nn.Module) -> bool:
+    return isinstance(m, _CONVT)
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONV)
+
+
+def out_channels(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return getattr(m, "out_channels", None)
+
+
+def has_weight_bias(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "weight", None), torch.Tensor)
