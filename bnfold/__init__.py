@@ -24,6 +24,7 @@ _EXPORTS = {
     "fold": "folding",
     "fold_with_plan": "folding",
     "inspect": "folding",
+    "register_batchnorm": "folding",
     "FoldPlan": "folding",
     "Folded": "folding",
     "Unfolded": "folding",

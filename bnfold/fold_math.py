@@ -114,3 +114,28 @@ def fold_forward(
 def cast_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The one cast back to the model's dtype and device."""
     return value.to(dtype=like.dtype, device=like.device)
+
+
+def fold_identity_branch(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorb a parallel identity branch ``s·x + t`` into a conv on the same ``x`` whose outputs
+    are summed with it: BN(x) is the conv with kernel s at the centre tap of channel o's own input
+    (in-group index o mod in/groups) and bias t. Exact for stride 1 and centred padding; needs
+    out = in channels and odd kernels (the caller checks)."""
+    w = weight.to(torch.float64).clone()
+    out_channels, in_per_group = w.shape[0], w.shape[1]
+    if out_channels != s.numel() or out_channels != in_per_group * groups:
+        raise ValueError(f"weight {tuple(w.shape)} with groups={groups} is not a {s.numel()}→{s.numel()} conv")
+    if any(k % 2 == 0 for k in w.shape[2:]):
+        raise ValueError(f"kernel {tuple(w.shape[2:])} has no centre tap")
+    o = torch.arange(out_channels, device=w.device)
+    centre = tuple(torch.full_like(o, k // 2) for k in w.shape[2:])
+    w[(o, o % in_per_group) + centre] += s.to(w.device)
+    b = _bias64(bias, out_channels, w) + t
+    return w, b

@@ -335,5 +335,111 @@ def _has_padding(conv: nn.Module) -> bool:
     return any(p != 0 for p in pad)
 
 
+_ADDS = {"add", "iadd", "add_"}
+
+
+def _is_sum(g: _Graph, n) -> bool:
+    """A plain sum of tensors (x + y, x += y, torch.add without alpha) or an eval-time identity."""
+    mod = g.module_of(n)
+    if mod is not None:
+        return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
+    if g.op_name(n) not in _ADDS or "alpha" in n.kwargs or len(n.args) > 2:
+        return False
+    return g.owner(n) is None
+
+
+class Branches:
+    """x → BN summed with conv branches on the same x (RepVGG, MobileOne, RepViT, …): BN(x) is a
+    conv with s at the centre tap and bias t, added to one conv branch (stride 1, centred padding,
+    in = out channels). Runs after the first pass: the conv's own BN must already fold into it."""
+
+    name = "branches"
+
+    def match(self, ctx: Context, bn: str, call: _Call, plan, taken):
+        g = ctx.g
+        if len(call.inputs) != 1 or len(call.outputs) != 1:
+            return None
+        x, o = call.inputs[0], call.outputs[0]
+        users = g.data_users(o)
+        if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
+            return None
+        kind, _ = bn_kinds.bn_kind(ctx.module(bn))
+        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn))):
+            return Reject(f"{type(ctx.module(bn)).__name__} applies an activation before the sum")
+        root = users[0]
+        while True:
+            up = g.data_users(root)
+            if len(up) == 1 and _is_sum(g, up[0]):
+                root = up[0]
+                continue
+            break
+        leaves: list = []
+
+        def expand(n):
+            if n is not root and (not _is_sum(g, n) or len(g.data_users(n)) != 1):
+                leaves.append(n)
+                return
+            for a in n.all_input_nodes:
+                expand(a)
+
+        expand(root)
+        if leaves.count(o) != 1:
+            return Reject("the BN branch enters the sum more than once")
+        backward = {(e.target, e.bn) for e in plan.edits if e.op == "backward"}
+        reasons = []
+        for leaf in leaves:
+            if leaf is o:
+                continue
+            own = g.owner(leaf)
+            if own is None:
+                continue
+            path = own[0]
+            mod = ctx.module(path)
+            if bn_kinds.is_batchnorm(mod):  # conv → BN branch: the BN must have folded into the conv
+                k2, _ = bn_kinds.bn_kind(mod)
+                lcall = next(iter(g.calls[path].values()))
+                if k2 is None or not bn_kinds.remainder_is_identity(k2.remainder(mod)) or len(lcall.inputs) != 1:
+                    continue
+                src_own = g.owner(lcall.inputs[0])
+                if src_own is None or (src_own[0], path) not in backward:
+                    continue
+                path = src_own[0]
+                mod = ctx.module(path)
+            why = self._conv_ok(ctx, path, mod, x, bn, taken)
+            if why is None:
+                return Match([path], [Edit(path, "identity", bn)])
+            reasons.append(why)
+        return Reject("; ".join(reasons) if reasons else "no conv branch on the same input in the sum")
+
+    @staticmethod
+    def _conv_ok(ctx: Context, path: str, mod: nn.Module, x, bn: str, taken) -> str | None:
+        g = ctx.g
+        pk, why = bn_kinds.producer_kind(mod)
+        if pk is None or not bn_kinds.is_conv(mod) or pk.backward or pk.forward:
+            return f"branch `{path}` ({type(mod).__name__}) is not a plain Conv"
+        calls = g.calls[path]
+        if len(calls) != 1 or next(iter(calls.values())).inputs != [x]:
+            return f"branch `{path}` does not read the BN's input alone"
+        c = ctx.channels(bn)
+        if mod.in_channels != c or mod.out_channels != c:
+            return f"branch `{path}` maps {mod.in_channels}→{mod.out_channels} channels, the BN has {c}"
+        if any(s != 1 for s in mod.stride):
+            return f"branch `{path}` has stride {mod.stride}"
+        if any(k % 2 == 0 for k in mod.kernel_size):
+            return f"branch `{path}` kernel {mod.kernel_size} has no centre tap"
+        pad = mod.padding
+        centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
+        if not (pad == "same" or tuple(pad) == centred):
+            return f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})"
+        if (path, "identity") in taken:
+            return f"branch `{path}` already takes `{taken[(path, 'identity')]}`"
+        tied = ctx.tied(path)
+        if tied:
+            return f"branch `{path}`: {tied}"
+        return None
+
+
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
 RULES = [Backward(), Concat(), Reshape(), Forward()]
+# Rules that read the first pass's folds.
+LATE_RULES = [Branches()]

@@ -56,7 +56,7 @@ class Edit:
     times — to ``target``'s output channels ("backward") or input channels ("forward")."""
 
     target: str
-    op: str  # "backward" | "forward"
+    op: str  # "backward" | "forward" | "identity" (a parallel BN branch added at the centre tap)
     bn: str
     sl: tuple[int, int] | None = None
     repeat: int = 1
@@ -342,7 +342,46 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
             reasons.append(f"{rule.name}: {res.reason}")
         else:
             plan.unfolded.append(Unfolded(name, "; ".join(reasons)))
+    _second_pass(ctx, plan, taken)
     return plan
+
+
+def _second_pass(ctx, plan: FoldPlan, taken: dict) -> None:
+    """Rules that build on the first pass's folds (parallel branches merge into a conv whose own
+    BN already folded backward)."""
+    from .fold_rules import LATE_RULES, Match
+
+    if ctx is None:
+        return
+    still = []
+    for u in plan.unfolded:
+        calls = ctx.g.calls.get(u.bn, {})
+        if len(calls) != 1 or _bn_problem(ctx.module(u.bn)):
+            still.append(u)
+            continue
+        call = next(iter(calls.values()))
+        for rule in LATE_RULES:
+            res = rule.match(ctx, u.bn, call, plan, taken)
+            if isinstance(res, Match):
+                for e in res.edits:
+                    taken[(e.target, e.op)] = u.bn
+                plan.edits.extend(res.edits)
+                into_type = [type(ctx.module(t)).__name__ for t in res.into]
+                plan.folded.append(Folded(u.bn, list(res.into), res.rule or rule.name, into_type))
+                break
+            if res is not None:
+                u = Unfolded(u.bn, f"{u.reason}; {rule.name}: {res.reason}")
+        else:
+            still.append(u)
+    plan.unfolded = still
+
+
+class ZeroBranch(nn.Module):
+    """Stands where a BN-only branch was: its s·x + t now lives in the centre tap and bias of a
+    parallel conv on the same input (rule "branches"), so this branch contributes zeros."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -360,7 +399,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
     module, so at most one module's float64 copy exists at a time.
     """
     by_target: dict[str, list[Edit]] = {}
-    for e in plan.edits:
+    order = {"forward": 0, "backward": 1, "identity": 2}  # the identity branch adds after the conv's own BN
+    for e in sorted(plan.edits, key=lambda e: order[e.op]):
         by_target.setdefault(e.target, []).append(e)
     st_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path, edits in by_target.items():
@@ -380,6 +420,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             s, t = s.to(w.device), t.to(w.device)
             if e.op == "backward":
                 w, b = fold_math.fold_backward(w, b, s, t, transposed=bn_kinds.is_transposed(mod), groups=groups)
+            elif e.op == "identity":
+                w, b = fold_math.fold_identity_branch(w, b, s, t, groups=groups)
             else:
                 w, b = fold_math.fold_forward(w, b, s, t, groups=groups)
         with torch.no_grad():
@@ -391,7 +433,7 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             continue
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
-        _set_submodule(model, f.bn, kind.remainder(bn))
+        _set_submodule(model, f.bn, ZeroBranch() if f.rule == "branches" else kind.remainder(bn))
 
 
 # ----------------------------------------------------------------------------------- public API
