@@ -335,7 +335,7 @@ def _has_padding(conv: nn.Module) -> bool:
     return any(p != 0 for p in pad)
 
 
-_ADDS = {"add", "iadd", "add_"}
+_ADDS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
 
 
 def _is_sum(g: _Graph, n) -> bool:
@@ -360,6 +360,8 @@ class Branches:
         if len(call.inputs) != 1 or len(call.outputs) != 1:
             return None
         x, o = call.inputs[0], call.outputs[0]
+        while isinstance(g.module_of(x), (nn.Identity, nn.modules.dropout._DropoutNd)) and x.all_input_nodes:
+            x = x.all_input_nodes[0]  # RepGhost: bn(Identity()(x1)) is a branch on x1
         users = g.data_users(o)
         if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
             return None
@@ -373,25 +375,38 @@ class Branches:
                 root = up[0]
                 continue
             break
-        leaves: list = []
+        leaves: list = []  # (node, ±1): the sum is Σ sign·leaf
 
-        def expand(n):
+        def expand(n, sign):
             if n is not root and (not _is_sum(g, n) or len(g.data_users(n)) != 1):
-                leaves.append(n)
+                leaves.append((n, sign))
+                return
+            if g.op_name(n) in ("sub", "isub", "sub_"):
+                args = [a for a in n.args if isinstance(a, type(n))]
+                if len(args) != len(n.args):  # a constant operand (x - 1): not a plain branch sum
+                    leaves.append((n, sign))
+                    return
+                expand(n.args[0], sign)
+                expand(n.args[1], -sign)
                 return
             for a in n.all_input_nodes:
-                expand(a)
+                expand(a, sign)
 
-        expand(root)
-        if leaves.count(o) != 1:
+        expand(root, 1)
+        mine = [s for n, s in leaves if n is o]
+        if len(mine) != 1:
             return Reject("the BN branch enters the sum more than once")
+        sign_bn = mine[0]
         backward = {(e.target, e.bn) for e in plan.edits if e.op == "backward"}
         reasons = []
-        for leaf in leaves:
+        for leaf, sign in leaves:
             if leaf is o:
                 continue
             own = g.owner(leaf)
             if own is None:
+                continue
+            if len(g.data_users(leaf, own)) != 1:
+                reasons.append(f"branch `{own[0]}`'s output is used outside the sum")
                 continue
             path = own[0]
             mod = ctx.module(path)
@@ -407,7 +422,7 @@ class Branches:
                 mod = ctx.module(path)
             why = self._conv_ok(ctx, path, mod, x, bn, taken)
             if why is None:
-                return Match([path], [Edit(path, "identity", bn)])
+                return Match([path], [Edit(path, "identity", bn, sign=sign_bn * sign)])
             reasons.append(why)
         return Reject("; ".join(reasons) if reasons else "no conv branch on the same input in the sum")
 
@@ -431,8 +446,6 @@ class Branches:
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
         if not (pad == "same" or tuple(pad) == centred):
             return f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})"
-        if (path, "identity") in taken:
-            return f"branch `{path}` already takes `{taken[(path, 'identity')]}`"
         tied = ctx.tied(path)
         if tied:
             return f"branch `{path}`: {tied}"

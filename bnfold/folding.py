@@ -60,6 +60,7 @@ class Edit:
     bn: str
     sl: tuple[int, int] | None = None
     repeat: int = 1
+    sign: int = 1  # −1: the BN branch is subtracted from the conv branch it joins
 
 
 @dataclass
@@ -363,8 +364,8 @@ def _second_pass(ctx, plan: FoldPlan, taken: dict) -> None:
         for rule in LATE_RULES:
             res = rule.match(ctx, u.bn, call, plan, taken)
             if isinstance(res, Match):
-                for e in res.edits:
-                    taken[(e.target, e.op)] = u.bn
+                for e in res.edits:  # identity branches add up: several may join one conv
+                    taken.setdefault((e.target, e.op), u.bn)
                 plan.edits.extend(res.edits)
                 into_type = [type(ctx.module(t)).__name__ for t in res.into]
                 plan.folded.append(Folded(u.bn, list(res.into), res.rule or rule.name, into_type))
@@ -415,6 +416,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             s, t = st_cache[e.bn]
             if e.sl is not None:
                 s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
+            if e.sign != 1:
+                s, t = s * e.sign, t * e.sign
             if e.repeat != 1:
                 s, t = s.repeat_interleave(e.repeat), t.repeat_interleave(e.repeat)
             s, t = s.to(w.device), t.to(w.device)
