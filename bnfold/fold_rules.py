@@ -348,6 +348,13 @@ def _is_sum(g: _Graph, n) -> bool:
     return g.owner(n) is None
 
 
+def _strip_identity(g: _Graph, n):
+    """The value behind eval-time identity modules (nn.Identity, Dropout)."""
+    while isinstance(g.module_of(n), (nn.Identity, nn.modules.dropout._DropoutNd)) and n.all_input_nodes:
+        n = n.all_input_nodes[0]
+    return n
+
+
 class Branches:
     """x → BN summed with conv branches on the same x (RepVGG, MobileOne, RepViT, …): BN(x) is a
     conv with s at the centre tap and bias t, added to one conv branch (stride 1, centred padding,
@@ -360,8 +367,7 @@ class Branches:
         if len(call.inputs) != 1 or len(call.outputs) != 1:
             return None
         x, o = call.inputs[0], call.outputs[0]
-        while isinstance(g.module_of(x), (nn.Identity, nn.modules.dropout._DropoutNd)) and x.all_input_nodes:
-            x = x.all_input_nodes[0]  # RepGhost: bn(Identity()(x1)) is a branch on x1
+        x = _strip_identity(g, x)  # RepGhost: bn(Identity()(x1)) is a branch on x1
         users = g.data_users(o)
         if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
             return None
@@ -433,7 +439,8 @@ class Branches:
         if pk is None or not bn_kinds.is_conv(mod) or pk.backward or pk.forward:
             return f"branch `{path}` ({type(mod).__name__}) is not a plain Conv"
         calls = g.calls[path]
-        if len(calls) != 1 or next(iter(calls.values())).inputs != [x]:
+        cin = next(iter(calls.values())).inputs
+        if len(calls) != 1 or len(cin) != 1 or _strip_identity(g, cin[0]) is not x:
             return f"branch `{path}` does not read the BN's input alone"
         c = ctx.channels(bn)
         if mod.in_channels != c or mod.out_channels != c:
