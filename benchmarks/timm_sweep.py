@@ -7,6 +7,9 @@ rule), left (reasons grouped), and the max relative error of the folded module a
 
 Run (CPU heavy; one thread is enough):
     OMP_NUM_THREADS=1 python benchmarks/timm_sweep.py [--onnx] [--out benchmarks/timm_sweep.txt] [names…]
+
+benchmarks/timm_sweep.txt is the whole list without --onnx (about 3 minutes on a loaded 2-core box);
+benchmarks/timm_sweep_onnx.txt is a 14-model sample with --onnx (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def onnx_counts(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
         except Exception as e:  # noqa: BLE001  (a sweep reports, it does not stop)
             ours = f"error {type(e).__name__}"
         try:
-            torch.onnx.export(copy.deepcopy(model).eval(), (x,), str(Path(d) / "p.onnx"))
+            torch.onnx.export(copy.deepcopy(model).eval(), (x,), str(Path(d) / "p.onnx"), verbose=False)
             plain = str(bn_nodes(Path(d) / "p.onnx"))
         except Exception as e:  # noqa: BLE001
             plain = f"error {type(e).__name__}"
