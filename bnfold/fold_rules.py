@@ -134,6 +134,8 @@ class Concat:
             return Reject(f"the concat joins dim {dim}, not the channels (dim 1)")
         if len(g.data_users(cat)) != 1:
             return Reject(f"the concat output has {len(g.data_users(cat))} consumers")
+        if not isinstance(tensors, (list, tuple)) or len(set(tensors)) != len(tensors):
+            return Reject("the concat repeats an input (one producer would need two scales)")
         into, edits, off = [], [], 0
         for t in tensors:
             path, why = ctx.producer(t, role="concatenated producer")
@@ -225,6 +227,8 @@ def _passthrough(g: _Graph, u, x, rank: int | None, repeat: int):
         if dims is None:
             return "`mean` over every axis mixes channels"
         dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return "`mean` over axes computed at run time"
         if rank is None and any(d < 0 for d in dims):
             return "`mean` over negative axes: needs example inputs to know the rank"
         dims = [d + rank if d < 0 else d for d in dims]
@@ -244,6 +248,8 @@ def _passthrough(g: _Graph, u, x, rank: int | None, repeat: int):
 
 
 def _flatten(g: _Graph, u, x, rank, repeat, start, end):
+    if not isinstance(start, int) or not isinstance(end, int):
+        return "flatten with axes computed at run time"
     ins = g.shape(x)
     if ins is None:
         return "flatten after the BN: needs example inputs to know the spatial size"

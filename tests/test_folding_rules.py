@@ -301,3 +301,34 @@ def test_branches_match_timm_reparameterize():
     timm_rep = reparameterize_model(copy.deepcopy(blk))
     with torch.no_grad():
         assert rel_err(folded(x), timm_rep(x)) <= 1e-12
+
+
+def test_concat_of_one_producer_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(4, 3, 1), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            a = self.a(x)
+            return self.bn(torch.cat([a, a], 1))
+
+    assert "repeats an input" in reason(Twice(), X, "bn")
+
+
+def test_torch_export_fallback_runs_the_same_rules():
+    class Untraceable(nn.Module):  # Python control flow on a traced value: fx fails, torch.export works
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 1)
+            self.bn = timm_layers.BatchNormAct2d(8, act_layer=nn.ReLU)
+            self.head_bn, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.dim() != 4:
+                return x
+            y = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+            return self.fc(self.head_bn(y).mean((2, 3)))
+
+    _, plan = check(Untraceable(), X, {"bn": ("a", "b", "concat"), "head_bn": ("fc", "pool-head")})
+    assert plan.tracer == "torch.export"
