@@ -100,6 +100,7 @@ class Consts:
     """Constant values, followed through the small op chains exporters write; never graph inputs."""
 
     MAX_DEPTH = 16
+    META_ONLY = {("Shape", 0), ("CastLike", 1)}
 
     def value(self, v, depth: int = 0) -> tuple[np.ndarray | None, str | None]:
         """(array, None) or (None, why it is not a constant)."""
@@ -119,18 +120,15 @@ class Consts:
         fn = getattr(self, "_op_" + node.op_type, None) if node.domain in _ONNX else None
         if fn is None:
             return None, f"'{_vname(v)}' is computed by {node.op_type} '{_name(node)}', not a constant"
-        if node.op_type != "Shape":
-            ins = []
-            for i in node.inputs:
-                if i is None:
-                    ins.append(None)
-                    continue
-                arr, why = self.value(i, depth + 1)
-                if why:
-                    return None, why
-                ins.append(arr)
-        else:
-            ins = [node.inputs[0]]
+        ins = []
+        for k, i in enumerate(node.inputs):
+            if i is None or (node.op_type, k) in self.META_ONLY:  # only the value's shape/dtype is read
+                ins.append(i)
+                continue
+            arr, why = self.value(i, depth + 1)
+            if why:
+                return None, why
+            ins.append(arr)
         try:
             return np.asarray(fn(node, *ins)), None
         except Exception as err:  # an odd constant chain is a refusal, not a crash
@@ -158,7 +156,7 @@ class Consts:
         return x.astype(ir.DataType(_attr(node, "to")).numpy())
 
     def _op_CastLike(self, node, x, like):
-        return x.astype(like.dtype)
+        return x.astype(like.dtype.numpy())
 
     def _op_Reshape(self, node, x, shape):
         shape = [int(d) for d in shape]
