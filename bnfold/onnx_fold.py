@@ -202,6 +202,10 @@ class Ctx:
     def const(self, v):
         return self.consts.value(v)
 
+    def owns(self, node) -> bool:
+        """Whether ``node`` belongs to this graph-like (not to an enclosing or nested graph)."""
+        return node.graph is self.graph or node.graph is getattr(self.graph, "graph", None)
+
     def single_use(self, v) -> str | None:
         """None when ``v`` feeds exactly one node input and is no graph output, else the reason."""
         if v.is_graph_output():
@@ -209,14 +213,18 @@ class Ctx:
         n = len(v.uses())
         return None if n == 1 else f"'{_vname(v)}' has {n} consumers"
 
-    def new_const(self, base: str, arr: np.ndarray, before):
-        """A new constant: an initializer of the main graph, or a Constant node before ``before``."""
-        import onnx_ir as ir
-
+    def fresh(self, base: str) -> str:
         name = f"{base}_bnfold{next(self._counter)}"
         while name in self.model_names:
             name = f"{base}_bnfold{next(self._counter)}"
         self.model_names.add(name)
+        return name
+
+    def new_const(self, base: str, arr: np.ndarray, before):
+        """A new constant: an initializer of the main graph, or a Constant node before ``before``."""
+        import onnx_ir as ir
+
+        name = self.fresh(base)
         tensor = ir.tensor(np.ascontiguousarray(arr), name=name)
         if self.main:
             v = ir.Value(name=name, const_value=tensor)
@@ -305,7 +313,7 @@ def _producer(ctx: Ctx, x, ops: tuple[str, ...]):
     why = ctx.single_use(x)
     if why:
         return Reject(why)
-    if prod.graph is not ctx.graph:
+    if not ctx.owns(prod):
         return Reject(f"'{_vname(x)}' comes from the enclosing graph")
     return prod
 
@@ -394,7 +402,7 @@ class BackwardMatMul:
             if why:
                 return Reject(f"MatMul output {why}")
             mm = mm_out.producer()
-            if mm.graph is not ctx.graph:
+            if not ctx.owns(mm):
                 return Reject(f"'{_vname(mm_out)}' comes from the enclosing graph")
         bw, why = ctx.const(mm.inputs[1])
         if why or bw.ndim != 2:
@@ -512,7 +520,7 @@ def _consumer(ctx: Ctx, bn, ops: tuple[str, ...]):
         return Reject(f"BN output goes to {cons.op_type} '{_name(cons)}'", applies=False)
     if idx != 0:
         return Reject(f"BN output feeds {cons.op_type} '{_name(cons)}' as input {idx}, not its data input")
-    if cons.graph is not ctx.graph:
+    if not ctx.owns(cons):
         return Reject(f"BN output is read inside a subgraph of {cons.op_type} '{_name(cons)}'")
     return cons
 
@@ -598,12 +606,14 @@ class ForwardGemm:
             return
         c = ctx.new_const(_name(g) + "_bias", c2.numpy().astype(dt), m.bn)
         add = ir.Node("", "Add", [g.outputs[0], c], name=_name(g) + "_bias_add")
+        add.outputs[0].type, add.outputs[0].shape = g.outputs[0].type, g.outputs[0].shape
         ctx.graph.insert_after(g, add)
         name = g.outputs[0].name
         ir.convenience.replace_all_uses_with(g.outputs[0], add.outputs[0], replace_graph_outputs=True)
         add.replace_input_with(0, g.outputs[0])
         g.outputs[0].name = None
         add.outputs[0].name = name
+        g.outputs[0].name = ctx.fresh(name or _name(g))
 
 
 RULES = [BackwardConv(), BackwardGemm(), BackwardMatMul(), BackwardConcat(), BackwardAdd(), ForwardConv(), ForwardGemm()]
@@ -620,6 +630,8 @@ def bn_params(ctx: Ctx, bn):
         return Reject(f"BatchNormalization (opset {ctx.opset}) without is_test=1 runs in training mode")
     if ctx.opset < 9 and not _attr(bn, "spatial", 1):
         return Reject("BatchNormalization has spatial=0 (statistics per element, not per channel)")
+    if ctx.opset < 14 and any(o is not None and o.name for o in bn.outputs[1:]):
+        return Reject(f"BatchNormalization (opset {ctx.opset}) with {len(bn.outputs)} outputs runs in training mode")
     extra = [o for o in bn.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
     if extra:
         return Reject(f"BatchNormalization output '{_vname(extra[0])}' (a training statistic) is used")
@@ -658,9 +670,10 @@ def fold_graph(ctx: Ctx, plan: FoldPlan) -> None:
         for rule in RULES:
             m = rule.match(ctx, bn, s, t)
             if isinstance(m, Match):
+                into = [ctx.prefix + _name(n) for n in m.nodes]
                 rule.rewrite(ctx, m, s, t)
                 ctx.remove(bn)
-                plan.folded.append(folded_entry(name, [ctx.prefix + _name(n) for n in m.nodes], rule.name, [n.op_type for n in m.nodes]))
+                plan.folded.append(folded_entry(name, into, rule.name, [n.op_type for n in m.nodes]))
                 break
             tried["forward" if rule.name == "forward" else "backward"].append(m)
         else:
