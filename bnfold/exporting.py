@@ -207,39 +207,39 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     module_of = {n.name: _module_of(n) for n in nodes if n.name}
     bn_nodes = [n for n in nodes if n.op_type == "BatchNormalization"]
-    onnx_plan = fold_ir(model)
-    # the exporter's optimiser: whatever BN it still removes is attributed to it
-    left = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
+    record: dict = {}
+    fold_ir(model, record)
+    # the exporter's optimiser runs next: whatever BN it still removes is attributed to it
+    left = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
     try:
         onnxscript.optimizer.optimize(model)
     except Exception as err:
         raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {_cause(err)}", "report this model to bnfold") from err
-    after = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
+    after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
     proto = ir.serde.serialize_model(model)
     strip_metadata(proto)
 
     def mod(node_name: str) -> str:
         return module_of.get(node_name) or node_name
 
-    onnx_folded = {f.bn: f for f in onnx_plan.folded}
-    onnx_left = {u.bn: u.reason for u in onnx_plan.unfolded}
     base = plan if plan is not None else FoldPlan(tracer="onnx")
     pytorch_left = {u.bn: u.reason for u in base.unfolded}
     folded, unfolded, seen = list(base.folded), [], set()
     for n in bn_nodes:
         name = mod(n.name)
         seen.add(name)
-        why_torch = pytorch_left.get(name)
-        if n.name in onnx_folded:
-            d = dataclasses.asdict(onnx_folded[n.name])
+        entry = record.get(id(n), (n, None))[1]
+        if isinstance(entry, Unfolded) and id(n) in left and id(n) not in after:
+            folded.append(folded_entry(name, [], "exporter-optimizer", []))
+        elif entry is not None and not isinstance(entry, Unfolded):
+            d = dataclasses.asdict(entry)
             into = d["into"] if isinstance(d["into"], list) else d["into"].split(", ")
             types = d["into_type"] if isinstance(d["into_type"], list) else d["into_type"].split(", ")
             folded.append(folded_entry(name, [mod(i) for i in into], d.get("rule", d.get("direction")), types))
-        elif n.name in left and n.name not in after:
-            folded.append(folded_entry(name, [], "exporter-optimizer", []))
         else:
+            why_torch = pytorch_left.get(name)
             prefix = f"PyTorch pass: {why_torch}; " if why_torch else ""
-            unfolded.append(Unfolded(name, f"{prefix}ONNX pass: {onnx_left.get(n.name, 'left by the optimiser')}"))
+            unfolded.append(Unfolded(name, f"{prefix}ONNX pass: {entry.reason if entry is not None else 'not visited'}"))
     # BN layers the plan left that have no node in the export (never called by forward())
     for u in base.unfolded:
         if u.bn not in seen:

@@ -52,27 +52,34 @@ def load_onnx(path: str | Path):
     return model
 
 
-def fold_graph(ctx: Ctx, plan: FoldPlan) -> None:
+def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
+    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
     for bn in bns:
-        name = ctx.prefix + node_name(bn)
-        st = bn_params(ctx, bn)
-        if isinstance(st, Reject):
-            plan.unfolded.append(Unfolded(name, st.reason))
-            continue
-        s, t = st
-        tried: dict[str, list[Reject]] = {"backward": [], "forward": []}
-        for rule in RULES:
+        entry = _fold_one(ctx, bn, ctx.prefix + node_name(bn))
+        (plan.folded if isinstance(entry, Folded) else plan.unfolded).append(entry)
+        if record is not None:
+            record[id(bn)] = (bn, entry)
+
+
+def _fold_one(ctx: Ctx, bn, name: str):
+    st = bn_params(ctx, bn)
+    if isinstance(st, Reject):
+        return Unfolded(name, st.reason)
+    s, t = st
+    tried: dict[str, list[Reject]] = {"backward": [], "forward": []}
+    for rule in RULES:
+        try:
             m = rule.match(ctx, bn, s, t)
-            if isinstance(m, Match):
-                into = [ctx.prefix + node_name(n) for n in m.nodes]
-                rule.rewrite(ctx, m, s, t)
-                ctx.remove(bn)
-                plan.folded.append(folded_entry(name, into, rule.name, [n.op_type for n in m.nodes]))
-                break
-            tried["forward" if rule.name == "forward" else "backward"].append(m)
-        else:
-            plan.unfolded.append(Unfolded(name, "; ".join(f"{side}: {_pick(rs, side)}" for side, rs in tried.items())))
+        except Exception as err:  # an odd graph is a refusal with its reason, never a crash
+            m = Reject(f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {str(err)[:120]})")
+        if isinstance(m, Match):
+            into = [ctx.prefix + node_name(n) for n in m.nodes]
+            rule.rewrite(ctx, m, s, t)
+            ctx.remove(bn)
+            return folded_entry(name, into, rule.name, [n.op_type for n in m.nodes])
+        tried["forward" if rule.name == "forward" else "backward"].append(m)
+    return Unfolded(name, "; ".join(f"{side}: {_pick(rs, side)}" for side, rs in tried.items()))
 
 
 _TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Concat of convs/Add of convs", "forward": "an unpadded Conv, Gemm or MatMul"}
@@ -116,8 +123,9 @@ def _ranks(model) -> dict[str, int]:
     return ranks
 
 
-def fold_ir(model) -> FoldPlan:
-    """Fold the BatchNormalization nodes of an ``onnx_ir.Model`` in place; return the plan."""
+def fold_ir(model, record: dict | None = None) -> FoldPlan:
+    """Fold the BatchNormalization nodes of an ``onnx_ir.Model`` in place; return the plan.
+    ``record``: filled with ``id(node) -> (node, plan entry)`` for callers that map nodes back."""
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -135,7 +143,7 @@ def fold_ir(model) -> FoldPlan:
         ctxs += [Ctx(model, g, main=False, opset=fopset, prefix=p) for g, p in _graphs(fn, f"{fn.name}:")]
     for ctx in ctxs:
         ctx.model_names, ctx.ranks = names, ranks
-        fold_graph(ctx, plan)
+        fold_graph(ctx, plan, record)
     if plan.folded:
         RemoveUnusedNodesPass()(model)
     return plan
