@@ -1,7 +1,7 @@
 """ONNX-in folding on real files: torchvision BN classification models (and timm models named on the
 command line), exported with torch's legacy exporter with and without constant folding, folded by
 bnfold, by onnxoptimizer's fuse_bn_into_conv and by onnxruntime (ORT_ENABLE_BASIC); norm-wise
-relative error (batch of 4) against the float64 PyTorch model. Checks that every BN whose input comes from a Conv/ConvTranspose/
+relative error (batch of 2) against the float64 PyTorch model. Checks that every BN whose input comes from a Conv/ConvTranspose/
 Gemm with one consumer is folded. Run: OMP_NUM_THREADS=1 python benchmarks/onnx_sweep.py [timm:name ...]
 """
 
@@ -108,7 +108,7 @@ def main(names: list[str]) -> int:
             print(f"| {name} | skipped: over the 2 GB protobuf limit of an in-memory legacy export |")
             continue
         size = {"inception_v3": 80, "maxvit_t": 224}.get(name, 64)
-        x = torch.randn(4, 3, size, size)
+        x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             ref = net.double()(x.double()).numpy()
         net.float()
@@ -132,7 +132,11 @@ def main(names: list[str]) -> int:
             folded = {f.bn for f in plan.folded}
             missed = exp - folded
             e_ours = relerr(run(ours, x.numpy()), ref)
-            e_opt = relerr(run(onnxoptimizer.optimize(m, ["fuse_bn_into_conv"]), x.numpy()), ref)
+            try:
+                e_opt = relerr(run(onnxoptimizer.optimize(m, ["fuse_bn_into_conv"]), x.numpy()), ref)
+            except Exception as err:  # seen: densenet161 → "Duplicate definition of name" in onnxruntime
+                print(f"<!-- {name}: onnxoptimizer's output does not load: {str(err)[:100]} -->")
+                e_opt = float("nan")
             e_ort = relerr(run(m, x.numpy(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), ref)
             e_raw = relerr(run(m, x.numpy()), ref)
             bad += bool(missed) or e_ours > e_opt * 1.25 or bn_count(ours) != len(plan.unfolded)

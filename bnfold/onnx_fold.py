@@ -127,8 +127,13 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     """Fold the BatchNormalization nodes of an ``onnx_ir.Model`` in place; return the plan.
     ``record``: filled with ``id(node) -> (node, plan entry)`` for callers that map nodes back."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnx_ir.passes.common import AddInitializersToInputsPass, RemoveInitializersFromInputsPass, RemoveUnusedNodesPass
 
+    # IR version < 4 requires every initializer to be listed as a graph input: there the listing
+    # is the format's, not a wish to override, so they count as constants (and are listed again after)
+    listed_by_format = (model.ir_version or 0) < 4
+    if listed_by_format:
+        RemoveInitializersFromInputsPass()(model)
     plan = FoldPlan(tracer="onnx")
     names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
@@ -146,6 +151,8 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
         fold_graph(ctx, plan, record)
     if plan.folded:
         RemoveUnusedNodesPass()(model)
+    if listed_by_format:
+        AddInitializersToInputsPass()(model)
     return plan
 
 

@@ -319,3 +319,26 @@ def test_fold_onnx_accepts_path_proto_and_ir_model_without_changing_them(tmp_pat
         assert bn_count(out) == 0
     assert m.SerializeToString() == before
     assert bn_count(ir.serde.serialize_model(s)) == 1  # the ir.Model passed in still has its BN
+
+
+def test_ir_version_3_initializers_listed_as_inputs_are_constants():
+    """IR < 4 requires every initializer among the graph inputs (old model-zoo files, torch's legacy
+    exporter at opset 7/8): there the listing is the format's, so they fold and are listed again."""
+    import onnxruntime as ort  # the reference evaluator cannot run opset-8 BN
+
+    consts = {k: v.astype(np.float32) for k, v in {"w": w(6, 4, 1, 1), **bn_params("bn", 6)}.items()}
+    sig = "agraph (float[2,4,5,5] x, " + ", ".join(f"float[{','.join(map(str, a.shape))}] {k}" for k, a in consts.items()) + ") => (float[2,6,5,5] y)"
+    m = text_model(sig, CONV_BN + [bn("c", "y")], consts, opset=8)
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(m)
+    assert len(fold_onnx_proto(folded).folded) == 1 and bn_count(folded) == 0
+    onnx.checker.check_model(folded)
+    inits = {t.name for t in folded.graph.initializer}
+    assert inits and inits <= {i.name for i in folded.graph.input} and folded.graph.input[0].name == "x"
+    x = {"x": X4["x"].astype(np.float32)}
+    a, b = (ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0] for p in (m, folded))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    m.ir_version = 7  # the same listing in a newer file means "overridable": refused
+    assert "'bn_g' is a graph input (overridable at run time)" in reason_of(m)

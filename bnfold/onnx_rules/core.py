@@ -179,7 +179,7 @@ class Ctx:
         name = self.fresh(base)
         tensor = ir.tensor(np.ascontiguousarray(arr), name=name)
         if self.main:
-            v = ir.Value(name=name, const_value=tensor)
+            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype))
             self.graph.register_initializer(v)
             return v
         node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=name + "_const")
