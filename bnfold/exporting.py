@@ -7,6 +7,7 @@ the 2 GB protobuf limit are written with one external data file beside the .onnx
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,22 @@ def _check_opset(opset: int | None) -> None:
                             f"pass an opset from {OPSET_NATIVE_MIN} to {hi} (below {OPSET_NATIVE_MIN} the exporter converts, which can fail)")
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter logs version-conversion notes at WARNING: bnfold reports what matters itself."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool, optimize: bool):
     """torch.onnx.export (dynamo) → onnx_ir Model, exporter metadata still on. Raises ExportError (exit 3)."""
     import torch
@@ -130,7 +147,7 @@ def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool,
     from .data import eval_mode
 
     try:
-        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model):
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model), _quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -264,9 +281,10 @@ def _cause(err: BaseException) -> str:
 
 
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
-    """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file."""
+    """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file. BN layers the
+    graph still has are folded by bnfold's float64 ONNX rules where they can be (``export_folded``)."""
     check_output_path(path)
-    proto = export_proto(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
+    proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
     save_onnx(proto, path)
     return Path(path)
 
