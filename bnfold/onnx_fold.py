@@ -82,7 +82,7 @@ def _fold_one(ctx: Ctx, bn, name: str):
     return Unfolded(name, "; ".join(f"{side}: {_pick(rs, side)}" for side, rs in tried.items()))
 
 
-_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Concat of convs/Add of convs", "forward": "an unpadded Conv, Gemm or MatMul"}
+_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul/Concat of convs/Add of convs", "forward": "an unpadded Conv, Gemm or MatMul"}
 
 
 def _pick(rejects: list[Reject], side: str) -> str:

@@ -342,3 +342,21 @@ def test_ir_version_3_initializers_listed_as_inputs_are_constants():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     m.ir_version = 7  # the same listing in a newer file means "overridable": refused
     assert "'bn_g' is a graph input (overridable at run time)" in reason_of(m)
+
+
+@pytest.mark.parametrize("with_add", [False, True])
+def test_reshape_linear_tokens_to_bn1d(with_add):
+    """Linear on (N, T, C) exported as MatMul (+ Add), reshaped to (N·T, C) for BN1d, reshaped back."""
+    body = ["h = MatMul (x, B)"] + (["a = Add (h, bias)"] if with_add else []) + [
+        "shp = Constant <value = int64[2] {-1, 5}> ()", f"r = Reshape ({'a' if with_add else 'h'}, shp)", bn("r", "n"),
+        "back = Constant <value = int64[3] {2, 3, 5}> ()", "y = Reshape (n, back)"]
+    consts = {"B": w(4, 5), "bias": w(5), **bn_params("bn", 5)}
+    m = text_model("agraph (double[2,3,4] x) => (double[2,3,5] y)", body, consts)
+    fold_check(m, {"x": RNG.standard_normal((2, 3, 4))}, [("reshape", ["MatMul", "Add"] if with_add else ["MatMul"])])
+
+
+def test_reshape_that_moves_the_channel_axis_is_refused():
+    body = ["h = MatMul (x, B)", "shp = Constant <value = int64[2] {6, -1}> ()", "r = Reshape (h, shp)", bn("r", "y")]
+    m = text_model("agraph (double[2,3,4] x) => (double[6,6] y)", body, {"B": w(4, 6), **bn_params("bn", 6)})
+    onnx.checker.check_model(m, full_check=True)
+    assert "channel axis last" in reason_of(m)

@@ -112,6 +112,65 @@ class BackwardGemm:
         ctx.take_over(m.bn.outputs[0], g.outputs[0])
 
 
+def _matmul_chain(ctx: Ctx, x, c: int, *, rank2: bool):
+    """MatMul(·, constant 2-D B) [+ Add(constant bias)] producing ``x``, N = c: (mm, add, data) or a Reject."""
+    prod = _producer(ctx, x, ("MatMul", "Add"))
+    if isinstance(prod, Reject):
+        return prod
+    add, mm, bias, bias_i = None, prod, None, None
+    if prod.op_type == "Add":
+        add = prod
+        mms = [(k, i) for k, i in enumerate(add.inputs) if i is not None and i.producer() is not None and i.producer().op_type == "MatMul"]
+        if len(mms) != 1:
+            return Reject(f"its input comes from Add '{node_name(add)}', not MatMul + constant bias", applies=False)
+        k, mm_out = mms[0]
+        bias_i = 1 - k
+        bias, why = ctx.const(add.inputs[bias_i])
+        if why:
+            return Reject(f"Add '{node_name(add)}' bias: {why}")
+        why = ctx.single_use(mm_out)
+        if why:
+            return Reject(f"MatMul output {why}")
+        mm = mm_out.producer()
+        if not ctx.owns(mm):
+            return Reject(f"'{value_name(mm_out)}' comes from the enclosing graph")
+    bw, why = ctx.const(mm.inputs[1])
+    if why or bw.ndim != 2:
+        return Reject(f"MatMul '{node_name(mm)}' has no constant 2-D B" + (f" ({why})" if why else ""))
+    rank = ctx.rank(mm.outputs[0])
+    if rank2 and rank != 2:
+        return Reject(f"MatMul '{node_name(mm)}' output rank is {rank if rank is not None else 'unknown'}; BN normalises "
+                      "axis 1, which is the MatMul's last axis only for 2-D outputs")
+    if bw.shape[1] != c:
+        return Reject(f"MatMul '{node_name(mm)}' has {bw.shape[1]} outputs, BN {c} channels")
+    if bias is not None and (bias.size not in (1, c) or (bias.size == c and bias.shape[-1] != c)):
+        return Reject(f"Add bias of shape {bias.shape} does not broadcast per channel")
+    return mm, add, {"b": bw, "bias": bias, "bias_i": bias_i}
+
+
+def _matmul_fold(ctx: Ctx, m: Match, s, t, tail) -> None:
+    """B'[:,n] = B[:,n]·s[n]; bias' = bias·s + t, or an Add of t after ``tail`` (the node whose
+    output replaces the BN's)."""
+    import onnx_ir as ir
+
+    from ..fold_math import fold_backward
+
+    mm, d = m.nodes[0], m.data
+    bias = None if d["bias"] is None else f64(d["bias"]).reshape(-1).expand(s.numel())
+    b2, bias2 = fold_backward(f64(d["b"]).T, bias, s, t)  # a Linear: weight (out, in)
+    ctx.set_input(mm, 1, value_name(mm.inputs[1]), b2.T.contiguous().numpy().astype(d["b"].dtype))
+    if len(m.nodes) == 2:
+        add = m.nodes[1]
+        shape = d["bias"].shape if d["bias"].size == s.numel() else (s.numel(),)
+        ctx.set_input(add, d["bias_i"], value_name(add.inputs[d["bias_i"]]), bias2.numpy().astype(d["bias"].dtype).reshape(shape))
+        ctx.take_over(m.bn.outputs[0], tail.outputs[0])
+        return
+    c = ctx.new_const(node_name(mm) + "_bias", bias2.numpy().astype(d["b"].dtype), m.bn)
+    add = ir.Node("", "Add", [tail.outputs[0], c], name=node_name(m.bn) + "_bias_add")
+    ctx.graph.insert_before(m.bn, add)
+    ctx.take_over(m.bn.outputs[0], add.outputs[0])
+
+
 class BackwardMatMul:
     """MatMul(x, B) [+ Add(bias)] → BN on a 2-D output:  B'[:,n] = B[:,n]·s[n],
     bias' = bias·s + t (a lone MatMul gets an Add carrying t)."""
@@ -119,59 +178,39 @@ class BackwardMatMul:
     name = "backward"
 
     def match(self, ctx, bn, s, t):
-        x = bn.inputs[0]
-        prod = _producer(ctx, x, ("MatMul", "Add"))
-        if isinstance(prod, Reject):
-            return prod
-        add, mm, bias, bias_i = None, prod, None, None
-        if prod.op_type == "Add":
-            add = prod
-            mms = [(k, i) for k, i in enumerate(add.inputs) if i is not None and i.producer() is not None and i.producer().op_type == "MatMul"]
-            if len(mms) != 1:
-                return Reject(f"its input comes from Add '{node_name(add)}', not MatMul + constant bias", applies=False)
-            k, mm_out = mms[0]
-            bias_i = 1 - k
-            bias, why = ctx.const(add.inputs[bias_i])
-            if why:
-                return Reject(f"Add '{node_name(add)}' bias: {why}")
-            why = ctx.single_use(mm_out)
-            if why:
-                return Reject(f"MatMul output {why}")
-            mm = mm_out.producer()
-            if not ctx.owns(mm):
-                return Reject(f"'{value_name(mm_out)}' comes from the enclosing graph")
-        bw, why = ctx.const(mm.inputs[1])
-        if why or bw.ndim != 2:
-            return Reject(f"MatMul '{node_name(mm)}' has no constant 2-D B" + (f" ({why})" if why else ""))
-        rank = ctx.rank(mm.outputs[0])
-        if rank != 2:
-            return Reject(f"MatMul '{node_name(mm)}' output rank is {rank if rank is not None else 'unknown'}; BN normalises "
-                          "axis 1, which is the MatMul's last axis only for 2-D outputs")
-        if bw.shape[1] != s.numel():
-            return Reject(f"MatMul '{node_name(mm)}' has {bw.shape[1]} outputs, BN {s.numel()} channels")
-        if bias is not None and (bias.size not in (1, s.numel()) or bias.ndim > 2):
-            return Reject(f"Add bias of shape {bias.shape} does not broadcast per channel")
-        return Match(bn, [mm] + ([add] if add else []), {"b": bw, "bias": bias, "bias_i": bias_i})
+        chain = _matmul_chain(ctx, bn.inputs[0], s.numel(), rank2=True)
+        if isinstance(chain, Reject):
+            return chain
+        mm, add, data = chain
+        return Match(bn, [mm] + ([add] if add else []), data)
 
     def rewrite(self, ctx, m, s, t):
-        import onnx_ir as ir
+        _matmul_fold(ctx, m, s, t, m.nodes[-1])
 
-        from ..fold_math import fold_backward
 
-        mm, d = m.nodes[0], m.data
-        bias = None if d["bias"] is None else f64(d["bias"]).reshape(-1).expand(s.numel())
-        b2, bias2 = fold_backward(f64(d["b"]).T, bias, s, t)  # a Linear: weight (out, in)
-        ctx.set_input(mm, 1, value_name(mm.inputs[1]), b2.T.contiguous().numpy().astype(d["b"].dtype))
-        if len(m.nodes) == 2:
-            add = m.nodes[1]
-            shape = d["bias"].shape if d["bias"].size == s.numel() else (s.numel(),)
-            ctx.set_input(add, d["bias_i"], value_name(add.inputs[d["bias_i"]]), bias2.numpy().astype(d["bias"].dtype).reshape(shape))
-            ctx.take_over(m.bn.outputs[0], add.outputs[0])
-            return
-        c = ctx.new_const(node_name(mm) + "_bias", bias2.numpy().astype(d["b"].dtype), m.bn)
-        add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(m.bn) + "_bias_add")
-        ctx.graph.insert_before(m.bn, add)
-        ctx.take_over(m.bn.outputs[0], add.outputs[0])
+class BackwardReshape:
+    """MatMul(x, B) [+ Add(bias)] → Reshape to (M, C) → BN, C the MatMul's last axis (a Linear on
+    (N, T, C) and BN1d over N·T rows): the channel axis maps to itself, so the MatMul formula
+    applies: B'[:,n] = B[:,n]·s[n], bias' = bias·s + t."""
+
+    name = "reshape"
+
+    def match(self, ctx, bn, s, t):
+        rs = _producer(ctx, bn.inputs[0], ("Reshape",))
+        if isinstance(rs, Reject):
+            return rs
+        shape, why = ctx.const(rs.inputs[1])
+        c = s.numel()
+        if why or shape.ndim != 1 or len(shape) != 2 or int(shape[-1]) != c:
+            return Reject(f"Reshape '{node_name(rs)}' does not give (rows, {c}) with the channel axis last" + (f" ({why})" if why else ""))
+        chain = _matmul_chain(ctx, rs.inputs[0], c, rank2=False)
+        if isinstance(chain, Reject):
+            return Reject(f"Reshape '{node_name(rs)}' input: {chain.reason}")
+        mm, add, data = chain
+        return Match(bn, [mm] + ([add] if add else []), {**data, "reshape": rs})
+
+    def rewrite(self, ctx, m, s, t):
+        _matmul_fold(ctx, m, s, t, m.data["reshape"])
 
 
 class BackwardConcat:
@@ -352,6 +391,6 @@ class ForwardGemm:
         g.outputs[0].name = ctx.fresh(name or node_name(g))
 
 
-RULES = [BackwardConv(), BackwardGemm(), BackwardMatMul(), BackwardConcat(), BackwardAdd(), ForwardConv(), ForwardGemm()]
+RULES = [BackwardConv(), BackwardGemm(), BackwardMatMul(), BackwardReshape(), BackwardConcat(), BackwardAdd(), ForwardConv(), ForwardGemm()]
 
 
