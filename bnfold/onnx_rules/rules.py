@@ -17,8 +17,8 @@ def _weights(ctx: Ctx, node, what: str = "weights"):
         b, why = ctx.const(node.inputs[2])
         if why:
             return Reject(f"{node.op_type} '{node_name(node)}' bias: {why}")
-    if w.dtype.kind != "f" and "float" not in str(w.dtype):
-        return Reject(f"{node.op_type} '{node_name(node)}' weights are {w.dtype}, not floating point")
+    if (w.dtype.kind != "f" and "float" not in str(w.dtype)) or w.dtype.itemsize < 2:
+        return Reject(f"{node.op_type} '{node_name(node)}' weights are {w.dtype}, not 16/32/64-bit floating point")
     return w, b
 
 
