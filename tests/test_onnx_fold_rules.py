@@ -360,3 +360,14 @@ def test_reshape_that_moves_the_channel_axis_is_refused():
     m = text_model("agraph (double[2,3,4] x) => (double[6,6] y)", body, {"B": w(4, 6), **bn_params("bn", 6)})
     onnx.checker.check_model(m, full_check=True)
     assert "channel axis last" in reason_of(m)
+
+
+def test_bn_inside_a_loop_body():
+    """A Loop body (a subgraph with its own inputs) reading outer weights: the BN in it folds; new
+    weights live in the body as Constant nodes."""
+    body_g = ("body = g (int64 i, bool cin, double[2,4,5,5] acc) => (bool cout, double[2,4,5,5] acc2) {\n"
+              " cout = Identity (cin)\n c = Conv (acc, w)\n " + bn("c", "acc2") + "\n}")
+    body = ["n = Constant <value = int64 {3}> ()", "t = Constant <value = bool {1}> ()", f"y = Loop <{body_g}> (n, t, x)"]
+    m = text_model("agraph (double[2,4,5,5] x) => (double[2,4,5,5] y)", body, {"w": w(4, 4, 1, 1) * 0.5, **bn_params("bn", 4)})
+    folded, plan = fold_check(m, X4, [("backward", ["Conv"])])
+    assert plan.folded[0].bn == "y/body/acc2"  # named by the Loop node, its attribute and the BN
