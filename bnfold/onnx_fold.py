@@ -109,10 +109,11 @@ def _ranks(model) -> dict[str, int]:
     import onnx
     import onnx_ir as ir
 
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > 1_900_000_000:  # shape inference needs one serialised message
+        return {}
     try:
         proto = ir.serde.serialize_model(model)
-        if proto.ByteSize() > 1_900_000_000:
-            return {}
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception:
         return {}
