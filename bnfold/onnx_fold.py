@@ -63,7 +63,10 @@ def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
 
 
 def _fold_one(ctx: Ctx, bn, name: str):
-    st = bn_params(ctx, bn)
+    try:
+        st = bn_params(ctx, bn)
+    except Exception as err:  # e.g. epsilon given by a function's caller: a refusal, never a crash
+        st = Reject(f"cannot read the BatchNormalization node ({type(err).__name__}: {str(err)[:160]})")
     if isinstance(st, Reject):
         return Unfolded(name, st.reason)
     s, t = st

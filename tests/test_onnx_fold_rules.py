@@ -371,3 +371,15 @@ def test_bn_inside_a_loop_body():
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,4,5,5] y)", body, {"w": w(4, 4, 1, 1) * 0.5, **bn_params("bn", 4)})
     folded, plan = fold_check(m, X4, [("backward", ["Conv"])])
     assert plan.folded[0].bn == "y/body/acc2"  # named by the Loop node, its attribute and the BN
+
+
+def test_function_attribute_set_by_the_caller_is_a_refusal():
+    consts = bn_params("bn", 6)
+    fconsts = [f"{k} = Constant <value = double[6] {{{', '.join(repr(float(v)) for v in a)}}}> ()" for k, a in consts.items()]
+    wv = ", ".join(repr(float(v)) for v in np.asarray(w(6, 4, 1, 1)).ravel())
+    fn = ('<domain: "local", opset_import: ["" : 17]>\nblk <eps> (a) => (b) {\n  ' + "\n  ".join(
+        fconsts + [f"wf = Constant <value = double[6,4,1,1] {{{wv}}}> ()", "c = Conv (a, wf)",
+                   "b = BatchNormalization <epsilon: float = @eps> (c, bn_g, bn_b, bn_m, bn_v)"]) + "\n}\n")
+    m = text_model("agraph (double[2,4,5,5] x) => (double[2,6,5,5] y)", ["y = local.blk <eps = 0.001> (x)"], {}, functions=fn,
+                   extra_opsets=', "local" : 1')
+    assert "set by the function's caller" in reason_of(m)

@@ -38,6 +38,8 @@ def value_name(v) -> str:
 
 def attr(node, name: str, default=None):
     a = node.attributes.get(name)
+    if a is not None and (type(a).__name__ == "RefAttr" or (hasattr(a, "is_ref") and a.is_ref())):  # set by each caller
+        raise ValueError(f"attribute '{name}' of {node.op_type} '{node_name(node)}' is set by the function's caller")
     return default if a is None else a.value
 
 
