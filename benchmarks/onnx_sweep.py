@@ -107,7 +107,7 @@ def main(names: list[str]) -> int:
         if sum(p.numel() for p in net.parameters()) * 4 > 1_800_000_000:
             print(f"| {name} | skipped: over the 2 GB protobuf limit of an in-memory legacy export |")
             continue
-        size = {"inception_v3": 80, "maxvit_t": 224}.get(name, 64)
+        size = {"inception_v3": 80, "maxvit_t": 224}.get(name, 224 if name.startswith("vgg") else 64)  # vgg: adaptive pool to 7x7
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             ref = net.double()(x.double()).numpy()
@@ -148,4 +148,5 @@ def main(names: list[str]) -> int:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sys.exit(main(tv_models() + args if not args or args[0].startswith("timm:") else args))
+    names = args + sorted(tv_models(), key=num_params) if not args or args[0].startswith("timm:") else args
+    sys.exit(main(names))
