@@ -120,7 +120,7 @@ def main(names: list[str]) -> int:
                     torch.onnx.export(net, (x,), f, dynamo=False, do_constant_folding=cf, opset_version=17,
                                       training=torch.onnx.TrainingMode.EVAL, dynamic_axes={"input": {0: "n"}}, input_names=["input"])
                 except Exception as err:
-                    print(f"| {name} | legacy export failed: {type(err).__name__} |", flush=True)
+                    print(f"| {name} | legacy export failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''} |", flush=True)
                     continue
             m = onnx.load_from_string(f.getvalue())
             n0, exp = bn_count(m), expected(m)
