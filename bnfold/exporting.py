@@ -7,12 +7,13 @@ the 2 GB protobuf limit are written with one external data file beside the .onnx
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ._io import atomic_path, check_output_path, sha256_file
-from .errors import ExportError
+from .errors import BadInputError, ExportError
 
 PROTO_LIMIT = 2_000_000_000  # bytes; protobuf cannot serialise a message past 2 GiB
 
@@ -96,10 +97,47 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     return info
 
 
-def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dynamic_batch: bool = False, optimize: bool = True):
-    """torch.onnx.export → ModelProto with metadata stripped. Raises ExportError (exit 3)."""
+OPSET_NATIVE_MIN = 18  # torch's dynamo exporter writes opsets from 18 natively; below, it converts
+
+
+def opset_range() -> tuple[int, int]:
+    """(lowest, highest) opset bnfold asks the exporter for; below 18 the exporter's version
+    conversion may fail for a given model (then ``export_folded`` says so)."""
+    import onnx
+
+    return 7, int(onnx.defs.onnx_opset_version())
+
+
+def _check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    lo, hi = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise BadInputError(f"opset {opset!r} is outside the supported range {lo}..{hi}",
+                            f"pass an opset from {OPSET_NATIVE_MIN} to {hi} (below {OPSET_NATIVE_MIN} the exporter converts, which can fail)")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter logs version-conversion notes at WARNING: bnfold reports what matters itself."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool, optimize: bool):
+    """torch.onnx.export (dynamo) → onnx_ir Model, exporter metadata still on. Raises ExportError (exit 3)."""
     import torch
 
+    _check_opset(opset)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     dynamic_shapes = None
@@ -109,7 +147,7 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     from .data import eval_mode
 
     try:
-        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model):
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model), _quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -122,11 +160,106 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
                 verbose=False,
                 report=False,
             )
-            proto = program.model_proto
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed: {_cause(err)}", "make the model exportable (see the torch.export docs) or report it") from err
+    ir_model = program.model
+    got = ir_model.opset_imports.get("", None)
+    if opset is not None and got != opset:
+        lo, hi = opset_range()
+        raise BadInputError(f"the exporter could not write opset {opset} for this model (its version conversion left opset {got})",
+                            f"pass an opset from {OPSET_NATIVE_MIN} to {hi}")
+    return ir_model
+
+
+def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dynamic_batch: bool = False, optimize: bool = True):
+    """torch.onnx.export → ModelProto with metadata stripped. Raises ExportError (exit 3).
+
+    ``optimize=True`` lets the exporter's optimiser fold BN in float32; ``export_folded`` is the
+    path that folds with bnfold's float64 rules first and attributes every fold."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(_export_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize))
     strip_metadata(proto)
     return proto
+
+
+def _module_of(node) -> str | None:
+    """The PyTorch module a dynamo-exported node came from (its name scope), or None."""
+    import ast
+
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = None
+        if isinstance(names, list) and len(names) >= 2:
+            return str(names[-2])
+    if node.op_type == "BatchNormalization" and len(node.inputs) > 3 and node.inputs[3] is not None:
+        name = node.inputs[3].name or ""
+        if name.endswith(".running_mean"):
+            return name[: -len(".running_mean")]
+    return None
+
+
+def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_batch: bool = False, plan=None):
+    """Export ``module`` and fold, with bnfold's float64 ONNX rules, the BN layers ``plan`` left.
+
+    Exports without the exporter's optimiser, maps every BatchNormalization node back to its
+    PyTorch module (the exporter's name scopes, read before the metadata is stripped), runs the
+    ONNX rules, then the exporter's optimiser for everything else (constant folding, rewrites).
+    Returns ``(proto, plan)``: each BN of the new plan is folded in ``pytorch`` (as ``plan`` said),
+    folded in ``onnx`` (into which modules, by which rule), or left with the reasons of both passes;
+    the number left equals the BatchNormalization nodes in ``proto``.
+    """
+    import dataclasses
+
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from .folding import FoldPlan, Unfolded
+    from .onnx_fold import fold_ir, folded_entry
+
+    model = _export_ir(module, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=False)
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    module_of = {n.name: _module_of(n) for n in nodes if n.name}
+    bn_nodes = [n for n in nodes if n.op_type == "BatchNormalization"]
+    record: dict = {}
+    fold_ir(model, record)
+    # the exporter's optimiser runs next: whatever BN it still removes is attributed to it
+    left = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
+    try:
+        onnxscript.optimizer.optimize(model)
+    except Exception as err:
+        raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {_cause(err)}", "report this model to bnfold") from err
+    after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
+    proto = ir.serde.serialize_model(model)
+    strip_metadata(proto)
+
+    def mod(node_name: str) -> str:
+        return module_of.get(node_name) or node_name
+
+    base = plan if plan is not None else FoldPlan(tracer="onnx")
+    pytorch_left = {u.bn: u.reason for u in base.unfolded}
+    folded, unfolded, seen = list(base.folded), [], set()
+    for n in bn_nodes:
+        name = mod(n.name)
+        seen.add(name)
+        entry = record.get(id(n), (n, None))[1]
+        if isinstance(entry, Unfolded) and id(n) in left and id(n) not in after:
+            folded.append(folded_entry(name, [], "exporter-optimizer", []))
+        elif entry is not None and not isinstance(entry, Unfolded):
+            folded.append(folded_entry(name, [mod(i) for i in entry.into], entry.rule, list(entry.into_type)))
+        else:
+            why_torch = pytorch_left.get(name)
+            prefix = f"PyTorch pass: {why_torch}; " if why_torch else ""
+            unfolded.append(Unfolded(name, f"{prefix}ONNX pass: {entry.reason if entry is not None else 'not visited'}"))
+    # BN layers the plan left that have no node in the export (never called by forward())
+    for u in base.unfolded:
+        if u.bn not in seen:
+            unfolded.append(Unfolded(u.bn, f"{u.reason}; not in the exported graph"))
+    new_plan = dataclasses.replace(base, folded=folded, unfolded=unfolded)
+    return proto, new_plan
 
 
 def _cause(err: BaseException) -> str:
@@ -145,9 +278,10 @@ def _cause(err: BaseException) -> str:
 
 
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
-    """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file."""
+    """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file. BN layers the
+    graph still has are folded by bnfold's float64 ONNX rules where they can be (``export_folded``)."""
     check_output_path(path)
-    proto = export_proto(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
+    proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
     save_onnx(proto, path)
     return Path(path)
 

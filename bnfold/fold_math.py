@@ -139,3 +139,49 @@ def fold_identity_branch(
     w[(o, o % in_per_group) + centre] += s.to(w.device)
     b = _bias64(bias, out_channels, w) + t
     return w, b
+
+
+def fold_gemm_backward(
+    b: torch.Tensor,
+    c: torch.Tensor | None,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    trans_b: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold s·(α·op(A)·op(B) + β·C) + t into (B', C') with β' = 1 (α unchanged):
+
+        op(B)'[:, n] = op(B)[:, n]·s[n],   C' = β·C·s + t   (C broadcast per column; None is 0)
+
+    ``b`` is stored as (N, K) when ``trans_b`` else (K, N); C' has C's broadcast shape with N columns.
+    """
+    b = b.to(torch.float64)
+    b_new = b * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
+    c64 = torch.zeros(s.numel(), dtype=torch.float64) if c is None else float(beta) * c.to(torch.float64)
+    c_new = c64 * s + t
+    return b_new, c_new
+
+
+def fold_gemm_forward(
+    b: torch.Tensor,
+    c: torch.Tensor | None,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    trans_b: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold α·(s·X + t)·op(B) + β·C (BN on the K columns of X, transA = 0) into (B', C') with β' = 1:
+
+        op(B)'[k, :] = s[k]·op(B)[k, :],   C' = β·C + α·t·op(B)   (C None is 0)
+
+    A MatMul is the case α = β = 1 with C' its new bias.
+    """
+    b = b.to(torch.float64)
+    op_b = b.T if trans_b else b  # (K, N)
+    op_b_new = op_b * s.reshape(-1, 1)
+    shift = float(alpha) * (t @ op_b)
+    c_new = shift if c is None else float(beta) * c.to(torch.float64) + shift
+    return (op_b_new.T if trans_b else op_b_new).contiguous(), c_new

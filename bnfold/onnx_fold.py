@@ -1,20 +1,11 @@
-"""Fold BatchNormalization nodes inside an existing ONNX graph (no PyTorch model needed).
+"""Fold BatchNormalization nodes inside an ONNX model, on onnx_ir (no PyTorch model needed).
 
-Patterns (the math is ``fold_math``'s; weights are read in float64 and cast once to their dtype):
-
-* backward, BN input produced by: ``Conv``; ``ConvTranspose`` (``group`` honoured: weight is
-  (C_in, C_out/group, k…)); ``Gemm`` (alpha, beta, transA, transB; C created when absent);
-  ``MatMul`` with a constant 2-D B, optionally followed by ``Add`` of a constant bias, when the MatMul
-  output is 2-D (the BN channel axis 1 is then the MatMul's last axis). A lone MatMul gains its bias by
-  turning the BN node into an ``Add``.
-* forward, BN output consumed only by: ``Conv`` with all pads 0 (auto_pad NOTSET/VALID) or ``Gemm``
-  with transA = 0.
-
-Conditions: BN in inference mode (training_mode 0, a single output); every weight, bias and BN
-parameter an initializer or a Constant node; the intermediate value has exactly one consumer and is not
-a graph output. Activations are never crossed. New tensors get new initializer names, so an
-initializer shared with other nodes is copied, never edited in place; initializers and Constant
-nodes that end up unused are removed. Graph input/output names and the opset are kept.
+The rules live in ``bnfold.onnx_rules`` (one class per pattern, ``RULES``): ``match`` returns a
+``Match`` (the nodes) or a ``Reject`` (why); ``rewrite`` applies ``fold_math`` in float64 and casts
+once to each weight's dtype. This module runs them over every BatchNormalization node of the main
+graph, of If/Loop/Scan bodies and of model-local functions (each gets exactly one plan entry),
+removes what ends up unused, and reads/writes files. New weights are new tensors: a tensor shared
+with other nodes is never edited. Graph input/output names and opsets are kept.
 """
 
 from __future__ import annotations
@@ -22,13 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import BadInputError
 from .folding import Folded, FoldPlan, Unfolded
+from .onnx_rules.core import ONNX_DOMAINS, Ctx, Match, Reject, bn_params, node_name
+from .onnx_rules.rules import RULES
 
 
+# ------------------------------------------------------------------------------------ plan entries
+def folded_entry(bn: str, into: list[str], rule: str, into_type: list[str], stage: str = "onnx") -> Folded:
+    """A ``Folded`` plan entry made by the ONNX pass."""
+    return Folded(bn, list(into), rule, list(into_type), stage=stage)
+
+
+# ------------------------------------------------------------------------------------------ loading
 def load_onnx(path: str | Path):
+    """Read and check an .onnx file (ModelProto); BadInputError with one line when it is not one."""
     import onnx
 
     path = Path(path)
@@ -48,391 +47,170 @@ def load_onnx(path: str | Path):
     return model
 
 
-class _Graph:
-    def __init__(self, model):
-        from onnx import numpy_helper
-
-        self.model = model
-        self.g = model.graph
-        self.inits = {i.name: i for i in self.g.initializer}
-        self.const_nodes = {}
-        for n in self.g.node:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.const_nodes[n.output[0]] = numpy_helper.to_array(a.t)
-        self.graph_outputs = {o.name for o in self.g.output}
-        self.counter = 0
-        self.ranks = self._ranks()
-        self.refresh()
-
-    def _ranks(self) -> dict[str, int]:
-        import onnx
-
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False, data_prop=False)
-        except Exception:
-            return {}
-        ranks = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            tt = vi.type.tensor_type
-            if tt.HasField("shape"):
-                ranks[vi.name] = len(tt.shape.dim)
-        return ranks
-
-    def refresh(self) -> None:
-        self.producer = {o: n for n in self.g.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-            for name in _subgraph_names(n):
-                self.consumers.setdefault(name, []).append(n)
-
-    def const(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        if not name:
-            return None
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        return self.const_nodes.get(name)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or name in self.const_nodes
-
-    def add_init(self, base: str, arr: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        while True:
-            self.counter += 1
-            name = f"{base}_bnfold{self.counter}"
-            if name not in self.inits and name not in self.producer:
-                break
-        t = numpy_helper.from_array(arr, name)
-        self.g.initializer.append(t)
-        self.inits[name] = t
-        return name
-
-    def single_consumer(self, name: str) -> str | None:
-        """None when ``name`` feeds exactly one node and is no graph output, else the reason."""
-        if name in self.graph_outputs:
-            return f"'{name}' is a graph output"
-        n = len(self.consumers.get(name, []))
-        return None if n == 1 else f"'{name}' has {n} consumers"
-
-
-def _subgraph_names(node) -> set[str]:
-    names: set[str] = set()
-    for a in node.attribute:
-        subs = list(a.graphs) + ([a.g] if a.HasField("g") else [])
-        for sg in subs:
-            for n in sg.node:
-                names.update(i for i in n.input if i)
-                for inner in n.attribute:
-                    if inner.HasField("g") or inner.graphs:
-                        names |= _subgraph_names(n)
-    return names
-
-
-def _attr(node, name: str, default: Any = None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node, name: str, value) -> None:
-    from onnx import helper
-
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _t(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
-
-
-def _bn_params(G: _Graph, bn) -> tuple[Any, Any, str | None]:
-    """(s, t) as float64 torch tensors, or (None, None, reason)."""
-    from .fold_math import bn_scale_shift
-
-    if _attr(bn, "training_mode", 0):
-        return None, None, "BatchNormalization has training_mode=1"
-    if len([o for o in bn.output if o]) != 1:
-        return None, None, "BatchNormalization has extra outputs (training mode)"
-    names = list(bn.input[1:5])
-    vals = [G.const(n) for n in names]
-    missing = [n for n, v in zip(names, vals) if v is None]
-    if len(names) < 4 or missing:
-        return None, None, f"parameters {missing or names} are not initializers or Constant nodes"
-    scale, bias, mean, var = vals
-    s, t = bn_scale_shift(_t(mean), _t(var), float(_attr(bn, "epsilon", 1e-5)), _t(scale), _t(bias))
-    return s, t, None
-
-
-def _weights(G: _Graph, node, what: str = "weights"):
-    """(W, B or None, None) of a Conv-like node, or (None, None, reason) when not constant."""
-    w = G.const(node.input[1])
-    has_b = len(node.input) > 2 and bool(node.input[2])
-    b = G.const(node.input[2]) if has_b else None
-    if w is None or (has_b and b is None):
-        return None, None, f"{node.op_type} '{node.name}' {what} are not constant"
-    return w, b, None
-
-
-def _set_weights(G: _Graph, node, w_new, b_new, dtype) -> None:
-    """Point ``node`` at new initializers (copies: shared initializers stay as they were)."""
-    node.input[1] = G.add_init(node.input[1], w_new.numpy().astype(dtype))
-    has_b = len(node.input) > 2 and bool(node.input[2])
-    bname = G.add_init(node.input[2] if has_b else (node.name or node.op_type.lower()) + "_bias", b_new.numpy().astype(dtype))
-    if len(node.input) > 2:
-        node.input[2] = bname
-    else:
-        node.input.append(bname)
-
-
-def _backward(G: _Graph, bn, s, t) -> tuple[str | None, str | None]:
-    """Fold into the producer of the BN input. (producer description, None) or (None, reason)."""
-    from .fold_math import fold_backward
-
-    x = bn.input[0]
-    prod = G.producer.get(x)
-    if prod is None:
-        return None, "its input is a graph input or initializer"
-    why = G.single_consumer(x)
-    if why:
-        return None, why
-    op = prod.op_type
-    c = s.numel()
-    if op in ("Conv", "ConvTranspose"):
-        w, b, why = _weights(G, prod)
-        if why:
-            return None, why
-        groups = int(_attr(prod, "group", 1))
-        try:
-            w2, b2 = fold_backward(_t(w), None if b is None else _t(b), s, t, transposed=op == "ConvTranspose", groups=groups)
-        except ValueError as err:
-            return None, f"{op} '{prod.name}': {err}"
-        _set_weights(G, prod, w2, b2, w.dtype)
-        _bypass(G, prod, bn)
-        return f"{op} {prod.name or prod.output[0]}", None
-    if op == "Gemm":
-        if _attr(prod, "transA", 0) not in (0, 1):
-            return None, "Gemm has an unknown transA"
-        bw = G.const(prod.input[1])
-        if bw is None:
-            return None, f"Gemm '{prod.name}' B is not constant"
-        cw = G.const(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else None
-        if len(prod.input) > 2 and prod.input[2] and cw is None:
-            return None, f"Gemm '{prod.name}' C is not constant"
-        trans_b = int(_attr(prod, "transB", 0))
-        beta = float(_attr(prod, "beta", 1.0))
-        n_out = bw.shape[0] if trans_b else bw.shape[1]
-        if n_out != c:
-            return None, f"Gemm '{prod.name}' has {n_out} outputs, BN {c} channels"
-        B = _t(bw)
-        B2 = B * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
-        C = torch_zeros(c) if cw is None else beta * _t(cw)
-        C2 = C * s + t  # broadcasts over (N,), (1, N) or (M, N)
-        prod.input[1] = G.add_init(prod.input[1], B2.numpy().astype(bw.dtype))
-        cname = G.add_init((prod.name or "gemm") + "_C" if cw is None else prod.input[2], C2.numpy().astype(bw.dtype))
-        if len(prod.input) > 2:
-            prod.input[2] = cname
-        else:
-            prod.input.append(cname)
-        _set_attr(prod, "beta", 1.0)
-        _bypass(G, prod, bn)
-        return f"Gemm {prod.name or prod.output[0]}", None
-    if op in ("MatMul", "Add"):
-        add = None
-        mm = prod
-        bias_name = None
-        if op == "Add":
-            add = prod
-            srcs = [(G.producer.get(i), i) for i in add.input]
-            mms = [(p, i) for p, i in srcs if p is not None and p.op_type == "MatMul"]
-            consts = [i for i in add.input if G.is_const(i)]
-            if len(mms) != 1 or len(consts) != 1:
-                return None, "its input comes from Add, not MatMul + constant bias"
-            mm, mm_out = mms[0]
-            why = G.single_consumer(mm_out)
-            if why:
-                return None, f"MatMul output {why}"
-            bias_name = consts[0]
-        bw = G.const(mm.input[1])
-        if bw is None or bw.ndim != 2:
-            return None, f"MatMul '{mm.name}' has no constant 2-D B"
-        rank = G.ranks.get(mm.output[0])
-        if rank != 2:
-            return None, f"MatMul '{mm.name}' output rank is {rank if rank is not None else 'unknown'}; BN normalises axis 1, which is the MatMul's last axis only for 2-D outputs"
-        if bw.shape[1] != c:
-            return None, f"MatMul '{mm.name}' has {bw.shape[1]} outputs, BN {c} channels"
-        bias = G.const(bias_name) if add is not None else None
-        if bias is not None and (bias.size not in (1, c) or bias.ndim > 2):
-            return None, f"Add bias of shape {bias.shape} does not broadcast per channel"
-        B2 = _t(bw) * s.reshape(1, -1)
-        mm.input[1] = G.add_init(mm.input[1], B2.numpy().astype(bw.dtype))
-        if add is not None:
-            b2 = (_t(bias).reshape(-1) * s + t) if bias.size == c else (_t(bias).reshape(()) * s + t)
-            new = G.add_init(bias_name, b2.numpy().astype(bias.dtype).reshape(bias.shape if bias.size == c else (c,)))
-            add.input[list(add.input).index(bias_name)] = new
-            _bypass(G, add, bn)
-            return f"MatMul {mm.name or mm.output[0]} + Add {add.name or add.output[0]}", None
-        # a lone MatMul: the BN node becomes the Add that carries the folded bias
-        new = G.add_init((mm.name or "matmul") + "_bias", t.numpy().astype(bw.dtype))
-        bn.op_type = "Add"
-        del bn.input[:]
-        bn.input.extend([x, new])
-        del bn.attribute[:]
-        return f"MatMul {mm.name or mm.output[0]} (+ Add)", None
-    return None, f"its input comes from {op} '{prod.name}', not Conv/ConvTranspose/Gemm/MatMul"
-
-
-def torch_zeros(c):
-    import torch
-
-    return torch.zeros(c, dtype=torch.float64)
-
-
-def _bypass(G: _Graph, prod, bn) -> None:
-    """The producer now writes the BN's output name; the BN node goes."""
-    out = bn.output[0]
-    old = prod.output[0]
-    prod.output[0] = out
-    G.g.node.remove(bn)
-    _drop_value_info(G, old)
-
-
-def _drop_value_info(G: _Graph, name: str) -> None:
-    for vi in list(G.g.value_info):
-        if vi.name == name:
-            G.g.value_info.remove(vi)
-
-
-def _forward(G: _Graph, bn, s, t) -> tuple[str | None, str | None]:
-    from .fold_math import fold_forward
-
-    y = bn.output[0]
-    why = G.single_consumer(y)
-    if why:
-        return None, why
-    cons = G.consumers[y][0]
-    if not cons.input or cons.input[0] != y:
-        return None, f"BN output feeds {cons.op_type} '{cons.name}' as a weight"
-    if cons.op_type == "Conv":
-        pads = _attr(cons, "pads", None) or []
-        auto = _attr(cons, "auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        if any(int(p) for p in pads) or auto not in ("NOTSET", "VALID"):
-            return None, f"consumer Conv '{cons.name}' pads its input (pads={list(pads)}, auto_pad={auto})"
-        w, b, why = _weights(G, cons)
-        if why:
-            return None, f"consumer {why}"
-        try:
-            w2, b2 = fold_forward(_t(w), None if b is None else _t(b), s, t, groups=int(_attr(cons, "group", 1)))
-        except ValueError as err:
-            return None, f"consumer Conv '{cons.name}': {err}"
-        _set_weights(G, cons, w2, b2, w.dtype)
-    elif cons.op_type == "Gemm":
-        if int(_attr(cons, "transA", 0)):
-            return None, f"consumer Gemm '{cons.name}' has transA=1 (BN channels would be its rows)"
-        bw = G.const(cons.input[1])
-        cw = G.const(cons.input[2]) if len(cons.input) > 2 and cons.input[2] else None
-        if bw is None or (len(cons.input) > 2 and cons.input[2] and cw is None):
-            return None, f"consumer Gemm '{cons.name}' weights are not constant"
-        trans_b = int(_attr(cons, "transB", 0))
-        alpha, beta = float(_attr(cons, "alpha", 1.0)), float(_attr(cons, "beta", 1.0))
-        opB = _t(bw).T if trans_b else _t(bw)  # (K, N)
-        if opB.shape[0] != s.numel():
-            return None, f"consumer Gemm '{cons.name}' reads {opB.shape[0]} features, BN has {s.numel()}"
-        opB2 = opB * s.reshape(-1, 1)
-        shift = alpha * (t @ opB)  # (N,)
-        C2 = shift if cw is None else beta * _t(cw) + shift
-        cons.input[1] = G.add_init(cons.input[1], (opB2.T if trans_b else opB2).contiguous().numpy().astype(bw.dtype))
-        cname = G.add_init(cons.input[2] if cw is not None else (cons.name or "gemm") + "_C", C2.numpy().astype(bw.dtype))
-        if len(cons.input) > 2:
-            cons.input[2] = cname
-        else:
-            cons.input.append(cname)
-        _set_attr(cons, "beta", 1.0)
-    else:
-        return None, f"BN output goes to {cons.op_type} '{cons.name}', not to Conv/Gemm"
-    cons.input[0] = bn.input[0]
-    G.g.node.remove(bn)
-    _drop_value_info(G, y)
-    return f"{cons.op_type} {cons.name or cons.output[0]}", None
-
-
-def _cleanup(G: _Graph) -> None:
-    """Remove Constant nodes and initializers nothing reads any more."""
-    G.refresh()
-    used = set(G.consumers) | G.graph_outputs
-    changed = True
-    while changed:
-        changed = False
-        for n in list(G.g.node):
-            if n.op_type == "Constant" and not any(o in used for o in n.output):
-                G.g.node.remove(n)
-                changed = True
-        G.refresh()
-        used = set(G.consumers) | G.graph_outputs
-    for init in list(G.g.initializer):
-        if init.name not in used:
-            G.g.initializer.remove(init)
-            G.inits.pop(init.name, None)
-            for gi in list(G.g.input):
-                if gi.name == init.name:
-                    G.g.input.remove(gi)
-
-
-def fold_onnx_proto(model) -> FoldPlan:
-    """Fold in place; return the plan (every BatchNormalization node, folded or with a reason)."""
-    G = _Graph(model)
-    plan = FoldPlan(tracer="onnx")
-    bns = [n for n in G.g.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
+    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given."""
+    bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
     for bn in bns:
-        name = bn.name or bn.output[0]
-        s, t, why = _bn_params(G, bn)
-        if why:
-            plan.unfolded.append(Unfolded(name, why))
-            continue
-        into, back = _backward(G, bn, s, t)
-        direction = "backward"
-        if into is None:
-            into, fwd = _forward(G, bn, s, t)
-            direction = "forward"
-        G.refresh()
-        if into is None:
-            plan.unfolded.append(Unfolded(name, f"backward: {back}; forward: {fwd}"))
-            continue
-        op, _, node_name = into.partition(" ")
-        plan.folded.append(Folded(name, [node_name], direction, [op], stage="onnx"))
-    _cleanup(G)
+        entry = _fold_one(ctx, bn, ctx.prefix + node_name(bn))
+        (plan.folded if isinstance(entry, Folded) else plan.unfolded).append(entry)
+        if record is not None:
+            record[id(bn)] = (bn, entry)
+
+
+def _fold_one(ctx: Ctx, bn, name: str):
+    try:
+        st = bn_params(ctx, bn)
+    except Exception as err:  # e.g. epsilon given by a function's caller: a refusal, never a crash
+        st = Reject(f"cannot read the BatchNormalization node ({type(err).__name__}: {str(err)[:160]})")
+    if isinstance(st, Reject):
+        return Unfolded(name, st.reason)
+    s, t = st
+    tried: dict[str, list[Reject]] = {"backward": [], "forward": []}
+    for rule in RULES:
+        try:
+            m = rule.match(ctx, bn, s, t)
+        except Exception as err:  # an odd graph is a refusal with its reason, never a crash
+            m = Reject(f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {str(err)[:120]})")
+        if isinstance(m, Match):
+            into = [ctx.prefix + node_name(n) for n in m.nodes]
+            rule.rewrite(ctx, m, s, t)
+            ctx.remove(bn)
+            return folded_entry(name, into, rule.name, [n.op_type for n in m.nodes])
+        tried["forward" if rule.name == "forward" else "backward"].append(m)
+    return Unfolded(name, "; ".join(f"{side}: {_pick(rs, side)}" for side, rs in tried.items()))
+
+
+_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul/Concat of convs/Add of convs", "forward": "an unpadded Conv, Gemm or MatMul"}
+
+
+def _pick(rejects: list[Reject], side: str) -> str:
+    """The reason of the rule whose pattern was there, else the generic one (what was found instead)."""
+    hit = [r for r in rejects if r.applies]
+    return hit[0].reason if hit else f"{rejects[0].reason}, not {_TARGETS[side]}"
+
+
+def _graphs(graph, prefix: str):
+    """(graph, name prefix) of every subgraph of If/Loop/Scan (and custom ops) below ``graph``."""
+    import onnx_ir as ir
+
+    for node in graph:
+        for attr in node.attributes.values():
+            subs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+            for k, sub in enumerate(subs):
+                p = f"{prefix}{node_name(node)}/{attr.name}{'' if len(subs) == 1 else k}/"
+                yield sub, p
+                yield from _graphs(sub, p)
+
+
+def _ranks(model) -> dict[str, int]:
+    """Ranks from ONNX shape inference on a copy (only needed for MatMul and Concat rules)."""
+    import onnx
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > 1_900_000_000:  # shape inference needs one serialised message
+        return {}
+    try:
+        proto = ir.serde.serialize_model(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
+    except Exception:
+        return {}
+    ranks = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+def fold_ir(model, record: dict | None = None) -> FoldPlan:
+    """Fold the BatchNormalization nodes of an ``onnx_ir.Model`` in place; return the plan.
+    ``record``: filled with ``id(node) -> (node, plan entry)`` for callers that map nodes back."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import AddInitializersToInputsPass, RemoveInitializersFromInputsPass, RemoveUnusedNodesPass
+
+    # IR version < 4 requires every initializer to be listed as a graph input: there the listing
+    # is the format's, not a wish to override, so they count as constants (and are listed again after)
+    listed_by_format = (model.ir_version or 0) < 4
+    if listed_by_format:
+        RemoveInitializersFromInputsPass()(model)
+    plan = FoldPlan(tracer="onnx")
+    names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
+    names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
+    needs_rank = any(n.op_type in ("MatMul", "Concat") for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    ranks = _ranks(model) if needs_rank else {}
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
+    ctxs = [Ctx(model, model.graph, main=True, opset=opset)]
+    ctxs += [Ctx(model, g, main=False, opset=opset, prefix=p) for g, p in _graphs(model.graph, "")]
+    for fn in model.functions.values():
+        fopset = fn.opset_imports.get("", opset)
+        ctxs.append(Ctx(model, fn, main=False, opset=fopset, prefix=f"{fn.name}:"))
+        ctxs += [Ctx(model, g, main=False, opset=fopset, prefix=p) for g, p in _graphs(fn, f"{fn.name}:")]
+    for ctx in ctxs:
+        ctx.model_names, ctx.ranks = names, ranks
+        fold_graph(ctx, plan, record)
+    if plan.folded:
+        RemoveUnusedNodesPass()(model)
+    if listed_by_format:
+        AddInitializersToInputsPass()(model)
     return plan
 
 
-def fold_onnx_file(src: str | Path, dst: str | Path, data_name: str | None = None) -> tuple[FoldPlan, dict[str, Any]]:
+# -------------------------------------------------------------------------------------- entry points
+def _to_ir(src, *, copy: bool):
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(src, ir.Model):
+        return ir.serde.deserialize_model(ir.serde.serialize_model(src)) if copy else src
+    if isinstance(src, onnx.ModelProto):
+        return ir.serde.deserialize_model(src)
+    return ir.serde.deserialize_model(load_onnx(src))
+
+
+def fold_onnx_proto(model) -> FoldPlan:
+    """Fold a ``ModelProto`` in place; return the plan (every BatchNormalization node, folded or why not)."""
+    import onnx_ir as ir
+
+    m = ir.serde.deserialize_model(model)
+    plan = fold_ir(m)
+    if plan.folded:
+        model.CopyFrom(ir.serde.serialize_model(m))
+    return plan
+
+
+def bn_count(proto) -> int:
+    """BatchNormalization nodes in the main graph, subgraphs and functions of a ModelProto."""
+
+    def graph(g) -> int:
+        n = 0
+        for node in g.node:
+            n += node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
+            for a in node.attribute:
+                n += sum(graph(sub) for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs))
+        return n
+
+    return graph(proto.graph) + sum(graph(f) for f in proto.functions)
+
+
+def fold_onnx_file(src, dst: str | Path, data_name: str | None = None) -> tuple[FoldPlan, dict[str, Any]]:
+    """Fold ``src`` (a path, ModelProto or onnx_ir Model, never modified) and write ``dst``."""
+    import onnx_ir as ir
+
     from .exporting import opset_of, save_onnx
 
-    model = load_onnx(src)
-    plan = fold_onnx_proto(model)
-    info = save_onnx(model, dst, data_name=data_name)
-    info["opset"] = opset_of(model)
-    info["nodes"] = len(model.graph.node)
-    info["batchnorm_nodes"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    model = _to_ir(src, copy=True)
+    plan = fold_ir(model)
+    proto = ir.serde.serialize_model(model)
+    info = save_onnx(proto, dst, data_name=data_name)
+    info["opset"] = opset_of(proto)
+    info["nodes"] = len(proto.graph.node)
+    info["batchnorm_nodes"] = bn_count(proto)
     return plan, info
 
 
-def fold_onnx(src: str | Path, dst: str | Path) -> FoldPlan:
-    """Fold the BatchNormalization nodes of ``src`` and write ``dst`` (atomically). Returns the plan."""
+def fold_onnx(src, dst: str | Path) -> FoldPlan:
+    """Fold the BatchNormalization nodes of ``src`` (an .onnx path, ``onnx.ModelProto`` or
+    ``onnx_ir.Model``; left unchanged) and write ``dst`` atomically. Returns the plan."""
     from ._io import check_output_path
 
     check_output_path(dst)

@@ -219,7 +219,7 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
 
     from .calibration import run_calibration
     from .data import Batch, call_model, eval_mode, load_batches, model_dtype_device
-    from .exporting import export_proto, opset_of, save_onnx
+    from .exporting import export_folded, opset_of, save_onnx
     from .folding import fold_with_plan
     from .verification import verify
 
@@ -254,7 +254,8 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
     if dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, seed)
     with _stage(rep.timings, "export"):
-        proto = export_proto(folded, export_example, opset=opset, dynamic_batch=dynamic_batch)
+        proto, plan = export_folded(folded, export_example, opset=opset, dynamic_batch=dynamic_batch, plan=plan)
+        _record_plan(rep, plan)
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
     rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": dynamic_batch,

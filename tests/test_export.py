@@ -147,3 +147,79 @@ def test_export_leaves_the_model_in_train_mode():
     export_proto(model, (torch.randn(1, 3, 6, 6),))
     assert model.training and model[1].training  # exported in eval mode, flags restored
     assert state_hash(model) == before
+
+
+# ---------------------------------------------------------------- the second fold pass (export_folded)
+class _FunctionalConv(nn.Module):
+    """A convolution the PyTorch rules cannot see (no Conv module): only the ONNX pass folds its BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, padding=1)
+
+
+class _TwoPass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fconv, self.bn_onnx = _FunctionalConv(), nn.BatchNorm2d(4)
+        self.conv, self.bn_torch = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.bn_left = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_onnx(self.fconv(x)))
+        y = self.bn_torch(self.conv(y))
+        return self.bn_left(y + x[:, :1])
+
+
+def _stage(d):
+    return d.get("pass", d.get("stage", "?"))
+
+
+def test_export_folded_attributes_every_bn_and_counts_match_the_file():
+    from bnfold.exporting import export_folded
+    from bnfold.folding import fold_with_plan
+    from bnfold.onnx_fold import bn_count
+
+    torch.manual_seed(0)
+    model = randomize_bn(_TwoPass()).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    folded, plan = fold_with_plan(model, x)
+    proto, plan2 = export_folded(folded, x, plan=plan)
+    d = plan2.to_dict()
+    by_bn = {f["bn"]: f for f in d["folded"]}
+    assert set(by_bn) == {"bn_onnx", "bn_torch"} and [u["bn"] for u in d["unfolded"]] == ["bn_left"]
+    assert by_bn["bn_onnx"]["into"] == ["fconv"] and by_bn["bn_onnx"]["rule"] == "backward"
+    if "pass" in by_bn["bn_onnx"]:  # the contract's dataclass (folding.py)
+        assert _stage(by_bn["bn_onnx"]) == "onnx" and _stage(by_bn["bn_torch"]) == "pytorch"
+    reason = d["unfolded"][0]["reason"]
+    assert "PyTorch pass:" in reason and "ONNX pass:" in reason and "Add" in reason
+    assert bn_count(proto) == len(d["unfolded"]) == 1
+    assert all(len(n.metadata_props) == 0 for n in proto.graph.node)  # read, then stripped
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x[0].numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got).double(), model.double()(x[0].double()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("opset", [17, 18, 21])
+def test_export_folded_honours_opset(opset):
+    from bnfold.exporting import export_folded, opset_of
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+    proto, plan = export_folded(model, (torch.randn(1, 3, 6, 6),), opset=opset)
+    assert opset_of(proto) == opset and plan.bn_count == 1
+
+
+@pytest.mark.parametrize("opset", [0, 6, 10_000, "18"])
+def test_export_folded_bad_opset_is_bad_input(opset):
+    from bnfold.errors import BadInputError
+    from bnfold.exporting import export_folded
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(BadInputError, match="opset"):
+        export_folded(model, (torch.randn(1, 3, 6, 6),), opset=opset)

@@ -4,6 +4,7 @@ Conv/Linear must be folded (checked against the model's own fx graph, independen
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -52,3 +53,8 @@ def test_torchvision_model(name, size, tmp_path):
     for u in rep.unfolded:
         assert u["reason"]
     assert rep.export["batchnorm_nodes"] == len(rep.unfolded)
+    # the plan is the truth: the BN nodes in the written file are exactly the ones it says were left
+    from bnfold.onnx_fold import bn_count
+
+    assert bn_count(onnx.load(str(tmp_path / f"{name}.onnx"))) == len(rep.unfolded) == rep.fold["batchnorm_layers"] - len(rep.folded)
+    assert all(f.get("pass", "pytorch") in ("pytorch", "onnx") for f in rep.folded)

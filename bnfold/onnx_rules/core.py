@@ -1,0 +1,264 @@
+"""The pieces every ONNX rule uses: match results, constant resolution, the graph context, the BN's
+own (s, t). A value that is a graph input, even with an initializer, is overridable at run time and
+is never a constant; constant chains (Identity, Cast, CastLike, Reshape, (Un)Squeeze, Expand, Shape of
+a static shape, Concat) are evaluated, so deduplicated tensors and Expand-ed zero biases resolve."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+# ------------------------------------------------------------------------------------ match results
+@dataclass
+class Reject:
+    reason: str
+    applies: bool = True  # False: the pattern's anchor op is not there at all (reason is generic)
+
+
+@dataclass
+class Match:
+    bn: Any
+    nodes: list  # the nodes whose weights change (the plan's ``into``)
+    data: dict = field(default_factory=dict)
+
+
+def node_name(node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
+
+
+def value_name(v) -> str:
+    return v.name or "?"
+
+
+def attr(node, name: str, default=None):
+    a = node.attributes.get(name)
+    if a is not None and (type(a).__name__ == "RefAttr" or (hasattr(a, "is_ref") and a.is_ref())):  # set by each caller
+        raise ValueError(f"attribute '{name}' of {node.op_type} '{node_name(node)}' is set by the function's caller")
+    return default if a is None else a.value
+
+
+def f64(arr):
+    import torch
+
+    return torch.from_numpy(np.asarray(arr, dtype=np.float64).copy())
+
+
+# --------------------------------------------------------------------------------- constant values
+class Consts:
+    """Constant values, followed through the small op chains exporters write; never graph inputs."""
+
+    MAX_DEPTH = 16
+    META_ONLY = {("Shape", 0), ("CastLike", 1)}
+
+    def value(self, v, depth: int = 0) -> tuple[np.ndarray | None, str | None]:
+        """(array, None) or (None, why it is not a constant)."""
+        if v is None:
+            return None, "missing"
+        if v.is_graph_input():
+            return None, f"'{value_name(v)}' is a graph input (overridable at run time), not a constant"
+        if v.const_value is not None and v.is_initializer():
+            return self._np(v.const_value), None
+        node = v.producer()
+        if node is None:
+            if v.const_value is not None:
+                return self._np(v.const_value), None
+            return None, f"'{value_name(v)}' is an input of the enclosing function or graph, not a constant"
+        if depth > self.MAX_DEPTH:
+            return None, f"'{value_name(v)}' is computed by a chain of more than {self.MAX_DEPTH} nodes"
+        fn = getattr(self, "_op_" + node.op_type, None) if node.domain in ONNX_DOMAINS else None
+        if fn is None:
+            return None, f"'{value_name(v)}' is computed by {node.op_type} '{node_name(node)}', not a constant"
+        ins = []
+        for k, i in enumerate(node.inputs):
+            if i is None or (node.op_type, k) in self.META_ONLY:  # only the value's shape/dtype is read
+                ins.append(i)
+                continue
+            arr, why = self.value(i, depth + 1)
+            if why:
+                return None, why
+            ins.append(arr)
+        try:
+            return np.asarray(fn(node, *ins)), None
+        except Exception as err:  # an odd constant chain is a refusal, not a crash
+            return None, f"'{value_name(v)}': cannot evaluate {node.op_type} ({type(err).__name__})"
+
+    @staticmethod
+    def _np(tensor) -> np.ndarray:
+        return np.asarray(tensor.numpy())
+
+    def _op_Constant(self, node):
+        for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+            a = node.attributes.get(key)
+            if a is not None:
+                if key == "value":
+                    return self._np(a.value)
+                return np.asarray(a.value, dtype=np.float32 if "float" in key else np.int64)
+        raise ValueError("unsupported Constant")
+
+    def _op_Identity(self, node, x):
+        return x
+
+    def _op_Cast(self, node, x):
+        import onnx_ir as ir
+
+        return x.astype(ir.DataType(attr(node, "to")).numpy())
+
+    def _op_CastLike(self, node, x, like):
+        return x.astype(like.dtype.numpy())
+
+    def _op_Reshape(self, node, x, shape):
+        shape = [int(d) for d in shape]
+        if not attr(node, "allowzero", 0):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+
+    def _op_Unsqueeze(self, node, x, axes=None):
+        axes = attr(node, "axes") if axes is None else axes
+        out = x
+        rank = x.ndim + len(axes)
+        for a in sorted(int(a) % rank for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+
+    def _op_Squeeze(self, node, x, axes=None):
+        axes = attr(node, "axes") if axes is None else axes
+        return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes))
+
+    def _op_Expand(self, node, x, shape):
+        return np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))).copy()
+
+    def _op_Shape(self, node, v):
+        dims = list(v.shape.dims) if v.shape is not None else None
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            raise ValueError("dynamic shape")
+        start, end = attr(node, "start", 0), attr(node, "end", None)
+        return np.asarray(dims[start:end], dtype=np.int64)
+
+    def _op_Concat(self, node, *xs):
+        return np.concatenate(xs, axis=attr(node, "axis"))
+
+
+# ----------------------------------------------------------------------------------- the context
+class Ctx:
+    """One graph-like (main graph, subgraph or function) being folded."""
+
+    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str = ""):
+        self.model, self.graph, self.main, self.opset, self.prefix = model, graph, main, opset, prefix
+        self.consts = Consts()
+        self._counter = itertools.count(1)
+
+    def const(self, v):
+        return self.consts.value(v)
+
+    def owns(self, node) -> bool:
+        """Whether ``node`` belongs to this graph-like (not to an enclosing or nested graph)."""
+        return node.graph is self.graph or node.graph is getattr(self.graph, "graph", None)
+
+    def single_use(self, v) -> str | None:
+        """None when ``v`` feeds exactly one node input and is no graph output, else the reason."""
+        if v.is_graph_output():
+            return f"'{value_name(v)}' is a graph output"
+        n = len(v.uses())
+        return None if n == 1 else f"'{value_name(v)}' has {n} consumers"
+
+    def fresh(self, base: str) -> str:
+        name = f"{base}_bnfold{next(self._counter)}"
+        while name in self.model_names:
+            name = f"{base}_bnfold{next(self._counter)}"
+        self.model_names.add(name)
+        return name
+
+    def new_const(self, base: str, arr: np.ndarray, before):
+        """A new constant: an initializer of the main graph, or a Constant node before ``before``."""
+        import onnx_ir as ir
+
+        name = self.fresh(base)
+        tensor = ir.tensor(np.ascontiguousarray(arr), name=name)
+        if self.main:
+            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype))
+            self.graph.register_initializer(v)
+            return v
+        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=name + "_const")
+        node.outputs[0].name = name
+        self.graph.insert_before(before, node)
+        return node.outputs[0]
+
+    def set_input(self, node, index: int, base: str, arr: np.ndarray) -> None:
+        v = self.new_const(base, arr, node)
+        if index < len(node.inputs):
+            node.replace_input_with(index, v)
+        else:
+            node.resize_inputs(index + 1)
+            node.replace_input_with(index, v)
+
+    def set_attr(self, node, name: str, value: float) -> None:
+        import onnx_ir as ir
+
+        node.attributes[name] = ir.AttrFloat32(name, float(value))
+
+    def take_over(self, old, new) -> None:
+        """Every reader of ``old`` reads ``new``; ``new`` takes ``old``'s name (kept graph outputs)."""
+        import onnx_ir as ir
+
+        name = old.name
+        if old.type is not None:
+            new.type = old.type
+        if old.shape is not None:
+            new.shape = old.shape
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name = None
+        new.name = name
+
+    def remove(self, node) -> None:
+        self.graph.remove(node, safe=True)
+
+    def rank(self, v) -> int | None:
+        if v.shape is not None:
+            return len(v.shape)
+        return self.ranks.get(v.name)
+
+
+# --------------------------------------------------------------------------------- the BN itself
+def bn_params(ctx: Ctx, bn):
+    """(s, t) as float64 tensors, or a Reject: inference mode, constant parameters, finite scale."""
+    from ..fold_math import bn_scale_shift
+
+    if attr(bn, "training_mode", 0):
+        return Reject("BatchNormalization has training_mode=1")
+    if ctx.opset < 7 and not attr(bn, "is_test", 0):
+        return Reject(f"BatchNormalization (opset {ctx.opset}) without is_test=1 runs in training mode")
+    if ctx.opset < 9 and not attr(bn, "spatial", 1):
+        return Reject("BatchNormalization has spatial=0 (statistics per element, not per channel)")
+    if ctx.opset < 14 and any(o is not None and o.name for o in bn.outputs[1:]):
+        return Reject(f"BatchNormalization (opset {ctx.opset}) with {len(bn.outputs)} outputs runs in training mode")
+    extra = [o for o in bn.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
+    if extra:
+        return Reject(f"BatchNormalization output '{value_name(extra[0])}' (a training statistic) is used")
+    if len(bn.inputs) < 5 or bn.inputs[0] is None:
+        return Reject("BatchNormalization has fewer than 5 inputs")
+    vals = []
+    for what, v in zip(("scale", "B", "mean", "var"), bn.inputs[1:5]):
+        arr, why = ctx.const(v)
+        if why:
+            return Reject(f"{what}: {why}")
+        if arr.dtype.kind not in "f" and "float" not in str(arr.dtype):
+            return Reject(f"{what} is {arr.dtype}, not floating point")
+        vals.append(arr.astype(np.float64).reshape(-1))
+    c = vals[0].size
+    if any(a.size != c for a in vals):
+        return Reject(f"scale, B, mean and var have {[a.size for a in vals]} elements, not one per channel")
+    eps = float(attr(bn, "epsilon", 1e-5))
+    scale, bias, mean, var = vals
+    bad = np.nonzero(~(var + eps > 0) | ~np.isfinite(var) | ~np.isfinite(scale) | ~np.isfinite(mean) | ~np.isfinite(bias))[0]
+    if bad.size:
+        k = int(bad[0])
+        return Reject(f"channel {k} has var + epsilon = {var[k] + eps:g} (epsilon {eps:g}) or non-finite parameters: its output is not a finite affine map")
+    return bn_scale_shift(f64(mean), f64(var), eps, f64(scale), f64(bias))
+
+
