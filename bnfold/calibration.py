@@ -28,7 +28,7 @@ from torch import nn
 
 from .data import as_batch, call_model, load_batches, model_dtype_device, prepare
 from .errors import CalibrationError, DataError
-from .verification import tf32_off
+from .runners import tf32_off
 
 ESTIMATORS = ("paper", "pooled")
 

@@ -54,8 +54,9 @@ def test_compare_shape_dtype_and_nonfinite():
     assert "dtype" in compare("y", a, np.ones((2, 3), np.float64)).problem
     b = a.copy()
     b[0, 0] = np.nan
-    assert "NaN/Inf differ" in compare("y", a, b).problem
-    assert compare("y", b, b.copy())  # the same NaN in both is not a difference
+    assert "candidate has 1 NaN/Inf" in compare("y", a, b).problem
+    same = compare("y", b, b.copy())  # the same NaN in both proves nothing: never a pass
+    assert not same and "reference itself is non-finite" in same.problem and same.nonfinite_reference == 1
     assert compare("x", np.arange(3), np.arange(3)) and not compare("x", np.arange(3), np.arange(3) + 1)
 
 
