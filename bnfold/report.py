@@ -84,6 +84,8 @@ def render_verify(vr: dict[str, Any], console) -> None:
     console.print(verification_table(vr))
     for u in vr.get("providers_unavailable", []):
         console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for note in vr.get("notes", []):
+        console.print(f"note: {note}")
     console.print(_status(vr["passed"]))
 
 

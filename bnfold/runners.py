@@ -309,7 +309,14 @@ class OrtRunner:
         return out
 
     def infer(self, feeds) -> Outputs:
-        got = self.session.run(None, self.feed_dict(feeds))
+        feed = self.feed_dict(feeds)
+        try:
+            got = self.session.run(None, feed)
+        except Exception as err:  # onnxruntime's own errors: the file does not fit these inputs
+            text = " ".join(str(err).split())[:300] or type(err).__name__
+            shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
+            raise BadInputError(f"onnxruntime ({self.provider}) cannot run '{self.path.name}' on inputs {shapes}: {text}",
+                                "check that the ONNX file belongs to this model and fits the input shapes") from err
         if len(got) == 1:
             return [("output", got[0])]
         return [(f"output.{i}", g) for i, g in enumerate(got)]
