@@ -212,11 +212,9 @@ def _captured_stderr(lines: list[str], enabled: bool = True):
     if not enabled:
         yield
         return
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = 2
-    sys.stderr.flush()
+    fd = 2  # native code writes to fd 2 whatever sys.stderr is
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
     try:
         saved = os.dup(fd)
     except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import onnx
@@ -314,3 +315,33 @@ def test_float64_run_skipped_when_too_big(exported):
     vr = verify(model, path, (x,), providers="cpu", float64_max_bytes=100)
     assert vr and "would take" in vr.float64_reference and any("no float64 run" in n for n in vr.notes)
     assert all(o.noise_floor is None for r in vr.runs for o in r.outputs)
+
+
+# ------------------------------------------------------------------------------ quiet sessions
+def test_sessions_are_quiet_unless_verbose(tmp_path, capfd):
+    """An unused initializer makes onnxruntime warn at ORT_ENABLE_ALL: silent by default, shown with verbose."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                          initializer=[numpy_helper.from_array(np.ones(3, np.float32), "unused")])
+    path = tmp_path / "unused.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    capfd.readouterr()
+    r = OrtRunner(path, "cpu", "default")
+    r.infer((torch.ones(1, 2),))
+    assert "onnxruntime" not in capfd.readouterr().err
+    OrtRunner(path, "cpu", "default", verbose=True)
+    assert "Removing initializer 'unused'" in capfd.readouterr().err
+    OrtRunner(path, "cpu", "default")  # verbose does not stick
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_native_stderr_is_routed_into_messages():
+    from bnfold.runners import _captured_stderr
+
+    lines: list[str] = []
+    with _captured_stderr(lines):
+        os.write(2, b"[E:onnxruntime:Default] something native\n")
+    assert lines == ["[E:onnxruntime:Default] something native"]
