@@ -17,7 +17,6 @@ the statistics of one process over all batches.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
