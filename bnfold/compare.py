@@ -10,7 +10,8 @@ Pass rule for one output (all must hold):
    does (``problem`` says so; ``verify`` adds where the first NaN/Inf appeared);
 3. the candidate is finite wherever the reference is;
 4. |candidate − reference| ≤ atol + rtol·|reference| everywhere (numpy.allclose), **or**, when a
-   float64 run of the reference is available, the candidate is as close to the float64 truth as the
+   float64 run of the reference is available and the tolerance is bnfold's default (a tolerance the
+   user gives is a contract, used as it is), the candidate is as close to the float64 truth as the
    float32 model itself is:
 
        |candidate − ref64| ≤ atol + rtol·|ref64| + K·floor      everywhere,
@@ -77,6 +78,7 @@ class OutputComparison:
     max_abs_error_float64: float | None = None  # max |candidate − reference64|
     noise_k: float | None = None
     ill_conditioned: bool = False  # the noise floor alone exceeds the tolerance
+    tolerance_given: bool = False  # atol/rtol set by the user for this output: used as given
     verdict: str | None = None  # "tolerance" | "noise-floor" (passed by which rule) | None (failed)
     problem: str | None = None
 
@@ -100,6 +102,15 @@ def tolerance_for(value, name: str, fallback: float) -> float:
         v = value.get(name, value.get("*"))
         return fallback if v is None else float(v)
     return float(value)
+
+
+def tolerance_given(value, name: str) -> bool:
+    """Did the user set this output's tolerance (a number, its name or "*")?"""
+    if value is None:
+        return False
+    if isinstance(value, Mapping):
+        return name in value or "*" in value
+    return True
 
 
 def check_tolerance(value, what: str) -> None:
@@ -139,7 +150,8 @@ def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference6
         finite = np.abs(ref[np.isfinite(ref)])
         d_atol *= max(1.0, float(finite.max()) if finite.size else 1.0)
     a, r = tolerance_for(atol, name, d_atol), tolerance_for(rtol, name, d_rtol)
-    res = OutputComparison(name=name, passed=False, shape=list(ref.shape), dtype=dtype, atol=a, rtol=r)
+    given = tolerance_given(atol, name) or tolerance_given(rtol, name)
+    res = OutputComparison(name=name, passed=False, shape=list(ref.shape), dtype=dtype, atol=a, rtol=r, tolerance_given=given)
     if ref.shape != got.shape:
         res.problem = f"shape {list(got.shape)} != reference {list(ref.shape)}"
         return res
@@ -192,12 +204,14 @@ def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference6
 
     if within:
         res.passed, res.verdict = True, "tolerance"
-    elif within_noise:
+    elif within_noise and not given:
         res.passed, res.verdict = True, "noise-floor"
     elif res.ill_conditioned:
         res.problem = (f"the model is ill-conditioned in float32: its own float32 run is {res.noise_floor:.3g} away from its "
-                       f"float64 run (beyond atol {a:.3g} + rtol {r:.3g}·|ref|), and this artifact is {res.max_abs_error_float64:.3g} "
-                       f"away, more than {k:g}× that")
+                       f"float64 run (beyond {'the given' if given else 'the'} atol {a:.3g} + rtol {r:.3g}·|ref|), and this artifact is "
+                       f"{res.max_abs_error_float64:.3g} away, {'within' if within_noise else 'more than'} {k:g}× that")
+        if given and within_noise:
+            res.problem += "; a given tolerance is used as it is: without --atol/--rtol it would be judged against the float64 run"
     else:
         res.problem = f"max abs error {res.max_abs_error:.3g} exceeds atol {a:.3g} + rtol {r:.3g}·|ref|"
         if res.noise_floor is not None:

@@ -302,9 +302,14 @@ def test_noise_k_boundary():
     sign = np.sign(rng.standard_normal(200))
     for c, ok in ((0.5, True), (3.9, True), (4.1, False), (10, False)):
         got = (t64 + c * floor * sign).astype(np.float32)
-        r = compare("y", ref, got, atol=1e-6, rtol=0, reference64=t64)
-        assert r.noise_floor == pytest.approx(floor, rel=1e-4) and r.ill_conditioned
+        r = compare("y", ref, got, reference64=t64)  # default tolerance: atol ≈ 1e-3 here
+        assert r.noise_floor == pytest.approx(floor, rel=1e-4) and r.ill_conditioned and not r.tolerance_given
         assert bool(r) is ok, (c, r)
+        assert r.verdict == ("noise-floor" if ok else None)
+    # a tolerance the user gives is a contract: judged as given, the figures explain the failure
+    got = (t64 + 0.5 * floor * sign).astype(np.float32)
+    r = compare("y", ref, got, atol={"*": 1e-3}, reference64=t64)
+    assert not r and r.tolerance_given and "ill-conditioned in float32" in r.problem and "used as it is" in r.problem
     # a well-conditioned model (floor below the tolerance) is judged by the tolerance alone
     r = compare("y", t64.astype(np.float32), (t64 + 1e-2).astype(np.float32), atol=1e-4, rtol=0, reference64=t64)
     assert not r and not r.ill_conditioned and "exceeds atol" in r.problem
