@@ -309,6 +309,8 @@ def verify(
         if p not in wanted:
             wanted.append(p)
     levels = tuple(levels)
+    if not levels:
+        raise BadInputError("no onnxruntime optimisation level to verify at", f"use {' and/or '.join(LEVELS)}")
     for lv in levels:
         if lv not in LEVELS:
             raise BadInputError(f"unknown optimisation level '{lv}'", f"use {' or '.join(LEVELS)}")
@@ -419,7 +421,7 @@ def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, r
     if not report.providers_run:
         why = "; ".join(f"{u['provider']}: {u['reason']}" for u in report.providers_unavailable)
         raise ProviderError(f"none of the requested providers ({', '.join(wanted)}) can run here, so the ONNX file "
-                            f"was never compared ({why})", "add --providers cpu")
+                            f"was never compared ({why})", "add cpu (--providers cpu,cuda), or run where the provider works")
     _noise_notes(report)
 
 

@@ -25,11 +25,11 @@ def small():
     return randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))).eval()
 
 
-@pytest.fixture
-def exported(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     model = small()
     x = torch.randn(2, 2, 6, 6)
-    path = bnfold.export(bnfold.fold(model), (x,), tmp_path / "m.onnx")
+    path = bnfold.export(bnfold.fold(model), (x,), tmp_path_factory.mktemp("exported") / "m.onnx")
     return model, x, path
 
 
