@@ -154,7 +154,7 @@ def check_statistics(reference) -> None:
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 problem = f"running_var has {int((~torch.isfinite(v)).sum())} NaN/Inf values"
             elif bool((v < 0).any()):
-                problem = f"running_var has {int((v < 0).sum())} negative values (min {float(v.min()):.3g})"
+                problem = f"running_var has {int((v < 0).sum())} negative value(s) (min {float(v.min()):.3g})"
             elif mean.is_floating_point() and not bool(torch.isfinite(mean.detach()).all()):
                 problem = f"running_mean has {int((~torch.isfinite(mean.detach())).sum())} NaN/Inf values"
             elif isinstance(eps, (int, float)) and eps < 0:

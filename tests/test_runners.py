@@ -246,7 +246,7 @@ def test_invalid_statistics_are_bad_input(tmp_path):
     path = bnfold.export(model, (x,), tmp_path / "m.onnx")
     bad = copy.deepcopy(model)
     bad[1].running_var[1] = -0.5
-    with pytest.raises(WeightsError, match="BatchNorm layer '1' has invalid statistics: running_var has 1 negative") as e:
+    with pytest.raises(WeightsError, match="BatchNorm layer '1' has invalid statistics: running_var has 1 negative value") as e:
         verify(bad, path, (x,), providers="cpu")
     assert e.value.exit_code == 2
     # an ONNX BatchNormalization with a negative epsilon
