@@ -203,6 +203,7 @@ def _record_plan(rep: ConvertReport, plan) -> None:
 def _record_verification(rep: ConvertReport, vr) -> None:
     rep.verification = vr.to_dict()
     rep.providers_unavailable = vr.providers_unavailable
+    rep.notes.extend(n for n in vr.notes if n not in rep.notes)
     rep.passed = vr.passed
 
 

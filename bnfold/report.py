@@ -41,7 +41,7 @@ def verification_table(verification: dict[str, Any]):
     from rich.table import Table
 
     t = Table(title="Verification", title_justify="left")
-    for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", "max rel", "cosine", "needs atol", "result"):
+    for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", "max rel", "cosine", "needs atol", "fp32 noise", "result"):
         t.add_column(col, overflow="fold")
     for run in verification.get("runs", []):
         for o in run["outputs"]:
@@ -51,7 +51,7 @@ def verification_table(verification: dict[str, Any]):
                 result += f"\n{o['problem']}"
             t.add_row(run["target"], run["provider"], LEVEL_NAMES.get(run["graph_optimization"], run["graph_optimization"]),
                       run["inputs"], o["name"], _fmt(o.get("max_abs_error")), _fmt(o.get("max_rel_error")), cos,
-                      _fmt(o.get("required_atol")), result)
+                      _fmt(o.get("required_atol")), _fmt(o.get("noise_floor")), result)
     return t
 
 
@@ -84,6 +84,8 @@ def render_verify(vr: dict[str, Any], console) -> None:
     console.print(verification_table(vr))
     for u in vr.get("providers_unavailable", []):
         console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for note in vr.get("notes", []):
+        console.print(f"note: {note}")
     console.print(_status(vr["passed"]))
 
 

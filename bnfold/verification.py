@@ -1,84 +1,60 @@
-"""Verify stage: run the reference and the candidate(s) on the same inputs and compare every output.
+"""Verify stage: a loop over runners (bnfold/runners.py) whose outputs go to the comparator
+(bnfold/compare.py), against a reference computed once per input set.
 
-Runners (Polygraphy-style, kept apart from the comparator):
-
-* the reference: the original PyTorch model in eval mode (on the GPU too, where torch has CUDA and
-  the CUDA provider runs), or for ONNX-in folding the original ONNX file on CPU at ``ORT_DISABLE_ALL``;
+* the reference: the original PyTorch model in eval mode (on its own device; for a GPU provider also
+  on the GPU, TF32 off), or for ONNX-in folding the original ONNX file on CPU at ``ORT_DISABLE_ALL``;
+  plus, for a floating PyTorch reference that fits (float64 parameters ≤ 1.5 GB), one float64 run per
+  input set: the comparator then knows each output's float32 noise floor (see bnfold/compare.py);
 * the folded PyTorch module (when given);
-* the ONNX file on onnxruntime, for each provider that really runs, at ``ORT_DISABLE_ALL`` (the graph
-  as written) and at the default level (``ORT_ENABLE_ALL``, where onnxruntime rewrites the graph).
+* the ONNX file on onnxruntime, for each requested provider (bnfold/providers.py) that really runs,
+  at ``ORT_DISABLE_ALL`` (the graph as written) and at the default level (``ORT_ENABLE_ALL``).
 
-A provider counts only when a session was created and ``session.get_providers()`` names it first;
-otherwise it is listed under ``providers_unavailable`` with the reason. TF32 is switched off on both
-sides of a CUDA comparison.
-
-Pass criterion per element (numpy.allclose): |candidate − reference| ≤ atol + rtol·|reference|, plus
-equal shapes, equal dtypes and the same NaN/Inf pattern. The default atol is the dtype's base value
-times max(1, max|reference|): rounding in a deep network grows with the size of the values summed,
-not with each output element, so an output whose values reach 1e5 gets atol 10 (float32). Given
-tolerances are used as they are.
+Honest verdicts: PASSED needs at least one ONNX comparison (when no requested provider can run,
+``verify`` raises ProviderError, exit 2), a finite reference (a NaN/Inf reference fails, exit 1,
+with a note naming the first module whose output was non-finite) and every output within tolerance.
+Invalid statistics (negative or non-finite running_var, non-finite running_mean, negative epsilon,
+in a PyTorch BN or an ONNX BatchNormalization of the reference) are bad input: ``verify`` raises
+before running anything (exit 2), naming the layer. Per-output tolerance keys must name an output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import BadInputError, ProviderError
+from .compare import (  # noqa: F401  (re-exported: the public names of the verify stage)
+    DEFAULT_TOLERANCES,
+    NOISE_K,
+    OutputComparison,
+    check_tolerance,
+    check_tolerance_keys,
+    compare,
+    compare_outputs,
+    default_tolerance,
+)
+from .errors import BadInputError, ProviderError, WeightsError
+from .providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers  # noqa: F401
+from .runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner, flatten_outputs, tf32, tf32_off  # noqa: F401
 
-KNOWN_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-LEVELS = ("disable_all", "default")
-
-# dtype → (atol, rtol). Folding changes rounding, never more: these bound it with margin.
-DEFAULT_TOLERANCES = {
-    "float64": (1e-9, 1e-7),
-    "float32": (1e-4, 1e-4),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
-
-
-def default_tolerance(dtype_name: str) -> tuple[float, float]:
-    return DEFAULT_TOLERANCES.get(dtype_name, (0.0, 0.0))
+KNOWN_PROVIDERS = {k: s.ort_name for k, s in PROVIDERS.items()}  # kept for callers of the old name
+FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
 
 
 # ------------------------------------------------------------------------------------- results
 @dataclass
-class OutputComparison:
-    name: str
-    passed: bool
-    shape: list | None
-    dtype: str | None
-    atol: float
-    rtol: float
-    max_abs_error: float | None = None
-    mean_abs_error: float | None = None
-    median_abs_error: float | None = None
-    max_rel_error: float | None = None
-    cosine_similarity: float | None = None
-    required_atol: float | None = None
-    nonfinite_reference: int = 0
-    nonfinite_candidate: int = 0
-    problem: str | None = None
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-
-@dataclass
 class Run:
     target: str  # "onnx" or "folded-module"
-    provider: str  # "cpu", "cuda" or "pytorch"
+    provider: str  # "cpu", "cuda", ... or "pytorch"
     graph_optimization: str | None  # "disable_all", "default" (onnxruntime), None for PyTorch
     inputs: str  # name of the input set
     passed: bool
     outputs: list[OutputComparison] = field(default_factory=list)
-    device: str | None = None
+    device: str | None = None  # where the candidate ran
+    reference_device: str | None = None  # where the reference it was compared with ran
 
     def __bool__(self) -> bool:
         return self.passed
@@ -93,16 +69,31 @@ class Run:
         vals = [o.max_rel_error for o in self.outputs if o.max_rel_error is not None]
         return max(vals) if vals else None
 
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "outputs"}
+        return {**d, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Run":
+        names = {f.name for f in fields(cls)} - {"outputs"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   outputs=[OutputComparison.from_dict(o) for o in d.get("outputs", [])])
+
 
 @dataclass
 class VerifyReport:
     runs: list[Run] = field(default_factory=list)
     providers_unavailable: list[dict[str, str]] = field(default_factory=list)
     providers_run: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    float64_reference: str | None = None  # "ran", or why there was no float64 run
+    noise_k: float = NOISE_K
 
     @property
     def passed(self) -> bool:
-        return bool(self.runs) and all(r.passed for r in self.runs)
+        # at least one artifact run (the folded PyTorch module alone proves nothing about the file)
+        return any(r.target != "folded-module" for r in self.runs) and all(r.passed for r in self.runs)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -110,245 +101,176 @@ class VerifyReport:
     def failures(self) -> list[tuple[Run, OutputComparison]]:
         return [(r, o) for r in self.runs for o in r.outputs if not o.passed]
 
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "providers_run": self.providers_run,
-            "providers_unavailable": self.providers_unavailable,
-            "runs": [
-                {**{k: v for k, v in asdict(r).items() if k != "outputs"},
-                 "max_abs_error": r.max_abs_error, "max_rel_error": r.max_rel_error,
-                 "outputs": [asdict(o) for o in r.outputs]}
-                for r in self.runs
-            ],
+            "providers_run": list(self.providers_run),
+            "providers_unavailable": [dict(u) for u in self.providers_unavailable],
+            "float64_reference": self.float64_reference,
+            "noise_k": self.noise_k,
+            "notes": list(self.notes),
+            "runs": [r.to_dict() for r in self.runs],
         }
 
-
-# ------------------------------------------------------------------------------------ compare
-def _tol(value, name: str, fallback: float) -> float:
-    if value is None:
-        return fallback
-    if isinstance(value, Mapping):
-        v = value.get(name, value.get("*"))
-        return fallback if v is None else float(v)
-    return float(value)
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VerifyReport":
+        return cls(runs=[Run.from_dict(r) for r in d.get("runs", [])],
+                   providers_unavailable=[dict(u) for u in d.get("providers_unavailable", [])],
+                   providers_run=list(d.get("providers_run", [])), notes=list(d.get("notes", [])),
+                   float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K))
 
 
-def check_tolerance(value, what: str) -> None:
-    vals = value.values() if isinstance(value, Mapping) else ([] if value is None else [value])
-    for v in vals:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise BadInputError(f"{what} '{v}' is not a number", f"pass a non-negative number, e.g. --{what} 1e-4") from None
-        if not np.isfinite(f) or f < 0:
-            raise BadInputError(f"{what} {v} is negative or not finite", f"pass a non-negative number, e.g. --{what} 1e-4")
-
-
-def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol=None, rtol=None) -> OutputComparison:
-    ref = np.asarray(reference)
-    got = np.asarray(candidate)
-    dtype = str(ref.dtype) if ref.dtype != np.dtype("V2") else "bfloat16"
-    d_atol, d_rtol = default_tolerance(dtype)
-    if ref.dtype.kind == "f" and ref.size:
-        finite = np.abs(ref[np.isfinite(ref)])
-        d_atol *= max(1.0, float(finite.max()) if finite.size else 1.0)
-    a, r = _tol(atol, name, d_atol), _tol(rtol, name, d_rtol)
-    res = OutputComparison(name=name, passed=False, shape=list(ref.shape), dtype=dtype, atol=a, rtol=r)
-    if ref.shape != got.shape:
-        res.problem = f"shape {list(got.shape)} != reference {list(ref.shape)}"
-        return res
-    if ref.dtype != got.dtype:
-        res.problem = f"dtype {got.dtype} != reference {ref.dtype}"
-        return res
-    if ref.size == 0:
-        res.passed = True
-        return res
-    r64, g64 = ref.astype(np.float64), got.astype(np.float64)
-    fin_r, fin_g = np.isfinite(r64), np.isfinite(g64)
-    res.nonfinite_reference = int((~fin_r).sum())
-    res.nonfinite_candidate = int((~fin_g).sum())
-    both = fin_r & fin_g
-    same_nonfinite = np.array_equal(fin_r, fin_g) and np.array_equal(
-        np.nan_to_num(r64[~fin_r], nan=0.0), np.nan_to_num(g64[~fin_g], nan=0.0)
-    )
-    diff = np.abs(g64[both] - r64[both])
-    absr = np.abs(r64[both])
-    if diff.size:
-        res.max_abs_error = float(diff.max())
-        res.mean_abs_error = float(diff.mean())
-        res.median_abs_error = float(np.median(diff))
-        nonzero = absr > 0  # relative error is undefined where the reference is 0
-        res.max_rel_error = float((diff[nonzero] / absr[nonzero]).max()) if nonzero.any() else 0.0
-        res.required_atol = float(max((diff - r * absr).max(), 0.0))
-        rn, gn = r64[both].ravel(), g64[both].ravel()
-        denom = np.linalg.norm(rn) * np.linalg.norm(gn)
-        res.cosine_similarity = float(rn @ gn / denom) if denom > 0 else (1.0 if np.array_equal(rn, gn) else 0.0)
-        within = bool((diff <= a + r * absr).all())
-    else:
-        res.max_abs_error = res.mean_abs_error = res.median_abs_error = res.max_rel_error = 0.0
-        within = True
-    if not same_nonfinite:
-        res.problem = f"NaN/Inf differ: reference has {res.nonfinite_reference}, candidate {res.nonfinite_candidate}"
-    elif not within:
-        res.problem = f"max abs error {res.max_abs_error:.3g} exceeds atol {a:g} + rtol {r:g}·|ref|"
-    res.passed = same_nonfinite and within
-    return res
-
-
-# ------------------------------------------------------------------------------- flattening I/O
-def flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
-    """Tensors of a (nested) output in a stable order with stable names."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [(prefix, out)]
-    if isinstance(out, Mapping):
-        items: list = []
-        for k in out:
-            items += flatten_outputs(out[k], f"{prefix}.{k}")
-        return items
-    if isinstance(out, (tuple, list)):
-        items = []
-        for i, v in enumerate(out):
-            items += flatten_outputs(v, f"{prefix}.{i}")
-        return items
-    if out is None:
-        return []
-    return [(prefix, torch.as_tensor(out))]
-
-
-def _to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy()
-    return t.numpy()
-
-
-# ------------------------------------------------------------------------------------ runners
-def parse_providers(providers: Iterable[str] | str | None) -> list[str]:
-    if providers is None:
-        return list(KNOWN_PROVIDERS)
-    if isinstance(providers, str):
-        providers = [p for p in providers.split(",")]
-    out = []
-    for p in providers:
-        key = p.strip().lower().replace("executionprovider", "")
-        if key not in KNOWN_PROVIDERS:
-            raise ProviderError(f"unknown provider '{p.strip()}'", f"use one or more of {', '.join(KNOWN_PROVIDERS)}")
-        if key not in out:
-            out.append(key)
-    if not out:
-        raise ProviderError("no provider given", "use --providers cpu,cuda")
-    return out
-
-
+# --------------------------------------------------------------------- backwards-compatible helpers
 def make_session(onnx_path: str | Path, provider: str, level: str):
     """(session, None) or (None, reason) — the reason why ``provider`` cannot really run here."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
-    name = KNOWN_PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        hint = " (install onnxruntime-gpu instead of onnxruntime)" if provider == "cuda" else ""
-        return None, f"this onnxruntime build ({ort.__version__}) has no {name}{hint}"
-    if provider == "cuda":
-        plist = [(name, {"use_tf32": "0", "device_id": "0"}), "CPUExecutionProvider"]
-    else:
-        plist = [name]
     try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=plist)
-    except Exception as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if provider == "cpu":
-            raise BadInputError(f"onnxruntime cannot load '{onnx_path}': {text}", "check that the file is a complete, valid ONNX model") from err
-        return None, f"creating a {name} session failed: {text}"
-    if sess.get_providers()[0] != name:
-        return None, f"{name} is listed but did not load (session fell back to {sess.get_providers()[0]}; CUDA/cuDNN libraries missing?)"
-    return sess, None
+        return OrtRunner(onnx_path, provider, level).session, None
+    except RunnerUnavailable as err:
+        return None, str(err)
 
 
-def run_session(sess, inputs: tuple, kwargs: Mapping | None = None) -> list[np.ndarray]:
-    feeds = {}
-    names = [i.name for i in sess.get_inputs()]
-    kwargs = dict(kwargs or {})
-    flat = [_to_numpy(t) for t in inputs]
-    pos = iter(flat)
-    for n in names:
-        if n in kwargs:
-            feeds[n] = _to_numpy(kwargs[n])
-        else:
-            try:
-                feeds[n] = next(pos)
-            except StopIteration:
-                raise BadInputError(f"the ONNX model needs input '{n}', which was not given", "pass one --input-shape per model input") from None
-    return sess.run(None, feeds)
-
-
-@contextlib.contextmanager
-def tf32_off():
-    """Switch TF32 off in torch (restored afterwards) so CUDA matmuls/convs are true fp32."""
+# ----------------------------------------------------------------------------- input statistics
+def check_statistics(reference) -> None:
+    """Refuse (exit 2) BatchNorm statistics that cannot come from data: negative or non-finite
+    running_var, non-finite running_mean, negative epsilon. Such a model's outputs are NaN or
+    meaningless, so there is nothing to fold or verify; recalibrating (--calib) replaces them."""
+    if isinstance(reference, (str, Path)):
+        _check_onnx_statistics(Path(reference))
+        return
     import torch
 
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    for name, m in reference.named_modules():
+        var, mean = getattr(m, "running_var", None), getattr(m, "running_mean", None)
+        if not (isinstance(var, torch.Tensor) and isinstance(mean, torch.Tensor)):
+            continue
+        eps = getattr(m, "eps", 0.0)
+        problem = None
+        with torch.no_grad():
+            v = var.detach()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                problem = f"running_var has {int((~torch.isfinite(v)).sum())} NaN/Inf values"
+            elif bool((v < 0).any()):
+                problem = f"running_var has {int((v < 0).sum())} negative value(s) (min {float(v.min()):.3g})"
+            elif mean.is_floating_point() and not bool(torch.isfinite(mean.detach()).all()):
+                problem = f"running_mean has {int((~torch.isfinite(mean.detach())).sum())} NaN/Inf values"
+            elif isinstance(eps, (int, float)) and eps < 0:
+                problem = f"eps is negative ({eps:g})"
+        if problem:
+            raise WeightsError(f"BatchNorm layer '{name}' has invalid statistics: {problem}",
+                               "check the checkpoint, or recompute the statistics with --calib")
+
+
+def _check_onnx_statistics(path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 — an unreadable file is reported by the runner that loads it
+        return
+    inits = {i.name: i for i in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        label = node.name or (node.output[0] if node.output else "?")
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        problem = f"epsilon is negative ({eps:g})" if eps < 0 else None
+        if problem is None and len(node.input) > 4 and node.input[4] in inits:
+            t = inits[node.input[4]]
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                var = numpy_helper.to_array(t).astype(np.float64)
+                if not np.isfinite(var).all():
+                    problem = f"its variance has {int((~np.isfinite(var)).sum())} NaN/Inf values"
+                elif (var < 0).any():
+                    problem = f"its variance has {int((var < 0).sum())} negative values (min {var.min():.3g})"
+        if problem:
+            raise BadInputError(f"BatchNormalization '{label}' in {path.name} has invalid statistics: {problem}",
+                                "fix the model's statistics (running variance ≥ 0, epsilon ≥ 0)")
 
 
-def _torch_outputs(model, args: tuple, kwargs: Mapping, device=None) -> list[tuple[str, Any]]:
-    import torch
-
-    from .data import Batch, call_model
-
-    if device is None:  # inputs go where the model lives (a CUDA model gets CUDA inputs)
-        from .data import model_dtype_device
-
-        device = model_dtype_device(model)[1]
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    with torch.no_grad():
-        out = call_model(model, Batch(tuple(args), dict(kwargs)))
-    return [(n, _to_numpy(t)) for n, t in flatten_outputs(out)]
-
-
-def _compare_lists(ref: list[tuple[str, np.ndarray]], got: list[np.ndarray], atol, rtol) -> list[OutputComparison]:
-    if len(ref) != len(got):
-        return [OutputComparison(name="outputs", passed=False, shape=None, dtype=None, atol=0, rtol=0,
-                                 problem=f"candidate has {len(got)} outputs, reference {len(ref)}")]
-    return [compare(n, r, g, atol, rtol) for (n, r), g in zip(ref, got)]
-
-
-def _input_sets(inputs) -> dict[str, tuple[tuple, dict]]:
-    """Normalise to {name: (args, kwargs)}."""
+# ------------------------------------------------------------------------------------ inputs
+def _input_sets(inputs) -> dict[str, Any]:
+    """Normalise to {name: Batch}."""
     import torch
 
     from .data import Batch
 
     if isinstance(inputs, torch.Tensor):
-        return {"inputs": ((inputs,), {})}
+        return {"inputs": Batch((inputs,), {})}
     if isinstance(inputs, Batch):
-        return {"inputs": (inputs.args, inputs.kwargs)}
+        return {"inputs": inputs}
     if isinstance(inputs, Mapping):
         out = {}
         for k, v in inputs.items():
             if isinstance(v, Batch):
-                out[k] = (v.args, v.kwargs)
+                out[k] = v
             elif isinstance(v, torch.Tensor):
-                out[k] = ((v,), {})
+                out[k] = Batch((v,), {})
             else:
-                out[k] = (tuple(v), {})
+                out[k] = Batch(tuple(v), {})
         return out
-    return {"inputs": (tuple(inputs), {})}
+    return {"inputs": Batch(tuple(inputs), {})}
+
+
+def _float64_runner(reference, max_bytes: int):
+    """(TorchRunner in float64, None) or (None, why not)."""
+    import itertools
+
+    import torch
+
+    from .data import model_dtype_device
+
+    dtype, _ = model_dtype_device(reference)
+    if dtype == torch.float64:
+        return None, "the reference is float64 already"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, f"the reference is {dtype}, not floating point"
+    n = sum(t.numel() for t in itertools.chain(reference.parameters(), reference.buffers()) if t.is_floating_point())
+    if n * 8 > max_bytes:
+        return None, (f"a float64 copy of the reference would take {n * 8 / 1e9:.2f} GB "
+                      f"(bound {max_bytes / 1e9:.2f} GB): judged against the {str(dtype).replace('torch.', '')} reference only")
+    return TorchRunner(reference, dtype=torch.float64, allow_tf32=False, target="reference-float64"), None
+
+
+def compare_runners(reference, candidates, inputs, *, atol=None, rtol=None, reference64=None,
+                    noise_k: float = NOISE_K) -> VerifyReport:
+    """The comparator loop for any runners (a runner: ``infer(feeds) -> [(name, ndarray)]`` and the
+    attributes ``target``, ``provider``, ``level``, ``device``): every candidate on every input set
+    against ``reference`` (and ``reference64``, a float64 runner, for the noise floor).
+
+    This is how a runtime bnfold does not ship (TensorRT's own API, ExecuTorch, ...) is verified:
+    write one runner class and pass it here.
+    """
+    check_tolerance(atol, "atol")
+    check_tolerance(rtol, "rtol")
+    sets = _input_sets(inputs)
+    report = VerifyReport(noise_k=noise_k)
+    refs = {s: reference.infer(f) for s, f in sets.items()}
+    refs64 = {s: reference64.infer(f) for s, f in sets.items()} if reference64 is not None else {}
+    report.float64_reference = "ran" if refs64 else None
+    names = [n for outs in refs.values() for n, _ in outs]
+    check_tolerance_keys(atol, "atol", names)
+    check_tolerance_keys(rtol, "rtol", names)
+    for c in candidates:
+        for s, f in sets.items():
+            outs = compare_outputs(refs[s], c.infer(f), atol, rtol, reference64=refs64.get(s), k=noise_k)
+            report.runs.append(Run(c.target, c.provider, c.level, s, all(outs), outs, device=c.device,
+                                   reference_device=reference.device))
+        if c.provider not in report.providers_run and c.target != "folded-module":
+            report.providers_run.append(c.provider)
+    _noise_notes(report)
+    return report
+
+
+def _unavailable(report: VerifyReport, provider: str, why: str, required: list[str]) -> None:
+    report.providers_unavailable.append({"provider": provider, "reason": why})
+    if provider in required:
+        raise ProviderError(f"required provider '{provider}' cannot run here: {why}",
+                            "run on a machine where it works, or drop --require-providers")
 
 
 def verify(
@@ -358,17 +280,25 @@ def verify(
     *,
     atol=None,
     rtol=None,
-    providers=("cpu", "cuda"),
+    providers=DEFAULT_PROVIDERS,
     folded=None,
     require_providers: Iterable[str] = (),
     levels: Iterable[str] = LEVELS,
+    float64_reference: bool = True,
+    float64_max_bytes: int = FLOAT64_MAX_BYTES,
+    noise_k: float = NOISE_K,
+    verbose: bool = False,
 ) -> VerifyReport:
     """Compare ``onnx_path`` (and ``folded``, a PyTorch module) against ``reference``.
 
     ``reference``: the original nn.Module (eval mode is used, the module is not changed) or the path
     of an original .onnx file. ``inputs``: a tensor, a tuple of tensors, or {name: tuple} for several
     input sets. ``atol``/``rtol``: a number, or {output_name: number, "*": default}.
-    Returns a VerifyReport (truthy when every run passed).
+    ``float64_reference``: also run a PyTorch reference in float64 (when it fits in
+    ``float64_max_bytes``) and judge against the float32 model's own noise (``noise_k``).
+    ``verbose``: let onnxruntime's warnings reach stderr (otherwise they go to the notes).
+    Returns a VerifyReport (truthy when every run passed and at least one ONNX run happened).
+    Raises ProviderError when no requested provider (or a required one) can run.
     """
     from .data import eval_mode
 
@@ -379,7 +309,14 @@ def verify(
     for p in required:
         if p not in wanted:
             wanted.append(p)
-    report = VerifyReport()
+    levels = tuple(levels)
+    if not levels:
+        raise BadInputError("no onnxruntime optimisation level to verify at", f"use {' and/or '.join(LEVELS)}")
+    for lv in levels:
+        if lv not in LEVELS:
+            raise BadInputError(f"unknown optimisation level '{lv}'", f"use {' or '.join(LEVELS)}")
+    check_statistics(reference)
+    report = VerifyReport(noise_k=noise_k)
     sets = _input_sets(inputs)
     onnx_ref = isinstance(reference, (str, Path))
     with contextlib.ExitStack() as stack:
@@ -387,59 +324,122 @@ def verify(
             stack.enter_context(eval_mode(reference))  # no copy of the weights: flags restored
         if folded is not None:
             stack.enter_context(eval_mode(folded))
-        return _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, tuple(levels))
+        _run_all(report, reference, onnx_ref, Path(onnx_path), sets, atol, rtol, wanted, required, folded, levels,
+                 float64_reference, float64_max_bytes, noise_k, verbose)
+    return report
 
 
-def _verify(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels):
+def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels,
+             use_f64, f64_bytes, k, verbose):
     import torch
 
-    # references on CPU (computed once per input set)
-    cpu_ref: dict[str, list] = {}
-    ref_sess = None
+    # 1. the reference, once per input set (and once in float64)
     if onnx_ref:
-        ref_sess, why = make_session(reference, "cpu", "disable_all")
-    for sname, (args, kwargs) in sets.items():
-        if onnx_ref:
-            outs = run_session(ref_sess, args, kwargs)
-            cpu_ref[sname] = [(f"output.{i}" if len(outs) > 1 else "output", o) for i, o in enumerate(outs)]
+        ref_runner = OrtRunner(reference, "cpu", "disable_all", verbose=verbose, target="reference")
+        report.float64_reference = "not run for an ONNX reference"
+    else:
+        ref_runner = TorchRunner(reference, allow_tf32=False)
+    refs = {s: ref_runner.infer(f) for s, f in sets.items()}
+    ref_device = ref_runner.device
+    refs64: dict[str, list] = {}
+    if not onnx_ref:
+        if not use_f64:
+            report.float64_reference = "switched off"
         else:
-            with tf32_off():  # a model that lives on the GPU is still compared in true fp32
-                cpu_ref[sname] = _torch_outputs(reference, args, kwargs)
+            r64, why = _float64_runner(reference, f64_bytes)
+            if r64 is None:
+                report.float64_reference = why
+                if "GB" in why:
+                    report.note(f"no float64 run of the reference: {why}")
+            else:
+                try:
+                    refs64 = {s: r64.infer(f) for s, f in sets.items()}
+                    report.float64_reference = "ran"
+                except Exception as err:  # noqa: BLE001 — the model may not support float64
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    report.float64_reference = f"failed: {type(err).__name__}: {first[:200]}"
+                    report.note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
+                                "judged against the float32 reference only")
+                finally:
+                    r64.close()
+                    del r64
 
+    names = [n for outs in refs.values() for n, _ in outs]
+    check_tolerance_keys(atol, "atol", names)
+    check_tolerance_keys(rtol, "rtol", names)
+    for s, outs in refs.items():
+        bad = [n for n, o in outs if np.asarray(o).dtype.kind == "f" and not np.isfinite(o).all()]
+        if bad:
+            where = ref_runner.first_nonfinite_module(sets[s]) if isinstance(ref_runner, TorchRunner) else None
+            at = f"; the first module with a NaN/Inf output is '{where}'" if where else ""
+            report.note(f"the reference itself is non-finite on input set '{s}' (output {', '.join(bad)}){at}: "
+                        "nothing can be verified against it")
+
+    def judge(s, got, against):
+        return compare_outputs(against[s], got, atol, rtol, reference64=refs64.get(s), k=k)
+
+    # 2. the folded PyTorch module
     if folded is not None:
-        for sname, (args, kwargs) in sets.items():
-            with tf32_off():
-                got = [o for _, o in _torch_outputs(folded, args, kwargs)]
-            outs = _compare_lists(cpu_ref[sname], got, atol, rtol)
-            report.runs.append(Run("folded-module", "pytorch", None, sname, all(outs), outs,
-                                   device=str(next(folded.parameters(), torch.empty(0)).device)))
+        fr = TorchRunner(folded, allow_tf32=False, target="folded-module")
+        for s, f in sets.items():
+            outs = judge(s, fr.infer(f), refs)
+            report.runs.append(Run("folded-module", "pytorch", None, s, all(outs), outs, device=fr.device, reference_device=ref_device))
 
+    # 3. the ONNX file, per provider and level; one session alive at a time
+    by_device = {ref_device: refs}
     for provider in wanted:
-        # one session at a time (a large model is loaded once per level, never twice at once)
-        sess, why = make_session(onnx_path, provider, levels[0])
-        if sess is None:
-            report.providers_unavailable.append({"provider": provider, "reason": why})
-            if provider in required:
-                raise ProviderError(f"required provider '{provider}' cannot run here: {why}", "run on a machine where it works, or drop --require-providers")
+        spec = PROVIDERS[provider]
+        for i, level in enumerate(levels):
+            try:
+                runner = OrtRunner(onnx_path, provider, level, verbose=verbose)
+            except RunnerUnavailable as err:
+                _unavailable(report, provider, str(err) if i == 0 else f"{level}: {err}", required)
+                if i == 0:
+                    break
+                continue
+            for msg in runner.messages:
+                report.note(f"onnxruntime ({provider}, {level}): {msg}")
+            if provider not in report.providers_run:
+                report.providers_run.append(provider)
+            against, against_dev = refs, ref_device
+            dev = spec.torch_device
+            if dev and not onnx_ref and dev.startswith("cuda") and torch.cuda.is_available():
+                if dev not in by_device and not any(d.startswith("cuda") for d in by_device):
+                    gr = TorchRunner(reference, device=dev, allow_tf32=False)
+                    by_device[dev] = {s: gr.infer(f) for s, f in sets.items()}
+                    gr.close()
+                    del gr
+                cuda_dev = next(d for d in by_device if d.startswith("cuda"))
+                against, against_dev = by_device[cuda_dev], cuda_dev
+            for s, f in sets.items():
+                outs = judge(s, runner.infer(f), against)
+                report.runs.append(Run("onnx", provider, level, s, all(outs), outs, device=runner.device,
+                                       reference_device=against_dev))
+            runner.close()
+            del runner
+    ref_runner.close()
+
+    if not report.providers_run:
+        why = "; ".join(f"{u['provider']}: {u['reason']}" for u in report.providers_unavailable)
+        raise ProviderError(f"none of the requested providers ({', '.join(wanted)}) can run here, so the ONNX file "
+                            f"was never compared ({why})", "add cpu (--providers cpu,cuda), or run where the provider works")
+    _noise_notes(report)
+
+
+def _noise_notes(report: VerifyReport) -> None:
+    """One note per output that is ill-conditioned in float32, with the worst artifact figures."""
+    worst: dict[str, OutputComparison] = {}
+    for r in report.runs:
+        if r.target == "folded-module":  # the note is about the artifact
             continue
-        report.providers_run.append(provider)
-        gpu_ref = provider == "cuda" and not onnx_ref and torch.cuda.is_available()
-        ctx = tf32_off() if gpu_ref else contextlib.nullcontext()
-        with ctx:
-            on_gpu = gpu_ref and any(p.is_cuda for p in reference.parameters())
-            ref_model = (reference if on_gpu else copy.deepcopy(reference).to("cuda")) if gpu_ref else None
-            refs = {s: (_torch_outputs(ref_model, a, k, device="cuda") if gpu_ref else cpu_ref[s]) for s, (a, k) in sets.items()}
-            del ref_model
-            for i, level in enumerate(levels):
-                if i:
-                    sess, why = make_session(onnx_path, provider, level)
-                    if sess is None:
-                        report.providers_unavailable.append({"provider": provider, "reason": f"{level}: {why}"})
-                        continue
-                for sname, (args, kwargs) in sets.items():
-                    got = run_session(sess, args, kwargs)
-                    outs = _compare_lists(refs[sname], got, atol, rtol)
-                    report.runs.append(Run("onnx", provider, level, sname, all(outs), outs,
-                                           device="cuda" if gpu_ref else "cpu"))
-                del sess
-    return report
+        for o in r.outputs:
+            if o.ill_conditioned and (o.name not in worst or (o.max_abs_error_float64 or 0) > (worst[o.name].max_abs_error_float64 or 0)):
+                worst[o.name] = o
+    for name, o in worst.items():
+        ratio = (o.max_abs_error_float64 or 0) / o.noise_floor if o.noise_floor else float("nan")
+        report.note(
+            f"the model is ill-conditioned in float32: output '{name}' of its float32 run is {o.noise_floor:.3g} away from "
+            f"its float64 run, beyond the tolerance (atol {o.atol:.3g}, rtol {o.rtol:.3g}); the artifact is at most "
+            f"{o.max_abs_error_float64:.3g} away from the float64 run ({ratio:.2f}× the model's own error; the limit is "
+            f"{report.noise_k:g}×{' and a given tolerance is used as it is' if o.tolerance_given else ''})"
+        )

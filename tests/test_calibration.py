@@ -205,7 +205,68 @@ def test_two_processes_equal_one(tmp_path):
     assert int(b["bn1.num_batches_tracked"]) == int(a["bn1.num_batches_tracked"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def gpu_test(fn):
+    """CUDA-only: selected by `pytest -m gpu`, skipped without a CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+SYNCS = ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "numpy")
+
+
+def test_one_host_transfer_per_run(monkeypatch):
+    """No device→host synchronisation per batch or per layer: one .tolist() for the whole run."""
+    model = randomize_bn(Mixed()).eval()
+    batches = _batches([4, 5, 6, 4, 5], dtype=torch.float32)
+    for estimator in ("paper", "pooled"):
+        calls: list[str] = []
+        with monkeypatch.context() as mp:
+            for name in SYNCS:
+                orig = getattr(torch.Tensor, name)
+                mp.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+            bnfold.calibrate(model, batches, estimator=estimator)
+        assert calls == ["tolist"], (estimator, calls)
+
+
+def test_changes_are_finite_or_null_never_infinity():
+    import json
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()  # fresh BN: running_mean is 0
+    _, summary = bnfold.run_calibration(model, [torch.randn(4, 2, 5, 5) + 1 for _ in range(2)])
+    layer = summary.layers[0]
+    assert layer["mean_change"] is None and layer["var_change"] > 0
+    json.dumps(summary.to_dict(), allow_nan=False)  # strict JSON
+    same = bnfold.run_calibration(model, [torch.zeros(4, 2, 5, 5)] * 2)[1].layers[0]  # unchanged zero mean: 0, not null
+    assert same["reached"]
+
+
+@pytest.mark.parametrize("allow", [True, False, None])
+def test_tf32_policy_inside_the_loop_and_restored(allow):
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), Probe(), nn.BatchNorm2d(2))
+    bnfold.calibrate(model, [torch.randn(2, 1, 3, 3)], allow_tf32=allow)
+    assert seen == [before if allow is None else (allow, allow)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@gpu_test
+def test_calibrate_on_cuda_tf32_close_to_exact():
+    torch.manual_seed(0)
+    model = randomize_bn(Mixed()).eval().cuda()
+    batches = [b.cuda() for b in _batches([16, 16, 16], dtype=torch.float32)]
+    exact = bnfold.calibrate(model, batches)
+    fast = bnfold.calibrate(model, batches, allow_tf32=True)
+    for name in ("b1", "b2", "b3", "b4"):
+        torch.testing.assert_close(fast.get_submodule(name).running_var, exact.get_submodule(name).running_var, rtol=5e-3, atol=1e-5)
+
+
+@gpu_test
 def test_calibrate_on_cuda_matches_cpu():
     torch.manual_seed(0)
     model = randomize_bn(Mixed()).eval()

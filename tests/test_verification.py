@@ -54,8 +54,9 @@ def test_compare_shape_dtype_and_nonfinite():
     assert "dtype" in compare("y", a, np.ones((2, 3), np.float64)).problem
     b = a.copy()
     b[0, 0] = np.nan
-    assert "NaN/Inf differ" in compare("y", a, b).problem
-    assert compare("y", b, b.copy())  # the same NaN in both is not a difference
+    assert "candidate has 1 NaN/Inf" in compare("y", a, b).problem
+    same = compare("y", b, b.copy())  # the same NaN in both proves nothing: never a pass
+    assert not same and "reference itself is non-finite" in same.problem and same.nonfinite_reference == 1
     assert compare("x", np.arange(3), np.arange(3)) and not compare("x", np.arange(3), np.arange(3) + 1)
 
 
@@ -140,7 +141,17 @@ def test_tf32_flags_restored():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def gpu_test(fn):
+    """CUDA-only: selected by `pytest -m gpu`, skipped without a CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+def cuda_ep():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (bring onnxruntime-gpu, README section GPU)")
+
+
+@gpu_test
 def test_cuda_reference_on_gpu(tmp_path):
     model = randomize_bn(TwoHeads()).eval()
     x = torch.randn(2, 3, 6, 6)
@@ -150,7 +161,7 @@ def test_cuda_reference_on_gpu(tmp_path):
         assert any(r["provider"] == "cuda" and r["device"] == "cuda" for r in rep.verification["runs"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu_test
 def test_convert_a_model_that_lives_on_the_gpu(tmp_path):
     model = randomize_bn(TwoHeads()).eval().cuda()
     rep = bnfold.convert(model, (torch.randn(2, 3, 6, 6, device="cuda"),), tmp_path / "m.onnx")
@@ -174,3 +185,42 @@ def test_verify_leaves_the_reference_as_it_was(tmp_path):
     assert bnfold.verify(model, path, (x,), providers="cpu")  # compared in eval mode ...
     assert state_hash(model) == before  # ... without touching statistics or flags
     assert {n: m.training for n, m in model.named_modules()} == flags
+
+
+@gpu_test
+def test_cuda_provider_really_runs_and_is_quiet(tmp_path, capfd):
+    """onnxruntime-gpu: the CUDA session runs on CUDA (get_providers), prints nothing (no "No registered
+    plugin EP device" warning: bnfold passes no device_id), and the comparison uses a GPU reference."""
+    cuda_ep()
+    from bnfold.runners import OrtRunner
+
+    model = randomize_bn(TwoHeads()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    path = bnfold.export(bnfold.fold(model), (x,), tmp_path / "m.onnx")
+    capfd.readouterr()
+    for level in ("disable_all", "default"):
+        r = OrtRunner(path, "cuda", level)
+        assert r.session.get_providers()[0] == "CUDAExecutionProvider"
+        r.infer((x,))
+    err = capfd.readouterr().err
+    assert "No registered plugin EP device" not in err and "onnxruntime" not in err, err
+    vr = bnfold.verify(model, path, (x,), providers="cpu,cuda", require_providers="cuda")
+    assert vr and vr.providers_run == ["cpu", "cuda"]
+    assert {r.reference_device for r in vr.runs if r.provider == "cuda"} == {"cuda"}
+    assert vr.float64_reference == "ran"
+
+
+@gpu_test
+def test_cuda_only_providers_compare_or_refuse(tmp_path):
+    """--providers cuda alone: compared on CUDA where it runs, else exit 2 (never PASSED untested)."""
+    from bnfold.errors import ProviderError
+
+    model = randomize_bn(TwoHeads()).eval().cuda()
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    path = bnfold.export(bnfold.fold(model), (x,), tmp_path / "m.onnx")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        vr = bnfold.verify(model, path, (x,), providers="cuda")
+        assert vr and vr.providers_run == ["cuda"]
+    else:
+        with pytest.raises(ProviderError, match="none of the requested providers"):
+            bnfold.verify(model, path, (x,), providers="cuda")

@@ -1,0 +1,323 @@
+"""Runners: one object per way of computing a model's outputs (Polygraphy style).
+
+A runner has ``infer(feeds) -> [(name, ndarray), ...]`` for one input set ``feeds`` (a
+``bnfold.data.Batch`` of torch tensors) and a few descriptive attributes (``target``, ``provider``,
+``level``, ``device``) that the report shows. The comparator (bnfold/compare.py) never sees how the
+outputs were made; ``verify`` is a loop over runners. A new runtime (TensorRT's Python API, a
+TorchScript or ExecuTorch runtime, ...) is one class with those attributes and ``infer``.
+
+* ``TorchRunner``: an nn.Module in eval mode on a device and dtype, TF32 policy explicit.
+* ``OrtRunner``: an ONNX file on one onnxruntime provider (bnfold/providers.py) at one graph
+  optimisation level; the session is created once and reused for every input set. Sessions are quiet:
+  onnxruntime's log lines never reach the terminal unless ``verbose``; what it printed while a session
+  was created is kept in ``runner.messages`` (the report's notes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import BadInputError
+
+LEVELS = ("disable_all", "default")
+Outputs = list  # list[tuple[str, np.ndarray]]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    target: str  # "onnx", "folded-module", "reference", ...
+    provider: str  # "cpu", "cuda", ... or "pytorch"
+    level: str | None  # onnxruntime optimisation level, None elsewhere
+    device: str | None
+
+    def infer(self, feeds) -> Outputs: ...
+
+
+class RunnerUnavailable(Exception):
+    """This runner cannot run here (the reason is the message); not a user error by itself."""
+
+
+# --------------------------------------------------------------------------------- helpers
+def flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    """Tensors of a (nested) output in a stable order with stable names."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [(prefix, out)]
+    if isinstance(out, Mapping):
+        items: list = []
+        for k in out:
+            items += flatten_outputs(out[k], f"{prefix}.{k}")
+        return items
+    if isinstance(out, (tuple, list)):
+        items = []
+        for i, v in enumerate(out):
+            items += flatten_outputs(v, f"{prefix}.{i}")
+        return items
+    if out is None:
+        return []
+    return [(prefix, torch.as_tensor(out))]
+
+
+def to_numpy(t) -> np.ndarray:
+    import torch
+
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy()
+    return t.numpy()
+
+
+def as_feeds(feeds):
+    """A Batch from a Batch, a tensor, a tuple of tensors or an (args, kwargs) pair."""
+    import torch
+
+    from .data import Batch
+
+    if isinstance(feeds, Batch):
+        return feeds
+    if isinstance(feeds, torch.Tensor):
+        return Batch((feeds,), {})
+    if isinstance(feeds, tuple) and len(feeds) == 2 and isinstance(feeds[1], Mapping) and isinstance(feeds[0], tuple):
+        return Batch(feeds[0], dict(feeds[1]))
+    return Batch(tuple(feeds), {})
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """Switch TF32 off in torch (restored afterwards) so CUDA matmuls/convs are true fp32."""
+    with tf32(False):
+        yield
+
+
+@contextlib.contextmanager
+def tf32(allow: bool | None):
+    """TF32 for CUDA matmuls and cuDNN convolutions on (True) or off (False) inside the block;
+    None leaves torch's own flags as they are. Flags are restored afterwards."""
+    import torch
+
+    if allow is None:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    torch.backends.cudnn.allow_tf32 = bool(allow)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ----------------------------------------------------------------------------- PyTorch runner
+class TorchRunner:
+    """Runs an nn.Module (in eval mode, flags restored) on ``device`` in ``dtype``.
+
+    The module is used as it is when it already lives on ``device`` in ``dtype``; otherwise a deep
+    copy is moved/cast once (the user's module is never changed). Floating inputs are cast to
+    ``dtype``; outputs come back as numpy arrays. ``allow_tf32=False`` (the default) makes CUDA
+    convolutions and matmuls true fp32; None keeps torch's current flags.
+    """
+
+    provider = "pytorch"
+    level = None
+
+    def __init__(self, model, *, device=None, dtype=None, allow_tf32: bool | None = False, target: str = "reference"):
+        import torch
+
+        from .data import model_dtype_device
+
+        m_dtype, m_device = model_dtype_device(model)
+        self.dtype = dtype or m_dtype
+        self.torch_device = torch.device(device) if device is not None else m_device
+        self.allow_tf32 = allow_tf32
+        self.target = target
+        same = self.dtype == m_dtype and self.torch_device == m_device
+        self.model = model if same else copy.deepcopy(model).to(device=self.torch_device, dtype=self.dtype)
+        self.copied = not same
+        self.device = str(self.torch_device)
+
+    def _prepare(self, feeds):
+        import torch
+
+        from .data import Batch
+
+        b = as_feeds(feeds)
+
+        def conv(x):
+            if isinstance(x, torch.Tensor):
+                x = x.to(self.torch_device)
+                return x.to(self.dtype) if x.is_floating_point() else x
+            return x
+
+        return Batch(tuple(conv(a) for a in b.args), {k: conv(v) for k, v in b.kwargs.items()})
+
+    def infer(self, feeds) -> Outputs:
+        import torch
+
+        from .data import call_model, eval_mode
+
+        batch = self._prepare(feeds)
+        with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+            out = call_model(self.model, batch)
+        return [(n, to_numpy(t)) for n, t in flatten_outputs(out)]
+
+    def first_nonfinite_module(self, feeds) -> str | None:
+        """The first module (in execution order) whose output holds NaN/Inf for ``feeds``, if any."""
+        import torch
+
+        from .data import call_model, eval_mode
+
+        found: list[str] = []
+
+        def hook(name):
+            def fn(mod, args, out):
+                if found:
+                    return
+                for _, t in flatten_outputs(out):
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        found.append(name or type(mod).__name__)
+                        return
+            return fn
+
+        hooks = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n and not list(m.children())]
+        try:
+            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+                call_model(self.model, self._prepare(feeds))
+        except Exception:  # noqa: BLE001 — a diagnosis, never a new failure
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return found[0] if found else None
+
+    def close(self) -> None:
+        if self.copied:
+            self.model = None
+
+
+# ------------------------------------------------------------------------- onnxruntime runner
+@contextlib.contextmanager
+def _captured_stderr(lines: list[str], enabled: bool = True):
+    """Capture what native code writes to fd 2 (onnxruntime's logger) into ``lines``."""
+    if not enabled:
+        yield
+        return
+    fd = 2  # native code writes to fd 2 whatever sys.stderr is
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def quiet_onnxruntime(verbose: bool = False) -> None:
+    """Default logger at ERROR (3) unless verbose (WARNING, 2): set once, before any session."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(2 if verbose else 3)
+
+
+class OrtRunner:
+    """An ONNX file on one onnxruntime provider at one graph optimisation level.
+
+    Raises RunnerUnavailable (with the reason) when the provider cannot really run here, and
+    BadInputError when the CPU provider cannot load the file (then the file itself is at fault).
+    """
+
+    target = "onnx"
+
+    def __init__(self, onnx_path: str | Path, provider: str = "cpu", level: str = "disable_all", *, verbose: bool = False,
+                 target: str = "onnx"):
+        from .providers import get_provider, unavailable_reason
+
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+        self.spec = get_provider(provider)
+        self.provider, self.level, self.target = provider, level, target
+        self.path = Path(onnx_path)
+        self.messages: list[str] = []
+        self.device = self.spec.torch_device or "cpu"
+        why = unavailable_reason(self.spec)
+        if why:
+            raise RunnerUnavailable(why)
+        if self.spec.needs_torch_cuda:
+            import torch  # noqa: F401  (loads CUDA/cuDNN libraries before onnxruntime looks for them)
+        import onnxruntime as ort
+
+        quiet_onnxruntime(verbose)
+        so = ort.SessionOptions()
+        so.log_severity_level = 2 if verbose else 3
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all"
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        try:
+            with _captured_stderr(self.messages, enabled=not verbose):
+                self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
+        except Exception as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if provider == "cpu":
+                raise BadInputError(f"onnxruntime cannot load '{self.path}': {text}",
+                                    "check that the file is a complete, valid ONNX model") from err
+            raise RunnerUnavailable(f"creating a {self.spec.ort_name} session failed: {text}") from err
+        ok, why = self.spec.really_runs(self.session)
+        if not ok:
+            self.session = None
+            raise RunnerUnavailable(why)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outs = [o.name for o in self.session.get_outputs()]
+        self.output_names = outs
+
+    def feed_dict(self, feeds) -> dict[str, np.ndarray]:
+        b = as_feeds(feeds)
+        kwargs = dict(b.kwargs)
+        pos = iter([to_numpy(t) for t in b.args])
+        out = {}
+        for n in self.input_names:
+            if n in kwargs:
+                out[n] = to_numpy(kwargs[n])
+                continue
+            try:
+                out[n] = next(pos)
+            except StopIteration:
+                raise BadInputError(f"the ONNX model needs input '{n}', which was not given",
+                                    "pass one --input-shape per model input") from None
+        return out
+
+    def infer(self, feeds) -> Outputs:
+        feed = self.feed_dict(feeds)
+        try:
+            got = self.session.run(None, feed)
+        except Exception as err:  # onnxruntime's own errors: the file does not fit these inputs
+            text = " ".join(str(err).split())[:300] or type(err).__name__
+            shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
+            raise BadInputError(f"onnxruntime ({self.provider}) cannot run '{self.path.name}' on inputs {shapes}: {text}",
+                                "check that the ONNX file belongs to this model and fits the input shapes") from err
+        if len(got) == 1:
+            return [("output", got[0])]
+        return [(f"output.{i}", g) for i, g in enumerate(got)]
+
+    def close(self) -> None:
+        self.session = None
