@@ -535,8 +535,11 @@ def _differences(prov: dict[str, str], opts: ConvertOptions, source) -> list[str
         out.append(f"the artifact was made without calibration; this check calibrated with {k('calib').strip()}")
     if calibrated and source is not None:
         if source.fingerprint and prov.get("calib_sha256") and source.fingerprint != prov["calib_sha256"]:
-            out.append(f"calibration data differs: sha256 {source.fingerprint[:12]}… here, {prov['calib_sha256'][:12]}… when made"
-                       + (f" (made with batch size {prov['batch_size']}; here {opts.batch_size})" if prov.get("batch_size", "") != ("" if opts.batch_size is None else str(opts.batch_size)) else ""))
+            out.append(f"calibration data differs: sha256 {source.fingerprint[:12]}… here, {prov['calib_sha256'][:12]}… when made")
+        here = "" if opts.batch_size is None else str(opts.batch_size)
+        if prov.get("batch_size", "") != here or (prov.get("calib_batches") and str(source.batches) != prov["calib_batches"]):
+            out.append(f"batch size {here or 'none'} ({source.batches} batches) here, {prov.get('batch_size') or 'none'} "
+                       f"({prov.get('calib_batches', '?')} batches) when made: the paper estimator's statistics depend on the batches")
         if prov.get("estimator") and prov["estimator"] != opts.estimator.value:
             out.append(f"estimator {opts.estimator.value} here, {prov['estimator']} when made")
     for key in ("atol", "rtol"):
