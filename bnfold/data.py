@@ -152,7 +152,7 @@ def collect(source: Any, where: str = "the data") -> list[Batch]:
         raise DataError(f"{where} is a {type(source).__name__}, not an iterable of batches", "return a list, generator or DataLoader")
     batches = [as_batch(b) for b in source]
     if not batches:
-        raise DataError(f"{where} yielded no batches", "provide at least one batch")
+        raise DataError(f"{where} is empty: it yielded no batches", "provide at least one batch")
     return batches
 
 
@@ -241,7 +241,7 @@ class DataSource:
                 have += b.size
             yield b
         if count == 0:
-            raise DataError(f"{self.what} yielded no batches", "provide at least one batch")
+            raise DataError(f"{self.what} is empty: it yielded no batches", "provide at least one batch")
         self.batches = count
         top = hashlib.sha256()
         for name in sorted(hashes):

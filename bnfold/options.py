@@ -113,12 +113,12 @@ def _p_bool(v, via, key):
 def _p_int(minimum: int):
     def p(v, via, key):
         if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v):
+            if isinstance(v, str) and via.name == "cli" and re.fullmatch(r"\s*[+-]?\d+\s*", v):
                 v = int(v)
             else:
                 raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not an integer", None)
         if v < minimum:
-            raise OptionError(via, key, f"is {v}; it must be {minimum} or more", None)
+            raise OptionError(via, key, f"is {v}, not positive" if minimum == 1 else f"is {v}, negative", f"use {minimum} or more")
         return v
     return p
 
@@ -142,7 +142,7 @@ def _p_enum(enum: type[Enum]):
                 return enum(v.strip().lower())
             except ValueError:
                 pass
-        raise OptionError(via, key, f"{v!r} is not one of {choices}", None)
+        raise OptionError(via, key, f"{v!r}: unknown {key}", f"use one of {choices}")
     return p
 
 

@@ -135,8 +135,9 @@ def _example(kind: str, model, example_inputs, opts: ConvertOptions):
     dtype, device = model_dtype_device(model)
     if example_inputs is None:
         if not opts.input_shape:
-            fix = "pass --input-shape, once per model input" if via.name == "cli" else (
-                "add input_shape" if via.name == "config" else "pass example_inputs (a tensor or tuple of tensors) or input_shape=[1, 3, 224, 224]")
+            if via.name == "cli":
+                raise BadInputError("no --input-shape given", "pass one --input-shape per model input, e.g. --input-shape 1,3,224,224")
+            fix = "add input_shape" if via.name == "config" else "pass example_inputs (a tensor or tuple of tensors) or input_shape=[1, 3, 224, 224]"
             raise _err(via, None, "no example inputs", fix)
         example = random_inputs(opts.input_shape, dtype, opts.seed)
     else:
