@@ -99,6 +99,9 @@ def resolve_model(model, opts: ConvertOptions):
     from .load import load_model, load_weights, parse_model_spec
 
     via = opts.via
+    if opts.weights is not None and not opts.weights.is_file():
+        raise _err(via, "weights", f"'{opts.weights}' does not exist" if not opts.weights.exists() else f"'{opts.weights}' is not a file",
+                   "give the path of a state_dict checkpoint")
     if isinstance(model, (str, Path)):
         spec = parse_model_spec(str(model))
         if spec.kind == "onnx":
