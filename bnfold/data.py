@@ -122,7 +122,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             except Exception as err:
                 raise DataError(f"data spec '{text}': {err}", f"use {FORMS}") from err
             try:
-                source = fn()
+                source = fn()  # user code: the one call site for bnfold.usercode.run_user (i13)
             except Exception as err:
                 raise DataError(f"data factory '{text}' raised {type(err).__name__}: {err}", "fix the data factory") from err
             return collect(source, where=f"'{text}'")
@@ -135,8 +135,10 @@ def split_arrays(arrays: list, batch_size: int | None, names: list | None = None
     import torch
 
     n = arrays[0].shape[0]
-    if batch_size is not None and batch_size <= 0:
-        raise DataError(f"batch size {batch_size} is not positive", "pass --batch-size 2 or more")
+    if batch_size is not None:
+        from .options import parse_option
+
+        batch_size = parse_option("batch_size", batch_size)
     bs = batch_size or n
     batches = []
     for start in range(0, n, bs):

@@ -295,6 +295,12 @@ def cli_flag(key: str) -> str:
     return CLI.key(key)
 
 
+def parse_option(key: str, value: Any, via: Via | None = None):
+    """One option's value through the table's parser (for public functions that take it alone,
+    e.g. ``load_batches(batch_size=)``): the same check as ``ConvertOptions.build``."""
+    return OPTIONS[key].parse(value, via or API, key)
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """Every convert/verify/calibrate option, typed and validated (see ``OPTIONS``)."""
