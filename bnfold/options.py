@@ -61,7 +61,7 @@ class CliVia(Via):
 
     def key(self, key: str) -> str:
         opt = OPTIONS.get(key)
-        return opt.flag if opt and opt.flag else key.replace("_", "-").upper()
+        return opt.flag.split("/")[0] if opt and opt.flag else key.replace("_", "-").upper()
 
 
 @dataclass
@@ -293,6 +293,47 @@ ALIASES = {"input_shapes": "input_shape"}  # accepted in config files, as the RE
 
 def cli_flag(key: str) -> str:
     return CLI.key(key)
+
+
+_FLAG_ALIASES = {"--force": ("overwrite", True)}  # spellings other modules' messages use
+
+
+def _flag_table() -> dict[str, tuple[str, Any]]:
+    table = dict(_FLAG_ALIASES)
+    for key, o in OPTIONS.items():
+        if not o.flag:
+            continue
+        on, _, off = o.flag.partition("/")
+        table[on] = (key, True if o.parse is _p_bool else None)
+        if off:
+            table[off] = (key, False)
+    return table
+
+
+def reword(err: BaseException, via: Via) -> BaseException:
+    """Name options the way ``via`` spells them in a BnfoldError raised below the interface
+    (``check --weights`` becomes ``check weights=`` for the API, ``key 'weights'`` for a config)."""
+    from .errors import BnfoldError
+
+    if not isinstance(err, BnfoldError) or isinstance(err, OptionError) or not err.args:
+        return err
+    table = _flag_table()
+
+    def sub(m):
+        hit = table.get(m.group(0))
+        if hit is None:
+            return m.group(0)
+        key, value = hit
+        if via.name == "cli":
+            return CLI.key(key) if m.group(0) in _FLAG_ALIASES else m.group(0)
+        if via.name == "config":
+            return f"{key} = {str(value).lower()}" if isinstance(value, bool) else f"key '{key}'"
+        return f"{key}={value}" if isinstance(value, bool) else f"{key}="
+
+    text = re.sub(r"--[a-z][a-z0-9-]*", sub, str(err))
+    if text != str(err):
+        err.args = (text,)
+    return err
 
 
 def parse_option(key: str, value: Any, via: Via | None = None):

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import check_output_path, write_text_atomic
-from .errors import BadInputError, EXIT_OK, EXIT_VERIFY_FAILED
-from .options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via
+from .errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED
+from .options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
 from .report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
 
 PROVENANCE_PREFIX = "bnfold."
@@ -219,6 +219,21 @@ def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ convert
+def _worded(fn):
+    """Errors from the stages below name options the way the caller's interface spells them."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, options: ConvertOptions | None = None, **kw):
+        via = options.via if isinstance(options, ConvertOptions) else API
+        try:
+            return fn(*args, options=options, **kw)
+        except BnfoldError as err:
+            raise reword(err, via)
+    return wrapper
+
+
+@_worded
 def convert(model, example_inputs=None, output: str | Path | None = None, *, options: ConvertOptions | None = None, **kw) -> ConvertReport:
     """Calibrate (when ``calib`` is given), fold, export to ``output`` and verify it.
 
@@ -478,6 +493,7 @@ def _convert_opset(proto, opts: ConvertOptions):
 
 
 # ------------------------------------------------------------------------------ verify an artifact
+@_worded
 def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options: ConvertOptions | None = None, **kw) -> CheckReport:
     """Verify an existing ONNX artifact against its source (an nn.Module, a model spec or the original .onnx).
 
