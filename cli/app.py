@@ -222,6 +222,8 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
     from bnfold.batch import run_config
     from bnfold.report import markdown_summary
 
+    if jobs is not None and jobs < 1:
+        raise BadInputError(f"--jobs {jobs} is not positive", "pass --jobs 1 or more")
     summary = run_config(config, jobs=1 if jobs is None else jobs, skip_unchanged=skip_unchanged, report=report,
                          debug=STATE["debug"], progress=not STATE["quiet"])
     if json_out:

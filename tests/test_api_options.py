@@ -76,12 +76,15 @@ def test_api_errors_do_not_name_cli_flags(tmp_path):
         dict(input_shape="1,1,8,8", batch_size=0, calib=CALIB),
         dict(input_shape="1,1,8,8", opset=13),
         dict(input_shape="1,1,8,8", providers="tpu"),
+        dict(input_shape="1,1,8,8", calib=CALIB, batch_size=1),  # raised by calibration, reworded at the API
+        dict(input_shape="1,1,8,8", overwrite=False),  # raised by _io, reworded
     ]
+    (tmp_path / "m.onnx").write_bytes(b"")  # for overwrite=False
     for kw in cases:
         with pytest.raises(bnfold.BnfoldError) as err:
             bnfold.convert(model, None, tmp_path / "m.onnx", **kw)
         assert "--" not in str(err.value), (kw, str(err.value))
-    assert not (tmp_path / "m.onnx").exists()
+    assert (tmp_path / "m.onnx").read_bytes() == b""
 
 
 # ------------------------------------------------------------------ API: specs, README example
