@@ -521,6 +521,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     providers, required = _providers(opts)
     check = CheckReport(model=name, onnx=str(onnx_path), verification=None, provenance=prov, versions=versions())
     if kind == "onnx":
+        if "dynamic_batch" in opts.given:
+            raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
         load_onnx(obj)
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)

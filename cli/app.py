@@ -408,6 +408,10 @@ def inspect(
         if spec.kind == "onnx":
             from bnfold.onnx_fold import fold_onnx_proto, load_onnx
 
+            for key in ("weights", "trust_pickle", "input_shape"):
+                if key in opts.given:
+                    raise BadInputError(f"{OPTIONS[key].flag} has no meaning for an ONNX model", "drop it")
+
             plan = fold_onnx_proto(load_onnx(spec.target))
         else:
             import bnfold
