@@ -393,7 +393,7 @@ class ConvertOptions:
         if "calib" in parsed and base is not None:
             parsed["calib"] = resolve_data_spec(parsed["calib"], base)
         if "calib" not in parsed:
-            for key in ("batch_size", "estimator"):
+            for key in (k for k, o in OPTIONS.items() if o.needs_calib):
                 if key in parsed:
                     raise OptionError(via, key, "is given without calibration data, so it would be ignored",
                                       f"add {via.key('calib').strip()} DATA or drop it" if via.name == "cli" else "add calib or drop it")
