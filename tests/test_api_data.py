@@ -10,7 +10,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typer.testing import CliRunner
 
@@ -21,7 +20,6 @@ from bnfold_cli.app import app
 N, SHAPE = 24, (1, 2, 5, 5)
 MODEL_PY = """
 import torch
-from torch import nn
 
 
 class Net(nn.Module):

@@ -10,7 +10,6 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
