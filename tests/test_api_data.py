@@ -20,7 +20,7 @@ from bnfold_cli.app import app
 N, SHAPE = 24, (1, 2, 5, 5)
 MODEL_PY = """
 import torch
-
+from torch import nn
 
 class Net(nn.Module):
     def __init__(self):
