@@ -95,6 +95,8 @@ def _load_config(path: str | Path) -> list[dict[str, Any]]:
         r_entry, r_opts = split(raw, via)
         entry = {**d_entry, **r_entry}
         given = {**d_opts, **r_opts}
+        if given.get("verify") is False:  # [defaults]' verification settings do not apply to a table that turns it off
+            given = {k: v for k, v in given.items() if k in r_opts or k not in ("atol", "rtol", "providers", "require_providers", "keep_failed")}
         for k in REQUIRED:
             if k not in entry:
                 raise ConfigError(f"{via.where()} has no '{k}'", f"add {k} = \"...\"")

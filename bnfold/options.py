@@ -402,8 +402,10 @@ class ConvertOptions:
             if extra and "providers" in parsed:
                 raise OptionError(via, "require_providers", f"names {', '.join(map(str, extra))}, which providers leaves out",
                                   "add it to providers too")
-        if "keep_failed" in parsed and parsed["keep_failed"] and parsed.get("verify") is False:
-            raise OptionError(via, "keep_failed", "has no effect when verification is off", "drop one of them")
+        if parsed.get("verify") is False:
+            for key in ("atol", "rtol", "providers", "require_providers", "keep_failed"):
+                if key in parsed:
+                    raise OptionError(via, key, "has no effect when verification is off, so it would be ignored", "drop one of them")
         return cls(**parsed, given=frozenset(parsed), via=via)
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> "ConvertOptions":

@@ -61,6 +61,8 @@ def test_options_typed_and_validated_in_one_place():
     assert ConvertOptions.build({"input_shape": ["1,3,8,8", [1, 10]]}).input_shape == ((1, 3, 8, 8), (1, 10))
     with pytest.raises(BadInputError, match="inputshape= is not an option. Did you mean 'input_shape'"):
         ConvertOptions.build({"inputshape": "1,3,8,8"})
+    with pytest.raises(BadInputError, match="atol= has no effect when verification is off"):
+        ConvertOptions.build({"verify": False, "atol": 1e-3})
     with pytest.raises(BadInputError, match="opset= has no meaning for verify"):
         ConvertOptions.build({"opset": 18}, command="verify")
 
