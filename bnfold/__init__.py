@@ -34,9 +34,16 @@ _EXPORTS = {
     "OutputComparison": "verification",
     "fold_onnx": "onnx_fold",
     "convert": "pipeline",
-    "ConvertReport": "pipeline",
+    "check_artifact": "pipeline",
+    "ConvertReport": "report",
+    "CheckReport": "report",
+    "ConvertOptions": "options",
+    "Estimator": "options",
+    "Provider": "options",
+    "OPTIONS": "options",
     "load_model": "load",
     "load_batches": "data",
+    "DataSource": "data",
 }
 
 from .errors import (  # noqa: E402  (light: no heavy imports)
@@ -69,8 +76,10 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration import CalibrationSummary, calibrate, run_calibration
-    from .pipeline import ConvertReport, convert
-    from .data import load_batches
+    from .data import DataSource, load_batches
+    from .options import OPTIONS, ConvertOptions, Estimator, Provider
+    from .pipeline import check_artifact, convert
+    from .report import CheckReport, ConvertReport
     from .exporting import export
     from .folding import Folded, FoldPlan, Unfolded, fold, fold_with_plan, inspect
     from .load import load_model

@@ -18,48 +18,36 @@ from typing import Any
 from ._io import sha256_file, write_text_atomic
 from .errors import EXIT_BAD_INPUT, EXIT_MODEL, BnfoldError, ConfigError
 
-# key -> accepted python types
-KEYS: dict[str, tuple] = {
-    "name": (str,),
-    "model": (str,),
-    "output": (str,),
-    "weights": (str,),
-    "input_shape": (str, list),
-    "input_shapes": (list,),
-    "calib": (str,),
-    "batch_size": (int,),
-    "estimator": (str,),
-    "opset": (int,),
-    "dynamic_batch": (bool,),
-    "atol": (float, int, dict),
-    "rtol": (float, int, dict),
-    "providers": (str, list),
-    "require_providers": (str, list),
-    "report": (str,),
-    "trust_pickle": (bool,),
-    "verify": (bool,),
-    "keep_failed": (bool,),
-    "seed": (int,),
-}
 REQUIRED = ("model", "output")
 MANIFEST_SUFFIX = ".manifest.json"
+DATA_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
 
 
-def _where(path: Path, i: int | None, key: str | None = None) -> str:
-    loc = f"{path}" + (f": conversion #{i + 1}" if i is not None else "")
-    return loc + (f", key '{key}'" if key else "")
+def _table(path: Path, doc: dict, key: str, i: int | None = None) -> ConfigError:
+    return ConfigError(f"{path}: {key}{f' #{i + 1}' if i is not None else ''} is not a table",
+                       "write [defaults] and [[conversion]] tables (see the README's CI section)")
 
 
 def load_config(path: str | Path) -> list[dict[str, Any]]:
-    """Parse and validate; return one normalised dict per conversion (paths made absolute)."""
+    """Parse and validate the whole file; one entry per conversion: name, model, output (absolute)
+    and ``options`` (a validated ConvertOptions). Nothing converts before every table is valid."""
+    from .options import OptionError
+
+    try:
+        return _load_config(path)
+    except OptionError as err:  # the option table's errors already name the file, table and key
+        raise ConfigError(err.problem, err.fix) from err
+
+
+def _load_config(path: str | Path) -> list[dict[str, Any]]:
     import tomllib
 
-    from .load import parse_model_spec, parse_shape
-    from .verification import parse_providers
+    from .load import parse_model_spec
+    from .options import ALIASES, ENTRY_KEYS, OPTIONS, ConfigVia, ConvertOptions, OptionError
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist", "check --config")
+        raise ConfigError(f"config file '{path}' does not exist", "check the path of the config file")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -69,57 +57,77 @@ def load_config(path: str | Path) -> list[dict[str, Any]]:
         raise ConfigError(f"{path}: unknown top-level key '{unknown_top[0]}'", "use [[conversion]] tables and an optional [defaults] table")
     convs = doc.get("conversion")
     if not isinstance(convs, list) or not convs:
+        if "conversion" in doc and not isinstance(convs, list):
+            raise _table(path, doc, "conversion")
         raise ConfigError(f"{path} has no [[conversion]] tables", "add at least one [[conversion]] with model and output")
     defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise _table(path, doc, "defaults")
     base = path.resolve().parent
+    option_keys = [k for k, o in OPTIONS.items() if o.config and "convert" in o.commands]
+    known = list(ENTRY_KEYS) + option_keys
+
+    def split(table: dict, via) -> tuple[dict, dict]:
+        entry, opts = {}, {}
+        for k, v in table.items():
+            key = ALIASES.get(k, k)
+            if key in ENTRY_KEYS:
+                entry[key] = ENTRY_KEYS[key](v, via, k)
+            elif key in option_keys:
+                if key in opts:
+                    raise OptionError(via, k, f"repeats '{key}'", "keep one of them")
+                opts[key] = v
+            else:
+                close = difflib.get_close_matches(k, known, n=1)
+                raise OptionError(via, k, "is unknown", f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}")
+        return entry, opts
+
+    d_entry, d_opts = split(defaults, ConfigVia(str(path), table="defaults"))
+    if "name" in d_entry or "output" in d_entry:
+        raise ConfigError(f"{path}: [defaults], key '{'name' if 'name' in d_entry else 'output'}' would be shared by every conversion",
+                          "give each [[conversion]] its own")
+    ConvertOptions.build(d_opts, via=ConfigVia(str(path), table="defaults"), base=base)  # errors name [defaults]
     entries, outputs = [], {}
     for i, raw in enumerate(convs):
-        entry = {**defaults, **raw}
-        for k, v in entry.items():
-            if k not in KEYS:
-                close = difflib.get_close_matches(k, KEYS, n=1)
-                raise ConfigError(f"{_where(path, i, k)} is unknown", f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(KEYS)}")
-            if not isinstance(v, KEYS[k]) or (isinstance(v, bool) and bool not in KEYS[k]):
-                raise ConfigError(f"{_where(path, i, k)} is a {type(v).__name__}", f"expected {' or '.join(t.__name__ for t in KEYS[k])}")
+        via = ConfigVia(str(path), i)
+        if not isinstance(raw, dict):
+            raise _table(path, doc, "conversion", i)
+        r_entry, r_opts = split(raw, via)
+        entry = {**d_entry, **r_entry}
+        given = {**d_opts, **r_opts}
+        if given.get("verify") is False:  # [defaults]' verification settings do not apply to a table that turns it off
+            given = {k: v for k, v in given.items() if k in r_opts or k not in ("atol", "rtol", "providers", "require_providers", "keep_failed")}
         for k in REQUIRED:
             if k not in entry:
-                raise ConfigError(f"{_where(path, i)} has no '{k}'", f"add {k} = \"...\"")
+                raise ConfigError(f"{via.where()} has no '{k}'", f"add {k} = \"...\"")
+        opts = ConvertOptions.build(given, via=via, base=base)
         try:
             spec = parse_model_spec(entry["model"])
-            if spec.kind in ("file", "onnx"):
-                target = (base / spec.target).resolve()
-                if not target.is_file():
-                    raise ConfigError(f"{_where(path, i, 'model')}: '{target}' does not exist", "paths are relative to the config file's folder")
-                entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
-            shapes = entry.pop("input_shapes", None) or entry.pop("input_shape", None)
-            if isinstance(shapes, str):
-                shapes = [shapes]
-            entry["input_shapes"] = [list(parse_shape(s)) if isinstance(s, str) else list(parse_shape(",".join(map(str, s)))) for s in (shapes or [])]
-            if spec.kind != "onnx" and not entry["input_shapes"]:
-                raise ConfigError(f"{_where(path, i)} has no input_shape", "add input_shape = \"1,3,224,224\"")
-            for key in ("providers", "require_providers"):
-                if key in entry:
-                    val = entry[key]
-                    entry[key] = parse_providers(val if isinstance(val, str) else ",".join(val))
-            for key in ("atol", "rtol"):
-                if key in entry:
-                    from .verification import check_tolerance
-
-                    check_tolerance(entry[key], key)
-        except ConfigError:
-            raise
         except BnfoldError as err:
-            raise ConfigError(f"{_where(path, i)}: {err}") from err
-        for key in ("weights", "calib", "output", "report"):
-            if key in entry and not (key == "calib" and ":" in entry[key] and not Path(entry[key]).suffix):
-                entry[key] = str((base / entry[key]).resolve())
-        for key in ("weights", "calib"):
-            if key in entry and Path(entry[key]).suffix and not Path(entry[key]).is_file():
-                raise ConfigError(f"{_where(path, i, key)}: '{entry[key]}' does not exist", "paths are relative to the config file's folder")
+            raise ConfigError(f"{via.where()}, key 'model': {err.problem}", err.fix) from err
+        if spec.kind in ("file", "onnx"):
+            target = Path(spec.target) if Path(spec.target).is_absolute() else (base / spec.target).resolve()
+            if not target.is_file():
+                raise ConfigError(f"{via.where()}, key 'model': '{target}' does not exist", "paths are relative to the config file's folder")
+            entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
+        if spec.kind != "onnx" and not opts.input_shape:
+            raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
+        if opts.weights is not None and not opts.weights.is_file():
+            raise ConfigError(f"{via.where()}, key 'weights': '{opts.weights}' does not exist", "paths are relative to the config file's folder")
+        calib = opts.calib
+        if calib is not None:
+            text = str(calib)
+            target, sep, attr = text.rpartition(":")
+            file = Path(text) if Path(text).suffix.lower() in DATA_SUFFIXES else (Path(target) if sep and target.endswith(".py") else None)
+            if file is not None and not file.is_file():
+                raise ConfigError(f"{via.where()}, key 'calib': '{file}' does not exist", "paths are relative to the config file's folder")
+        out = Path(entry["output"])
+        entry["output"] = str(out if out.is_absolute() else (base / out).resolve())
         if entry["output"] in outputs:
-            raise ConfigError(f"{_where(path, i, 'output')}: '{entry['output']}' is also written by conversion #{outputs[entry['output']] + 1}", "give each conversion its own output")
+            raise ConfigError(f"{via.where()}, key 'output': '{entry['output']}' is also written by conversion #{outputs[entry['output']] + 1}", "give each conversion its own output")
         outputs[entry["output"]] = i
         entry.setdefault("name", Path(entry["output"]).stem)
+        entry["options"] = opts
         entries.append(entry)
     return entries
 
@@ -143,14 +151,18 @@ def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:
     """What decides a conversion's result: input file hashes, options, versions."""
     from .pipeline import versions
 
+    opts = entry["options"]
     files = {}
     src = _model_source(entry["model"])
     files["model_source"] = sha256_file(src) if src else None
     for key in ("weights", "calib"):
-        if key in entry and Path(entry[key]).is_file():
-            files[key] = sha256_file(entry[key])
-    options = {k: v for k, v in sorted(entry.items()) if k not in ("name", "report")}
-    return {"inputs": files, "options": options, "versions": versions()}
+        value = getattr(opts, key)
+        if isinstance(value, (str, Path)):
+            target = str(value).rpartition(":")[0] if ":" in str(value) and not Path(str(value)).is_file() else str(value)
+            if target and Path(target).is_file():
+                files[key] = sha256_file(target)
+    options = {k: v for k, v in sorted(opts.to_dict().items()) if k != "report"}
+    return {"inputs": files, "options": {"model": entry["model"], **options}, "versions": versions()}
 
 
 def manifest_path(output: str | Path) -> Path:
@@ -165,43 +177,50 @@ def is_unchanged(entry: dict[str, Any]) -> bool:
         old = json.loads(mpath.read_text())
     except (OSError, ValueError):
         return False
-    now = fingerprint(entry)
+    now = json.loads(json.dumps(fingerprint(entry), default=str))
     return all(old.get(k) == now[k] for k in now) and old.get("onnx_sha256") == sha256_file(out)
+
+
+def previous_report(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of the run a manifest records (a skipped conversion keeps it in the summary)."""
+    try:
+        return json.loads(manifest_path(entry["output"]).read_text()).get("report")
+    except (OSError, ValueError):
+        return None
+
+
+def _failure_detail(rep) -> str | None:
+    """One line saying why a conversion did not pass (the summary's detail column)."""
+    ver = rep.verification or {}
+    for run in ver.get("runs", []):
+        for o in run.get("outputs", []):
+            if not o.get("passed"):
+                return (f"verification failed: {run['target']} {run['provider']} {run.get('graph_optimization') or ''} "
+                        f"{run['inputs']} {o['name']}: {o.get('problem') or 'not within tolerance'}").replace("  ", " ")
+    return "verification failed" if not rep.passed else None
 
 
 def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = None) -> dict[str, Any]:
     """One conversion; never raises for user errors: returns {name, exit_code, error, report, …}."""
     result: dict[str, Any] = {"name": entry["name"], "model": entry["model"], "output": entry["output"],
-                              "exit_code": 0, "error": None, "report": None, "skipped": False}
+                              "exit_code": 0, "error": None, "detail": None, "report": None, "skipped": False}
     try:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        from .load import load_model, parse_model_spec
-        from .pipeline import convert, random_inputs
-        from .data import model_dtype_device
+        from .pipeline import convert
 
-        spec = parse_model_spec(entry["model"])
-        if spec.kind == "onnx":
-            model, example = spec.target, (entry["input_shapes"] or None)
-        else:
-            model = load_model(spec, entry.get("weights"), trust_pickle=entry.get("trust_pickle", False))
-            dtype, _ = model_dtype_device(model)
-            example = random_inputs(entry["input_shapes"], dtype, entry.get("seed", 0))
-        rep = convert(model, example, entry["output"], calib=entry.get("calib"), batch_size=entry.get("batch_size"),
-                      estimator=entry.get("estimator", "paper"), opset=entry.get("opset"),
-                      dynamic_batch=entry.get("dynamic_batch", False), atol=entry.get("atol"), rtol=entry.get("rtol"),
-                      providers=entry.get("providers", ("cpu", "cuda")), require_providers=entry.get("require_providers", ()),
-                      verify=entry.get("verify", True), report=entry.get("report"), keep_failed=entry.get("keep_failed", False),
-                      seed=entry.get("seed", 0), model_name=entry["model"])
+        rep = convert(entry["model"], None, entry["output"], options=entry["options"])
         result["report"] = rep.to_dict()
         result["exit_code"] = rep.exit_code
+        result["detail"] = _failure_detail(rep)
         if rep.passed and Path(entry["output"]).is_file():
-            manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"]}
+            manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
             write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
     except BnfoldError as err:
         result["exit_code"], result["error"] = err.exit_code, " ".join(str(err).split())
+        result["detail"] = result["error"]
     except Exception as err:  # keep the other conversions going
         if debug:
             import traceback
@@ -209,7 +228,17 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         result["exit_code"], result["error"] = EXIT_MODEL, f"unexpected {type(err).__name__}: {first[:300]}"
+        result["detail"] = result["error"]
     return result
+
+
+def _make_parent(path) -> None:
+    parent = Path(path).parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create folder '{parent}': {err.strerror}", "choose a writable output folder") from err
 
 
 def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = False, report: str | Path | None = None,
@@ -218,24 +247,30 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     from ._io import check_output_path
     from .pipeline import SCHEMA_VERSION, versions
 
-    if jobs < 1:
-        raise ConfigError(f"--jobs {jobs} is not positive", "pass --jobs 1 or more")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs {jobs!r} is not a positive integer", "run 1 or more jobs")
     entries = load_config(config)
+    # a CI run on a fresh clone: the folders the config writes into are created (after validation)
     for i, e in enumerate(entries):
-        try:
-            check_output_path(e["output"])
-            if e.get("report"):
-                check_output_path(e["report"], what="report")
-        except BnfoldError as err:
-            raise ConfigError(f"{_where(Path(config), i, 'output')}: {err}") from err
+        rpath = e["options"].report
+        for key, target in (("output", e["output"]), ("report", rpath)):
+            if target is None:
+                continue
+            try:
+                _make_parent(target)
+                check_output_path(target, force=e["options"].overwrite if key == "output" else True, what=key)
+            except BnfoldError as err:
+                raise ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix) from err
     if report is not None:
+        _make_parent(report)
         check_output_path(report, what="report")
     results: list[dict[str, Any] | None] = [None] * len(entries)
     todo = []
     for i, e in enumerate(entries):
         if skip_unchanged and is_unchanged(e):
             results[i] = {"name": e["name"], "model": e["model"], "output": e["output"], "exit_code": 0,
-                          "error": None, "report": None, "skipped": True}
+                          "error": None, "detail": "unchanged since the run its manifest records",
+                          "report": previous_report(e), "skipped": True}
         else:
             todo.append(i)
     if jobs == 1 or len(todo) <= 1:

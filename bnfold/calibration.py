@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .data import as_batch, call_model, load_batches, model_dtype_device, prepare
+from .data import as_batch, as_source, call_model, model_dtype_device, prepare
 from .errors import CalibrationError, DataError
 from .runners import tf32
 
@@ -176,14 +176,9 @@ def run_calibration(
     work = model if inplace else copy.deepcopy(model)
     summary = CalibrationSummary(estimator, world_size=_dist_world())
     bns = _bns(work)
-    if isinstance(data, (str,)) or hasattr(data, "__fspath__"):
-        batches: Iterable = load_batches(data, batch_size)
-    elif data is None:
-        raise DataError("no calibration data", "pass --calib DATA or an iterable of batches")
-    elif not hasattr(data, "__iter__") or isinstance(data, torch.Tensor):
-        raise DataError(f"calibration data is a {type(data).__name__}, not an iterable of batches", "pass a list of batches, a DataLoader or a data file")
-    else:
-        batches = data
+    if data is None:
+        raise DataError("no calibration data", "pass a data file, a tensor of samples or an iterable of batches")
+    batches: Iterable = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
     dtype, device = model_dtype_device(work)
 
     # save everything we touch, so that it can be restored (on success and on failure)

@@ -110,7 +110,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
         path = Path(text)
         if path.suffix.lower() in (".npz", ".npy", ".pt", ".pth"):
             if not path.is_file():
-                raise DataError(f"data file '{path}' does not exist", "check --calib")
+                raise DataError(f"data file '{path}' does not exist", "check the path of the calibration data")
             arrays, names = _read_arrays(path)
             _check_arrays(arrays, f"'{path}'")
             return split_arrays(arrays, batch_size, names)
@@ -122,7 +122,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             except Exception as err:
                 raise DataError(f"data spec '{text}': {err}", f"use {FORMS}") from err
             try:
-                source = fn()
+                source = fn()  # user code: the one call site for bnfold.usercode.run_user (i13)
             except Exception as err:
                 raise DataError(f"data factory '{text}' raised {type(err).__name__}: {err}", "fix the data factory") from err
             return collect(source, where=f"'{text}'")
@@ -135,8 +135,10 @@ def split_arrays(arrays: list, batch_size: int | None, names: list | None = None
     import torch
 
     n = arrays[0].shape[0]
-    if batch_size is not None and batch_size <= 0:
-        raise DataError(f"batch size {batch_size} is not positive", "pass --batch-size 2 or more")
+    if batch_size is not None:
+        from .options import parse_option
+
+        batch_size = parse_option("batch_size", batch_size)
     bs = batch_size or n
     batches = []
     for start in range(0, n, bs):
@@ -152,8 +154,173 @@ def collect(source: Any, where: str = "the data") -> list[Batch]:
         raise DataError(f"{where} is a {type(source).__name__}, not an iterable of batches", "return a list, generator or DataLoader")
     batches = [as_batch(b) for b in source]
     if not batches:
-        raise DataError(f"{where} yielded no batches", "provide at least one batch")
+        raise DataError(f"{where} is empty: it yielded no batches", "provide at least one batch")
     return batches
+
+
+class DataSource:
+    """Calibration or verification data, normalised once: a re-iterable source of ``Batch``es.
+
+    Accepts every form (files, ``module:fn``/``file.py:fn``, a tensor or array, a list or tuple of
+    batches, (input, label) pairs, dicts of named inputs, DataLoaders, IterableDatasets, one-shot
+    generators and iterators). A one-shot source is read exactly once: the samples verification
+    needs (``head``) and the content fingerprint are taken during that single pass. ``labels``
+    drops the items of a batch beyond the model's ``inputs`` positional inputs.
+    """
+
+    def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib"):
+        import torch
+
+        self.what = what
+        self._list: list[Batch] | None = None
+        self._iterable = None
+        self._consumed = False
+        self._head: Batch | None = None
+        self._want = 0
+        self._hash = None
+        self.fingerprint: str | None = None
+        self.batches = 0
+        self.spec = str(data) if isinstance(data, (str, Path)) else None
+        if isinstance(data, DataSource):
+            raise TypeError("already a DataSource")
+        if isinstance(data, (str, Path)):
+            self._list = load_batches(data, batch_size)
+            return
+        import numpy as np
+
+        if isinstance(data, (torch.Tensor, np.ndarray)):  # one array of samples, cut like a file
+            arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
+            _check_arrays([arr], what)
+            self._list = split_arrays([arr], batch_size)
+            return
+        if isinstance(data, dict) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
+            arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in data.values()]
+            _check_arrays(arrays, what)
+            self._list = split_arrays(arrays, batch_size, list(data))
+            return
+        if batch_size is not None:
+            raise DataError(f"batch_size cuts arrays into batches, but {what} is a {type(data).__name__} that yields its own batches",
+                            f"drop batch_size, or pass one array of samples")
+        if not hasattr(data, "__iter__") or isinstance(data, (bytes, bytearray)):
+            raise DataError(f"{what} is a {type(data).__name__}, not an iterable of batches",
+                            "pass a data file, a tensor of samples, a list of batches, a DataLoader or a generator")
+        if isinstance(data, (list, tuple)):
+            self._list = collect(data, where=what)
+            return
+        self._iterable = data
+        self._one_shot = iter(data) is data if hasattr(data, "__next__") else False
+
+    @property
+    def one_shot(self) -> bool:
+        return self._iterable is not None and self._one_shot
+
+    def want_head(self, n: int) -> None:
+        """Keep the first ``n`` samples while the data is iterated (for verification)."""
+        self._want = max(self._want, n)
+
+    def __iter__(self):
+        import hashlib
+
+        if self._list is not None:
+            src = self._list
+        elif self.one_shot:
+            if self._consumed:
+                raise DataError(f"{self.what} is a one-shot iterator that was already read", "pass a list, a DataLoader or a function that returns a new iterator")
+            self._consumed = True
+            src = self._iterable
+        else:
+            src = self._iterable
+        hashes: dict = {}
+        count = 0
+        kept: list[Batch] = []
+        have = 0
+        for raw in src:
+            b = as_batch(raw)
+            count += 1
+            _hash_batch(hashes, b)
+            if self._head is None and have < self._want:
+                kept.append(b)
+                have += b.size
+            yield b
+        if count == 0:
+            raise DataError(f"{self.what} is empty: it yielded no batches", "provide at least one batch")
+        self.batches = count
+        top = hashlib.sha256()
+        for name in sorted(hashes):
+            top.update(f"{name}:{hashes[name].hexdigest()};".encode())
+        self.fingerprint = top.hexdigest()
+        if self._head is None and kept:
+            self._head = _concat_head(kept, self._want)
+
+    def head(self, n: int) -> Batch | None:
+        """The first ``n`` samples as one batch (fewer when the data holds fewer); None if unreadable."""
+        if self._head is not None and self._head.size >= n:
+            return _slice(self._head, n)
+        if self.one_shot and self._consumed:
+            return None if self._head is None else _slice(self._head, n)
+        if self.one_shot:  # not read yet: this is its single pass
+            self.want_head(n)
+            for _ in self:
+                pass
+            return None if self._head is None else _slice(self._head, n)
+        kept, have = [], 0
+        for raw in (self._list if self._list is not None else self._iterable):
+            b = as_batch(raw)
+            kept.append(b)
+            have += b.size
+            if have >= n:
+                break
+        return _concat_head(kept, n) if kept else None
+
+
+def _hash_batch(hashes: dict, b: Batch) -> None:
+    """One running hash per input (positional index or name) over dtype, sample shape and bytes:
+    the same samples give the same fingerprint whatever the batch size."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    for name, t in [(str(i), t) for i, t in enumerate(b.args)] + sorted(b.kwargs.items()):
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu()
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            a = np.ascontiguousarray(t.numpy())
+            h = hashes.setdefault(f"{name}:{a.dtype}{a.shape[1:]}", hashlib.sha256())
+            h.update(memoryview(a).cast("B"))
+        else:
+            hashes.setdefault(f"{name}:{type(t).__name__}", hashlib.sha256()).update(repr(t).encode())
+
+
+def _slice(b: Batch, n: int) -> Batch:
+    import torch
+
+    cut = lambda v: v[:n] if isinstance(v, torch.Tensor) and v.dim() else v  # noqa: E731
+    return Batch(tuple(cut(v) for v in b.args), {k: cut(v) for k, v in b.kwargs.items()})
+
+
+def _concat_head(kept: list[Batch], n: int) -> Batch:
+    import torch
+
+    first = kept[0]
+    if len(kept) == 1:
+        return _slice(first, n)
+
+    def cat(vals):
+        if all(isinstance(v, torch.Tensor) and v.dim() for v in vals) and len({v.shape[1:] for v in vals}) == 1:
+            return torch.cat(vals)[:n]
+        return vals[0]
+
+    same = all(len(b.args) == len(first.args) and b.kwargs.keys() == first.kwargs.keys() for b in kept)
+    if not same:
+        return _slice(first, n)
+    return Batch(tuple(cat([b.args[i] for b in kept]) for i in range(len(first.args))),
+                 {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs})
+
+
+def as_source(data: Any, batch_size: int | None = None, *, what: str = "the calibration data") -> DataSource:
+    return data if isinstance(data, DataSource) else DataSource(data, batch_size, what=what)
 
 
 def take_samples(batches: list[Batch], n: int) -> Batch | None:

@@ -1,23 +1,30 @@
 """The one function that strings the stages together: (calibrate →) fold → export → verify → report.
 
+Every way in (``bnfold.convert`` keywords, the CLI's flags, a config file's table) arrives here as one
+validated ``ConvertOptions``; calibration data arrives as one ``DataSource`` (read once, samples for
+verification kept during that pass).
+
 The ONNX file is written beside its target under a hidden staging name, verified there, and only
 renamed onto the output path when verification passed (or ``keep_failed=True``), so a failing or
-interrupted conversion never leaves a file at the output path.
+interrupted conversion never leaves a file at the output path. The file's ``metadata_props`` record
+what made it (``bnfold.*`` keys, see ``provenance``); ``check_artifact`` reads them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._io import check_output_path, write_text_atomic
-from .errors import BadInputError, EXIT_OK, EXIT_VERIFY_FAILED
+from .errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED
+from .options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
+from .report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
 
-SCHEMA_VERSION = 1
+PROVENANCE_PREFIX = "bnfold."
 
 
 def versions() -> dict[str, str | None]:
@@ -45,46 +52,6 @@ def versions() -> dict[str, str | None]:
     }
 
 
-@dataclass
-class ConvertReport:
-    model: str
-    output: str | None
-    passed: bool = False
-    exit_code: int = EXIT_OK
-    folded: list = field(default_factory=list)
-    unfolded: list = field(default_factory=list)
-    fold: dict = field(default_factory=dict)
-    calibration: dict | None = None
-    export: dict = field(default_factory=dict)
-    verification: dict | None = None
-    providers_unavailable: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "passed": self.passed,
-            "exit_code": self.exit_code,
-            "model": self.model,
-            "output": self.output,
-            "folded": self.folded,
-            "unfolded": self.unfolded,
-            "fold": self.fold,
-            "calibration": self.calibration,
-            "export": self.export,
-            "verification": self.verification,
-            "providers_unavailable": self.providers_unavailable,
-            "notes": self.notes,
-            "timings": self.timings,
-            "versions": self.versions,
-        }
-
-
 @contextlib.contextmanager
 def _stage(timings: dict, name: str):
     t = time.perf_counter()
@@ -106,81 +73,202 @@ def _staging_path(output: Path) -> Path:
     return output.parent / f".{output.name}.{os.getpid()}.staging.onnx"
 
 
-def _verify_sets(example: tuple, dynamic_batch: bool, calib_batches, seed: int) -> dict:
-    from .data import take_samples
+# ------------------------------------------------------------------------------ options in
+def _options(options: ConvertOptions | None, kw: dict, command: str) -> ConvertOptions:
+    if options is not None and kw:
+        raise BadInputError(f"options= and keywords ({', '.join(kw)}) were both given", "pass one ConvertOptions or keywords, not both")
+    if options is None:
+        return ConvertOptions.build(kw, via=API, command=command)
+    if not isinstance(options, ConvertOptions):
+        raise BadInputError(f"options= is a {type(options).__name__}", "pass a bnfold.ConvertOptions or keywords")
+    return options
 
-    sets: dict[str, Any] = {}
-    n = example[0].shape[0] if example and example[0].dim() else 1
-    if dynamic_batch:
-        for b in sorted({1, max(4, n)}):
-            shapes = [(b,) + tuple(t.shape[1:]) for t in example]
-            sets[f"random(batch={b})"] = random_inputs(shapes, example[0].dtype, seed + b)
+
+def _err(via: Via, key: str | None, problem: str, fix: str | None = None) -> OptionError:
+    return OptionError(via, key, problem, fix)
+
+
+def resolve_model(model, opts: ConvertOptions):
+    """(kind, obj, name): ("onnx", Path, name) or ("torch", nn.Module, name). Specs are loaded here,
+    for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``."""
+    import copy
+
+    from torch import nn
+
+    from .load import load_model, load_weights, parse_model_spec
+
+    via = opts.via
+    if opts.weights is not None and not opts.weights.is_file():
+        raise _err(via, "weights", f"'{opts.weights}' does not exist" if not opts.weights.exists() else f"'{opts.weights}' is not a file",
+                   "give the path of a state_dict checkpoint")
+    if isinstance(model, (str, Path)):
+        spec = parse_model_spec(str(model))
+        if spec.kind == "onnx":
+            for key in ("weights", "trust_pickle", "estimator"):
+                if key in opts.given:
+                    raise _err(via, key, "has no meaning for an ONNX model", "drop it, or pass the PyTorch model spec")
+            return "onnx", Path(spec.target), str(model)
+        return "torch", load_model(spec, opts.weights, trust_pickle=opts.trust_pickle), str(model)
+    if isinstance(model, nn.Module):
+        if opts.weights is not None:  # into a copy: the caller's model never changes
+            model = copy.deepcopy(model)
+            load_weights(model, opts.weights, trust_pickle=opts.trust_pickle)
+        elif "trust_pickle" in opts.given:
+            raise _err(via, "trust_pickle", "is given without weights, so it would be ignored", "drop it")
+        return "torch", model, type(model).__name__
+    raise BadInputError(f"the model is a {type(model).__name__}",
+                        "pass an nn.Module, a spec such as 'file.py:build' or 'package.module:build', or a .onnx path")
+
+
+def _example(kind: str, model, example_inputs, opts: ConvertOptions):
+    """Example inputs (a tuple of tensors) for a PyTorch model, or the shape overrides for an ONNX one."""
+    import torch
+
+    from .data import model_dtype_device
+
+    via = opts.via
+    if example_inputs is not None and opts.input_shape:
+        raise _err(via, "input_shape", "is given together with example inputs", "pass one of them")
+    if kind == "onnx":
+        if example_inputs is None:
+            return [tuple(s) for s in opts.input_shape] or None
+        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        return [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in ex]
+    dtype, device = model_dtype_device(model)
+    if example_inputs is None:
+        if not opts.input_shape:
+            if via.name == "cli":
+                raise BadInputError("no --input-shape given", "pass one --input-shape per model input, e.g. --input-shape 1,3,224,224")
+            fix = "add input_shape" if via.name == "config" else "pass example_inputs (a tensor or tuple of tensors) or input_shape=[1, 3, 224, 224]"
+            raise _err(via, None, "no example inputs", fix)
+        example = random_inputs(opts.input_shape, dtype, opts.seed)
     else:
-        sets[f"random(batch={n})"] = random_inputs([tuple(t.shape) for t in example], example[0].dtype, seed + 1)
-    if calib_batches:
-        k = max(4, n) if dynamic_batch else n
-        sample = take_samples(calib_batches, k)
-        if sample is not None and sample.size == k and not sample.kwargs:
-            dtype = example[0].dtype
-            sets[f"calibration[:{k}]"] = tuple(t.to(dtype) if t.is_floating_point() else t for t in sample.args)
-    return sets
+        example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        if not example or not all(isinstance(t, torch.Tensor) for t in example):
+            raise BadInputError("example_inputs must be a tensor or a tuple of tensors", "pass e.g. (torch.randn(1, 3, 224, 224),)")
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
 
 
-def convert(
-    model,
-    example_inputs,
-    output: str | Path,
-    *,
-    calib=None,
-    batch_size: int | None = None,
-    estimator: str = "paper",
-    opset: int | None = None,
-    dynamic_batch: bool = False,
-    atol=None,
-    rtol=None,
-    providers=("cpu", "cuda"),
-    require_providers=(),
-    verify: bool = True,
-    report: str | Path | None = None,
-    force: bool = True,
-    keep_failed: bool = False,
-    progress: bool = False,
-    seed: int = 0,
-    model_name: str | None = None,
-) -> ConvertReport:
+def _source(opts: ConvertOptions):
+    from .data import as_source
+
+    if opts.calib is None:
+        return None
+    return as_source(opts.calib, opts.batch_size, what="the calibration data")
+
+
+# ------------------------------------------------------------------------------ provenance
+def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool) -> dict[str, str]:
+    """What made an artifact, as string metadata (the ONNX file's ``metadata_props``)."""
+    from . import __version__
+
+    def tol(v):
+        return json.dumps(v, sort_keys=True)
+
+    d = {
+        "version": __version__,
+        "calibrated": "true" if calibrated else "false",
+        "opset": str(opset) if opset is not None else "",
+        "dynamic_batch": "true" if opts.dynamic_batch else "false",
+        "atol": tol(opts.atol),
+        "rtol": tol(opts.rtol),
+        "seed": str(opts.seed),
+    }
+    if calibrated:
+        d["estimator"] = opts.estimator.value
+        d["batch_size"] = "" if opts.batch_size is None else str(opts.batch_size)
+        d["calib_sha256"] = source.fingerprint or ""
+        d["calib_batches"] = str(source.batches)
+    return {PROVENANCE_PREFIX + k: v for k, v in d.items()}
+
+
+def add_provenance(proto, prov: dict[str, str]) -> None:
+    """Record ``prov`` in the proto's metadata_props (after the exporter's metadata was stripped)."""
+    keep = [p for p in proto.metadata_props if not p.key.startswith(PROVENANCE_PREFIX)]
+    del proto.metadata_props[:]
+    for p in keep:
+        proto.metadata_props.add(key=p.key, value=p.value)
+    for k in sorted(prov):
+        proto.metadata_props.add(key=k, value=prov[k])
+
+
+def read_provenance(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(PROVENANCE_PREFIX):]: p.value for p in m.metadata_props if p.key.startswith(PROVENANCE_PREFIX)}
+
+
+def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
+    """Option values an artifact was made with, as ConvertOptions fields (for ``bnfold verify``)."""
+    out: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        if prov.get("estimator"):
+            out["estimator"] = Estimator(prov["estimator"])
+        if prov.get("batch_size"):
+            out["batch_size"] = int(prov["batch_size"])
+        for k in ("atol", "rtol"):
+            if prov.get(k) not in (None, "", "null"):
+                out[k] = json.loads(prov[k])
+        if prov.get("dynamic_batch"):
+            out["dynamic_batch"] = prov["dynamic_batch"] == "true"
+        if prov.get("seed"):
+            out["seed"] = int(prov["seed"])
+    return out
+
+
+# ------------------------------------------------------------------------------ convert
+def _worded(fn):
+    """Errors from the stages below name options the way the caller's interface spells them."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, options: ConvertOptions | None = None, **kw):
+        via = options.via if isinstance(options, ConvertOptions) else API
+        try:
+            return fn(*args, options=options, **kw)
+        except BnfoldError as err:
+            raise reword(err, via)
+    return wrapper
+
+
+@_worded
+def convert(model, example_inputs=None, output: str | Path | None = None, *, options: ConvertOptions | None = None, **kw) -> ConvertReport:
     """Calibrate (when ``calib`` is given), fold, export to ``output`` and verify it.
 
-    ``model``: an nn.Module, or the path of an .onnx file (folded with ``fold_onnx``).
-    ``example_inputs``: a tensor or tuple of tensors (for an .onnx model, None or shapes to
-    override dynamic dimensions). Returns a ConvertReport (truthy when verification passed); the JSON
-    report is written to ``report`` when given.
+    ``model``: an nn.Module, a spec (``"file.py:build"``, ``"package.module:build"``, loaded with
+    ``weights=``) or the path of an .onnx file (its BatchNormalization nodes are folded).
+    ``example_inputs``: a tensor or tuple of tensors, or None with ``input_shape=``.
+    Keywords are the options of ``bnfold convert`` (see ``bnfold.options.OPTIONS``): ``calib`` takes
+    every data form (a path, ``module:fn``, a tensor, a list, (input, label) pairs, dicts, a
+    DataLoader, an IterableDataset, a generator). Returns a ConvertReport (truthy when verification
+    passed); the JSON report is written to ``report`` when given.
     """
-    from . import verification as verify_mod
-
-    output = check_output_path(output, force=force)
-    if report is not None:
-        check_output_path(report, force=True, what="report")
-    verify_mod.check_tolerance(atol, "atol")
-    verify_mod.check_tolerance(rtol, "rtol")
-    provider_list = verify_mod.parse_providers(providers)
-    if require_providers:
-        verify_mod.parse_providers(require_providers)
-    rep = ConvertReport(model=model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__), output=str(output))
+    opts = _options(options, kw, CONVERT)
+    if output is None:
+        raise BadInputError("no output path", "pass output, e.g. 'model.onnx'")
+    output = check_output_path(output, force=opts.overwrite)
+    if opts.report is not None:
+        check_output_path(opts.report, force=True, what="report")
+    kind, obj, name = resolve_model(model, opts)
+    example = _example(kind, obj, example_inputs, opts)
+    if kind == "onnx" and "dynamic_batch" in opts.given:
+        raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX model (its input shapes are kept)", "drop it")
+    rep = ConvertReport(model=name, output=str(output))
     rep.versions = versions()
+    rep.options = opts.to_dict()
     staged = _staging_path(output)
     try:
-        if isinstance(model, (str, Path)):
-            _convert_onnx(rep, Path(model), example_inputs, staged, calib, batch_size, atol, rtol,
-                          provider_list, require_providers, verify, seed)
+        if kind == "onnx":
+            _convert_onnx(rep, obj, example, staged, opts)
         else:
-            _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
-                           atol, rtol, provider_list, require_providers, verify, progress, seed)
-        if rep.passed or keep_failed:
+            _convert_torch(rep, obj, example, staged, opts)
+        if rep.passed or opts.keep_failed:
             os.replace(staged, output)
             rep.export["path"] = str(output)
         else:
             rep.export["path"] = None
-            rep.notes.append(f"verification failed: nothing was written to {output} (use --keep-failed to keep it)")
+            rep.notes.append(f"verification failed: nothing was written to {output} (keep_failed writes it anyway)")
     finally:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
@@ -189,14 +277,14 @@ def convert(
             with contextlib.suppress(FileNotFoundError):
                 (output.parent / data).unlink()
     rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
-    if report is not None:
-        write_report(rep, report)
+    if opts.report is not None:
+        write_report(rep, opts.report)
     return rep
 
 
 def _record_plan(rep: ConvertReport, plan) -> None:
     d = plan.to_dict()
-    rep.fold = {"tracer": d["tracer"], "trace_error": d["trace_error"], "batchnorm_layers": plan.bn_count}
+    rep.fold = {"tracer": d.get("tracer"), "trace_error": d.get("trace_error"), "batchnorm_layers": plan.bn_count}
     rep.folded, rep.unfolded = d["folded"], d["unfolded"]
 
 
@@ -207,28 +295,53 @@ def _record_verification(rep: ConvertReport, vr) -> None:
     rep.passed = vr.passed
 
 
-def write_report(rep: ConvertReport, path: str | Path) -> None:
-    import json
-
+def write_report(rep, path: str | Path) -> None:
     write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
-                   atol, rtol, providers, require_providers, do_verify, progress, seed):
+def _providers(opts: ConvertOptions):
+    return [p.value for p in opts.providers], [p.value for p in opts.require_providers]
 
+
+def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict:
+    sets: dict[str, Any] = {}
+    n = example[0].shape[0] if example and example[0].dim() else 1
+    if dynamic_batch:
+        for b in sorted({1, max(4, n)}):
+            shapes = [(b,) + tuple(t.shape[1:]) for t in example]
+            sets[f"random(batch={b})"] = random_inputs(shapes, example[0].dtype, seed + b)
+    else:
+        sets[f"random(batch={n})"] = random_inputs([tuple(t.shape) for t in example], example[0].dtype, seed + 1)
+    if source is not None:
+        k = max(4, n) if dynamic_batch else n
+        sample = source.head(k)
+        if sample is not None and sample.size == k and not sample.kwargs and len(sample.args) >= len(example):
+            dtype = example[0].dtype
+            args = sample.args[:len(example)]  # (input, label) pairs: the label is not a model input
+            sets[f"calibration[:{k}]"] = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)
+    return sets
+
+
+def _check_opset(opts: ConvertOptions) -> None:
+    from .exporting import OPSET_NATIVE_MIN, opset_range
+
+    lo, hi = opset_range()
+    if opts.opset is not None and not lo <= opts.opset <= hi:
+        raise _err(opts.via, "opset", f"{opts.opset} cannot be written by the PyTorch exporter",
+                   f"choose an opset from {OPSET_NATIVE_MIN} to {hi} (from {lo} the exporter converts down, which can fail for a model)")
+
+
+def _convert_torch(rep, model, example, staged, opts: ConvertOptions):
     import torch
 
     from .calibration import run_calibration
-    from .data import Batch, call_model, eval_mode, load_batches, model_dtype_device
+    from .data import Batch, call_model, eval_mode, model_dtype_device
     from .exporting import export_folded, opset_of, save_onnx
     from .folding import fold_with_plan
     from .verification import verify
 
-    if example_inputs is None:
-        raise BadInputError("no example inputs", "pass --input-shape (one per model input)")
-    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    dtype, device = model_dtype_device(model)
-    example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
+    _check_opset(opts)
+    dtype, _ = model_dtype_device(model)
     # the reference is the user's model itself (compared in eval mode, flags restored) unless
     # calibration gives it new statistics, which happens on a copy: the user's model never changes
     reference = model
@@ -239,42 +352,50 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
         except Exception as err:
             shapes = ", ".join(str(list(t.shape)) for t in example)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}", "check --input-shape (rank, channels, size)") from err
-    calib_batches = None
-    if calib is not None:
+            raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}",
+                                f"check {opts.via.key('input_shape').strip()} (rank, channels, size)") from err
+    source = _source(opts)
+    if source is not None:
+        n = example[0].shape[0] if example[0].dim() else 1
+        source.want_head(max(4, n) if opts.dynamic_batch else n)  # samples for verification, kept during the one pass
         with _stage(rep.timings, "calibrate"):
-            calib_batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
-            reference, summary = run_calibration(model, calib_batches, estimator=estimator, inplace=False, progress=progress)
-            rep.calibration = summary.to_dict()
+            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=False, progress=opts.progress)
+            rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
     with _stage(rep.timings, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=False)
     _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
     export_example = example
-    if dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
-        export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, seed)
+    if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
+        export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
     with _stage(rep.timings, "export"):
-        proto, plan = export_folded(folded, export_example, opset=opset, dynamic_batch=dynamic_batch, plan=plan)
+        proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan)
         _record_plan(rep, plan)
+        got = opset_of(proto)
+        if opts.opset is not None and got != opts.opset:
+            raise _err(opts.via, "opset", f"{opts.opset} was asked for but the exporter wrote opset {got}",
+                       "choose an opset from 18 to the newest your onnx supports")
+        add_provenance(proto, provenance(opts, source, got, source is not None))
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
-    rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
-                  "external_data": info["external_data"], "dynamic_batch": dynamic_batch,
+    rep.export = {"path": None, "opset": got, "sha256": info["sha256"], "bytes": info["bytes"],
+                  "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch,
                   "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
                   "nodes": len(proto.graph.node)}
     del proto
-    if not do_verify:
+    if not opts.verify:
         rep.passed = True
-        rep.notes.append("verification skipped (--no-verify)")
+        rep.notes.append("verification skipped (verify off)")
         return
+    providers, required = _providers(opts)
     with _stage(rep.timings, "verify"):
-        sets = _verify_sets(example, dynamic_batch, calib_batches, seed)
-        vr = verify(reference, staged, sets, atol=atol, rtol=rtol, providers=providers, folded=folded,
-                    require_providers=require_providers)
+        sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
+        vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
+                    require_providers=required)
     _record_verification(rep, vr)
 
 
-def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...], Any]]:
+def onnx_input_shapes(path: Path, overrides=None, via: Via = API) -> list[tuple[tuple[int, ...], Any]]:
     """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
     import onnx
     from onnx import helper
@@ -283,7 +404,7 @@ def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...],
     inits = {i.name for i in m.graph.initializer}
     ins = [i for i in m.graph.input if i.name not in inits]
     if overrides is not None and len(overrides) != len(ins):
-        raise BadInputError(f"the ONNX model has {len(ins)} inputs but {len(overrides)} input shapes were given", "pass one --input-shape per model input")
+        raise _err(via, "input_shape", f"gives {len(overrides)} shapes but the ONNX model has {len(ins)} inputs", "give one shape per model input")
     out = []
     for k, i in enumerate(ins):
         tt = i.type.tensor_type
@@ -291,103 +412,159 @@ def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...],
         if overrides is not None:
             shape = tuple(overrides[k])
             if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-                raise BadInputError(f"input shape {list(shape)} does not fit ONNX input '{i.name}' {['?' if d is None else d for d in dims]}", "match the fixed dimensions of the model input")
+                raise _err(via, "input_shape", f"{list(shape)} does not fit ONNX input '{i.name}' {['?' if d is None else d for d in dims]}",
+                           "match the fixed dimensions of the model input")
         else:
             shape = tuple(d if d else 1 for d in dims)
         out.append((shape, helper.tensor_dtype_to_np_dtype(tt.elem_type)))
     return out
 
 
-def onnx_input_sets(src: Path, example_inputs, batches, seed: int) -> dict:
-    """Seeded random inputs for an ONNX model's graph inputs (dynamic dims from ``example_inputs``
-    shapes, else 1), plus the first calibration samples when they fit."""
+def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> dict:
+    """Seeded random inputs for an ONNX model's graph inputs (dynamic dims from ``overrides``,
+    else 1), plus the first calibration samples when they fit."""
     import numpy as np
     import torch
 
-    from .data import take_samples
-
-    overrides = None
-    if example_inputs is not None:
-        overrides = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in example_inputs]
-    specs = onnx_input_shapes(src, overrides)
+    specs = onnx_input_shapes(src, overrides, via)
     rng = np.random.default_rng(seed)
     sets = {"random": tuple(
         torch.from_numpy(rng.standard_normal(shape).astype(dt) if np.dtype(dt).kind == "f" else rng.integers(0, 2, size=shape).astype(dt))
         for shape, dt in specs)}
-    if batches:
+    if source is not None:
         n = specs[0][0][0] if specs and specs[0][0] else 1
-        sample = take_samples(batches, n)
-        if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
+        sample = source.head(n)
+        if sample is not None and not sample.kwargs and len(sample.args) >= len(specs) and sample.size == n:
             sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
     return sets
 
 
-def _convert_onnx(rep, src, example_inputs, staged, calib, batch_size, atol, rtol, providers, require_providers, do_verify, seed):
-    from .data import load_batches
-    from .onnx_fold import fold_onnx_file
+def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
+    from .exporting import opset_of, save_onnx
+    from .onnx_fold import fold_onnx_proto, load_onnx
     from .verification import verify
 
     with _stage(rep.timings, "fold"):
-        plan, info = fold_onnx_file(src, staged, data_name=Path(rep.output).name + ".data")
+        proto = load_onnx(src)
+        if opts.opset is not None and opset_of(proto) != opts.opset:
+            proto = _convert_opset(proto, opts)
+        plan = fold_onnx_proto(proto)
+        source = _source(opts)
+        add_provenance(proto, provenance(opts, source, opset_of(proto), False))
+        info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
     _record_plan(rep, plan)
-    rep.export = {"path": None, **{k: info[k] for k in ("opset", "sha256", "bytes", "external_data", "nodes", "batchnorm_nodes")}}
+    rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
+                  "external_data": info["external_data"], "nodes": len(proto.graph.node),
+                  "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node)}
+    del proto
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNormalization node: written and verified as it is")
-    if not do_verify:
+    if not opts.verify:
         rep.passed = True
-        rep.notes.append("verification skipped (--no-verify)")
+        rep.notes.append("verification skipped (verify off)")
         return
-    batches = None
-    if calib is not None:
-        batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
-    sets = onnx_input_sets(src, example_inputs, batches, seed)
+    providers, required = _providers(opts)
+    sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep.timings, "verify"):
-        vr = verify(src, staged, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
+        vr = verify(src, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
     _record_verification(rep, vr)
 
 
-def check_artifact(
-    model,
-    onnx_path: str | Path,
-    example_inputs=None,
-    *,
-    calib=None,
-    batch_size: int | None = None,
-    estimator: str = "paper",
-    dynamic_batch: bool = False,
-    atol=None,
-    rtol=None,
-    providers=("cpu", "cuda"),
-    require_providers=(),
-    seed: int = 0,
-):
-    """Verify an existing ONNX artifact against its source (an nn.Module or the original .onnx).
+def _convert_opset(proto, opts: ConvertOptions):
+    """An ONNX input at another opset: onnx.version_converter, or a refusal naming why."""
+    import onnx
+    from onnx import version_converter
 
-    With ``calib``, the PyTorch reference is first calibrated exactly as ``convert --calib`` does,
-    and samples of the data join the random inputs. Returns a VerifyReport.
+    from .exporting import opset_of
+
+    have, hi = opset_of(proto), onnx.defs.onnx_opset_version()
+    if not 7 <= opts.opset <= hi:
+        raise _err(opts.via, "opset", f"{opts.opset} is outside what onnx {onnx.__version__} converts", f"choose an opset from 7 to {hi}")
+    try:
+        out = version_converter.convert_version(proto, opts.opset)
+        onnx.checker.check_model(out)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _err(opts.via, "opset", f"{opts.opset}: onnx.version_converter cannot convert this model from opset {have}: {first[:200]}",
+                   f"drop it to keep opset {have}") from err
+    if opset_of(out) != opts.opset:
+        raise _err(opts.via, "opset", f"{opts.opset}: onnx.version_converter wrote opset {opset_of(out)}", f"drop it to keep opset {have}")
+    return out
+
+
+# ------------------------------------------------------------------------------ verify an artifact
+@_worded
+def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options: ConvertOptions | None = None, **kw) -> CheckReport:
+    """Verify an existing ONNX artifact against its source (an nn.Module, a model spec or the original .onnx).
+
+    Options the artifact records (estimator, batch size, tolerances, seed, dynamic batch: its
+    ``bnfold.*`` metadata) are the defaults; given options win. With ``calib``, the PyTorch
+    reference is calibrated as ``convert`` did and samples of the data join the random inputs. When
+    verification fails, every difference from how the artifact was made is named in ``differences``.
+    Returns a CheckReport (truthy when it passed).
     """
-    import torch
-
     from .calibration import run_calibration
-    from .data import load_batches, model_dtype_device
     from .onnx_fold import load_onnx
     from .verification import verify
 
+    opts = _options(options, kw, VERIFY)
     load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
-    batches = None
-    if calib is not None:
-        batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
-    if isinstance(model, (str, Path)):
-        load_onnx(model)
-        sets = onnx_input_sets(Path(model), example_inputs, batches, seed)
-        return verify(str(model), onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
-    if example_inputs is None:
-        raise BadInputError("no example inputs", "pass --input-shape (one per model input)")
-    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    dtype, device = model_dtype_device(model)
-    example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t for t in example)
-    reference = model
-    if batches is not None:
-        reference, _ = run_calibration(model, batches, estimator=estimator)
-    sets = _verify_sets(example, dynamic_batch, batches, seed)
-    return verify(reference, onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
+    prov = read_provenance(onnx_path)
+    made = provenance_defaults(prov)
+    if prov.get("calibrated") == "true" and opts.calib is not None:
+        # batch size only for data that bnfold cuts into batches (files); a DataLoader has its own
+        keys = ("estimator", "batch_size") if isinstance(opts.calib, (str, Path)) else ("estimator",)
+        opts = opts.with_defaults({k: v for k, v in made.items() if k in keys})
+    opts = opts.with_defaults({k: v for k, v in made.items() if k not in ("estimator", "batch_size")})
+    kind, obj, name = resolve_model(model, opts)
+    source = _source(opts)
+    providers, required = _providers(opts)
+    check = CheckReport(model=name, onnx=str(onnx_path), verification=None, provenance=prov, versions=versions())
+    if kind == "onnx":
+        if "dynamic_batch" in opts.given:
+            raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
+        overrides = _example(kind, obj, example_inputs, opts)
+        load_onnx(obj)
+        sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
+        check.verification = verify(str(obj), onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
+    else:
+        example = _example(kind, obj, example_inputs, opts)
+        reference = obj
+        if source is not None:
+            n = example[0].shape[0] if example[0].dim() else 1
+            source.want_head(max(4, n) if opts.dynamic_batch else n)
+            reference, _ = run_calibration(obj, source, estimator=opts.estimator.value, progress=opts.progress)
+        sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
+        check.verification = verify(reference, onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
+    check.options = opts.to_dict()
+    if not check.passed:
+        check.differences = _differences(prov, opts, source)
+    if opts.report is not None:
+        write_report(check, opts.report)
+    return check
+
+
+def _differences(prov: dict[str, str], opts: ConvertOptions, source) -> list[str]:
+    """How this check's settings differ from the ones the artifact was made with."""
+    if not prov:
+        return []
+    out = []
+    calibrated = prov.get("calibrated") == "true"
+    k = opts.via.key
+    if calibrated and source is None:
+        out.append(f"the artifact was made with calibration data (sha256 {prov.get('calib_sha256', '?')[:12]}…); this check used none: pass {k('calib').strip()}")
+    if not calibrated and source is not None:
+        out.append(f"the artifact was made without calibration; this check calibrated with {k('calib').strip()}")
+    if calibrated and source is not None:
+        if source.fingerprint and prov.get("calib_sha256") and source.fingerprint != prov["calib_sha256"]:
+            out.append(f"calibration data differs: sha256 {source.fingerprint[:12]}… here, {prov['calib_sha256'][:12]}… when made")
+        here = "" if opts.batch_size is None else str(opts.batch_size)
+        if prov.get("batch_size", "") != here or (prov.get("calib_batches") and str(source.batches) != prov["calib_batches"]):
+            out.append(f"batch size {here or 'none'} ({source.batches} batches) here, {prov.get('batch_size') or 'none'} "
+                       f"({prov.get('calib_batches', '?')} batches) when made: the paper estimator's statistics depend on the batches")
+        if prov.get("estimator") and prov["estimator"] != opts.estimator.value:
+            out.append(f"estimator {opts.estimator.value} here, {prov['estimator']} when made")
+    for key in ("atol", "rtol"):
+        if prov.get(key) not in (None, json.dumps(getattr(opts, key), sort_keys=True)):
+            out.append(f"{key} {json.dumps(getattr(opts, key))} here, {prov[key]} when made")
+    return out

@@ -6,7 +6,79 @@ conversions run in worker processes) render the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+EXIT_OK, EXIT_VERIFY_FAILED = 0, 1
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` did. One schema: ``to_dict`` writes it, ``from_dict`` reads it back.
+
+    ``verification`` is ``VerifyReport.to_dict()`` (the same schema ``bnfold verify --report``
+    writes), or None when verification was skipped.
+    """
+
+    model: str
+    output: str | None
+    passed: bool = False
+    exit_code: int = EXIT_OK
+    folded: list = field(default_factory=list)
+    unfolded: list = field(default_factory=list)
+    fold: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    export: dict = field(default_factory=dict)
+    verification: dict | None = None
+    providers_unavailable: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ConvertReport":
+        if d.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise ValueError(f"report schema_version {d.get('schema_version')} is not {SCHEMA_VERSION}")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class CheckReport:
+    """What ``check_artifact`` (``bnfold verify``) found: the verification and the artifact's provenance."""
+
+    model: str
+    onnx: str
+    verification: Any  # bnfold.verification.VerifyReport
+    provenance: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    differences: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verification)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def failures(self):
+        return self.verification.failures()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
+                "verification": self.verification.to_dict(), "provenance": self.provenance, "options": self.options,
+                "differences": self.differences, "notes": self.notes, "versions": self.versions}
+
 
 LEVEL_NAMES = {"disable_all": "ORT_DISABLE_ALL", "default": "ORT_ENABLE_ALL", None: "-"}
 
@@ -31,7 +103,9 @@ def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm
     t.add_column("fate")
     t.add_column("into / reason", overflow="fold")
     for f in folded:
-        t.add_row(f["bn"], f"folded {f['rule']}", ", ".join(f"{i} ({ty})" for i, ty in zip(f["into"], f["into_type"])))
+        stage = " (onnx pass)" if f.get("pass") == "onnx" else ""
+        into = ", ".join(f"{i} ({ty})" for i, ty in zip(f["into"], f["into_type"]))
+        t.add_row(f["bn"], f"folded {f['rule']}{stage}", into)
     for u in unfolded:
         t.add_row(u["bn"], "[yellow]left[/]", u["reason"])
     return t
@@ -80,13 +154,18 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False) -> No
     console.print(f"{_status(rep['passed'])} {rep.get('model', '')}: {summary}")
 
 
-def render_verify(vr: dict[str, Any], console) -> None:
+def render_verify(check: dict[str, Any], console) -> None:
+    vr = check["verification"]
     console.print(verification_table(vr))
     for u in vr.get("providers_unavailable", []):
         console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
-    for note in vr.get("notes", []):
+    notes = list(vr.get("notes", []))
+    notes += [n for n in check.get("notes", []) if n not in notes]
+    for note in notes:
         console.print(f"note: {note}")
-    console.print(_status(vr["passed"]))
+    for diff in check.get("differences", []):
+        console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
+    console.print(f"{_status(check['passed'])} {check.get('onnx', '')}")
 
 
 def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
@@ -102,6 +181,6 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
         if e.get("skipped"):
             result = "unchanged (skipped)"
-        note = (e.get("error") or "").replace("|", "\\|")
+        note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")
         lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | {_fmt(max(errs) if errs else None)} | {provs} | {note} |")
     return "\n".join(lines) + "\n"

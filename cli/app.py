@@ -11,12 +11,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from bnfold import __version__
 from bnfold.errors import EXIT_MODEL, BadInputError, BnfoldError
+from bnfold.options import OPTIONS
 
 app = typer.Typer(
     name="bnfold",
@@ -26,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: no markup eats "[[conversion]]", flags show no "<bool>"
 )
 
 STATE = {"quiet": False, "verbose": False, "debug": False, "json": False}
@@ -75,67 +76,59 @@ def _version(value: bool):
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors (and the result line)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every BatchNorm layer, even in large models."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (and the result line).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every BatchNorm layer, even in large models.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ):
     STATE.update(quiet=quiet, verbose=verbose, debug=debug)
 
 
-# ------------------------------------------------------------------------------------ helpers
-def _tolerance(values: Optional[List[str]], what: str):
-    """['1e-4', 'logits=1e-3'] -> 1e-4 or {'*': 1e-4, 'logits': 1e-3}."""
-    if not values:
-        return None
-    out: dict = {}
-    for v in values:
-        name, sep, num = v.rpartition("=")
-        key = name.strip() if sep else "*"
-        try:
-            f = float(num)
-        except ValueError:
-            raise BadInputError(f"--{what} '{v}' is not a number", f"pass --{what} 1e-4 or --{what} OUTPUT=1e-4") from None
-        if not f >= 0 or f == float("inf"):
-            raise BadInputError(f"--{what} {v} is negative or not finite", f"pass a non-negative number, e.g. --{what} 1e-4")
-        out[key] = f
-    return out["*"] if list(out) == ["*"] else out
+# ------------------------------------------------------------------------- shared options
+# Every conversion option is declared once, from bnfold.options.OPTIONS (flag, short name, help);
+# the commands share these Annotated types. Values stay raw (None = not given) and are parsed and
+# validated in one place: ConvertOptions.build.
+def _opt(key: str, metavar: str | None = None):
+    o = OPTIONS[key]
+    decls = [o.flag] + ([o.short] if o.short else [])
+    return typer.Option(*decls, help=o.help, metavar=metavar, show_default=False)
 
 
-def _shapes(values: Optional[List[str]]):
-    from bnfold.load import parse_shape
+Weights = Annotated[Optional[str], _opt("weights", "FILE")]
+TrustPickle = Annotated[Optional[bool], _opt("trust_pickle", "")]
+InputShape = Annotated[Optional[List[str]], _opt("input_shape", "SHAPE")]
+Calib = Annotated[Optional[str], _opt("calib", "DATA")]
+BatchSize = Annotated[Optional[str], _opt("batch_size", "N")]
+EstimatorOpt = Annotated[Optional[str], _opt("estimator", "paper|pooled")]
+Opset = Annotated[Optional[str], _opt("opset", "N")]
+DynamicBatch = Annotated[Optional[bool], _opt("dynamic_batch", "")]
+Atol = Annotated[Optional[List[str]], _opt("atol", "[OUTPUT=]TOL")]
+Rtol = Annotated[Optional[List[str]], _opt("rtol", "[OUTPUT=]TOL")]
+Providers = Annotated[Optional[str], _opt("providers", "cpu,cuda")]
+RequireProviders = Annotated[Optional[str], _opt("require_providers", "cpu,cuda")]
+VerifyFlag = Annotated[Optional[bool], _opt("verify", "")]
+Report = Annotated[Optional[str], _opt("report", "FILE")]
+Overwrite = Annotated[Optional[bool], _opt("overwrite", "")]
+KeepFailed = Annotated[Optional[bool], _opt("keep_failed", "")]
+Seed = Annotated[Optional[str], _opt("seed", "N")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (and nothing else there).", show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the result line (same as bnfold --quiet).", show_default=False)]
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help="path/file.py:factory, package.module:factory, or a .onnx file.", show_default=False)]
 
-    return [parse_shape(v) for v in values or []]
+
+def _build(command: str, values: dict):
+    """The command's flags as one validated ConvertOptions (errors name the flags)."""
+    from bnfold.options import CLI, ConvertOptions
+
+    values = dict(values)
+    if "progress" in OPTIONS and command in OPTIONS["progress"].commands:
+        values["progress"] = (not STATE["quiet"] and sys.stderr.isatty()) or None
+    return ConvertOptions.build(values, via=CLI, command=command)
 
 
-def _load_torch(model: str, weights: Optional[Path], trust_pickle: bool):
-    from bnfold.load import load_model, parse_model_spec
-
-    spec = parse_model_spec(model)
-    if spec.kind == "onnx":
-        return spec, None
-    if weights is None and not STATE["quiet"]:
+def _note_weights(model: str, opts) -> None:
+    if opts.weights is None and not model.lower().endswith(".onnx") and not STATE["quiet"] and not STATE["json"]:
         _console(stderr=True).print("note: no --weights given: using the weights the factory creates")
-    return spec, load_model(spec, weights, trust_pickle=trust_pickle)
-
-
-def _source(model: str, weights, trust_pickle: bool, input_shape, seed: int):
-    """(what to convert or verify: an .onnx path or the loaded nn.Module, its example inputs)."""
-    shapes = _shapes(input_shape)
-    spec, m = _load_torch(model, weights, trust_pickle)
-    if spec.kind == "onnx":
-        return spec.target, (shapes or None)
-    return m, _example(m, shapes, seed)
-
-
-def _example(model_obj, shapes, seed: int):
-    from bnfold.data import model_dtype_device
-    from bnfold.pipeline import random_inputs
-
-    if not shapes:
-        raise BadInputError("no --input-shape given", "pass one --input-shape per model input, e.g. --input-shape 1,3,224,224")
-    dtype, _ = model_dtype_device(model_obj)
-    return random_inputs(shapes, dtype, seed)
 
 
 def _print_json(obj) -> None:
@@ -146,59 +139,66 @@ def _print_json(obj) -> None:
 
 # ------------------------------------------------------------------------------------ convert
 @app.command(epilog="Example: bnfold convert samples/digits/model.py:build --weights samples/digits/weights.pt "
-                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz -o digits.onnx --report report.json")
+                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz --batch-size 64 -o digits.onnx --report digits.report.json")
 def convert(
-    model: Optional[str] = typer.Argument(None, help="path/file.py:factory, package.module:factory, or a .onnx file."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .onnx file to write."),
-    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="state_dict checkpoint (loaded with weights_only=True)."),
-    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", "-s", help="e.g. 1,3,224,224; once per model input."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data (.npz/.npy/.pt or module:fn): recompute BN statistics first."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Cut calibration arrays into batches of this size (the paper's batch)."),
-    estimator: str = typer.Option("paper", "--estimator", help="paper (BN paper, default) or pooled."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension; verify at batch 1 and 4."),
-    atol: Optional[List[str]] = typer.Option(None, "--atol", help="Absolute tolerance, global (1e-4) or per output (output.0=1e-3)."),
-    rtol: Optional[List[str]] = typer.Option(None, "--rtol", help="Relative tolerance, global or per output."),
-    providers: str = typer.Option("cpu,cuda", "--providers", help="onnxruntime providers to verify on (those that cannot run are reported)."),
-    require_providers: Optional[str] = typer.Option(None, "--require-providers", help="Providers that must really run (e.g. cuda), else exit 2."),
-    report: Optional[Path] = typer.Option(None, "--report", "-r", help="Write the JSON report here."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a checkpoint that holds Python objects. Only for files you trust."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification (the report says so)."),
-    no_overwrite: bool = typer.Option(False, "--no-overwrite", help="Refuse to replace an existing output (default: replace it)."),
-    keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the output even when verification fails."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of tables."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random verification inputs."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Run every [[conversion]] of a TOML file."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel processes for --config."),
-    skip_unchanged: bool = typer.Option(False, "--skip-unchanged", help="With --config: skip conversions whose manifest matches."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line (same as bnfold --quiet)."),
+    model: ModelArg = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="The .onnx file to write.", show_default=False)] = None,
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    calib: Calib = None,
+    batch_size: BatchSize = None,
+    estimator: EstimatorOpt = None,
+    opset: Opset = None,
+    dynamic_batch: DynamicBatch = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    providers: Providers = None,
+    require_providers: RequireProviders = None,
+    report: Report = None,
+    trust_pickle: TrustPickle = None,
+    verify: VerifyFlag = None,
+    overwrite: Overwrite = None,
+    keep_failed: KeepFailed = None,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+    config: Annotated[Optional[Path], typer.Option("--config", metavar="TOML", show_default=False,
+                                                   help="Run every [[conversion]] table of a TOML file (keys mirror these flags; see the README).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", show_default=False, help="With --config: run conversions in N processes.")] = None,
+    skip_unchanged: Annotated[bool, typer.Option("--skip-unchanged", show_default=False, help="With --config: skip conversions whose manifest still matches.")] = False,
+    quiet: Quiet = False,
 ):
     """Fold (and optionally calibrate), export to ONNX and verify the result."""
     STATE["quiet"] = STATE["quiet"] or quiet
+    STATE["json"] = json_out
+    values = dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size, estimator=estimator,
+                  opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, providers=providers,
+                  require_providers=require_providers, trust_pickle=trust_pickle, verify=verify,
+                  overwrite=overwrite, keep_failed=keep_failed, seed=seed)
 
     def work():
         if config is not None:
+            given = [OPTIONS[k].flag.split("/")[0] for k, v in values.items() if v is not None]
+            if model:
+                given.insert(0, "MODEL")
+            if output is not None:
+                given.insert(0, "-o")
+            if given:
+                raise BadInputError(f"--config runs the conversions its file describes; {', '.join(given)} would be ignored",
+                                    "put them in the file's [[conversion]] or [defaults] tables")
             return _run_config(config, report, jobs, skip_unchanged, json_out)
+        for flag, v in (("--jobs", jobs), ("--skip-unchanged", skip_unchanged or None)):
+            if v is not None:
+                raise BadInputError(f"{flag} applies to --config runs only", "drop it, or use --config")
         if not model:
             raise BadInputError("no MODEL given", "pass path/file.py:factory, module:factory or a .onnx file (or --config)")
         if output is None:
             raise BadInputError("no output path", "pass -o OUT.onnx")
         import bnfold
-        from bnfold._io import check_output_path
 
-        check_output_path(output, force=not no_overwrite)
-        if report is not None:
-            check_output_path(report, what="report")
-        a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
-        source, example = _source(model, weights, trust_pickle, input_shape, seed)
-        rep = bnfold.convert(
-            source, example, output, calib=calib, batch_size=batch_size,
-            estimator=estimator, opset=opset, dynamic_batch=dynamic_batch, atol=a, rtol=r, providers=providers,
-            require_providers=require_providers or (), verify=not no_verify, report=report, force=not no_overwrite,
-            keep_failed=keep_failed, progress=not STATE["quiet"] and sys.stderr.isatty(), seed=seed, model_name=model,
-        )
-        d = rep.to_dict()
-        _show_convert(d, json_out)
+        opts = _build("convert", {**values, "report": report})
+        _note_weights(model, opts)
+        rep = bnfold.convert(model, None, output, options=opts)
+        _show_convert(rep.to_dict(), json_out)
         raise typer.Exit(rep.exit_code)
 
     _guard(work)
@@ -218,11 +218,13 @@ def _show_convert(d: dict, json_out: bool) -> None:
         render_convert(d, console, verbose=STATE["verbose"])
 
 
-def _run_config(config: Path, report: Optional[Path], jobs: int, skip_unchanged: bool, json_out: bool):
+def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_unchanged: bool, json_out: bool):
     from bnfold.batch import run_config
     from bnfold.report import markdown_summary
 
-    summary = run_config(config, jobs=jobs, skip_unchanged=skip_unchanged, report=report,
+    if jobs is not None and jobs < 1:
+        raise BadInputError(f"--jobs {jobs} is not positive", "pass --jobs 1 or more")
+    summary = run_config(config, jobs=1 if jobs is None else jobs, skip_unchanged=skip_unchanged, report=report,
                          debug=STATE["debug"], progress=not STATE["quiet"])
     if json_out:
         _print_json(summary)
@@ -236,7 +238,7 @@ def _run_config(config: Path, report: Optional[Path], jobs: int, skip_unchanged:
             rep = e.get("report") or {}
             bn = f"{len(rep.get('folded', []))}/{len(rep.get('folded', [])) + len(rep.get('unfolded', []))}" if rep else "-"
             res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
-            t.add_row(e["name"], e["model"], e["output"], res, bn, e.get("error") or "")
+            t.add_row(e["name"], e["model"], e["output"], res, bn, e.get("error") or e.get("detail") or "")
         _console().print(t)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step:
@@ -250,20 +252,21 @@ def _run_config(config: Path, report: Optional[Path], jobs: int, skip_unchanged:
                     "--calib samples/digits/calib.npz --batch-size 64 -o calibrated.pt\n\n"
                     "Several processes: torchrun --nproc-per-node 2 -m bnfold calibrate ... (each rank takes every N-th batch).")
 def calibrate(
-    model: str = typer.Argument(..., help="path/file.py:factory or package.module:factory."),
-    calib: str = typer.Option(..., "--calib", help="Calibration data (.npz/.npy/.pt or module:fn)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Write the calibrated state_dict (.pt) here."),
-    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="state_dict checkpoint to start from."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Cut arrays into batches of this size."),
-    estimator: str = typer.Option("paper", "--estimator", help="paper (default) or pooled."),
-    report: Optional[Path] = typer.Option(None, "--report", "-r", help="Write the calibration summary (JSON) here."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a checkpoint that holds Python objects."),
-    no_overwrite: bool = typer.Option(False, "--no-overwrite", help="Refuse to replace an existing output."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (same as bnfold --quiet)."),
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py:factory or package.module:factory.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="Write the calibrated state_dict (.pt) here.", show_default=False)],
+    calib: Calib = None,
+    weights: Weights = None,
+    batch_size: BatchSize = None,
+    estimator: EstimatorOpt = None,
+    report: Report = None,
+    trust_pickle: TrustPickle = None,
+    overwrite: Overwrite = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Recompute BatchNorm population statistics (BN paper, §3.1) and save the state_dict."""
     STATE["quiet"] = STATE["quiet"] or quiet
+    STATE["json"] = json_out
 
     def work():
         import io
@@ -274,21 +277,26 @@ def calibrate(
         from bnfold._io import check_output_path, write_bytes_atomic, write_text_atomic
         from bnfold.calibration import run_calibration
         from bnfold.data import load_batches
-        from bnfold.load import parse_model_spec
+        from bnfold.load import load_model, parse_model_spec
 
+        opts = _build("calibrate", dict(calib=calib, weights=weights, batch_size=batch_size, estimator=estimator,
+                                        report=report, trust_pickle=trust_pickle, overwrite=overwrite))
+        if opts.calib is None:
+            raise BadInputError("no calibration data", "pass --calib DATA (.npz/.npy/.pt or module:fn)")
         if parse_model_spec(model).kind == "onnx":
             raise BadInputError("calibration needs the PyTorch model", "pass path/file.py:factory, not a .onnx file")
-        check_output_path(output, force=not no_overwrite)
-        if report is not None:
-            check_output_path(report, what="report")
-        _, m = _load_torch(model, weights, trust_pickle)
-        batches = load_batches(calib, batch_size)
+        check_output_path(output, force=opts.overwrite)
+        if opts.report is not None:
+            check_output_path(opts.report, what="report")
+        _note_weights(model, opts)
+        m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
+        batches = load_batches(opts.calib, opts.batch_size)
         rank, world = _maybe_init_distributed()
         try:
             if world > 1:
                 batches = batches[rank::world]
-            calibrated, summary = run_calibration(m, batches, estimator=estimator, inplace=True,
-                                                  progress=not STATE["quiet"] and sys.stderr.isatty() and rank == 0)
+            calibrated, summary = run_calibration(m, batches, estimator=opts.estimator.value, inplace=True,
+                                                  progress=opts.progress and rank == 0)
         finally:
             if world > 1:
                 import torch.distributed as dist
@@ -300,8 +308,8 @@ def calibrate(
         torch.save(calibrated.state_dict(), buf)
         write_bytes_atomic(output, buf.getvalue())
         d = summary.to_dict()
-        if report is not None:
-            write_text_atomic(report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
+        if opts.report is not None:
+            write_text_atomic(opts.report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
         if json_out:
             _print_json(d)
         elif not STATE["quiet"]:
@@ -336,52 +344,46 @@ def _maybe_init_distributed():
 
 # ------------------------------------------------------------------------------------- verify
 @app.command(epilog="Example: bnfold verify samples/digits/model.py:build digits.onnx --weights samples/digits/weights.pt "
-                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz")
+                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz (batch size, estimator and tolerances "
+                    "default to the ones the artifact records).")
 def verify(
-    model: str = typer.Argument(..., help="The source: path/file.py:factory, module:factory, or the original .onnx."),
-    onnx_file: Path = typer.Argument(..., help="The ONNX artifact to check."),
-    weights: Optional[Path] = typer.Option(None, "--weights", "-w"),
-    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", "-s", help="Once per model input."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibrate the reference as convert --calib did; its samples join the inputs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
-    estimator: str = typer.Option("paper", "--estimator"),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Verify at batch 1 and 4."),
-    atol: Optional[List[str]] = typer.Option(None, "--atol"),
-    rtol: Optional[List[str]] = typer.Option(None, "--rtol"),
-    providers: str = typer.Option("cpu,cuda", "--providers"),
-    require_providers: Optional[str] = typer.Option(None, "--require-providers"),
-    report: Optional[Path] = typer.Option(None, "--report", "-r"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
-    json_out: bool = typer.Option(False, "--json"),
-    seed: int = typer.Option(0, "--seed"),
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The source: path/file.py:factory, module:factory, or the original .onnx.", show_default=False)],
+    onnx_file: Annotated[str, typer.Argument(metavar="ONNX", help="The ONNX artifact to check.", show_default=False)],
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    calib: Calib = None,
+    batch_size: BatchSize = None,
+    estimator: EstimatorOpt = None,
+    dynamic_batch: DynamicBatch = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    providers: Providers = None,
+    require_providers: RequireProviders = None,
+    report: Report = None,
+    trust_pickle: TrustPickle = None,
+    seed: Seed = None,
+    json_out: JsonOut = False,
 ):
     """Check an existing ONNX file against its source. Exit 0 when it matches, 1 when it does not."""
+    STATE["json"] = json_out
 
     def work():
-        import json
-
-        from bnfold._io import check_output_path, write_text_atomic
         from bnfold.pipeline import check_artifact
 
-        if report is not None:
-            check_output_path(report, what="report")
-        a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
-        source, example = _source(model, weights, trust_pickle, input_shape, seed)
-        vr = check_artifact(source, onnx_file, example, calib=calib, batch_size=batch_size,
-                            estimator=estimator, dynamic_batch=dynamic_batch, atol=a, rtol=r, providers=providers,
-                            require_providers=require_providers or (), seed=seed)
-        from bnfold.pipeline import SCHEMA_VERSION, versions
-
-        d = {"schema_version": SCHEMA_VERSION, "model": model, "onnx": str(onnx_file), **vr.to_dict(), "versions": versions()}
-        if report is not None:
-            write_text_atomic(report, json.dumps(d, indent=2, default=str) + "\n")
+        opts = _build("verify", dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size,
+                                     estimator=estimator, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
+                                     providers=providers, require_providers=require_providers, report=report,
+                                     trust_pickle=trust_pickle, seed=seed))
+        _note_weights(model, opts)
+        check = check_artifact(model, onnx_file, options=opts)
+        d = check.to_dict()
         if json_out:
             _print_json(d)
         else:
             from bnfold.report import render_verify
 
             render_verify(d, _console())
-        raise typer.Exit(0 if vr.passed else 1)
+        raise typer.Exit(0 if check.passed else 1)
 
     _guard(work)
 
@@ -389,25 +391,37 @@ def verify(
 # ------------------------------------------------------------------------------------ inspect
 @app.command(epilog="Example: bnfold inspect samples/digits/model.py:build --input-shape 1,1,8,8")
 def inspect(
-    model: str = typer.Argument(..., help="path/file.py:factory, module:factory, or a .onnx file."),
-    weights: Optional[Path] = typer.Option(None, "--weights", "-w"),
-    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", "-s", help="Enables shape checks and the torch.export fallback."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
-    json_out: bool = typer.Option(False, "--json"),
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py:factory, module:factory, or a .onnx file.", show_default=False)],
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    trust_pickle: TrustPickle = None,
+    json_out: JsonOut = False,
 ):
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
+    STATE["json"] = json_out
 
     def work():
-        shapes = _shapes(input_shape)
-        spec, m = _load_torch(model, weights, trust_pickle)
+        from bnfold.load import load_model, parse_model_spec
+
+        opts = _build("inspect", dict(weights=weights, input_shape=input_shape, trust_pickle=trust_pickle))
+        spec = parse_model_spec(model)
         if spec.kind == "onnx":
             from bnfold.onnx_fold import fold_onnx_proto, load_onnx
+
+            for key in ("weights", "trust_pickle", "input_shape"):
+                if key in opts.given:
+                    raise BadInputError(f"{OPTIONS[key].flag} has no meaning for an ONNX model", "drop it")
 
             plan = fold_onnx_proto(load_onnx(spec.target))
         else:
             import bnfold
+            from bnfold.data import model_dtype_device
+            from bnfold.pipeline import random_inputs
 
-            plan = bnfold.inspect(m, _example(m, shapes, 0) if shapes else None)
+            _note_weights(model, opts)
+            m = load_model(spec, opts.weights, trust_pickle=opts.trust_pickle)
+            example = random_inputs(opts.input_shape, model_dtype_device(m)[0]) if opts.input_shape else None
+            plan = bnfold.inspect(m, example)
         d = plan.to_dict()
         if json_out:
             _print_json(d)

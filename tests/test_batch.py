@@ -96,7 +96,7 @@ def test_skip_unchanged(tmp_path):
 @pytest.mark.parametrize("body,message", [
     ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,1,8,8"\noutput = "o.onnx"\ninputshape = "1"\n', "key 'inputshape' is unknown. Did you mean 'input_shape'?"),
     ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,1,8,8"\n', "has no 'output'"),
-    ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,1,8,8"\noutput = "o.onnx"\nbatch_size = "64"\n', "key 'batch_size' is a str"),
+    ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,1,8,8"\noutput = "o.onnx"\nbatch_size = "64"\n', "key 'batch_size' is str '64', not an integer"),
     ('[[conversion]]\nmodel = "digits/nope.py:build"\ninput_shape = "1,1,8,8"\noutput = "o.onnx"\n', "does not exist"),
     ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,x,8,8"\noutput = "o.onnx"\n', "non-integer dimension"),
     ('[[conversion]]\nmodel = "digits/model.py:build"\ninput_shape = "1,1,8,8"\noutput = "o.onnx"\nproviders = "tpu"\n', "unknown provider"),

@@ -113,7 +113,7 @@ def test_verify_command_pass_and_corrupted_fail(tmp_path):
     assert "FAILED" in res.stdout
     d = json.loads(rep.read_text())
     assert d["passed"] is False and d["schema_version"] == 1
-    failed = [o for r in d["runs"] for o in r["outputs"] if not o["passed"]]
+    failed = [o for r in d["verification"]["runs"] for o in r["outputs"] if not o["passed"]]
     assert failed and all(o["max_abs_error"] > 1e-3 and "exceeds atol" in o["problem"] for o in failed)
     assert all(o["required_atol"] >= o["max_abs_error"] - o["rtol"] * 100 for o in failed)
 

@@ -1,0 +1,454 @@
+"""One options type for every way into bnfold: API keywords, CLI flags and TOML keys.
+
+``OPTIONS`` is the table: one row per option with its key (the API keyword and the TOML key), its
+CLI flag, the commands it belongs to, its default, its help text and the one function that parses
+and validates it. ``ConvertOptions.build`` is the only place an option value is checked; the CLI,
+the config loader and ``bnfold.convert``/``bnfold.verify`` all go through it, and differ only in how
+an error names the option (``--input-shape`` on the command line, ``input_shape=`` in Python,
+``conversions.toml: conversion #2, key 'input_shape'`` in a config file).
+
+This module imports nothing heavy: ``bnfold --help`` builds its options from this table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import BadInputError
+
+
+class Estimator(str, Enum):
+    PAPER = "paper"
+    POOLED = "pooled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Provider(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------- interfaces
+class Via:
+    """How an interface names an option in its error messages."""
+
+    name = "api"
+
+    def key(self, key: str) -> str:
+        return f"{key}="
+
+    def where(self) -> str:
+        return ""
+
+
+class ApiVia(Via):
+    pass
+
+
+class CliVia(Via):
+    name = "cli"
+
+    def key(self, key: str) -> str:
+        opt = OPTIONS.get(key)
+        return opt.flag.split("/")[0] if opt and opt.flag else key.replace("_", "-").upper()
+
+
+@dataclass
+class ConfigVia(Via):
+    path: str
+    index: int | None = None
+    table: str | None = None
+    name = "config"
+
+    def key(self, key: str) -> str:
+        return f"key '{key}'"
+
+    def where(self) -> str:
+        loc = self.path
+        if self.table:
+            loc += f": [{self.table}]"
+        elif self.index is not None:
+            loc += f": conversion #{self.index + 1}"
+        return loc
+
+
+API, CLI = ApiVia(), CliVia()
+
+
+class OptionError(BadInputError):
+    """An option value that cannot be used (exit 2), worded for the interface that passed it."""
+
+    def __init__(self, via: Via, key: str | None, problem: str, fix: str | None = None):
+        self.key = key
+        where = via.where()
+        named = via.key(key) if key else ""
+        if isinstance(via, ConfigVia):
+            text = f"{where}, {named} {problem}" if key else f"{where}: {problem}"
+        else:
+            text = f"{named} {problem}".strip() if key else problem
+        super().__init__(text, fix)
+
+
+# ------------------------------------------------------------------------------ parsers
+# Each parser: (value, via, key) -> normalised value; raises OptionError.
+
+
+def _p_bool(v, via, key):
+    if isinstance(v, bool):
+        return v
+    raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not true/false", None)
+
+
+def _p_int(minimum: int):
+    def p(v, via, key):
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, str) and via.name == "cli" and re.fullmatch(r"\s*[+-]?\d+\s*", v):
+                v = int(v)
+            else:
+                raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not an integer", None)
+        if v < minimum:
+            raise OptionError(via, key, f"is {v}, not positive" if minimum == 1 else f"is {v}, negative", f"use {minimum} or more")
+        return v
+    return p
+
+
+def _p_path(v, via, key):
+    if isinstance(v, Path):
+        return v
+    if isinstance(v, str) and v.strip():
+        return Path(v)
+    raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a file path", None)
+
+
+def _p_enum(enum: type[Enum]):
+    choices = ", ".join(e.value for e in enum)
+
+    def p(v, via, key):
+        if isinstance(v, enum):
+            return v
+        if isinstance(v, str):
+            try:
+                return enum(v.strip().lower())
+            except ValueError:
+                pass
+        raise OptionError(via, key, f"{v!r}: unknown {key}", f"use one of {choices}")
+    return p
+
+
+def _p_providers(v, via, key):
+    """'cpu,cuda', ['cpu', 'cuda'] or Provider values -> tuple of Provider (no repeats)."""
+    items = v.split(",") if isinstance(v, str) else v
+    if isinstance(items, (Provider,)):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a list of providers", "use cpu, cuda or cpu,cuda")
+    out: list[Provider] = []
+    for item in items:
+        name = str(item.value if isinstance(item, Provider) else item).strip().lower().replace("executionprovider", "")
+        try:
+            p = Provider(name)
+        except ValueError:
+            raise OptionError(via, key, f"names unknown provider {str(item).strip()!r}", "use cpu, cuda or cpu,cuda") from None
+        if p not in out:
+            out.append(p)
+    if not out and key == "providers":
+        raise OptionError(via, key, "names no provider", "use cpu, cuda or cpu,cuda")
+    return tuple(out)
+
+
+def _shape_of(v, via, key) -> tuple[int, ...]:
+    from .load import parse_shape
+
+    if isinstance(v, str):
+        try:
+            return parse_shape(v)
+        except BadInputError as err:
+            raise OptionError(via, key, err.problem.replace("input shape ", "", 1), "write a shape as 1,3,224,224 or [1, 3, 224, 224]") from None
+    if isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+        if any(d <= 0 for d in v) or len(v) > 8:
+            raise OptionError(via, key, f"{list(v)} needs 1 to 8 positive dimensions", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+        return tuple(int(d) for d in v)
+    raise OptionError(via, key, f"{v!r} is not a shape", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+
+
+def _p_shapes(v, via, key):
+    """One shape ('1,3,8,8', [1, 3, 8, 8], torch.Size) or several (['1,3,8,8', '1,10'], [[1, 3, 8, 8], [1, 10]])."""
+    if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v)):
+        return (_shape_of(v, via, key),)
+    if isinstance(v, (list, tuple)) and v:
+        return tuple(_shape_of(s, via, key) for s in v)
+    raise OptionError(via, key, f"{v!r} is not a shape or a list of shapes", "write 1,3,224,224, [1, 3, 224, 224], or one per model input")
+
+
+def _number(text, via, key) -> float:
+    try:
+        f = float(text)
+    except (TypeError, ValueError):
+        raise OptionError(via, key, f"{text!r} is not a number", "use a number (1e-4) or OUTPUT=number") from None
+    if isinstance(text, bool) or not (f >= 0) or math.isinf(f):
+        raise OptionError(via, key, f"{text!r} is negative or not finite", "use a non-negative number, e.g. 1e-4")
+    return f
+
+
+def _p_tolerance(v, via, key):
+    """1e-4 | '1e-4' | 'logits=1e-3' | ['1e-4', 'logits=1e-3'] | {'*': 1e-4, 'logits': 1e-3} -> float or dict."""
+    out: dict[str, float] = {}
+    if isinstance(v, Mapping):
+        if not v:
+            raise OptionError(via, key, "is an empty table", "give at least one OUTPUT = number")
+        for name, num in v.items():
+            out[str(name)] = _number(num, via, key)
+    else:
+        items = [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
+        if not isinstance(items, (list, tuple)) or not items:
+            raise OptionError(via, key, f"{v!r} is not a tolerance", "use a number (1e-4) or OUTPUT=number")
+        for item in items:
+            if isinstance(item, str) and "=" in item:
+                name, _, num = item.rpartition("=")
+                if not name.strip():
+                    raise OptionError(via, key, f"{item!r} names no output", "use OUTPUT=number, e.g. output.logits=1e-3")
+                out[name.strip()] = _number(num, via, key)
+            else:
+                out["*"] = _number(item, via, key)
+    return out["*"] if list(out) == ["*"] else out
+
+
+def _p_calib(v, via, key):
+    if isinstance(v, (str, Path)):
+        if not str(v).strip():
+            raise OptionError(via, key, "is empty", "give a data file or module:fn")
+        return v if isinstance(v, Path) else v.strip()
+    if v is None:
+        return None
+    if via.name == "config":
+        raise OptionError(via, key, f"is {type(v).__name__}, not a string", "give a data file (.npz/.npy/.pt) or file.py:fn")
+    return v  # in-memory data: normalised by bnfold.data.DataSource
+
+
+def _p_str(v, via, key):
+    if isinstance(v, str) and v.strip():
+        return v.strip()
+    raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a non-empty string", None)
+
+
+# ------------------------------------------------------------------------------- the table
+CONVERT, VERIFY, CALIBRATE, INSPECT = "convert", "verify", "calibrate", "inspect"
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # API keyword and TOML key
+    flag: str | None  # the CLI flag (None: API only)
+    parse: Callable
+    default: Any
+    help: str
+    commands: frozenset
+    short: str | None = None
+    config: bool = True  # a TOML key
+    needs_calib: bool = False  # only meaningful with calib (an error without it)
+    path: bool = False  # relative to the config file's folder
+
+
+def _o(key, flag, parse, default, help, commands, **kw):
+    return Option(key, flag, parse, default, help, frozenset(commands), **kw)
+
+
+_ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)
+_CV = (CONVERT, VERIFY)
+OPTIONS: dict[str, Option] = {o.key: o for o in (
+    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True),
+    _o("trust_pickle", "--trust-pickle", _p_bool, False, "Allow unpickling a checkpoint that holds Python objects (runs code: only for files you trust).", _ALL),
+    _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s"),
+    _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE)),
+    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True),
+    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True),
+    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output (default: the exporter's; for an .onnx input, its own).", (CONVERT,)),
+    _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
+    _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV),
+    _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV),
+    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on (those that cannot run are reported).", _CV),
+    _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV),
+    _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
+    _o("report", "--report", _p_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),
+    _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (default, atomically) or refuse.", (CONVERT, CALIBRATE)),
+    _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
+    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV),
+    _o("progress", None, _p_bool, False, "Show a progress bar on stderr while calibrating.", (CONVERT, VERIFY, CALIBRATE), config=False),
+)}
+# config-only keys of a [[conversion]] table (positional arguments elsewhere)
+ENTRY_KEYS = {"name": _p_str, "model": _p_str, "output": _p_str}
+ALIASES = {"input_shapes": "input_shape"}  # accepted in config files, as the README documented
+
+
+def cli_flag(key: str) -> str:
+    return CLI.key(key)
+
+
+_FLAG_ALIASES = {"--force": ("overwrite", True)}  # spellings other modules' messages use
+
+
+def _flag_table() -> dict[str, tuple[str, Any]]:
+    table = dict(_FLAG_ALIASES)
+    for key, o in OPTIONS.items():
+        if not o.flag:
+            continue
+        on, _, off = o.flag.partition("/")
+        table[on] = (key, True if o.parse is _p_bool else None)
+        if off:
+            table[off] = (key, False)
+    return table
+
+
+def reword(err: BaseException, via: Via) -> BaseException:
+    """Name options the way ``via`` spells them in a BnfoldError raised below the interface
+    (``check --weights`` becomes ``check weights=`` for the API, ``key 'weights'`` for a config)."""
+    from .errors import BnfoldError
+
+    if not isinstance(err, BnfoldError) or isinstance(err, OptionError) or not err.args:
+        return err
+    table = _flag_table()
+
+    def sub(m):
+        hit = table.get(m.group(0))
+        if hit is None:
+            return m.group(0)
+        key, value = hit
+        if via.name == "cli":
+            return CLI.key(key) if m.group(0) in _FLAG_ALIASES else m.group(0)
+        if via.name == "config":
+            return f"{key} = {str(value).lower()}" if isinstance(value, bool) else f"key '{key}'"
+        return f"{key}={value}" if isinstance(value, bool) else f"{key}="
+
+    text = re.sub(r"--[a-z][a-z0-9-]*", sub, str(err))
+    if text != str(err):
+        err.args = (text,)
+    return err
+
+
+def parse_option(key: str, value: Any, via: Via | None = None):
+    """One option's value through the table's parser (for public functions that take it alone,
+    e.g. ``load_batches(batch_size=)``): the same check as ``ConvertOptions.build``."""
+    return OPTIONS[key].parse(value, via or API, key)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every convert/verify/calibrate option, typed and validated (see ``OPTIONS``)."""
+
+    weights: Path | None = None
+    trust_pickle: bool = False
+    input_shape: tuple = ()
+    calib: Any = None
+    batch_size: int | None = None
+    estimator: Estimator = Estimator.PAPER
+    opset: int | None = None
+    dynamic_batch: bool = False
+    atol: Any = None
+    rtol: Any = None
+    providers: tuple = (Provider.CPU, Provider.CUDA)
+    require_providers: tuple = ()
+    verify: bool = True
+    report: Path | None = None
+    overwrite: bool = True
+    keep_failed: bool = False
+    seed: int = 0
+    progress: bool = False
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # keys set explicitly
+    via: Via = field(default=API, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], *, via: Via = API, command: str = CONVERT, base: Path | None = None) -> "ConvertOptions":
+        """The one validation of options: unknown, misplaced, ill-typed or ignored options are errors.
+
+        ``values``: key -> value for the options that were given (None means "not given").
+        ``base``: the folder relative paths resolve against (config files).
+        """
+        parsed: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            opt = OPTIONS.get(key)
+            if opt is None or (via.name == "config" and not opt.config):
+                known = [k for k, o in OPTIONS.items() if command in o.commands and (o.config or via.name != "config")]
+                close = difflib.get_close_matches(key, known, n=1)
+                raise OptionError(via, key, "is unknown" if via.name != "api" else "is not an option",
+                                  f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}")
+            if command not in opt.commands:
+                raise OptionError(via, key, f"has no meaning for {command}", f"{command} takes {', '.join(via.key(k).strip() for k, o in OPTIONS.items() if command in o.commands and o.config)}")
+            v = opt.parse(value, via, key)
+            if opt.path and base is not None and isinstance(v, Path) and not v.is_absolute():
+                v = base / v
+            parsed[key] = v
+        if "calib" in parsed and base is not None:
+            parsed["calib"] = resolve_data_spec(parsed["calib"], base)
+        if "calib" not in parsed:
+            for key in (k for k, o in OPTIONS.items() if o.needs_calib):
+                if key in parsed:
+                    raise OptionError(via, key, "is given without calibration data, so it would be ignored",
+                                      f"add {via.key('calib').strip()} DATA or drop it" if via.name == "cli" else "add calib or drop it")
+        if "require_providers" in parsed:
+            extra = [p for p in parsed["require_providers"] if p not in parsed.get("providers", OPTIONS["providers"].default)]
+            if extra and "providers" in parsed:
+                raise OptionError(via, "require_providers", f"names {', '.join(map(str, extra))}, which providers leaves out",
+                                  "add it to providers too")
+        if parsed.get("verify") is False:
+            for key in ("atol", "rtol", "providers", "require_providers", "keep_failed"):
+                if key in parsed:
+                    raise OptionError(via, key, "has no effect when verification is off, so it would be ignored", "drop one of them")
+        return cls(**parsed, given=frozenset(parsed), via=via)
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> "ConvertOptions":
+        """Options not given explicitly take ``defaults`` (already parsed values, e.g. an artifact's provenance)."""
+        upd = {k: v for k, v in defaults.items() if k not in self.given and k in OPTIONS}
+        return replace(self, **upd) if upd else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly values of every option (enums as strings, paths as strings)."""
+        out = {}
+        for f in fields(self):
+            if f.name in ("given", "via", "progress"):
+                continue
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+
+def _plain(v):
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool, dict)) or v is None:
+        return v
+    return f"<{type(v).__name__}>"  # in-memory calibration data
+
+
+def resolve_data_spec(spec, base: Path):
+    """A data file or ``file.py:fn`` spec relative to ``base``; ``pkg.mod:fn`` stays as it is."""
+    if not isinstance(spec, (str, Path)):
+        return spec
+    text = str(spec)
+    target, sep, attr = text.rpartition(":")
+    if sep and attr.isidentifier() and not (len(target) == 1 and target.isalpha()):
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            p = Path(target)
+            return f"{p if p.is_absolute() else base / p}:{attr}"
+        return text  # package.module:fn
+    p = Path(text)
+    return p if p.is_absolute() else base / p
+
+
+def options_for(command: str) -> list[Option]:
+    return [o for o in OPTIONS.values() if command in o.commands]
