@@ -231,13 +231,14 @@ class DataSource:
         else:
             src = self._iterable
         hashes: dict = {}
+        hashable = True
         count = 0
         kept: list[Batch] = []
         have = 0
         for raw in src:
             b = as_batch(raw)
             count += 1
-            _hash_batch(hashes, b)
+            hashable = hashable and _hash_batch(hashes, b)
             if self._head is None and have < self._want:
                 kept.append(b)
                 have += b.size
@@ -248,7 +249,7 @@ class DataSource:
         top = hashlib.sha256()
         for name in sorted(hashes):
             top.update(f"{name}:{hashes[name].hexdigest()};".encode())
-        self.fingerprint = top.hexdigest()
+        self.fingerprint = top.hexdigest() if hashable else None
         if self._head is None and kept:
             self._head = _concat_head(kept, self._want)
 
@@ -273,9 +274,11 @@ class DataSource:
         return _concat_head(kept, n) if kept else None
 
 
-def _hash_batch(hashes: dict, b: Batch) -> None:
+def _hash_batch(hashes: dict, b: Batch) -> bool:
     """One running hash per input (positional index or name) over dtype, sample shape and bytes:
-    the same samples give the same fingerprint whatever the batch size."""
+    the same samples give the same fingerprint whatever the batch size. Tensors already on an
+    accelerator are not copied back to hash them (that would sync once per batch): False then,
+    and the data has no fingerprint."""
     import hashlib
 
     import numpy as np
@@ -283,7 +286,9 @@ def _hash_batch(hashes: dict, b: Batch) -> None:
 
     for name, t in [(str(i), t) for i, t in enumerate(b.args)] + sorted(b.kwargs.items()):
         if isinstance(t, torch.Tensor):
-            t = t.detach().cpu()
+            if t.device.type != "cpu":
+                return False
+            t = t.detach()
             if t.dtype == torch.bfloat16:
                 t = t.float()
             a = np.ascontiguousarray(t.numpy())
@@ -291,6 +296,7 @@ def _hash_batch(hashes: dict, b: Batch) -> None:
             h.update(memoryview(a).cast("B"))
         else:
             hashes.setdefault(f"{name}:{type(t).__name__}", hashlib.sha256()).update(repr(t).encode())
+    return True
 
 
 def _slice(b: Batch, n: int) -> Batch:
