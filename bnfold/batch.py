@@ -10,12 +10,12 @@ versions and the ONNX SHA-256; ``skip_unchanged`` skips a conversion whose manif
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ._io import sha256_file, write_text_atomic
+from . import _json as json
+from ._io import OutputSet, sha256_file, write_text_atomic
 from .errors import EXIT_BAD_INPUT, EXIT_MODEL, BnfoldError, ConfigError
 
 # key -> accepted python types
@@ -112,7 +112,7 @@ def load_config(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"{_where(path, i)}: {err}") from err
         for key in ("weights", "calib", "output", "report"):
             if key in entry and not (key == "calib" and ":" in entry[key] and not Path(entry[key]).suffix):
-                entry[key] = str((base / entry[key]).resolve())
+                entry[key] = str((base / entry[key]).resolve()) + ("/" if entry[key].endswith(("/", os.sep)) else "")
         for key in ("weights", "calib"):
             if key in entry and Path(entry[key]).suffix and not Path(entry[key]).is_file():
                 raise ConfigError(f"{_where(path, i, key)}: '{entry[key]}' does not exist", "paths are relative to the config file's folder")
@@ -189,19 +189,27 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             model = load_model(spec, entry.get("weights"), trust_pickle=entry.get("trust_pickle", False))
             dtype, _ = model_dtype_device(model)
             example = random_inputs(entry["input_shapes"], dtype, entry.get("seed", 0))
-        rep = convert(model, example, entry["output"], calib=entry.get("calib"), batch_size=entry.get("batch_size"),
-                      estimator=entry.get("estimator", "paper"), opset=entry.get("opset"),
-                      dynamic_batch=entry.get("dynamic_batch", False), atol=entry.get("atol"), rtol=entry.get("rtol"),
-                      providers=entry.get("providers", ("cpu", "cuda")), require_providers=entry.get("require_providers", ()),
-                      verify=entry.get("verify", True), report=entry.get("report"), keep_failed=entry.get("keep_failed", False),
-                      seed=entry.get("seed", 0), model_name=entry["model"])
-        result["report"] = rep.to_dict()
-        result["exit_code"] = rep.exit_code
-        if rep.passed and Path(entry["output"]).is_file():
-            manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"]}
-            write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
+        with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
+            rep = convert(model, example, entry["output"], calib=entry.get("calib"), batch_size=entry.get("batch_size"),
+                          estimator=entry.get("estimator", "paper"), opset=entry.get("opset"),
+                          dynamic_batch=entry.get("dynamic_batch", False), atol=entry.get("atol"), rtol=entry.get("rtol"),
+                          providers=entry.get("providers", ("cpu", "cuda")), require_providers=entry.get("require_providers", ()),
+                          verify=entry.get("verify", True), report=entry.get("report"), keep_failed=entry.get("keep_failed", False),
+                          seed=entry.get("seed", 0), model_name=entry["model"])
+            result["report"] = rep.to_dict()
+            result["exit_code"] = rep.exit_code
+            if rep.passed and rep.export.get("path"):
+                manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"]}
+                write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
     except BnfoldError as err:
         result["exit_code"], result["error"] = err.exit_code, " ".join(str(err).split())
+    except KeyboardInterrupt:
+        raise
+    except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
+        from .usercode import as_error
+
+        err2 = as_error(err, "the model's code")
+        result["exit_code"], result["error"] = EXIT_MODEL, " ".join(str(err2).split())
     except Exception as err:  # keep the other conversions going
         if debug:
             import traceback
@@ -215,21 +223,14 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
 def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = False, report: str | Path | None = None,
                debug: bool = False, progress: bool = False) -> dict[str, Any]:
     """Validate ``config``, run every conversion, return (and optionally write) the summary."""
-    from ._io import check_output_path
     from .pipeline import SCHEMA_VERSION, versions
 
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} is not positive", "pass --jobs 1 or more")
     entries = load_config(config)
-    for i, e in enumerate(entries):
-        try:
-            check_output_path(e["output"])
-            if e.get("report"):
-                check_output_path(e["report"], what="report")
-        except BnfoldError as err:
-            raise ConfigError(f"{_where(Path(config), i, 'output')}: {err}") from err
-    if report is not None:
-        check_output_path(report, what="report")
+    from .paths import check_config_paths
+
+    check_config_paths(config, entries, report)
     results: list[dict[str, Any] | None] = [None] * len(entries)
     todo = []
     for i, e in enumerate(entries):
@@ -246,10 +247,12 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        from .usercode import worker_died, worker_init
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
             futures = {i: pool.submit(run_one, entries[i], debug, threads) for i in todo}
             for i, fut in futures.items():
-                results[i] = fut.result()
+                results[i] = worker_died(fut, entries[i])
     codes = [r["exit_code"] for r in results if r]
     summary = {"schema_version": SCHEMA_VERSION, "config": str(config), "exit_code": max(codes) if codes else EXIT_BAD_INPUT,
                "conversions": results, "versions": versions()}

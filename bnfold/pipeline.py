@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import check_output_path, write_text_atomic
+from ._io import OutputSet, not_written_note, write_text_atomic
 from .errors import BadInputError, EXIT_OK, EXIT_VERIFY_FAILED
 
 SCHEMA_VERSION = 1
@@ -98,7 +98,11 @@ def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
     """Seeded normal inputs of the given shapes (float32 unless ``dtype``)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    from .load import check_alloc, check_seed
+
+    g = torch.Generator().manual_seed(check_seed(seed) % 2**64)
+    for s in shapes:
+        check_alloc(s, dtype or torch.float32, f"an input of shape {list(s)}")
     return tuple(torch.randn(tuple(s), generator=g, dtype=torch.float64).to(dtype or torch.float32) for s in shapes)
 
 
@@ -157,9 +161,12 @@ def convert(
     """
     from . import verification as verify_mod
 
-    output = check_output_path(output, force=force)
-    if report is not None:
-        check_output_path(report, force=True, what="report")
+    from .paths import check_run_paths
+
+    output = check_run_paths({"model": model if isinstance(model, (str, Path)) else None,
+                              "calib": calib if isinstance(calib, (str, Path)) else None},
+                             {"output": output, "report": report}, no_overwrite=[] if force else ["output"],
+                             sidecars={"output": [".data"]})["output"]
     verify_mod.check_tolerance(atol, "atol")
     verify_mod.check_tolerance(rtol, "rtol")
     provider_list = verify_mod.parse_providers(providers)
@@ -167,8 +174,8 @@ def convert(
         verify_mod.parse_providers(require_providers)
     rep = ConvertReport(model=model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__), output=str(output))
     rep.versions = versions()
-    staged = _staging_path(output)
-    try:
+    with OutputSet() as outs:  # the ONNX file, its data and the report: committed together at the end
+        staged = outs.stage(output)
         if isinstance(model, (str, Path)):
             _convert_onnx(rep, Path(model), example_inputs, staged, calib, batch_size, atol, rtol,
                           provider_list, require_providers, verify, seed)
@@ -176,21 +183,15 @@ def convert(
             _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estimator, opset, dynamic_batch,
                            atol, rtol, provider_list, require_providers, verify, progress, seed)
         if rep.passed or keep_failed:
-            os.replace(staged, output)
             rep.export["path"] = str(output)
         else:
             rep.export["path"] = None
-            rep.notes.append(f"verification failed: nothing was written to {output} (use --keep-failed to keep it)")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
-        data = rep.export.get("external_data")
-        if data and rep.export.get("path") is None:  # the data file of an output that was not kept
-            with contextlib.suppress(FileNotFoundError):
-                (output.parent / data).unlink()
-    rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
-    if report is not None:
-        write_report(rep, report)
+            data = rep.export.get("external_data")
+            outs.discard(output, *([output.parent / data] if data else []))
+            rep.notes.append(not_written_note(output))
+        rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
+        if report is not None:
+            write_report(rep, report)
     return rep
 
 
@@ -207,7 +208,7 @@ def _record_verification(rep: ConvertReport, vr) -> None:
 
 
 def write_report(rep: ConvertReport, path: str | Path) -> None:
-    import json
+    from . import _json as json
 
     write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
 
@@ -274,26 +275,9 @@ def _convert_torch(rep, model, example_inputs, staged, calib, batch_size, estima
 
 def onnx_input_shapes(path: Path, overrides=None) -> list[tuple[tuple[int, ...], Any]]:
     """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
-    import onnx
-    from onnx import helper
+    from .load import onnx_inputs
 
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    ins = [i for i in m.graph.input if i.name not in inits]
-    if overrides is not None and len(overrides) != len(ins):
-        raise BadInputError(f"the ONNX model has {len(ins)} inputs but {len(overrides)} input shapes were given", "pass one --input-shape per model input")
-    out = []
-    for k, i in enumerate(ins):
-        tt = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if overrides is not None:
-            shape = tuple(overrides[k])
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-                raise BadInputError(f"input shape {list(shape)} does not fit ONNX input '{i.name}' {['?' if d is None else d for d in dims]}", "match the fixed dimensions of the model input")
-        else:
-            shape = tuple(d if d else 1 for d in dims)
-        out.append((shape, helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-    return out
+    return [(i.shape, i.dtype) for i in onnx_inputs(path, overrides)]
 
 
 def onnx_input_sets(src: Path, example_inputs, batches, seed: int) -> dict:
@@ -315,6 +299,10 @@ def onnx_input_sets(src: Path, example_inputs, batches, seed: int) -> dict:
     if batches:
         n = specs[0][0][0] if specs and specs[0][0] else 1
         sample = take_samples(batches, n)
+        if sample is not None and not sample.kwargs:
+            from .load import check_onnx_sample, onnx_inputs
+
+            check_onnx_sample(onnx_inputs(src, overrides), sample.args)
         if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
             sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
     return sets
@@ -371,19 +359,25 @@ def check_artifact(
     from .onnx_fold import load_onnx
     from .verification import verify
 
-    load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
+    artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     batches = None
     if calib is not None:
         batches = load_batches(calib, batch_size) if isinstance(calib, (str, Path)) else calib
     if isinstance(model, (str, Path)):
         load_onnx(model)
         sets = onnx_input_sets(Path(model), example_inputs, batches, seed)
+        from .load import check_onnx_sample, onnx_inputs
+
+        check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{model}'")
         return verify(str(model), onnx_path, sets, atol=atol, rtol=rtol, providers=providers, require_providers=require_providers)
     if example_inputs is None:
         raise BadInputError("no example inputs", "pass --input-shape (one per model input)")
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     dtype, device = model_dtype_device(model)
     example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t for t in example)
+    from .load import check_onnx_sample, onnx_inputs
+
+    check_onnx_sample(onnx_inputs(artifact), example, what="the model's example input (--input-shape)", with_batch=not dynamic_batch)
     reference = model
     if batches is not None:
         reference, _ = run_calibration(model, batches, estimator=estimator)

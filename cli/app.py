@@ -35,8 +35,11 @@ STATE = {"quiet": False, "verbose": False, "debug": False, "json": False}
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    no_color = bool(os.environ.get("NO_COLOR")) or not (sys.stderr if stderr else sys.stdout).isatty()
-    return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False, width=None if not no_color else 160)
+    from bnfold.usercode import stdout
+
+    out = sys.stderr if stderr else stdout()
+    no_color = bool(os.environ.get("NO_COLOR")) or not out.isatty()
+    return Console(file=out, no_color=no_color, highlight=False, soft_wrap=False, width=None if not no_color else 160)
 
 
 def _fail(err: BaseException, code: int) -> None:
@@ -49,15 +52,22 @@ def _fail(err: BaseException, code: int) -> None:
 
 def _guard(fn):
     """Run ``fn``; render bnfold errors as one line with their exit code."""
+    from bnfold.paths import begin_run, written_message
+    from bnfold.usercode import as_error, stdout_to_stderr
+
+    begin_run()
     try:
-        return fn()
+        with stdout_to_stderr():  # stdout carries only bnfold's result (usercode.stdout())
+            return fn()
     except typer.Exit:
         raise
     except BnfoldError as err:
         _fail(err, err.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("bnfold: interrupted; no output was written\n")
+        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
         raise typer.Exit(130)
+    except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
+        _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
         if STATE["debug"]:
             traceback.print_exc()
@@ -139,9 +149,10 @@ def _example(model_obj, shapes, seed: int):
 
 
 def _print_json(obj) -> None:
-    import json
+    from bnfold import _json as json
+    from bnfold.usercode import stdout
 
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------ convert
@@ -149,7 +160,7 @@ def _print_json(obj) -> None:
                     "--input-shape 1,1,8,8 --calib samples/digits/calib.npz -o digits.onnx --report report.json")
 def convert(
     model: Optional[str] = typer.Argument(None, help="path/file.py:factory, package.module:factory, or a .onnx file."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .onnx file to write."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The .onnx file to write."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="state_dict checkpoint (loaded with weights_only=True)."),
     input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", "-s", help="e.g. 1,3,224,224; once per model input."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data (.npz/.npy/.pt or module:fn): recompute BN statistics first."),
@@ -184,11 +195,10 @@ def convert(
         if output is None:
             raise BadInputError("no output path", "pass -o OUT.onnx")
         import bnfold
-        from bnfold._io import check_output_path
+        from bnfold.paths import check_run_paths, spec_files
 
-        check_output_path(output, force=not no_overwrite)
-        if report is not None:
-            check_output_path(report, what="report")
+        check_run_paths({"model": spec_files(model), "--weights": weights, "--calib": spec_files(calib)},
+                        {"-o": output, "--report": report}, no_overwrite=["-o"] if no_overwrite else [], sidecars={"-o": [".data"]})
         a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
         source, example = _source(model, weights, trust_pickle, input_shape, seed)
         rep = bnfold.convert(
@@ -240,8 +250,9 @@ def _run_config(config: Path, report: Optional[Path], jobs: int, skip_unchanged:
         _console().print(t)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step:
-        with open(step, "a", encoding="utf-8") as fh:
-            fh.write(markdown_summary(summary["conversions"]))
+        from bnfold._io import append_text_or_warn
+
+        append_text_or_warn(step, markdown_summary(summary["conversions"]), "GITHUB_STEP_SUMMARY")
     raise typer.Exit(summary["exit_code"])
 
 
@@ -252,7 +263,7 @@ def _run_config(config: Path, report: Optional[Path], jobs: int, skip_unchanged:
 def calibrate(
     model: str = typer.Argument(..., help="path/file.py:factory or package.module:factory."),
     calib: str = typer.Option(..., "--calib", help="Calibration data (.npz/.npy/.pt or module:fn)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Write the calibrated state_dict (.pt) here."),
+    output: str = typer.Option(..., "--output", "-o", help="Write the calibrated state_dict (.pt) here."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="state_dict checkpoint to start from."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Cut arrays into batches of this size."),
     estimator: str = typer.Option("paper", "--estimator", help="paper (default) or pooled."),
@@ -267,20 +278,20 @@ def calibrate(
 
     def work():
         import io
-        import json
 
         import torch
 
-        from bnfold._io import check_output_path, write_bytes_atomic, write_text_atomic
+        from bnfold import _json as json
+        from bnfold._io import OutputSet, write_bytes_atomic, write_text_atomic
+        from bnfold.paths import check_run_paths, spec_files
         from bnfold.calibration import run_calibration
         from bnfold.data import load_batches
         from bnfold.load import parse_model_spec
 
         if parse_model_spec(model).kind == "onnx":
             raise BadInputError("calibration needs the PyTorch model", "pass path/file.py:factory, not a .onnx file")
-        check_output_path(output, force=not no_overwrite)
-        if report is not None:
-            check_output_path(report, what="report")
+        check_run_paths({"model": spec_files(model), "--weights": weights, "--calib": spec_files(calib)},
+                        {"-o": output, "--report": report}, no_overwrite=["-o"] if no_overwrite else [])
         _, m = _load_torch(model, weights, trust_pickle)
         batches = load_batches(calib, batch_size)
         rank, world = _maybe_init_distributed()
@@ -298,10 +309,11 @@ def calibrate(
             return
         buf = io.BytesIO()
         torch.save(calibrated.state_dict(), buf)
-        write_bytes_atomic(output, buf.getvalue())
         d = summary.to_dict()
-        if report is not None:
-            write_text_atomic(report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
+        with OutputSet():  # the state_dict and the report land together or not at all
+            write_bytes_atomic(output, buf.getvalue())
+            if report is not None:
+                write_text_atomic(report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
         if json_out:
             _print_json(d)
         elif not STATE["quiet"]:
@@ -358,13 +370,13 @@ def verify(
     """Check an existing ONNX file against its source. Exit 0 when it matches, 1 when it does not."""
 
     def work():
-        import json
-
-        from bnfold._io import check_output_path, write_text_atomic
+        from bnfold import _json as json
+        from bnfold._io import write_text_atomic
+        from bnfold.paths import check_run_paths, spec_files
         from bnfold.pipeline import check_artifact
 
-        if report is not None:
-            check_output_path(report, what="report")
+        check_run_paths({"model": spec_files(model), "the ONNX file": onnx_file, "--weights": weights, "--calib": spec_files(calib)},
+                        {"--report": report})
         a, r = _tolerance(atol, "atol"), _tolerance(rtol, "rtol")
         source, example = _source(model, weights, trust_pickle, input_shape, seed)
         vr = check_artifact(source, onnx_file, example, calib=calib, batch_size=batch_size,
