@@ -115,8 +115,8 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
         if not stat.S_ISREG(st.st_mode):
             kind = _kind(st.st_mode)
             target = os.path.realpath(p)
-            raise OutputPathError(f"{what} path '{p}'{'' if target == str(p) else f' (-> {target})'} is {kind}, not a regular file",
-                                  "bnfold only replaces regular files: pass a file path")
+            raise OutputPathError(f"{what} path '{p}'{'' if target == os.path.abspath(p) else f' (-> {target})'} is {kind}, not a regular file",
+                                  "pass the path of a regular file (bnfold never writes to special files)")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise OutputPathError(f"folder '{parent}' for the {what} does not exist", "create it first")

@@ -291,11 +291,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def check_seed(seed: Any, what: str = "--seed") -> int:
-    """A seed is an integer in [0, 2**63-1] (numpy refuses negatives, torch overflows beyond uint64)."""
+def check_seed(seed: Any, what: str = "--seed", *, slack: int = 0) -> int:
+    """A seed is an integer in [0, 2**63-1] (numpy refuses negatives, torch overflows beyond uint64).
+    ``slack``: derived seeds (seed + k) may exceed the bound by this much."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise BadInputError(f"{what} {seed!r} is not an integer", "pass an integer from 0 to 2**63-1")
-    if not 0 <= seed <= INT64_MAX:
+    if not 0 <= seed <= INT64_MAX + slack:
         raise BadInputError(f"{what} {seed} is outside 0..2**63-1", "pass an integer from 0 to 2**63-1")
     return seed
 
@@ -440,3 +441,31 @@ def tensor_to_numpy(t):
     if t.is_conj():
         t = t.resolve_conj()
     return t.numpy()
+
+
+_ONNX_EXTERNAL = re.compile(r"should be stored in (?P<path>.+?), but (?P<why>it doesn't exist|it is not regular file|.*?)(\.|$)")
+_ORT_NO_KERNEL = re.compile(r"Could not find an implementation for (?P<op>[A-Za-z0-9_]+)\((?P<ver>\d+)\)")
+
+
+def onnx_error(path: str | Path, err: BaseException, action: str = "read") -> BadInputError:
+    """One precise line for an ONNX file that onnx or onnxruntime cannot load: a missing external-data
+    file, an operator with no kernel for the model's element type (float64 Conv on the CPU provider),
+    or (otherwise) a file that is not a complete ONNX model."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    m = _ONNX_EXTERNAL.search(text)
+    if m or isinstance(err, FileNotFoundError):
+        data = m.group("path") if m else getattr(err, "filename", None) or "?"
+        why = "is missing" if (not m or "exist" in m.group("why") or not Path(data).exists()) else "is not a regular file"
+        return BadInputError(f"the external data file '{data}' of ONNX model '{path}' {why}",
+                             "keep the .data file beside the model under the name it was saved with")
+    m = _ORT_NO_KERNEL.search(text)
+    if m:
+        op = m.group("op")
+        return BadInputError(
+            f"onnxruntime cannot {action} '{path}': it has no kernel for {op}({m.group('ver')}) with the element types of this "
+            f"model (e.g. its CPU provider has no float64 {op})",
+            "convert the model in float32 (model.float()), or pass --no-verify to skip the onnxruntime check")
+    first = text[:300]
+    return BadInputError(f"onnxruntime cannot {action} '{path}': {first}" if "ONNXRuntime" in text or "onnxruntime" in text.lower()
+                         else f"'{path}' is not a readable ONNX model ({type(err).__name__}: {first}); it may be truncated or another format",
+                         "check that the file is a complete, valid ONNX model")

@@ -37,8 +37,9 @@ def load_onnx(path: str | Path):
     try:
         model = onnx.load(str(path))
     except Exception as err:
-        raise BadInputError(f"'{path}' is not a readable ONNX model ({type(err).__name__}); it may be truncated or another format",
-                            "export it again, or pass the original .onnx file") from err
+        from .load import onnx_error
+
+        raise onnx_error(path, err) from err
     if not model.graph.node and not model.graph.output:
         raise BadInputError(f"'{path}' is not an ONNX model (it has no graph)", "pass a .onnx file written by an exporter")
     try:

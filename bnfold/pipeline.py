@@ -100,7 +100,7 @@ def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
 
     from .load import check_alloc, check_seed
 
-    g = torch.Generator().manual_seed(check_seed(seed) % 2**64)
+    g = torch.Generator().manual_seed(check_seed(seed, slack=2**16))
     for s in shapes:
         check_alloc(s, dtype or torch.float32, f"an input of shape {list(s)}")
     return tuple(torch.randn(tuple(s), generator=g, dtype=torch.float64).to(dtype or torch.float32) for s in shapes)
@@ -161,8 +161,10 @@ def convert(
     """
     from . import verification as verify_mod
 
+    from .load import check_seed
     from .paths import check_run_paths
 
+    check_seed(seed)
     output = check_run_paths({"model": model if isinstance(model, (str, Path)) else None,
                               "calib": calib if isinstance(calib, (str, Path)) else None},
                              {"output": output, "report": report}, no_overwrite=[] if force else ["output"],
@@ -359,6 +361,9 @@ def check_artifact(
     from .onnx_fold import load_onnx
     from .verification import verify
 
+    from .load import check_seed
+
+    check_seed(seed)
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     batches = None
     if calib is not None:

@@ -267,7 +267,9 @@ def make_session(onnx_path: str | Path, provider: str, level: str):
     except Exception as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if provider == "cpu":
-            raise BadInputError(f"onnxruntime cannot load '{onnx_path}': {text}", "check that the file is a complete, valid ONNX model") from err
+            from .load import onnx_error
+
+            raise onnx_error(onnx_path, err, "load") from err
         return None, f"creating a {name} session failed: {text}"
     if sess.get_providers()[0] != name:
         return None, f"{name} is listed but did not load (session fell back to {sess.get_providers()[0]}; CUDA/cuDNN libraries missing?)"
