@@ -57,22 +57,22 @@ def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpec
 def stdout_to_stderr() -> Iterator[None]:
     """Send everything written to stdout (Python and fd 1) to stderr until the block ends. Reentrant."""
     saved_sys = sys.stdout
-    fd1 = _fileno(saved_sys)
-    fd2 = _fileno(sys.stderr)
+    fd_err = _fileno(sys.stderr)
+    fd_err = 2 if fd_err is None else fd_err
     saved_fd = None
     real: Any = saved_sys
     with contextlib.suppress(Exception):
         saved_sys.flush()
-    if fd1 == 1 and fd2 is not None and fd2 != 1:
+    if fd_err != 1:
         try:
-            saved_fd = os.dup(1)
-            os.dup2(fd2, 1)
-            enc = getattr(saved_sys, "encoding", None) or "utf-8"
-            real = io.TextIOWrapper(io.FileIO(saved_fd, "w", closefd=False), encoding=enc, errors="replace",
-                                    line_buffering=True, write_through=True)
+            saved_fd = os.dup(1)  # fd 1 itself goes to stderr: C code and subprocesses write there
+            os.dup2(fd_err, 1)
         except OSError:
             saved_fd = None
-            real = saved_sys
+    if saved_fd is not None and _fileno(saved_sys) == 1:  # bnfold's own results: the saved fd 1
+        enc = getattr(saved_sys, "encoding", None) or "utf-8"
+        real = io.TextIOWrapper(io.FileIO(saved_fd, "w", closefd=False), encoding=enc, errors="replace",
+                                line_buffering=True, write_through=True)
     _real_stdout.append(real)
     sys.stdout = sys.stderr
     try:
