@@ -146,9 +146,12 @@ def _cause(err: BaseException) -> str:
 
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
     """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file."""
+    from ._io import OutputSet
+
     check_output_path(path)
     proto = export_proto(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
-    save_onnx(proto, path)
+    with OutputSet() as outs:  # the model and its external data land together
+        save_onnx(proto, outs.stage(path))
     return Path(path)
 
 

@@ -434,7 +434,9 @@ def fold_onnx_file(src: str | Path, dst: str | Path, data_name: str | None = Non
 
 def fold_onnx(src: str | Path, dst: str | Path) -> FoldPlan:
     """Fold the BatchNormalization nodes of ``src`` and write ``dst`` (atomically). Returns the plan."""
-    from ._io import check_output_path
+    from ._io import OutputSet
+    from .paths import check_run_paths, spec_files
 
-    check_output_path(dst)
-    return fold_onnx_file(src, dst)[0]
+    check_run_paths({"src": spec_files(str(src))}, {"dst": dst}, sidecars={"dst": [".data"]})
+    with OutputSet() as outs:  # the model and its external data land together
+        return fold_onnx_file(src, outs.stage(dst))[0]

@@ -59,12 +59,43 @@ def spec_files(spec: str | None) -> list[str]:
     if not spec or not isinstance(spec, (str, os.PathLike)):
         return []
     text = os.fspath(spec)
-    if text.lower().endswith(".onnx") or Path(text).suffix.lower() in (".npz", ".npy", ".pt", ".pth", ".safetensors"):
+    if text.lower().endswith(".onnx"):
+        return [text, *onnx_data_files(text)]
+    if Path(text).suffix.lower() in (".npz", ".npy", ".pt", ".pth", ".safetensors"):
         return [text]
     target, sep, attr = text.rpartition(":")
     if sep and target and (target.endswith(".py") or "/" in target or os.sep in target):
         return [target]
     return [text] if os.path.exists(text) else []
+
+
+def onnx_data_files(path: PathLike) -> list[str]:
+    """The external-data files an ONNX model reads (they are inputs too); [] when unreadable."""
+    try:
+        if not os.path.isfile(path):
+            return []
+        import onnx
+
+        m = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return []
+    folder = os.path.dirname(os.fspath(path))
+    found: list[str] = []
+
+    def visit(tensors):
+        for t in tensors:
+            for e in t.external_data:
+                if e.key == "location":
+                    f = os.path.join(folder, e.value)
+                    if f not in found:
+                        found.append(f)
+
+    visit(m.graph.initializer)
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                visit([a.t])
+    return found
 
 
 def _items(mapping: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tuple[str, PathLike]]:

@@ -162,10 +162,10 @@ def convert(
     from . import verification as verify_mod
 
     from .load import check_seed
-    from .paths import check_run_paths
+    from .paths import check_run_paths, spec_files
 
     check_seed(seed)
-    output = check_run_paths({"model": model if isinstance(model, (str, Path)) else None,
+    output = check_run_paths({"model": spec_files(str(model)) if isinstance(model, (str, Path)) else None,
                               "calib": calib if isinstance(calib, (str, Path)) else None},
                              {"output": output, "report": report}, no_overwrite=[] if force else ["output"],
                              sidecars={"output": [".data"]})["output"]

@@ -145,6 +145,10 @@ def _onnx_files(w: Path) -> None:
     model([t("x", TensorProto.FLOAT, [1, 1, 8, 8]), t("x2", TensorProto.FLOAT, [1, 1, 8, 8])],
           [helper.make_node("Add", ["x", "x2"], ["s"]), helper.make_node("Conv", ["s", "W"], ["y"])], [conv_w], "two_inputs.onnx")
     os.symlink(w / "conv1.onnx", w / "conv1_link.onnx")
+    big = numpy_helper.from_array(np.random.rand(64, 1, 3, 3).astype(np.float32), "W")
+    g = helper.make_graph([conv], "g", [t("x", TensorProto.FLOAT, [1, 1, 8, 8])], [t("y", TensorProto.FLOAT, [1, 64, 6, 6])], [big])
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(w / "ext_in.onnx"),
+                    save_as_external_data=True, location="ext_in.weights", size_threshold=0)
 
 
 def _cases(w: Path):
@@ -217,6 +221,7 @@ def _cases(w: Path):
         "-o is the model .py": (["convert", f"{w / 'factories.py'}:no_bn", "-s", "1,1,8,8", "-o", str(w / "factories.py")], 2, "same file as model"),
         "-o is the input .onnx": (["convert", str(w / "conv1.onnx"), "-o", str(w / "conv1.onnx")], 2, "same file as model"),
         "-o is a symlink to the input .onnx": (["convert", str(w / "conv1.onnx"), "-o", str(w / "conv1_link.onnx")], 2, "same file as model"),
+        "-o is the input .onnx's external data": (["convert", str(w / "ext_in.onnx"), "-o", str(w / "ext_in.weights")], 2, "same file as model"),
         "-o is --calib": (["convert", s, *ok, "--calib", str(w / "c.npz"), "-o", str(w / "c.npz")], 2, "same file as --calib"),
         "--report is --calib": (["convert", s, *ok, "--calib", str(w / "c.npz"), *o, "--report", str(w / "c.npz")], 2, "--report"),
         "--report is -o": (["convert", s, *ok, *o, "--report", str(w / "out" / "m.onnx")], 2, "are the same file"),

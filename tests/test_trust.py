@@ -39,6 +39,9 @@ FACTORIES = textwrap.dedent("""
     def bn_model():
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
 
+    def wide():
+        return nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64), nn.ReLU())
+
     def printer():
         print("PRINTED BY THE FACTORY")
         sys.stdout.flush()
@@ -201,6 +204,28 @@ def test_batch_manifest_write_failure_takes_its_conversion_back(ws, monkeypatch)
     summary = json.loads(res.stdout)
     assert "ENOSPC" in summary["conversions"][0]["error"]
     assert snapshot(ws) == before  # not a.onnx without its manifest, not a.json
+
+
+def test_external_data_and_model_are_one_result(ws, monkeypatch):
+    import bnfold.exporting
+
+    monkeypatch.setattr(bnfold.exporting, "PROTO_LIMIT", 100)  # every conversion writes external data
+    args = ["convert", f"{ws / 'f.py'}:wide", "-s", "1,1,8,8", "-o", str(ws / "m.onnx"), "--providers", "cpu"]
+    assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+    assert (ws / "m.onnx.data").stat().st_size > 0
+    before = snapshot(ws)
+    res = runner.invoke(app, [*args, "--atol", "0", "--rtol", "0", "--seed", "3"])  # fails: neither file replaced
+    assert res.exit_code == 1
+    assert snapshot(ws) == before
+    import onnx.external_data_helper
+
+    def full(tensor, base_path):  # onnx writes external data through os.open/os.fdopen
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx.external_data_helper, "save_external_data", full)
+    res = runner.invoke(app, [*args, "--seed", "4"])
+    assert res.exit_code == 2 and "m.onnx" in one_error(res) and "ENOSPC" in one_error(res)
+    assert snapshot(ws) == before
 
 
 def test_long_output_name_converts_without_leftovers(ws):
