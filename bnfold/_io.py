@@ -402,8 +402,10 @@ def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
 
     try:
         st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(_errno.EISDIR, os.strerror(_errno.EISDIR), str(path))
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            # a folder cannot be appended to; a FIFO without a reader would block bnfold forever
+            sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': it is {_kind(st.st_mode)}; the results above stand\n")
+            return False
     except FileNotFoundError:
         pass
     except OSError as err:

@@ -126,6 +126,11 @@ def load_model(spec: str | ModelSpec, weights: str | Path | None = None, *, trus
         raise ModelSpecError(f"factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module", "return the model object")
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
+    else:
+        meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if meta:
+            raise ModelSpecError(f"factory '{spec}' built the model on the meta device (no values, e.g. {meta[0]})",
+                                 "pass --weights with a checkpoint for it, or build it on the CPU")
     return model.eval()
 
 
@@ -396,7 +401,7 @@ def onnx_inputs(model_or_path, overrides=None) -> list[OnnxInput]:
         dt = _onnx_elem_dtype(tt.elem_type)
         if dt is None:
             tname = onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type in onnx.TensorProto.DataType.values() else str(tt.elem_type)
-            raise BadInputError(f"ONNX input '{i.name}' of {where} holds {tname} elements, not numbers",
+            raise BadInputError(f"ONNX input '{i.name}' of {where} holds {tname} elements, which bnfold cannot feed",
                                 "bnfold verifies models whose inputs are numeric tensors")
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         shown = ["?" if d is None else d for d in dims]

@@ -248,7 +248,7 @@ def _cases(w: Path):
         "input shape needs too much memory": (["convert", s, "--weights", W, "-s", "1,1,100000,100000", *o], 2, "of memory is available"),
         "ONNX input fixed at 100000x1x320x320": (["convert", str(w / "huge.onnx"), *o], 2, "of memory is available"),
         "ONNX input of sequence type": (["convert", str(w / "sequence.onnx"), *o], 2, "not a tensor"),
-        "ONNX input of string type": (["convert", str(w / "string.onnx"), *o], 2, "STRING elements"),
+        "ONNX input of string type": (["convert", str(w / "string.onnx"), *o], 2, "holds STRING elements"),
         "ONNX input of zero size": (["convert", str(w / "zero.onnx"), *o], 2, "zero-size dimension"),
         "ONNX input with calib of wrong channels": (["convert", str(w / "conv1.onnx"), "--calib", str(w / "c3.npz"), *o], 2, "expects [1, 1, 8, 8]"),
         "verify: artifact with other channels": (["verify", s, str(w / "conv3.onnx"), *ok], 2, "expects [1, 3, 8, 8]"),
@@ -256,6 +256,7 @@ def _cases(w: Path):
         "verify: onnx source vs artifact with other inputs": (["verify", str(w / "conv1.onnx"), str(w / "conv3.onnx")], 2, "expects [1, 3, 8, 8]"),
         # --- trust rule 6: messages that say what is wrong
         "plain pickle without --trust-pickle": (["convert", s, "--weights", str(w / "plain.pkl"), "-s", "1,1,8,8", *o], 2, "is a Python pickle"),
+        "meta model without --weights": (["convert", f"{w / 'factories.py'}:meta_partial", "-s", "1,1,8,8", *o], 2, "meta device"),
         "meta model, buffer not in checkpoint": (["convert", f"{w / 'factories.py'}:meta_partial", "--weights", str(w / "meta_weights.pt"), "-s", "1,1,8,8", *o], 2, "meta device"),
     }
 
