@@ -279,7 +279,7 @@ class OutputSet:
 
     def _rename_in_error(self, exc: BaseException) -> None:
         """Errors name the final paths the user gave, never staging names."""
-        if not isinstance(exc, BnfoldError):
+        if isinstance(exc, KeyboardInterrupt) or not self._dirs:
             return
         subs = []
         for folder, d in self._dirs:
@@ -294,8 +294,14 @@ class OutputSet:
                 text = text.replace(a, b)
             return text
 
-        exc.args = tuple(fix(a) for a in exc.args)
-        exc.problem, exc.fix = fix(exc.problem), fix(exc.fix)
+        try:
+            if isinstance(exc, BnfoldError):
+                exc.problem, exc.fix = fix(exc.problem), fix(exc.fix)
+            if isinstance(exc, OSError):
+                exc.filename, exc.filename2 = fix(exc.filename), fix(exc.filename2)
+            exc.args = tuple(fix(a) for a in exc.args)
+        except Exception:  # an exception type that refuses new args: keep it as it is
+            pass
 
 
 def current_set() -> OutputSet | None:
