@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from bnfold._json import dumps, loads_strict
 from bnfold.errors import DataError, ModelSpecError, OutputPathError
 from bnfold.usercode import guard_iter, run_user, stdout_to_stderr
 from bnfold_cli.app import app
-from conftest import ROOT, SAMPLE
+from conftest import SAMPLE
 from test_bad_inputs import snapshot
 
 runner = CliRunner()
