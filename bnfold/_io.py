@@ -188,8 +188,9 @@ class OutputSet:
         for f, d in self._dirs:
             if f == folder:
                 return d
+        sweep_stale_staging(folder)
         try:
-            d = tempfile.mkdtemp(prefix=".bnfold-", dir=folder if str(folder) else ".")
+            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder if str(folder) else ".")
         except OSError as err:
             raise env_error(err, folder, "a staging folder in") from err
         staging = folder / os.path.basename(d)
@@ -302,6 +303,44 @@ class OutputSet:
             exc.args = tuple(fix(a) for a in exc.args)
         except Exception:  # an exception type that refuses new args: keep it as it is
             pass
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _staging_prefix(pid: int | None = None) -> str:
+    """``.bnfold-<host>-<pid>-``: lets a later run on this host remove what a killed process left."""
+    return f".bnfold-{_host_tag()}-{os.getpid() if pid is None else pid}-"
+
+
+def sweep_stale_staging(folder: str | Path) -> list[Path]:
+    """Remove staging folders left in ``folder`` by bnfold processes of this host that no longer run
+    (killed by SIGKILL, ``os._exit`` in user code, the OOM killer). Returns what was removed."""
+    removed = []
+    head = f".bnfold-{_host_tag()}-"
+    try:
+        entries = list(os.scandir(folder if str(folder) else "."))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(head) or not e.is_dir(follow_symlinks=False):
+            continue
+        pid_text = e.name[len(head):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    return removed
 
 
 def current_set() -> OutputSet | None:

@@ -155,6 +155,11 @@ def worker_died(future, entry: dict) -> dict:
     try:
         return future.result()
     except BrokenProcessPool:
+        from ._io import sweep_stale_staging
+
+        for key in ("output", "report"):  # what the dead worker had staged
+            if entry.get(key):
+                sweep_stale_staging(os.path.dirname(os.path.abspath(entry[key])))
         return {"name": entry.get("name"), "model": entry.get("model"), "output": entry.get("output"),
                 "exit_code": EXIT_MODEL, "report": None, "skipped": False,
                 "error": "the worker process running this conversion died (user code calling os._exit, a crash in a "

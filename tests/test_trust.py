@@ -548,3 +548,17 @@ def test_strict_json():
     text = dumps({"a": math.inf, "b": [math.nan, -math.inf, 1.5], "c": np.float32("nan"), "d": torch.tensor([1.0, math.inf]),
                   "e": np.int64(3)})
     assert loads_strict(text) == {"a": None, "b": [None, None, 1.5], "c": None, "d": [1.0, None], "e": 3}
+
+
+def test_staging_left_by_a_killed_process_is_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / (_io._staging_prefix(dead.pid) + "abc")
+    alive = tmp_path / (_io._staging_prefix(os.getppid()) + "abc")
+    for d in (stale, alive):
+        d.mkdir()
+        (d / "m.onnx").write_bytes(b"staged by a process that was killed")
+    with _io.OutputSet():
+        _io.write_text_atomic(tmp_path / "r.json", "{}")
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "r.json"])
