@@ -233,6 +233,7 @@ def _cases(w: Path):
         "-o is /dev/null": (["convert", s, *ok, "-o", "/dev/null"], 2, "is a character device"),
         "-o with a trailing slash (existing folder)": (["convert", s, *ok, "-o", str(w / "out") + "/"], 2, "names a folder"),
         "-o with a trailing slash (new name)": (["convert", s, *ok, "-o", str(w / "newdir") + "/"], 2, "names a folder"),
+        "--report with a trailing slash": (["convert", s, *ok, *o, "--report", str(w / "newdir") + "/"], 2, "names a folder"),
         "-o name longer than NAME_MAX": (["convert", s, *ok, "-o", str(w / ("a" * 260 + ".onnx"))], 2, "255"),
         "calibrate: -o is --weights": (["calibrate", s, "--weights", str(w / "w.pt"), "--calib", CALIB, "-o", str(w / "whard.pt")], 2, "same file as --weights"),
         "calibrate: --report is --calib": (["calibrate", s, "--calib", str(w / "c.npz"), "-o", str(w / "out" / "c.pt"), "--report", str(w / "c.npz")], 2, "same file as --calib"),
