@@ -1,29 +1,122 @@
-"""Atomic file writes and hashing, shared by every stage that writes.
+"""Every file bnfold writes goes through here: atomic writes, one transaction per run, honest errors.
 
-A file is written to a hidden temporary file in the target folder and renamed into place, so a
-reader (or a crash, SIGINT or SIGTERM) never sees half a file. The temporary file is removed on any
-failure.
+* **Atomic**: a file is written under a hidden temporary name beside its target and renamed into place,
+  so a reader (or a crash, SIGINT or SIGTERM) never sees half a file. Temporary names are short
+  (derived from a hash, never longer than the target's name allows).
+* **All or nothing** (trust rule 5): inside ``with OutputSet() as outs:`` every write — the ONNX file,
+  its external data, the report, the manifest — lands in a private staging folder beside its target
+  (``.bnfold-XXXX/<final name>``, so an ONNX model finds its external data by its final name) and is
+  renamed onto its target only when the block ends without an error. On an error or an interruption
+  every staged file is removed and nothing is replaced. ``write_bytes_atomic`` & co. join the innermost
+  open ``OutputSet`` by themselves; nested sets commit with the outermost one.
+* **The environment's errors are bad input** (trust rule 4): ENOSPC, EDQUOT, EFBIG, ENAMETOOLONG, EROFS,
+  EACCES, EPERM… while writing become ``OutputPathError`` (exit 2) naming the final path and the cause.
+* **True messages**: ``committed()`` lists what this process renamed into place; errors raised inside an
+  ``OutputSet`` name final paths, never staging names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import hashlib
 import os
+import secrets
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import OutputPathError
+from .errors import BnfoldError, OutputPathError
+
+# errno -> what to tell the user
+ENV_ERRNOS: dict[int, str] = {
+    _errno.ENOSPC: "free some disk space or write to another disk",
+    _errno.EDQUOT: "free some of your disk quota or write elsewhere",
+    _errno.EFBIG: "the file system cannot hold a file this large: write to another one",
+    _errno.ENAMETOOLONG: "use a shorter file name",
+    _errno.EROFS: "the file system is read-only: write to another folder",
+    _errno.EACCES: "check the permissions, or write to another folder",
+    _errno.EPERM: "check the permissions, or write to another folder",
+    _errno.ENOENT: "the folder disappeared while bnfold was writing: check the path",
+    _errno.ENOTDIR: "a part of the path is not a folder: check the path",
+    _errno.EISDIR: "the path is a folder: pass a file name",
+    _errno.EIO: "the disk reported an I/O error: check it, or write elsewhere",
+    _errno.EMLINK: "the folder holds too many entries: write elsewhere",
+    _errno.ETXTBSY: "the file is in use: close what uses it",
+    _errno.EBUSY: "the file is in use: close what uses it",
+    _errno.EXDEV: "write beside the target (the staging folder must be on the same file system)",
+}
+
+_NAME_MAX = 255
+_COMMITTED: list[Path] = []  # final paths renamed into place by this process, in order
+_OPEN_SETS: list["OutputSet"] = []
 
 
+def env_error(err: OSError, path: str | Path, what: str = "") -> OutputPathError:
+    """The one-line bad-input error for an OSError met while writing ``path``."""
+    code = err.errno
+    name = _errno.errorcode.get(code, str(code)) if code is not None else type(err).__name__
+    why = os.strerror(code) if code is not None else str(err)
+    fix = ENV_ERRNOS.get(code, "check the path and the disk")
+    e = OutputPathError(f"cannot write {what + ' ' if what else ''}'{path}': {why} ({name})", fix)
+    e.__cause__ = err
+    return e
+
+
+def is_env_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in ENV_ERRNOS
+
+
+@contextlib.contextmanager
+def env_errors(path: str | Path, what: str = "") -> Iterator[None]:
+    """Turn the environment's OSErrors inside the block into OutputPathError naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if is_env_error(err):
+            raise env_error(err, path, what) from err
+        raise
+
+
+def temp_name(target: str | Path, suffix: str = ".tmp") -> str:
+    """A hidden temporary file name for ``target`` that fits NAME_MAX whatever the target's length."""
+    name = Path(target).name.lstrip(".")
+    tag = secrets.token_hex(4)
+    # one leading dot only: onnx refuses external-data locations that contain ".."
+    keep = _NAME_MAX - len(suffix) - len(tag) - 4 - 17
+    if len(name.encode()) > keep:
+        name = name.encode()[: max(8, keep // 2)].decode("utf-8", "ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f".{name}.{tag}{suffix}"
+
+
+# ------------------------------------------------------------------------------ output checks
 def check_output_path(path: str | Path, *, force: bool = True, what: str = "output") -> Path:
-    """Fail early (before any work) when ``path`` cannot be written."""
-    p = Path(path)
-    if str(path).strip() == "":
+    """Fail early (before any work) when ``path`` cannot be written as a regular file."""
+    raw = str(path)
+    if raw.strip() == "":
         raise OutputPathError(f"empty {what} path", "pass a file name")
-    if p.is_dir():
-        raise OutputPathError(f"{what} path '{p}' is a folder", "pass a file name inside it")
+    if raw.endswith(("/", os.sep)) or raw.endswith(("/.", "/..")) or raw in (".", ".."):
+        raise OutputPathError(f"{what} path '{raw}' names a folder, not a file", "pass a file name inside it")
+    p = Path(path)
+    if len(p.name.encode()) > _NAME_MAX:
+        raise OutputPathError(f"{what} file name '{p.name[:40]}…' is {len(p.name.encode())} bytes long, beyond the 255 a file system allows",
+                              "use a shorter file name")
+    try:
+        st = os.stat(p)  # follows symlinks: what a write would reach
+    except FileNotFoundError:
+        st = None
+    except OSError as err:
+        raise env_error(err, p, what) from err
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputPathError(f"{what} path '{p}' is a folder", "pass a file name inside it")
+        if not stat.S_ISREG(st.st_mode):
+            kind = _kind(st.st_mode)
+            target = os.path.realpath(p)
+            raise OutputPathError(f"{what} path '{p}'{'' if target == os.path.abspath(p) else f' (-> {target})'} is {kind}, not a regular file",
+                                  "pass the path of a regular file (bnfold never writes to special files)")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise OutputPathError(f"folder '{parent}' for the {what} does not exist", "create it first")
@@ -33,29 +126,278 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
         fd, probe = tempfile.mkstemp(prefix=".bnfold-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
-    except OSError:
-        raise OutputPathError(f"folder '{parent}' is not writable", f"choose a writable folder for the {what}") from None
-    if p.exists() and not force:
-        raise OutputPathError(f"{what} '{p}' already exists", "pass --force to overwrite it")
+    except OSError as err:
+        if err.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+            raise OutputPathError(f"folder '{parent}' is not writable ({os.strerror(err.errno)})",
+                                  f"choose a writable folder for the {what}") from None
+        raise env_error(err, parent, f"in the folder of the {what}") from None
+    if st is not None and not force:
+        raise OutputPathError(f"{what} '{p}' already exists and --no-overwrite is set",
+                              "remove it, choose another path, or drop --no-overwrite")
     return p
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+# ------------------------------------------------------------------------------ the transaction
+class OutputSet:
+    """Files staged together and committed (renamed into place) together; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._dirs: list[tuple[Path, Path]] = []  # (target folder, staging folder created by us)
+        self._staged: dict[Path, Path] = {}  # final path -> staged path, in staging order
+        self._discarded: set[Path] = set()
+        self.committed: list[Path] = []
+        self._parent: OutputSet | None = None
+
+    # --- context
+    def __enter__(self) -> "OutputSet":
+        self._parent = _OPEN_SETS[-1] if _OPEN_SETS else None
+        _OPEN_SETS.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _OPEN_SETS.remove(self)
+        if exc is None:
+            if self._parent is not None:
+                self._parent._adopt(self)
+            else:
+                self.commit()
+            return False
+        self._rename_in_error(exc)
+        self.rollback()
+        return False
+
+    # --- staging
+    def _root(self) -> "OutputSet":
+        return self._parent._root() if self._parent is not None else self
+
+    def _staging_dir(self, folder: Path) -> Path:
+        for f, d in self._dirs:
+            if f == folder:
+                return d
+        sweep_stale_staging(folder)
+        try:
+            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder if str(folder) else ".")
+        except OSError as err:
+            raise env_error(err, folder, "a staging folder in") from err
+        staging = folder / os.path.basename(d)
+        self._dirs.append((folder, staging))
+        return staging
+
+    def stage(self, final: str | Path) -> Path:
+        """The path to write ``final``'s new content to (same file name, in the staging folder)."""
+        final = Path(final)
+        if final in self._staged:
+            return self._staged[final]
+        staged = self._staging_dir(final.parent) / final.name
+        self._staged[final] = staged
+        self._discarded.discard(final)
+        return staged
+
+    def discard(self, *finals: str | Path) -> None:
+        """Drop staged files (e.g. an ONNX file that failed verification): they will not be committed."""
+        for f in finals:
+            f = Path(f)
+            staged = self._staged.pop(f, None)
+            if staged is None:  # also accept a staged path
+                for k, v in list(self._staged.items()):
+                    if v == f:
+                        staged = self._staged.pop(k)
+                        f = k
+            if staged is not None:
+                self._discarded.add(f)
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()
+            else:
+                for folder, d in self._dirs:  # a sidecar written into a staging folder unregistered
+                    if f.parent in (d, folder):
+                        with contextlib.suppress(FileNotFoundError):
+                            (d / f.name).unlink()
+                        self._discarded.add(folder / f.name)
+
+    def _adopt(self, child: "OutputSet") -> None:
+        """A nested set ended well: its files commit with this one."""
+        self._dirs.extend(child._dirs)
+        for final, staged in child._staged.items():
+            self._staged.pop(final, None)
+            self._staged[final] = staged
+        self._discarded |= child._discarded
+
+    def staged_files(self) -> list[tuple[Path, Path]]:
+        """(staged, final) pairs to commit: registered files, plus unregistered ones (an ONNX model's
+        external data) written into a staging folder, first."""
+        registered = {s for s in self._staged.values()}
+        extra: list[tuple[Path, Path]] = []
+        for folder, d in self._dirs:
+            if not d.is_dir():
+                continue
+            for child in sorted(d.iterdir()):
+                if child not in registered and not child.name.startswith(".") and child.is_file():
+                    final = folder / child.name
+                    if final not in self._discarded:
+                        extra.append((child, final))
+        return extra + [(s, f) for f, s in self._staged.items() if s.exists()]
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file onto its target; returns (and records) what was committed."""
+        try:
+            for staged, final in self.staged_files():
+                with contextlib.suppress(OSError):
+                    os.chmod(staged, 0o644)
+                try:
+                    os.replace(staged, final)
+                except OSError as err:
+                    done = ", ".join(map(str, self.committed)) or "nothing"
+                    e = env_error(err, final)
+                    raise OutputPathError(f"{e.problem}; already in place: {done}", e.fix) from err
+                self.committed.append(final)
+                _COMMITTED.append(final)
+        finally:
+            self._remove_dirs()
+        return self.committed
+
+    def rollback(self) -> None:
+        self._staged.clear()
+        self._remove_dirs()
+
+    def _remove_dirs(self) -> None:
+        for _, d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
+
+    def _rename_in_error(self, exc: BaseException) -> None:
+        """Errors name the final paths the user gave, never staging names."""
+        if isinstance(exc, KeyboardInterrupt) or not self._dirs:
+            return
+        subs = []
+        for folder, d in self._dirs:
+            for form in {str(d), os.path.abspath(d), os.path.realpath(d)}:
+                subs.append((form + os.sep, (str(folder) + os.sep) if str(folder) not in ("", ".") else ""))
+        subs.sort(key=lambda s: -len(s[0]))
+
+        def fix(text):
+            if not isinstance(text, str):
+                return text
+            for a, b in subs:
+                text = text.replace(a, b)
+            return text
+
+        try:
+            if isinstance(exc, BnfoldError):
+                exc.problem, exc.fix = fix(exc.problem), fix(exc.fix)
+            if isinstance(exc, OSError):
+                exc.filename, exc.filename2 = fix(exc.filename), fix(exc.filename2)
+            exc.args = tuple(fix(a) for a in exc.args)
+        except Exception:  # an exception type that refuses new args: keep it as it is
+            pass
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _staging_prefix(pid: int | None = None) -> str:
+    """``.bnfold-<host>-<pid>-``: lets a later run on this host remove what a killed process left."""
+    return f".bnfold-{_host_tag()}-{os.getpid() if pid is None else pid}-"
+
+
+def sweep_stale_staging(folder: str | Path) -> list[Path]:
+    """Remove staging folders left in ``folder`` by bnfold processes of this host that no longer run
+    (killed by SIGKILL, ``os._exit`` in user code, the OOM killer). Returns what was removed."""
+    removed = []
+    head = f".bnfold-{_host_tag()}-"
+    try:
+        entries = list(os.scandir(folder if str(folder) else "."))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(head) or not e.is_dir(follow_symlinks=False):
+            continue
+        pid_text = e.name[len(head):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    return removed
+
+
+def current_set() -> OutputSet | None:
+    return _OPEN_SETS[-1] if _OPEN_SETS else None
+
+
+def committed() -> list[Path]:
+    """Every final path this process renamed into place so far."""
+    return list(_COMMITTED)
+
+
+def not_written_note(output: str | Path, why: str = "verification failed") -> str:
+    """The note for an output that was not (re)written: true about an older file at that path."""
+    p = Path(output)
+    if p.is_file():
+        return (f"{why}: {p} was NOT replaced; the file there is an older one from an earlier run, "
+                "not checked by this run (use --keep-failed to write the new one)")
+    return f"{why}: nothing was written to {p} (use --keep-failed to keep it)"
+
+
+# ------------------------------------------------------------------------------ atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    Inside an open ``OutputSet`` the file is staged instead and renamed when the set commits."""
     path = Path(path)
-    # one leading dot only: onnx refuses external-data locations that contain ".."
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.lstrip('.')}.", suffix=suffix + ".tmp", dir=path.parent if str(path.parent) else ".")
+    outs = current_set()
+    target = outs.stage(path) if outs is not None and not _inside_staging(path) else path
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = _mkstemp(target, suffix, folder)
+    except OSError as err:
+        raise env_error(err, path) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
+        with env_errors(path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)
+            os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _inside_staging(path: Path) -> bool:
+    return path.parent.name.startswith(".bnfold-") and any(
+        path.parent == d for s in _OPEN_SETS for _, d in s._dirs)
+
+
+def _mkstemp(target: Path, suffix: str, folder: Path):
+    name = temp_name(target, suffix + ".tmp")
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return fd, str(path)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -69,6 +411,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj, **kw) -> Path:
+    """Strict JSON (no NaN/Infinity literals), written atomically."""
+    from ._json import dumps
+
+    kw.setdefault("indent", 2)
+    return write_text_atomic(path, dumps(obj, **kw) + "\n")
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
@@ -88,3 +438,29 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
+    """Append ``text`` to a file that is not bnfold's result (e.g. $GITHUB_STEP_SUMMARY): a failure is a
+    warning on stderr, never a failed run. Returns whether it was written."""
+    import sys
+
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            # a folder cannot be appended to; a FIFO without a reader would block bnfold forever
+            sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': it is {_kind(st.st_mode)}; the results above stand\n")
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {os.strerror(err.errno or 0)}; the results above stand\n")
+        return False
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
+        return False
+    return True

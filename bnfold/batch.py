@@ -10,12 +10,12 @@ versions and the ONNX SHA-256; ``skip_unchanged`` skips a conversion whose manif
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ._io import sha256_file, write_text_atomic
+from . import _json as json
+from ._io import OutputSet, sha256_file, write_text_atomic
 from .errors import EXIT_BAD_INPUT, EXIT_MODEL, BnfoldError, ConfigError
 
 REQUIRED = ("model", "output")
@@ -211,15 +211,24 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             torch.set_num_threads(threads)
         from .pipeline import convert
 
-        rep = convert(entry["model"], None, entry["output"], options=entry["options"])
-        result["report"] = rep.to_dict()
-        result["exit_code"] = rep.exit_code
-        result["detail"] = _failure_detail(rep)
-        if rep.passed and Path(entry["output"]).is_file():
-            manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
-            write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
+        with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
+            rep = convert(entry["model"], None, entry["output"], options=entry["options"])
+            result["report"] = rep.to_dict()
+            result["exit_code"] = rep.exit_code
+            result["detail"] = _failure_detail(rep)
+            if rep.passed and rep.export.get("path"):
+                manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
+                write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
     except BnfoldError as err:
         result["exit_code"], result["error"] = err.exit_code, " ".join(str(err).split())
+        result["detail"] = result["error"]
+    except KeyboardInterrupt:
+        raise
+    except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
+        from .usercode import as_error
+
+        err2 = as_error(err, "the model's code")
+        result["exit_code"], result["error"] = EXIT_MODEL, " ".join(str(err2).split())
         result["detail"] = result["error"]
     except Exception as err:  # keep the other conversions going
         if debug:
@@ -263,7 +272,9 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
                 raise ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix) from err
     if report is not None:
         _make_parent(report)
-        check_output_path(report, what="report")
+    from .paths import check_config_paths
+
+    check_config_paths(config, entries, report)  # no output on an input, on another output or on a special file
     results: list[dict[str, Any] | None] = [None] * len(entries)
     todo = []
     for i, e in enumerate(entries):
@@ -281,10 +292,12 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        from .usercode import worker_died, worker_init
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
             futures = {i: pool.submit(run_one, entries[i], debug, threads) for i in todo}
             for i, fut in futures.items():
-                results[i] = fut.result()
+                results[i] = worker_died(fut, entries[i])
     codes = [r["exit_code"] for r in results if r]
     summary = {"schema_version": SCHEMA_VERSION, "config": str(config), "exit_code": max(codes) if codes else EXIT_BAD_INPUT,
                "conversions": results, "versions": versions()}

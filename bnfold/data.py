@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError
+from .usercode import guard_iter, run_user
 
 FORMS = ".npz, .npy, .pt, or module:fn returning batches"
 
@@ -79,6 +80,8 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
     import numpy as np
     import torch
 
+    from .load import tensor_to_numpy
+
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -89,11 +92,11 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
         if suffix == ".pt" or suffix == ".pth":
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, torch.Tensor):
-                return [obj.numpy()], None
+                return [tensor_to_numpy(obj)], None
             if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
-                return [t.numpy() for t in obj], None
+                return [tensor_to_numpy(t) for t in obj], None
             if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
-                return [t.numpy() for t in obj.values()], list(obj)
+                return [tensor_to_numpy(t) for t in obj.values()], list(obj)
             raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors", "save a tensor, a tuple or a dict of tensors")
     except DataError:
         raise
@@ -121,10 +124,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
                 fn = resolve_factory(parse_model_spec(text))
             except Exception as err:
                 raise DataError(f"data spec '{text}': {err}", f"use {FORMS}") from err
-            try:
-                source = fn()  # user code: the one call site for bnfold.usercode.run_user (i13)
-            except Exception as err:
-                raise DataError(f"data factory '{text}' raised {type(err).__name__}: {err}", "fix the data factory") from err
+            source = run_user(fn, what=f"data function '{text}'", error=DataError)
             return collect(source, where=f"'{text}'")
         raise DataError(f"data '{text}' is not a known form", f"use {FORMS}")
     return collect(spec, where="the data")
@@ -152,7 +152,7 @@ def collect(source: Any, where: str = "the data") -> list[Batch]:
 
     if isinstance(source, (torch.Tensor,)) or not hasattr(source, "__iter__"):
         raise DataError(f"{where} is a {type(source).__name__}, not an iterable of batches", "return a list, generator or DataLoader")
-    batches = [as_batch(b) for b in source]
+    batches = [as_batch(b) for b in guard_iter(source, what=f"iterating {where}")]
     if not batches:
         raise DataError(f"{where} is empty: it yielded no batches", "provide at least one batch")
     return batches

@@ -5,6 +5,12 @@ Exit codes (also in the README):
     1  verification failed: outputs differ beyond tolerance
     2  bad input or usage (a file, a flag, a data set, a missing provider that was required)
     3  the model itself could not be traced, folded or exported
+  130  interrupted (SIGINT / Ctrl-C, or SIGTERM); the message says which outputs were written
+
+User code (factories, data functions, a model's forward) cannot choose bnfold's exit code: whatever
+it raises or exits with becomes one of these errors (bnfold.usercode). The environment's errors while
+writing (disk full, name too long, read-only file system, permissions) and sizes that cannot be
+allocated are bad input (exit 2, OutputPathError / BadInputError naming the path or the size).
 
 A failed verification is not an exception: ``verify`` and ``convert`` return reports that are
 falsy when they failed, and the CLI exits 1. Anything that is not a ``BnfoldError`` is a bug in
@@ -17,6 +23,7 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
 
 
 class BnfoldError(Exception):

@@ -280,9 +280,12 @@ def _cause(err: BaseException) -> str:
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
     """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file. BN layers the
     graph still has are folded by bnfold's float64 ONNX rules where they can be (``export_folded``)."""
+    from ._io import OutputSet
+
     check_output_path(path)
     proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
-    save_onnx(proto, path)
+    with OutputSet() as outs:  # the model and its external data land together
+        save_onnx(proto, outs.stage(path))
     return Path(path)
 
 

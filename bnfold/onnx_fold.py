@@ -36,8 +36,9 @@ def load_onnx(path: str | Path):
     try:
         model = onnx.load(str(path))
     except Exception as err:
-        raise BadInputError(f"'{path}' is not a readable ONNX model ({type(err).__name__}); it may be truncated or another format",
-                            "export it again, or pass the original .onnx file") from err
+        from .load import onnx_error
+
+        raise onnx_error(path, err) from err
     if not model.graph.node and not model.graph.output:
         raise BadInputError(f"'{path}' is not an ONNX model (it has no graph)", "pass a .onnx file written by an exporter")
     try:
@@ -210,8 +211,11 @@ def fold_onnx_file(src, dst: str | Path, data_name: str | None = None) -> tuple[
 
 def fold_onnx(src, dst: str | Path) -> FoldPlan:
     """Fold the BatchNormalization nodes of ``src`` (an .onnx path, ``onnx.ModelProto`` or
-    ``onnx_ir.Model``; left unchanged) and write ``dst`` atomically. Returns the plan."""
-    from ._io import check_output_path
+    ``onnx_ir.Model``; left unchanged) and write ``dst`` atomically, with its external data if any.
+    Returns the plan."""
+    from ._io import OutputSet
+    from .paths import check_run_paths, spec_files
 
-    check_output_path(dst)
-    return fold_onnx_file(src, dst)[0]
+    check_run_paths({"src": spec_files(src)}, {"dst": dst}, sidecars={"dst": [".data"]})
+    with OutputSet() as outs:  # the model and its external data land together
+        return fold_onnx_file(src, outs.stage(dst))[0]

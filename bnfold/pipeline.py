@@ -13,13 +13,12 @@ what made it (``bnfold.*`` keys, see ``provenance``); ``check_artifact`` reads t
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ._io import check_output_path, write_text_atomic
+from ._io import OutputSet, not_written_note, write_text_atomic
+from . import _json as json
 from .errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED
 from .options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
 from .report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
@@ -65,12 +64,12 @@ def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
     """Seeded normal inputs of the given shapes (float32 unless ``dtype``)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    from .load import check_alloc, check_seed
+
+    g = torch.Generator().manual_seed(check_seed(seed, slack=2**16))
+    for s in shapes:
+        check_alloc(s, dtype or torch.float32, "an input")
     return tuple(torch.randn(tuple(s), generator=g, dtype=torch.float64).to(dtype or torch.float32) for s in shapes)
-
-
-def _staging_path(output: Path) -> Path:
-    return output.parent / f".{output.name}.{os.getpid()}.staging.onnx"
 
 
 # ------------------------------------------------------------------------------ options in
@@ -247,9 +246,16 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     opts = _options(options, kw, CONVERT)
     if output is None:
         raise BadInputError("no output path", "pass output, e.g. 'model.onnx'")
-    output = check_output_path(output, force=opts.overwrite)
-    if opts.report is not None:
-        check_output_path(opts.report, force=True, what="report")
+    from .load import check_seed
+    from .paths import check_run_paths, spec_files
+
+    check_seed(opts.seed)
+    # trust rule 2, before any work: no output on an input, on another output or on a special file
+    output = check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None,
+                              "weights": None if opts.weights is None else str(opts.weights),
+                              "calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
+                             {"output": output, "report": opts.report}, no_overwrite=[] if opts.overwrite else ["output"],
+                             sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
     if kind == "onnx" and "dynamic_batch" in opts.given:
@@ -257,28 +263,22 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     rep = ConvertReport(model=name, output=str(output))
     rep.versions = versions()
     rep.options = opts.to_dict()
-    staged = _staging_path(output)
-    try:
+    with OutputSet() as outs:  # the ONNX file, its data and the report: committed together at the end
+        staged = outs.stage(output)
         if kind == "onnx":
             _convert_onnx(rep, obj, example, staged, opts)
         else:
             _convert_torch(rep, obj, example, staged, opts)
         if rep.passed or opts.keep_failed:
-            os.replace(staged, output)
             rep.export["path"] = str(output)
         else:
             rep.export["path"] = None
-            rep.notes.append(f"verification failed: nothing was written to {output} (keep_failed writes it anyway)")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
-        data = rep.export.get("external_data")
-        if data and rep.export.get("path") is None:  # the data file of an output that was not kept
-            with contextlib.suppress(FileNotFoundError):
-                (output.parent / data).unlink()
-    rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
-    if opts.report is not None:
-        write_report(rep, opts.report)
+            data = rep.export.get("external_data")
+            outs.discard(output, *([output.parent / data] if data else []))
+            rep.notes.append(not_written_note(output))
+        rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
+        if opts.report is not None:
+            write_report(rep, opts.report)
     return rep
 
 
@@ -397,27 +397,9 @@ def _convert_torch(rep, model, example, staged, opts: ConvertOptions):
 
 def onnx_input_shapes(path: Path, overrides=None, via: Via = API) -> list[tuple[tuple[int, ...], Any]]:
     """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
-    import onnx
-    from onnx import helper
+    from .load import onnx_inputs
 
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    ins = [i for i in m.graph.input if i.name not in inits]
-    if overrides is not None and len(overrides) != len(ins):
-        raise _err(via, "input_shape", f"gives {len(overrides)} shapes but the ONNX model has {len(ins)} inputs", "give one shape per model input")
-    out = []
-    for k, i in enumerate(ins):
-        tt = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if overrides is not None:
-            shape = tuple(overrides[k])
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-                raise _err(via, "input_shape", f"{list(shape)} does not fit ONNX input '{i.name}' {['?' if d is None else d for d in dims]}",
-                           "match the fixed dimensions of the model input")
-        else:
-            shape = tuple(d if d else 1 for d in dims)
-        out.append((shape, helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-    return out
+    return [(i.shape, i.dtype) for i in onnx_inputs(path, overrides)]
 
 
 def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> dict:
@@ -434,7 +416,11 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
     if source is not None:
         n = specs[0][0][0] if specs and specs[0][0] else 1
         sample = source.head(n)
-        if sample is not None and not sample.kwargs and len(sample.args) >= len(specs) and sample.size == n:
+        if sample is not None and not sample.kwargs:
+            from .load import check_onnx_sample, onnx_inputs
+
+            check_onnx_sample(onnx_inputs(src, overrides), sample.args)
+        if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
             sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
     return sets
 
@@ -507,8 +493,17 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     from .onnx_fold import load_onnx
     from .verification import verify
 
+    from .load import check_onnx_sample, check_seed, onnx_inputs
+
+    from .paths import check_run_paths, spec_files
+
     opts = _options(options, kw, VERIFY)
-    load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
+    check_seed(opts.seed)
+    check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None, "the ONNX file": str(onnx_path),
+                     "weights": None if opts.weights is None else str(opts.weights),
+                     "calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
+                    {"report": opts.report})
+    artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     prov = read_provenance(onnx_path)
     made = provenance_defaults(prov)
     if prov.get("calibrated") == "true" and opts.calib is not None:
@@ -526,9 +521,11 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         overrides = _example(kind, obj, example_inputs, opts)
         load_onnx(obj)
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
+        check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
         check.verification = verify(str(obj), onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
     else:
         example = _example(kind, obj, example_inputs, opts)
+        check_onnx_sample(onnx_inputs(artifact), example, what="the model's example input (--input-shape)", with_batch=not opts.dynamic_batch)
         reference = obj
         if source is not None:
             n = example[0].shape[0] if example[0].dim() else 1

@@ -279,8 +279,9 @@ class OrtRunner:
         except Exception as err:
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if provider == "cpu":
-                raise BadInputError(f"onnxruntime cannot load '{self.path}': {text}",
-                                    "check that the file is a complete, valid ONNX model") from err
+                from .load import onnx_error
+
+                raise onnx_error(self.path, err, "load") from err
             raise RunnerUnavailable(f"creating a {self.spec.ort_name} session failed: {text}") from err
         ok, why = self.spec.really_runs(self.session)
         if not ok:

@@ -36,8 +36,11 @@ STATE = {"quiet": False, "verbose": False, "debug": False, "json": False}
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    no_color = bool(os.environ.get("NO_COLOR")) or not (sys.stderr if stderr else sys.stdout).isatty()
-    return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False, width=None if not no_color else 160)
+    from bnfold.usercode import stdout
+
+    out = sys.stderr if stderr else stdout()
+    no_color = bool(os.environ.get("NO_COLOR")) or not out.isatty()
+    return Console(file=out, no_color=no_color, highlight=False, soft_wrap=False, width=None if not no_color else 160)
 
 
 def _fail(err: BaseException, code: int) -> None:
@@ -50,15 +53,22 @@ def _fail(err: BaseException, code: int) -> None:
 
 def _guard(fn):
     """Run ``fn``; render bnfold errors as one line with their exit code."""
+    from bnfold.paths import begin_run, written_message
+    from bnfold.usercode import as_error, stdout_to_stderr
+
+    begin_run()
     try:
-        return fn()
+        with stdout_to_stderr():  # stdout carries only bnfold's result (usercode.stdout())
+            return fn()
     except typer.Exit:
         raise
     except BnfoldError as err:
         _fail(err, err.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("bnfold: interrupted; no output was written\n")
+        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
         raise typer.Exit(130)
+    except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
+        _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
         if STATE["debug"]:
             traceback.print_exc()
@@ -132,9 +142,10 @@ def _note_weights(model: str, opts) -> None:
 
 
 def _print_json(obj) -> None:
-    import json
+    from bnfold import _json as json
+    from bnfold.usercode import stdout
 
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------ convert
@@ -242,8 +253,9 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
         _console().print(t)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step:
-        with open(step, "a", encoding="utf-8") as fh:
-            fh.write(markdown_summary(summary["conversions"]))
+        from bnfold._io import append_text_or_warn
+
+        append_text_or_warn(step, markdown_summary(summary["conversions"]), "GITHUB_STEP_SUMMARY")
     raise typer.Exit(summary["exit_code"])
 
 
@@ -270,11 +282,12 @@ def calibrate(
 
     def work():
         import io
-        import json
 
         import torch
 
-        from bnfold._io import check_output_path, write_bytes_atomic, write_text_atomic
+        from bnfold import _json as json
+        from bnfold._io import OutputSet, write_bytes_atomic, write_text_atomic
+        from bnfold.paths import check_run_paths, spec_files
         from bnfold.calibration import run_calibration
         from bnfold.data import load_batches
         from bnfold.load import load_model, parse_model_spec
@@ -285,9 +298,10 @@ def calibrate(
             raise BadInputError("no calibration data", "pass --calib DATA (.npz/.npy/.pt or module:fn)")
         if parse_model_spec(model).kind == "onnx":
             raise BadInputError("calibration needs the PyTorch model", "pass path/file.py:factory, not a .onnx file")
-        check_output_path(output, force=opts.overwrite)
-        if opts.report is not None:
-            check_output_path(opts.report, what="report")
+        check_run_paths({"model": spec_files(model), "--weights": None if opts.weights is None else str(opts.weights),
+                         "--calib": spec_files(opts.calib)},
+                        {"-o": output, "--report": None if opts.report is None else str(opts.report)},
+                        no_overwrite=[] if opts.overwrite else ["-o"])
         _note_weights(model, opts)
         m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
         batches = load_batches(opts.calib, opts.batch_size)
@@ -306,10 +320,11 @@ def calibrate(
             return
         buf = io.BytesIO()
         torch.save(calibrated.state_dict(), buf)
-        write_bytes_atomic(output, buf.getvalue())
         d = summary.to_dict()
-        if opts.report is not None:
-            write_text_atomic(opts.report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
+        with OutputSet():  # the state_dict and the report land together or not at all
+            write_bytes_atomic(output, buf.getvalue())
+            if opts.report is not None:
+                write_text_atomic(opts.report, json.dumps({"calibration": d, "output": str(output)}, indent=2) + "\n")
         if json_out:
             _print_json(d)
         elif not STATE["quiet"]:

@@ -1,9 +1,12 @@
 """The bad-input catalogue: each case exits 2 (3 when the model cannot be exported), prints one
-clear line on stderr naming the problem and the fix, no traceback, and leaves no output file."""
+clear line on stderr naming the problem and the fix, no traceback, leaves no output file and no file
+changed (every file of the folder is hashed before and after; inputs are copies inside it)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import textwrap
 from pathlib import Path
 
@@ -48,7 +51,52 @@ def work(tmp_path):
                 return y - 1
         def unexportable():
             return Unexportable()
+        import sys
+        def exit0():
+            sys.exit(0)
+        def exit3():
+            sys.exit(3)
+        def exit_msg():
+            raise SystemExit("msg")
+        def generator_exit():
+            raise GeneratorExit()
+        def bn_model():
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        def data_exit():
+            sys.exit(0)
+        def data_gen_exit():
+            yield torch.randn(8, 1, 8, 8)
+            sys.exit(4)
+        def data_gen_raises():
+            yield torch.randn(8, 1, 8, 8)
+            raise SystemExit("stop here")
+        class Meta(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 4, 3)
+                self.bn = nn.BatchNorm2d(4)
+                self.register_buffer("scale", torch.ones(1), persistent=False)
+            def forward(self, x):
+                return self.bn(self.conv(x)) * self.scale
+        def meta_partial():
+            with torch.device("meta"):
+                return Meta()
     """))
+    (tmp_path / "import_exits.py").write_text("import sys\nsys.exit(0)\ndef build():\n    pass\n")
+    import shutil
+    shutil.copy(W, tmp_path / "w.pt")
+    os.symlink(tmp_path / "w.pt", tmp_path / "wlink.pt")
+    os.link(tmp_path / "w.pt", tmp_path / "whard.pt")
+    shutil.copy(CALIB, tmp_path / "c.npz")
+    np.savez(tmp_path / "c3.npz", x=np.random.rand(8, 3, 8, 8).astype(np.float32))
+    import pickle
+    with open(tmp_path / "plain.pkl", "wb") as fh:
+        pickle.dump(dict(torch.load(W, weights_only=True)), fh)
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    sock.close()
+    _onnx_files(tmp_path)
     (tmp_path / "syntax.py").write_text("def build(:\n")
     sd = torch.load(W, weights_only=True)
     torch.save({k: v for k, v in sd.items() if k != "conv1.weight"}, tmp_path / "missing_key.pt")
@@ -72,6 +120,35 @@ def work(tmp_path):
     (tmp_path / "existing.onnx").write_bytes(b"old")
     (tmp_path / "out").mkdir()
     return tmp_path
+
+
+def _onnx_files(w: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(inputs, nodes, inits=(), name="m.onnx", out_rank=4):
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)
+        g = helper.make_graph(nodes, "g", inputs, [out], list(inits))
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(w / name))
+
+    conv_w = numpy_helper.from_array(np.random.rand(4, 1, 3, 3).astype(np.float32), "W")
+    conv = helper.make_node("Conv", ["x", "W"], ["y"])
+    t = helper.make_tensor_value_info
+    model([t("x", TensorProto.FLOAT, [1, 1, 8, 8])], [conv], [conv_w], "conv1.onnx")
+    model([t("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_node("Conv", ["x", "W3"], ["y"])],
+          [numpy_helper.from_array(np.random.rand(4, 3, 3, 3).astype(np.float32), "W3")], "conv3.onnx")
+    model([t("x", TensorProto.FLOAT, [100000, 1, 320, 320])], [conv], [conv_w], "huge.onnx")
+    model([t("x", TensorProto.FLOAT, [0, 1, 8, 8])], [conv], [conv_w], "zero.onnx")
+    model([t("x", TensorProto.STRING, [1])], [helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.zeros(1, np.float32)))], (), "string.onnx", 1)
+    seq = helper.make_tensor_sequence_value_info("x", TensorProto.FLOAT, None)
+    model([seq], [helper.make_node("SequenceAt", ["x", "i"], ["y"])], [numpy_helper.from_array(np.array(0, np.int64), "i")], "sequence.onnx")
+    model([t("x", TensorProto.FLOAT, [1, 1, 8, 8]), t("x2", TensorProto.FLOAT, [1, 1, 8, 8])],
+          [helper.make_node("Add", ["x", "x2"], ["s"]), helper.make_node("Conv", ["s", "W"], ["y"])], [conv_w], "two_inputs.onnx")
+    os.symlink(w / "conv1.onnx", w / "conv1_link.onnx")
+    big = numpy_helper.from_array(np.random.rand(64, 1, 3, 3).astype(np.float32), "W")
+    g = helper.make_graph([conv], "g", [t("x", TensorProto.FLOAT, [1, 1, 8, 8])], [t("y", TensorProto.FLOAT, [1, 64, 6, 6])], [big])
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(w / "ext_in.onnx"),
+                    save_as_external_data=True, location="ext_in.weights", size_threshold=0)
 
 
 def _cases(w: Path):
@@ -125,24 +202,106 @@ def _cases(w: Path):
         "verify: artifact missing": (["verify", s, str(w / "none.onnx"), *ok], 2, "does not exist"),
         "verify: artifact not onnx": (["verify", s, str(w / "not.onnx"), *ok], 2, "not a readable ONNX model"),
         "calibrate: onnx model": (["calibrate", str(w / "not.onnx"), "--calib", CALIB, "-o", str(w / "out" / "c.pt")], 2, "needs the PyTorch model"),
+        # --- trust rule 1: user code cannot take bnfold's exit code
+        "factory sys.exit(0)": (["convert", f"{w / 'factories.py'}:exit0", "-s", "1,1,8,8", *o], 2, "called sys.exit(0)"),
+        "factory sys.exit(3)": (["convert", f"{w / 'factories.py'}:exit3", "-s", "1,1,8,8", *o], 2, "called sys.exit(3)"),
+        "factory SystemExit('msg')": (["convert", f"{w / 'factories.py'}:exit_msg", "-s", "1,1,8,8", *o], 2, "SystemExit: msg"),
+        "factory GeneratorExit": (["convert", f"{w / 'factories.py'}:generator_exit", "-s", "1,1,8,8", *o], 2, "raised GeneratorExit"),
+        "model file exits on import": (["convert", f"{w / 'import_exits.py'}:build", "-s", "1,1,8,8", *o], 2, "called sys.exit(0)"),
+        "calibrate: factory sys.exit(0)": (["calibrate", f"{w / 'factories.py'}:exit0", "--calib", CALIB, "-o", str(w / "out" / "c.pt")], 2, "called sys.exit(0)"),
+        "verify: factory sys.exit(0)": (["verify", f"{w / 'factories.py'}:exit0", str(w / "conv1.onnx"), "-s", "1,1,8,8"], 2, "called sys.exit(0)"),
+        "data function sys.exit(0)": (["convert", f"{w / 'factories.py'}:bn_model", "-s", "1,1,8,8", "--calib", f"{w / 'factories.py'}:data_exit", *o], 2, "called sys.exit(0)"),
+        "data generator sys.exit(4) mid-way": (["convert", f"{w / 'factories.py'}:bn_model", "-s", "1,1,8,8", "--calib", f"{w / 'factories.py'}:data_gen_exit", *o], 2, "called sys.exit(4)"),
+        "data generator SystemExit('stop')": (["calibrate", f"{w / 'factories.py'}:bn_model", "--calib", f"{w / 'factories.py'}:data_gen_raises", "-o", str(w / "out" / "c.pt")], 2, "stop here"),
+        # --- trust rule 2: no output on an input, another output or a special file
+        "-o is --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "w.pt")], 2, "same file as --weights"),
+        "-o is a symlink to --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "wlink.pt")], 2, "same file as --weights"),
+        "-o is a hard link to --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "whard.pt")], 2, "same file as --weights"),
+        "-o reaches --weights through ..": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "out" / ".." / "w.pt")], 2, "same file as --weights"),
+        "-o is the model .py": (["convert", f"{w / 'factories.py'}:no_bn", "-s", "1,1,8,8", "-o", str(w / "factories.py")], 2, "same file as model"),
+        "-o is the input .onnx": (["convert", str(w / "conv1.onnx"), "-o", str(w / "conv1.onnx")], 2, "same file as model"),
+        "-o is a symlink to the input .onnx": (["convert", str(w / "conv1.onnx"), "-o", str(w / "conv1_link.onnx")], 2, "same file as model"),
+        "-o is the input .onnx's external data": (["convert", str(w / "ext_in.onnx"), "-o", str(w / "ext_in.weights")], 2, "same file as model"),
+        "-o is --calib": (["convert", s, *ok, "--calib", str(w / "c.npz"), "-o", str(w / "c.npz")], 2, "same file as --calib"),
+        "--report is --calib": (["convert", s, *ok, "--calib", str(w / "c.npz"), *o, "--report", str(w / "c.npz")], 2, "--report"),
+        "--report is -o": (["convert", s, *ok, *o, "--report", str(w / "out" / "m.onnx")], 2, "are the same file"),
+        "--report is -o's external data": (["convert", s, *ok, *o, "--report", str(w / "out" / "m.onnx.data")], 2, "are the same file"),
+        "--report is --weights (hard link)": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", *o, "--report", str(w / "whard.pt")], 2, "same file as --weights"),
+        "-o is a FIFO": (["convert", s, *ok, "-o", str(w / "fifo")], 2, "is a FIFO"),
+        "--report is a FIFO": (["convert", s, *ok, *o, "--report", str(w / "fifo")], 2, "is a FIFO"),
+        "-o is a socket": (["convert", s, *ok, "-o", str(w / "sock")], 2, "is a socket"),
+        "-o is /dev/null": (["convert", s, *ok, "-o", "/dev/null"], 2, "is a character device"),
+        "-o with a trailing slash (existing folder)": (["convert", s, *ok, "-o", str(w / "out") + "/"], 2, "names a folder"),
+        "-o with a trailing slash (new name)": (["convert", s, *ok, "-o", str(w / "newdir") + "/"], 2, "names a folder"),
+        "--report with a trailing slash": (["convert", s, *ok, *o, "--report", str(w / "newdir") + "/"], 2, "names a folder"),
+        "-o name longer than NAME_MAX": (["convert", s, *ok, "-o", str(w / ("a" * 260 + ".onnx"))], 2, "255"),
+        "calibrate: -o is --weights": (["calibrate", s, "--weights", str(w / "w.pt"), "--calib", CALIB, "-o", str(w / "whard.pt")], 2, "same file as --weights"),
+        "calibrate: --report is --calib": (["calibrate", s, "--calib", str(w / "c.npz"), "-o", str(w / "out" / "c.pt"), "--report", str(w / "c.npz")], 2, "same file as --calib"),
+        "calibrate: -o is /dev/null": (["calibrate", s, "--calib", CALIB, "-o", "/dev/null"], 2, "character device"),
+        "verify: --report is the artifact": (["verify", s, str(w / "conv1.onnx"), *ok, "--report", str(w / "conv1_link.onnx")], 2, "same file as the ONNX file"),
+        "verify: --report is --weights": (["verify", s, str(w / "conv1.onnx"), "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "--report", str(w / "wlink.pt")], 2, "same file as --weights"),
+        "--no-overwrite names no --force": (["convert", s, *ok, "-o", str(w / "existing.onnx"), "--no-overwrite"], 2, "drop --no-overwrite"),
+        # --- trust rule 4: the environment's limits are bad input, checked before work
+        "--seed beyond 2**63": (["convert", s, *ok, *o, "--seed", str(2**63)], 2, "--seed 9223372036854775808 is outside"),
+        "--seed negative": (["convert", s, *ok, *o, "--seed", "-1"], 2, "outside 0..2**63-1"),
+        "verify: --seed beyond 2**63": (["verify", s, str(w / "conv1.onnx"), *ok, "--seed", str(2**64)], 2, "is outside"),
+        "input shape beyond int64": (["convert", s, "--weights", W, "-s", f"1,{2**63}", *o], 2, "beyond 2**63-1"),
+        "input shape needs too much memory": (["convert", s, "--weights", W, "-s", "1,1,100000,100000", *o], 2, "of memory is available"),
+        "ONNX input fixed at 100000x1x320x320": (["convert", str(w / "huge.onnx"), *o], 2, "of memory is available"),
+        "ONNX input of sequence type": (["convert", str(w / "sequence.onnx"), *o], 2, "not a tensor"),
+        "ONNX input of string type": (["convert", str(w / "string.onnx"), *o], 2, "holds STRING elements"),
+        "ONNX input of zero size": (["convert", str(w / "zero.onnx"), *o], 2, "zero-size dimension"),
+        "ONNX input with calib of wrong channels": (["convert", str(w / "conv1.onnx"), "--calib", str(w / "c3.npz"), *o], 2, "expects [1, 1, 8, 8]"),
+        "verify: artifact with other channels": (["verify", s, str(w / "conv3.onnx"), *ok], 2, "expects [1, 3, 8, 8]"),
+        "verify: artifact with two inputs": (["verify", s, str(w / "two_inputs.onnx"), *ok], 2, "takes 2"),
+        "verify: onnx source vs artifact with other inputs": (["verify", str(w / "conv1.onnx"), str(w / "conv3.onnx")], 2, "expects [1, 3, 8, 8]"),
+        # --- trust rule 6: messages that say what is wrong
+        "plain pickle without --trust-pickle": (["convert", s, "--weights", str(w / "plain.pkl"), "-s", "1,1,8,8", *o], 2, "is a Python pickle"),
+        "meta model without --weights": (["convert", f"{w / 'factories.py'}:meta_partial", "-s", "1,1,8,8", *o], 2, "meta device"),
+        "meta model, buffer not in checkpoint": (["convert", f"{w / 'factories.py'}:meta_partial", "--weights", str(w / "meta_weights.pt"), "-s", "1,1,8,8", *o], 2, "meta device"),
     }
 
 
 CASES = list(_cases(Path("/placeholder")).keys())
 
 
+def snapshot(folder: Path) -> dict:
+    """Every entry below ``folder``: regular files by content hash, links by target, others by kind."""
+    out = {}
+    for p in folder.rglob("*"):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir" if p.is_dir() else "special"
+    return out
+
+
+@pytest.fixture
+def meta_weights(work):
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("conv", nn.Conv2d(1, 4, 3))
+    m.add_module("bn", nn.BatchNorm2d(4))
+    torch.save(m.state_dict(), work / "meta_weights.pt")
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_catalogue(case, work):
+def test_catalogue(case, work, meta_weights):
     args, code, message = _cases(work)[case]
-    before = {p.relative_to(work) for p in work.rglob("*")}
+    before = snapshot(work)
     res = runner.invoke(app, args)
     assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("bnfold: error:")]
     assert len(errors) == 1, res.stderr
     assert message in errors[0], errors[0]
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    after = {p.relative_to(work) for p in work.rglob("*")}
-    assert after - before == set(), f"left behind: {after - before}"
+    assert "staging" not in errors[0] and ".bnfold-" not in errors[0], errors[0]
+    after = snapshot(work)
+    assert set(after) - set(before) == set(), f"left behind: {set(after) - set(before)}"
+    assert after == before, "a file changed: " + str([k for k in before if after.get(k) != before[k]])
 
 
 def test_debug_shows_traceback(work):

@@ -1,0 +1,166 @@
+"""The user-code guard: factories, data functions and data iterators run inside bnfold, not instead of it.
+
+Trust rule 1 and 6. Whatever user code does — ``sys.exit(0)``, ``raise SystemExit("msg")``, a stray
+``GeneratorExit``, ``print`` — bnfold keeps its exit codes and its stdout:
+
+* ``run_user(fn, *args, what=...)`` / ``with user_code(what):`` run user code with stdout redirected to
+  stderr (both ``sys.stdout`` and file descriptor 1, so C extensions and subprocesses follow) and turn
+  any ``BaseException`` except ``KeyboardInterrupt`` into a one-line ``BnfoldError`` (``ModelSpecError``
+  by default, ``DataError`` for data) naming the user code. ``BnfoldError`` raised inside passes through.
+* ``guard_iter(iterable, what=...)`` does the same for each step of iterating a user's generator,
+  DataLoader or dataset.
+* ``stdout_to_stderr()`` is the same redirection for a whole command (``--json``: stdout carries only
+  the JSON); ``stdout()`` is the real stdout to print the result on while it is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import BnfoldError, DataError, ModelSpecError
+
+__all__ = ["run_user", "user_code", "guard_iter", "as_error", "stdout_to_stderr", "stdout"]
+
+_real_stdout: list[Any] = []  # stack of the stdout streams saved by active redirections
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else ""
+
+
+def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpecError) -> BnfoldError:
+    """The one-line error for ``err`` escaping from user code described by ``what``."""
+    if isinstance(err, BnfoldError):
+        return err
+    if isinstance(err, SystemExit):
+        code = err.code
+        if code is None or isinstance(code, int):
+            problem = f"{what} called sys.exit({'' if code is None else code})"
+        else:
+            problem = f"{what} exited with SystemExit: {_first_line(err) or type(code).__name__}"
+        fix = "user code must return (or raise an exception), not exit the process"
+    else:
+        msg = _first_line(err)
+        problem = f"{what} raised {type(err).__name__}" + (f": {msg}" if msg else "")
+        fix = "fix the data function" if issubclass(error, DataError) else "fix the model code"
+    new = error(problem, fix)
+    new.__cause__ = err
+    return new
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python and fd 1) to stderr until the block ends. Reentrant."""
+    saved_sys = sys.stdout
+    fd_err = _fileno(sys.stderr)
+    fd_err = 2 if fd_err is None else fd_err
+    saved_fd = None
+    real: Any = saved_sys
+    with contextlib.suppress(Exception):
+        saved_sys.flush()
+    if fd_err != 1:
+        try:
+            saved_fd = os.dup(1)  # fd 1 itself goes to stderr: C code and subprocesses write there
+            os.dup2(fd_err, 1)
+        except OSError:
+            saved_fd = None
+    if saved_fd is not None and _fileno(saved_sys) == 1:  # bnfold's own results: the saved fd 1
+        enc = getattr(saved_sys, "encoding", None) or "utf-8"
+        real = io.TextIOWrapper(io.FileIO(saved_fd, "w", closefd=False), encoding=enc, errors="replace",
+                                line_buffering=True, write_through=True)
+    _real_stdout.append(real)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        sys.stdout = saved_sys
+        _real_stdout.pop()
+        if saved_fd is not None:
+            with contextlib.suppress(Exception):
+                real.flush()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def stdout():
+    """The stream that is stdout for bnfold's own results (the real one while redirected)."""
+    return _real_stdout[-1] if _real_stdout else sys.stdout
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+@contextlib.contextmanager
+def user_code(what: str, error: type[BnfoldError] = ModelSpecError) -> Iterator[None]:
+    """Run the block as user code: stdout → stderr, any escape except KeyboardInterrupt → ``error``."""
+    with stdout_to_stderr():
+        try:
+            yield
+        except (KeyboardInterrupt, BnfoldError):
+            raise
+        except BaseException as err:  # SystemExit, GeneratorExit, anything
+            raise as_error(err, what, error) from err
+
+
+def run_user(fn: Callable[..., Any], *args: Any, what: str, error: type[BnfoldError] = ModelSpecError, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as user code (see ``user_code``)."""
+    with user_code(what, error):
+        return fn(*args, **kwargs)
+
+
+def guard_iter(iterable: Iterable[Any], what: str, error: type[BnfoldError] = DataError) -> Iterator[Any]:
+    """Iterate ``iterable`` with every step (``iter()`` and each ``next()``) run as user code."""
+    with user_code(what, error):
+        it = iter(iterable)
+    while True:
+        with user_code(what, error):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+# ------------------------------------------------------------------ worker processes (batch --jobs)
+def _sigterm_to_interrupt(signum, frame):  # pragma: no cover - runs in a worker
+    raise KeyboardInterrupt
+
+
+def worker_init() -> None:
+    """Initializer of bnfold's worker processes: SIGTERM (what a broken pool or a CI runner sends)
+    unwinds like Ctrl-C, so staged files are removed instead of left behind."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+
+
+def worker_died(future, entry: dict) -> dict:
+    """``future.result()``, or the conversion's error entry when its worker process died (user code
+    that called ``os._exit``, a crash in a native library, the OOM killer)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import EXIT_MODEL
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        from ._io import sweep_stale_staging
+
+        for key in ("output", "report"):  # what the dead worker had staged
+            if entry.get(key):
+                sweep_stale_staging(os.path.dirname(os.path.abspath(entry[key])))
+        return {"name": entry.get("name"), "model": entry.get("model"), "output": entry.get("output"),
+                "exit_code": EXIT_MODEL, "report": None, "skipped": False,
+                "error": "the worker process running this conversion died (user code calling os._exit, a crash in a "
+                         "native library, or out of memory); nothing was written for it"}
