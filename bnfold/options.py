@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -121,6 +122,13 @@ def _p_int(minimum: int):
             raise OptionError(via, key, f"is {v}, not positive" if minimum == 1 else f"is {v}, negative", f"use {minimum} or more")
         return v
     return p
+
+
+def _p_out_path(v, via, key):
+    """An output file path; a trailing separator names a folder, which is refused (trust rule 2)."""
+    if isinstance(v, str) and v.strip() and v.endswith(("/", os.sep)):
+        raise OptionError(via, key, f"'{v}' names a folder (it ends with '/')", "give a file name, e.g. report.json")
+    return _p_path(v, via, key)
 
 
 def _p_path(v, via, key):
@@ -280,7 +288,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on (those that cannot run are reported).", _CV),
     _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
-    _o("report", "--report", _p_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),
+    _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (default, atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
     _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV),

@@ -251,10 +251,11 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
 
     check_seed(opts.seed)
     # trust rule 2, before any work: no output on an input, on another output or on a special file
+    # labels are flags: reword() spells them for the caller (--weights, weights=, key 'weights')
     output = check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None,
-                              "weights": None if opts.weights is None else str(opts.weights),
-                              "calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
-                             {"output": output, "report": opts.report}, no_overwrite=[] if opts.overwrite else ["output"],
+                              "--weights": None if opts.weights is None else str(opts.weights),
+                              "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
+                             {"output": output, "--report": opts.report}, no_overwrite=[] if opts.overwrite else ["output"],
                              sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
@@ -500,9 +501,9 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     opts = _options(options, kw, VERIFY)
     check_seed(opts.seed)
     check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None, "the ONNX file": str(onnx_path),
-                     "weights": None if opts.weights is None else str(opts.weights),
-                     "calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
-                    {"report": opts.report})
+                     "--weights": None if opts.weights is None else str(opts.weights),
+                     "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
+                    {"--report": opts.report})
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     prov = read_provenance(onnx_path)
     made = provenance_defaults(prov)

@@ -394,7 +394,7 @@ def test_batch_goes_on_after_a_factory_exits(ws):
     ('output = "a.onnx"\n[[conversion]]\nmodel = "model.py:build"\nweights = "weights.pt"\noutput = "a_link.onnx"', "a.onnx"),
     ('output = "a.onnx"\n[[conversion]]\nmodel = "model.py:build"\nweights = "a.onnx"\noutput = "b.onnx"', "would overwrite its input"),
     ('output = "fifo"', "FIFO"),
-    ('output = "out/"', "names a folder"),
+    ('output = "out/"', "is a folder"),
 ])
 def test_config_collisions_refused_before_any_work(body, message, ws):
     (ws / "a.onnx").write_bytes(b"old")
