@@ -393,7 +393,7 @@ def bench_scaling(names, reps, calib_counts):
     times = []
     for k in calib_counts:
         ts = []
-        for _ in range(reps):
+        for _ in range(max(reps, 3)):  # cheap: three repeats even in --quick
             t = time.perf_counter()
             bnfold.calibrate(model, batches[:k], inplace=True)
             ts.append(time.perf_counter() - t)
