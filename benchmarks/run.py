@@ -398,7 +398,7 @@ def bench_scaling(names, reps, calib_counts):
             bnfold.calibrate(model, batches[:k], inplace=True)
             ts.append(time.perf_counter() - t)
         times.append(statistics.median(ts))
-        row("scaling", f"calibrate ResNet-18, {k} batches of 8×3×112²", fmt_s(times[-1]), "", None)
+        row("scaling", f"calibrate ResNet-18, {k} batch{'es' if k > 1 else ''} of 8×3×112²", fmt_s(times[-1]), "", None)
     a, b, r2 = linfit(list(calib_counts), times)
     row("scaling", f"  fit calibrate = {a * 1e3:.1f} ms + {b * 1e3:.1f} ms/batch", f"R²={r2:.4f}", "", None)
 
