@@ -41,6 +41,32 @@ def resnet18() -> nn.Module:
     return _randomize(torchvision.models.resnet18())
 
 
+def resnet101() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return _randomize(torchvision.models.resnet101())
+
+
+def resnet152() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return _randomize(torchvision.models.resnet152())
+
+
+def weight_bytes(name: str) -> tuple[int, int]:
+    """(parameter count, bytes of parameters and buffers) of factory ``name``, built on the meta
+    device: no memory is allocated, so the 2.4 GB net costs nothing to measure."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = BigNet() if name == "bignet" else getattr(torchvision.models, name)()
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return params, nbytes
+
+
 class BigNet(nn.Module):
     """Four 3×3 convolutions of 4096 channels: 604 M parameters, 2.4 GB in float32."""
 

@@ -1,14 +1,17 @@
 """bnfold benchmarks: one entry point, one table of ratios, each measured side by side in one run
 (A and B alternate; medians over repeats). Run from the repository root:
 
-    python benchmarks/run.py            # every row (about 15 minutes on 2 cores)
-    python benchmarks/run.py --quick    # fewer repeats
-    python benchmarks/run.py --only calibrate,latency
+    python benchmarks/run.py            # every row (about 25 minutes on 2 cores, 10 GB of memory)
+    python benchmarks/run.py --quick    # convert, scaling (ResNet-18/50), calibrate: a few minutes
+    python benchmarks/run.py --only calibrate,latency --json rows.json
 
-Rows: convert vs torch.onnx.export (time, stages, peak RSS); calibrate vs update_bn and a plain
+Rows: `bnfold convert` vs a plain torch.onnx.export script, both as whole processes (wall time, peak
+RSS) and the per-stage time/RSS of convert's JSON report; calibrate vs update_bn and a plain
 train-mode forward; folded vs original latency (PyTorch eager, onnxruntime at ORT_DISABLE_ALL and
 default); fold error vs torch's fuse_conv_bn_eval (fp32, fp16); ONNX-in folding vs onnxoptimizer and
-onnxruntime's saved optimised model; a > 2 GB model through external data.
+onnxruntime's saved optimised model; scaling (ResNet-18/50/101/152 convert time and RSS vs
+parameters, calibration time vs batches, least-squares fits); the 2.4 GB net through external data
+(peak RSS / weights, time vs the plain exporter).
 """
 
 from __future__ import annotations
@@ -57,54 +60,95 @@ def alternate(fa, fb, reps):
 
 
 # ------------------------------------------------------------------------------ convert vs export
-WRAP = """
-import resource, runpy, sys, time, json
-t = time.perf_counter()
-{body}
-print("BENCH", json.dumps({{"seconds": time.perf_counter() - t, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
+# Both sides are whole processes, as a user runs them: the `bnfold convert` command, and a plain script
+# that builds the same model and calls torch.onnx.export with its defaults. Wall time is measured by
+# the parent from spawn to exit (interpreter start and imports included); peak RSS is the child's own
+# ru_maxrss from os.wait4 (not RUSAGE_CHILDREN, which is the maximum over every child so far).
 
-CONVERT_BODY = """
-sys.argv = ["bnfold", "convert", "benchmarks/models.py:{model}", "--input-shape", "{shape}", "-o", "{out}", "--providers", "cpu", "--report", "{report}", "-q"]
-try:
-    runpy.run_module("bnfold", run_name="__main__")
-except SystemExit as e:
-    assert e.code in (0, None), e.code
-"""
-
-EXPORT_BODY = """
+PLAIN_EXPORT = """
+import sys
+sys.path.insert(0, {bench!r})
 import torch
-sys.path.insert(0, "benchmarks")
 import models
-m = models.{model}()
-torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), "{out}", dynamo=True, external_data=False)
+model = models.{model}()
+x = torch.randn({shape})
+torch.onnx.export(model.eval(), (x,), {out!r})
 """
 
 
-def _child(body):
-    r = subprocess.run([sys.executable, "-c", WRAP.format(body=body)], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(r.stderr[-3000:])
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("BENCH "))
-    return json.loads(line[6:])
+def _bnfold_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "bnfold"  # the console script a user types
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "bnfold"]
+
+
+def _proc(cmd: list[str], cwd: Path = ROOT) -> dict:
+    """Run ``cmd`` to completion: {"seconds": wall time, "maxrss_mb": the child's peak RSS}."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if p.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd[:4])} … exited {p.returncode}: {err.read()[-3000:]}")
+    return {"seconds": seconds, "maxrss_mb": ru.ru_maxrss / 1024}
+
+
+def _convert_cmd(model: str, shape: str, out: Path, report: Path) -> list[str]:
+    return _bnfold_cmd() + ["convert", f"benchmarks/models.py:{model}", "--input-shape", shape, "-o", str(out),
+                            "--providers", "cpu", "--report", str(report), "-q"]
+
+
+def _plain_cmd(model: str, shape: str, out: Path, d: Path) -> list[str]:
+    script = d / f"plain_{model}.py"
+    script.write_text(PLAIN_EXPORT.format(bench=str(HERE), model=model, shape=shape, out=str(out)))
+    return [sys.executable, str(script)]
+
+
+def _pair(model: str, shape: str, reps: int, d: Path) -> dict:
+    """Alternate convert and the plain export script ``reps`` times; medians and the last report."""
+    out_a, out_b, rep = d / f"{model}_a.onnx", d / f"{model}_b.onnx", d / f"{model}_r.json"
+    runs: dict[str, list] = {"wall_a": [], "wall_b": [], "rss_a": [], "rss_b": [], "reports": []}
+    for i in range(reps):
+        order = [("a", _convert_cmd(model, shape, out_a, rep)), ("b", _plain_cmd(model, shape, out_b, d))]
+        for tag, cmd in order if i % 2 == 0 else order[::-1]:  # A B, B A, …: drift hits both sides
+            r = _proc(cmd)
+            runs[f"wall_{tag}"].append(r["seconds"]); runs[f"rss_{tag}"].append(r["maxrss_mb"])
+        runs["reports"].append(json.loads(rep.read_text()))
+        for f in d.glob(f"{model}_*.onnx*"):  # keep the disk free between repeats
+            f.unlink()
+    med = {k: statistics.median(v) for k, v in runs.items() if k != "reports"}
+    med["reports"] = runs["reports"]
+    return med
+
+
+def _stage_table(reports: list[dict]) -> dict[str, dict]:
+    """Median per stage of seconds, end RSS and peak RSS (``resources`` when the report has it,
+    else ``timings`` only)."""
+    stages: dict[str, dict] = {}
+    for name in reports[0].get("timings", {}):
+        res = [r.get("resources", {}).get("stages", r.get("resources", {})).get(name) for r in reports]
+        entry = {"seconds": statistics.median(r["timings"][name] for r in reports)}
+        if all(isinstance(x, dict) and x.get("peak_rss_mb") is not None for x in res):
+            entry["rss_mb"] = statistics.median(x["rss_mb"] for x in res)
+            entry["peak_rss_mb"] = statistics.median(x["peak_rss_mb"] for x in res)
+        stages[name] = entry
+    return stages
 
 
 def bench_convert(reps):
     with tempfile.TemporaryDirectory() as d:
-        out_a, out_b, rep = Path(d) / "a.onnx", Path(d) / "b.onnx", Path(d) / "r.json"
-        wall_a, wall_b, rss_a, rss_b, stages = [], [], [], [], []
-        for _ in range(reps):
-            a = _child(CONVERT_BODY.format(model="resnet50", shape="1,3,224,224", out=out_a, report=rep))
-            b = _child(EXPORT_BODY.format(model="resnet50", out=out_b))
-            wall_a.append(a["seconds"]); rss_a.append(a["maxrss_mb"])
-            wall_b.append(b["seconds"]); rss_b.append(b["maxrss_mb"])
-            stages.append(json.loads(rep.read_text())["timings"])
-    ma, mb = statistics.median(wall_a), statistics.median(wall_b)
-    row("convert", "ResNet-50 bnfold convert (process) vs torch.onnx.export alone", fmt_s(ma), fmt_s(mb), ma / mb, "≤ 1.3×")
-    st = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
-    row("convert", "  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in st.items()), "", "", None)
-    ra, rb = statistics.median(rss_a), statistics.median(rss_b)
-    row("memory", "ResNet-50 peak RSS: bnfold convert vs export alone", f"{ra:.0f} MB", f"{rb:.0f} MB", ra / rb, "≤ 1.2×")
+        m = _pair("resnet50", "1,3,224,224", reps, Path(d))
+    ma, mb = m["wall_a"], m["wall_b"]
+    row("convert", "ResNet-50 1×3×224²: `bnfold convert` vs plain torch.onnx.export script (process wall)",
+        fmt_s(ma), fmt_s(mb), ma / mb, "≤ 0.85×", f"{reps} alternating pairs")
+    ra, rb = m["rss_a"], m["rss_b"]
+    row("memory", "ResNet-50 peak RSS (process): `bnfold convert` vs plain export script",
+        f"{ra:.0f} MB", f"{rb:.0f} MB", ra / rb, "≤ 1.10×")
+    for name, st in _stage_table(m["reports"]).items():
+        mem = f"RSS {st['rss_mb']:.0f} MB, peak {st['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in st else "(report has no resources)"
+        row("stages", f"  {name}: {mem}", fmt_s(st["seconds"]), "", None, "", "from the JSON report")
 
 
 # -------------------------------------------------------------------------------------- calibrate
@@ -149,7 +193,6 @@ def bench_latency(reps):
 
     import bnfold
     import models
-    from bnfold.exporting import export_proto
 
     for name in ("resnet50", "mobilenet_v2"):
         model = getattr(models, name)()
@@ -158,9 +201,10 @@ def bench_latency(reps):
             paths = {}
             for tag, m in (("orig", model), ("fold", folded)):
                 # optimize=False on both: the exporter's own Conv+BN fusion would hide the difference
-                proto = export_proto(m, (torch.randn(2, 3, 224, 224),), dynamic_batch=True, optimize=False)
                 paths[tag] = Path(d) / f"{tag}.onnx"
-                paths[tag].write_bytes(proto.SerializeToString())
+                batch = torch.export.Dim("batch", min=1, max=1 << 20)
+                torch.onnx.export(m.eval(), (torch.randn(2, 3, 224, 224),), str(paths[tag]), dynamo=True, optimize=False,
+                                  dynamic_shapes=({0: batch},), external_data=False)
             for batch in (1, 8):
                 x = torch.randn(batch, 3, 224, 224)
                 with torch.no_grad():
@@ -265,27 +309,113 @@ def bench_onnx_in(reps):
 
 
 # ----------------------------------------------------------------------------------------- scale
-def bench_scale():
+def bench_bignet():
+    """The 2.4 GB synthetic conv net: convert and the plain exporter, one process each."""
+    import models
+
+    _, wbytes = models.weight_bytes("bignet")
+    wgb = wbytes / 1e9
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
-        out, rep = Path(d) / "big.onnx", Path(d) / "r.json"
+        d = Path(d)
+        out, rep = d / "big.onnx", d / "r.json"
         try:
-            res = _child(CONVERT_BODY.format(model="bignet", shape="1,3,4,4", out=out, report=rep))
+            a = _proc(_convert_cmd("bignet", "1,3,4,4", out, rep))
         except RuntimeError as err:
-            row("scale", f"2.4 GB conv net: FAILED {str(err).splitlines()[-1][:80]}", "", "", None)
+            row("bignet", f"2.4 GB conv net: convert FAILED {str(err).splitlines()[-1][:80]}", "", "", None)
             return
         r = json.loads(rep.read_text())
-        data = Path(d) / r["export"]["external_data"]
-        row("scale", f"2.4 GB conv net → {out.stat().st_size / 1e3:.0f} kB .onnx + {data.stat().st_size / 1e9:.2f} GB external data, passed={r['passed']}",
-            fmt_s(res["seconds"]), f"{res['maxrss_mb'] / 1024:.1f} GB", None, "", "A = time, B = peak RSS")
+        data = d / (r["export"].get("external_data") or "")
+        size = f"{out.stat().st_size / 1e3:.0f} kB .onnx + {data.stat().st_size / 1e9:.2f} GB data" if data.is_file() else ""
+        for f in d.glob("big.onnx*"):
+            f.unlink()
+        try:
+            b = _proc(_plain_cmd("bignet", "1, 3, 4, 4", d / "plain.onnx", d))
+        except RuntimeError as err:
+            b = None
+            note = f"plain exporter failed: {str(err).splitlines()[-1][:80]}"
+    ga = a["maxrss_mb"] / 1024
+    row("bignet", f"2.4 GB conv net ({wgb:.2f} GB weights) → {size}, passed={r['passed']}: peak RSS / weights",
+        f"{ga:.2f} GB", f"{wgb:.2f} GB", a["maxrss_mb"] * 2**20 / wbytes, "≤ 2.5×")
+    if b is None:
+        row("bignet", "2.4 GB conv net: convert vs plain exporter (wall)", fmt_s(a["seconds"]), "", None, "", note)
+        return
+    row("bignet", "2.4 GB conv net: convert vs plain torch.onnx.export script (process wall)",
+        fmt_s(a["seconds"]), fmt_s(b["seconds"]), a["seconds"] / b["seconds"], "≤ 1.2×", "one run each")
+    row("bignet", "2.4 GB conv net: peak RSS, convert vs plain export script",
+        f"{ga:.2f} GB", f"{b['maxrss_mb'] / 1024:.2f} GB", a["maxrss_mb"] / b["maxrss_mb"], "")
+    for name, st in _stage_table([r]).items():
+        mem = f"RSS {st['rss_mb'] / 1024:.2f} GB, peak {st['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in st else ""
+        row("bignet", f"  {name}: {mem}", fmt_s(st["seconds"]), "", None, "", "from the JSON report")
+
+
+def linfit(xs, ys) -> tuple[float, float, float]:
+    """Least squares y = a + b·x: (a, b, R²)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
+
+
+def bench_scaling(names, reps, calib_counts):
+    """Convert time and peak RSS vs parameter count (whole processes, alternating with the plain
+    export script), and calibration time vs number of batches: both fitted by least squares."""
+    import models
+
+    pts = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in names:
+            params, wbytes = models.weight_bytes(name)
+            m = _pair(name, "1,3,224,224", reps, Path(d))
+            pts.append((params, m))
+            row("scaling", f"{name} ({params / 1e6:.1f} M params, {wbytes / 1e6:.0f} MB): convert vs plain export, wall",
+                fmt_s(m["wall_a"]), fmt_s(m["wall_b"]), m["wall_a"] / m["wall_b"], "")
+            row("scaling", f"{name}: peak RSS, convert vs plain export",
+                f"{m['rss_a']:.0f} MB", f"{m['rss_b']:.0f} MB", m["rss_a"] / m["rss_b"], "")
+    if len(pts) >= 3:
+        xs = [p / 1e6 for p, _ in pts]
+        for key, unit, what in (("wall_a", "s", "convert wall"), ("rss_a", "MB", "convert peak RSS"),
+                                ("wall_b", "s", "plain export wall"), ("rss_b", "MB", "plain export peak RSS")):
+            a, b, r2 = linfit(xs, [m[key] for _, m in pts])
+            row("scaling", f"  fit {what} = {a:.3g} {unit} + {b:.3g} {unit}/M params", f"R²={r2:.4f}", "", None)
+
+    import torch
+
+    import bnfold
+
+    model = models.resnet18()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 112, 112, generator=g) for _ in range(max(calib_counts))]
+    bnfold.calibrate(model, batches[:1], inplace=True)  # warm up
+    times = []
+    for k in calib_counts:
+        ts = []
+        for _ in range(max(reps, 3)):  # cheap: three repeats even in --quick
+            t = time.perf_counter()
+            bnfold.calibrate(model, batches[:k], inplace=True)
+            ts.append(time.perf_counter() - t)
+        times.append(statistics.median(ts))
+        row("scaling", f"calibrate ResNet-18, {k} batch{'es' if k > 1 else ''} of 8×3×112²", fmt_s(times[-1]), "", None)
+    a, b, r2 = linfit(list(calib_counts), times)
+    row("scaling", f"  fit calibrate = {a * 1e3:.1f} ms + {b * 1e3:.1f} ms/batch", f"R²={r2:.4f}", "", None)
+
+
+SECTIONS = ("convert", "calibrate", "latency", "error", "onnx-in", "scaling", "bignet")
+QUICK = ("convert", "scaling", "calibrate")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--only", default="convert,calibrate,latency,error,onnx-in,scale")
+    ap.add_argument("--quick", action="store_true", help="a few minutes: convert, scaling (ResNet-18/50) and calibrate, fewer repeats")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections of: {','.join(SECTIONS)}")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = ap.parse_args()
-    only = set(args.only.split(","))
+    only = set(args.only.split(",")) if args.only else set(QUICK if args.quick else SECTIONS)
+    if only - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
     reps = 3 if args.quick else 5
     import torch
 
@@ -293,7 +423,7 @@ def main():
     print(f"bnfold benchmarks · {datetime.date.today()} · {platform.machine()} · {os.cpu_count()} CPUs · "
           f"Python {platform.python_version()} · torch {torch.__version__}", flush=True)
     if "convert" in only:
-        bench_convert(3 if args.quick else 5)
+        bench_convert(2 if args.quick else 5)
     if "calibrate" in only:
         bench_calibrate(reps)
     if "latency" in only:
@@ -302,8 +432,13 @@ def main():
         bench_error()
     if "onnx-in" in only:
         bench_onnx_in(3)
-    if "scale" in only:
-        bench_scale()
+    if "scaling" in only:
+        if args.quick:
+            bench_scaling(("resnet18", "resnet50"), 1, (1, 2, 4, 8))
+        else:
+            bench_scaling(("resnet18", "resnet50", "resnet101", "resnet152"), 3, (1, 2, 4, 8, 16, 32))
+    if "bignet" in only:
+        bench_bignet()
     print()
     print("| section | metric | A | B | A/B | target | met |")
     print("|---|---|---|---|---|---|---|")

@@ -1,0 +1,211 @@
+"""Stage meter: wall time, resident memory at the end and peak resident memory of each stage.
+
+Standard library only (no psutil). On Linux the numbers come from ``/proc/self/status``:
+``VmRSS`` (resident now) and ``VmHWM`` (the process's resident high-water mark).
+
+How a stage's peak is found, without touching the process's own high-water mark:
+
+* when ``VmHWM`` rose during the stage, the stage set a new process peak and that value is exact
+  (``peak_method: "hwm"``);
+* otherwise the stage stayed below an earlier peak; a daemon thread samples ``/proc/self/statm``
+  every ``interval`` seconds during the stage and the largest sample (or the RSS at the start or the
+  end, whichever is larger) is reported (``peak_method: "sampled"``: a lower bound that can miss a
+  spike shorter than the interval).
+
+``reset_peak=True`` instead writes ``5`` to ``/proc/self/clear_refs`` at the start of the stage,
+which resets ``VmHWM`` so every stage's peak is exact (``peak_method: "hwm-reset"``). It is off by
+default because the reset is process-wide and also resets what ``getrusage(...).ru_maxrss``,
+``/usr/bin/time -v`` and a parent's ``RUSAGE_CHILDREN`` report: a library must not falsify its
+caller's own memory measurement. ``process_peak_rss_mb()`` stays correct either way (the meter keeps
+the highest value it saw before each reset).
+
+Elsewhere (macOS, BSD) only ``resource.getrusage`` exists: the peak is reported when the stage
+raised ``ru_maxrss`` (``"ru_maxrss"``), otherwise None; the RSS at the end is None. Without
+``resource`` (Windows) memory fields are None and only the time is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from typing import Iterator
+
+_STATUS = "/proc/self/status"
+_STATM = "/proc/self/statm"
+_CLEAR_REFS = "/proc/self/clear_refs"
+_MB = 1024 * 1024
+
+try:
+    import os as _os
+
+    _PAGE = _os.sysconf("SC_PAGE_SIZE")
+except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+    _PAGE = 4096
+
+_seen_peak = 0  # bytes: the highest VmHWM read before any reset (process-wide, for process_peak_rss_mb)
+_lock = threading.Lock()
+
+
+def _status() -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) in bytes from /proc/self/status, or (None, None) where it does not exist."""
+    try:
+        with open(_STATUS, "rb") as f:
+            text = f.read()
+    except OSError:
+        return None, None
+    rss = hwm = None
+    for line in text.splitlines():
+        if line.startswith(b"VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith(b"VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def _statm_rss() -> int | None:
+    try:
+        with open(_STATM, "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _ru_maxrss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return v if sys.platform == "darwin" else v * 1024  # macOS: bytes; Linux, BSD: KiB
+
+
+def _note_peak(hwm: int | None) -> None:
+    global _seen_peak
+    if hwm is not None:
+        with _lock:
+            _seen_peak = max(_seen_peak, hwm)
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0, where permitted). True when it worked."""
+    _note_peak(_status()[1])  # keep the process peak before it is forgotten
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def current_rss_mb() -> float | None:
+    rss = _status()[0]
+    return None if rss is None else rss / _MB
+
+
+def process_peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (MB), including peaks before any reset."""
+    hwm = _status()[1]
+    if hwm is None:
+        hwm = _ru_maxrss()
+        return None if hwm is None else hwm / _MB
+    _note_peak(hwm)
+    return _seen_peak / _MB
+
+
+class _Sampler(threading.Thread):
+    def __init__(self, interval: float):
+        super().__init__(name="bnfold-rss-sampler", daemon=True)
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            rss = _statm_rss()
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+                self.samples += 1
+            if self._stop_event.wait(self.interval):
+                return
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+class StageMeter:
+    """Context manager measuring one stage; read ``to_dict()`` afterwards.
+
+    >>> with StageMeter() as m:
+    ...     work()
+    >>> m.to_dict()   # {"seconds": .., "rss_mb": .., "peak_rss_mb": .., "peak_method": ..}
+    """
+
+    def __init__(self, *, interval: float = 0.01, reset_peak: bool = False):
+        self.interval = interval
+        self.reset_peak = reset_peak
+        self.seconds: float | None = None
+        self.rss_mb: float | None = None
+        self.peak_rss_mb: float | None = None
+        self.peak_method: str | None = None
+        self._sampler: _Sampler | None = None
+
+    def __enter__(self) -> "StageMeter":
+        rss, hwm = _status()
+        self._linux = hwm is not None
+        self._reset = False
+        if self._linux and self.reset_peak:
+            self._reset = _reset_hwm()
+            rss, hwm = _status()
+        self._rss0, self._hwm0 = rss, hwm
+        if not self._linux:
+            self._hwm0 = _ru_maxrss()
+        elif not self._reset:
+            self._sampler = _Sampler(self.interval)
+            self._sampler.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        sampled = self._sampler.stop() if self._sampler is not None else 0
+        self._sampler = None
+        if self._linux:
+            rss, hwm = _status()
+            _note_peak(hwm)
+            self.rss_mb = rss / _MB
+            if self._reset:
+                self.peak_rss_mb, self.peak_method = hwm / _MB, "hwm-reset"
+            elif hwm > self._hwm0:
+                self.peak_rss_mb, self.peak_method = hwm / _MB, "hwm"
+            else:
+                self.peak_rss_mb, self.peak_method = max(sampled, self._rss0, rss) / _MB, "sampled"
+        else:
+            hwm = _ru_maxrss()
+            if hwm is not None and self._hwm0 is not None and hwm > self._hwm0:
+                self.peak_rss_mb, self.peak_method = hwm / _MB, "ru_maxrss"
+
+    def to_dict(self, digits: int = 4) -> dict:
+        def r(v, d):
+            return None if v is None else round(v, d)
+
+        return {"seconds": r(self.seconds, digits), "rss_mb": r(self.rss_mb, 1),
+                "peak_rss_mb": r(self.peak_rss_mb, 1), "peak_method": self.peak_method}
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict, resources: dict, **meter_kw) -> Iterator[StageMeter]:
+    """Measure the ``with`` body as stage ``name``: ``timings[name]`` = seconds (as before) and
+    ``resources[name]`` = ``StageMeter.to_dict()``. Recorded when the body raises, too."""
+    meter = StageMeter(**meter_kw)
+    try:
+        with meter:
+            yield meter
+    finally:
+        if meter.seconds is not None:
+            timings[name] = round(meter.seconds, 4)
+            resources[name] = meter.to_dict()
