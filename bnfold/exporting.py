@@ -51,6 +51,66 @@ def strip_metadata(proto) -> None:
             n.doc_string = ""
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, payload_len: int) -> bytes:  # tag + length of a length-delimited field
+    return _varint((num << 3) | 2) + _varint(payload_len)
+
+
+_MODEL_FIELDS = {"ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string",
+                 "graph", "opset_import", "metadata_props", "training_info", "functions"}
+_GRAPH_FIELDS = {"node", "name", "initializer", "doc_string", "input", "output", "value_info",
+                 "quantization_annotation", "sparse_initializer", "metadata_props"}
+
+
+def write_streamed(proto, f) -> None:
+    """Write ``proto`` as SerializeToString(deterministic=True) would (the same bytes: fields in
+    field-number order), serialising one initializer at a time: no second copy of the weights."""
+    import onnx
+
+    g = proto.graph
+    if {f.name for f, _ in proto.ListFields()} - _MODEL_FIELDS or {f.name for f, _ in g.ListFields()} - _GRAPH_FIELDS:
+        f.write(proto.SerializeToString(deterministic=True))  # a field this writer does not place
+        return
+    inits = list(g.initializer)
+    # the graph without initializers, cut where field 5 goes: fields 1-4 before, 6+ after
+    head, tail = onnx.GraphProto(), onnx.GraphProto()
+    head.node.extend(g.node)
+    if g.HasField("name"):
+        head.name = g.name
+    if g.HasField("doc_string"):
+        tail.doc_string = g.doc_string
+    for name in ("input", "output", "value_info", "quantization_annotation", "sparse_initializer", "metadata_props"):
+        getattr(tail, name).extend(getattr(g, name))
+    hb, tb = head.SerializeToString(deterministic=True), tail.SerializeToString(deterministic=True)
+    sizes = [t.ByteSize() for t in inits]
+    glen = len(hb) + len(tb) + sum(len(_field(5, s)) + s for s in sizes)
+    before, after = onnx.ModelProto(), onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if proto.HasField(name):  # proto2: an explicitly set default is serialised too
+            setattr(before, name, getattr(proto, name))
+    after.opset_import.extend(proto.opset_import)  # fields 8+
+    after.metadata_props.extend(proto.metadata_props)
+    after.training_info.extend(proto.training_info)
+    after.functions.extend(proto.functions)
+    bb, ab = before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
+    f.write(bb)
+    f.write(_field(7, glen))
+    f.write(hb)
+    for t, s in zip(inits, sizes):
+        f.write(_field(5, s))
+        f.write(t.SerializeToString(deterministic=True))
+    f.write(tb)
+    f.write(ab)
+
+
 def _initializer_bytes(proto) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
 
@@ -67,17 +127,18 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     large = _initializer_bytes(proto) > PROTO_LIMIT * 0.9
     info: dict[str, Any] = {"path": str(path), "external_data": None}
     if not large:
-        data = proto.SerializeToString(deterministic=True)
-        if check:
-            try:
-                onnx.checker.check_model(proto, full_check=False)
-            except Exception as err:
-                raise ExportError(f"onnx.checker rejected the exported model: {str(err).splitlines()[0]}", "report this model to bnfold") from err
         with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:  # one initializer at a time: no second copy of the weights
+                write_streamed(proto, f)
+            if check:
+                try:
+                    onnx.checker.check_model(str(tmp), full_check=False)
+                except Exception as err:
+                    raise ExportError(f"onnx.checker rejected the exported model: {str(err).splitlines()[0]}", "report this model to bnfold") from err
     else:
         data_name = data_name or path.name + ".data"
         with atomic_path(path.parent / data_name) as tmp_data, atomic_path(path) as tmp:
+            tmp_data.unlink()  # onnx >= 1.20 refuses to write external data over an existing file
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024)
             # the model refers to the data file by name: point it at the final name before renaming
             m = onnx.load(str(tmp), load_external_data=False)
@@ -178,9 +239,19 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     path that folds with bnfold's float64 rules first and attributes every fold."""
     import onnx_ir as ir
 
-    proto = ir.serde.serialize_model(_export_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize))
+    ir_model = _export_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize)
+    proto = ir.serde.serialize_model(ir_model)
+    _release_weights(ir_model)
     strip_metadata(proto)
     return proto
+
+
+def _release_weights(ir_model) -> None:
+    """Drop the IR model's tensors once serialised. onnxscript's module-level rewrite rules keep
+    the last graph they matched (their matchers' ``_graph``): without this, the exported copy of
+    every weight stays alive for the rest of the process (benchmarks/PROFILE.md)."""
+    for value in ir_model.graph.initializers.values():
+        value.const_value = None
 
 
 def _module_of(node) -> str | None:
@@ -234,6 +305,7 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
         raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {_cause(err)}", "report this model to bnfold") from err
     after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
     proto = ir.serde.serialize_model(model)
+    _release_weights(model)
     strip_metadata(proto)
 
     def mod(node_name: str) -> str:

@@ -13,7 +13,6 @@ what made it (``bnfold.*`` keys, see ``provenance``); ``check_artifact`` reads t
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +51,12 @@ def versions() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def _stage(timings: dict, name: str):
-    t = time.perf_counter()
-    try:
+def _stage(rep, name: str):
+    """Time, end RSS and peak RSS of one stage: rep.timings[name], rep.resources["stages"][name]."""
+    from ._resources import stage
+
+    with stage(name, rep.timings, rep.resources["stages"]):
         yield
-    finally:
-        timings[name] = round(time.perf_counter() - t, 4)
 
 
 def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
@@ -269,7 +268,12 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
         if kind == "onnx":
             _convert_onnx(rep, obj, example, staged, opts)
         else:
-            _convert_torch(rep, obj, example, staged, opts)
+            # a model bnfold built (a spec) or copied (weights=) is its own to fold in place: one copy
+            # of the weights, released before the onnxruntime sessions exist
+            owned = isinstance(model, (str, Path)) or opts.weights is not None
+            held = [obj]
+            del obj
+            _convert_torch(rep, held, example, staged, opts, owned=owned)
         if rep.passed or opts.keep_failed:
             rep.export["path"] = str(output)
         else:
@@ -278,6 +282,10 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             outs.discard(output, *([output.parent / data] if data else []))
             rep.notes.append(not_written_note(output))
         rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
+        from ._resources import process_peak_rss_mb
+
+        peak = process_peak_rss_mb()
+        rep.resources["peak_rss_mb"] = None if peak is None else round(peak, 1)
         if opts.report is not None:
             write_report(rep, opts.report)
     return rep
@@ -332,21 +340,22 @@ def _check_opset(opts: ConvertOptions) -> None:
                    f"choose an opset from {OPSET_NATIVE_MIN} to {hi} (from {lo} the exporter converts down, which can fail for a model)")
 
 
-def _convert_torch(rep, model, example, staged, opts: ConvertOptions):
+def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned: bool = False):
     import torch
 
     from .calibration import run_calibration
     from .data import Batch, call_model, eval_mode, model_dtype_device
     from .exporting import export_folded, opset_of, save_onnx
     from .folding import fold_with_plan
-    from .verification import verify
+    from .verification import check_folded, reference_outputs, verify
 
+    model = held.pop()  # the caller keeps no reference: a model bnfold owns can be freed before verify
     _check_opset(opts)
     dtype, _ = model_dtype_device(model)
     # the reference is the user's model itself (compared in eval mode, flags restored) unless
     # calibration gives it new statistics, which happens on a copy: the user's model never changes
     reference = model
-    with _stage(rep.timings, "check_inputs"):
+    with _stage(rep, "check_inputs"):
         try:
             with torch.no_grad(), eval_mode(model):
                 call_model(model, Batch(example, {}))
@@ -359,18 +368,30 @@ def _convert_torch(rep, model, example, staged, opts: ConvertOptions):
     if source is not None:
         n = example[0].shape[0] if example[0].dim() else 1
         source.want_head(max(4, n) if opts.dynamic_batch else n)  # samples for verification, kept during the one pass
-        with _stage(rep.timings, "calibrate"):
-            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=False, progress=opts.progress)
+        with _stage(rep, "calibrate"):
+            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=owned, progress=opts.progress)
             rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
-    with _stage(rep.timings, "fold"):
-        folded, plan = fold_with_plan(reference, example, inplace=False)
+    own = owned or reference is not model  # a model bnfold built or copied (calibrated in place), or the calibrated copy
+    providers, required = _providers(opts)
+    sets = references = None
+    if opts.verify:
+        sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
+        if own:  # the reference outputs, before the fold changes the module in place
+            with _stage(rep, "reference"):
+                references = reference_outputs(reference, sets, providers=providers)
+    if own:
+        model = None  # only `reference` is kept, and folded in place below
+    with _stage(rep, "fold"):
+        folded, plan = fold_with_plan(reference, example, inplace=own)
+    if own:
+        reference = None
     _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
     export_example = example
     if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
-    with _stage(rep.timings, "export"):
+    with _stage(rep, "export"):
         proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan)
         _record_plan(rep, plan)
         got = opset_of(proto)
@@ -388,11 +409,16 @@ def _convert_torch(rep, model, example, staged, opts: ConvertOptions):
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
-    providers, required = _providers(opts)
-    with _stage(rep.timings, "verify"):
-        sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
-        vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
-                    require_providers=required)
+    with _stage(rep, "verify"):
+        if own:
+            runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol)
+            del folded  # no PyTorch weights left while the onnxruntime sessions exist
+            vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
+                        require_providers=required, references=references)
+            vr.runs[:0] = runs
+        else:
+            vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
+                        require_providers=required)
     _record_verification(rep, vr)
 
 
@@ -431,7 +457,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     from .onnx_fold import fold_onnx_proto, load_onnx
     from .verification import verify
 
-    with _stage(rep.timings, "fold"):
+    with _stage(rep, "fold"):
         proto = load_onnx(src)
         if opts.opset is not None and opset_of(proto) != opts.opset:
             proto = _convert_opset(proto, opts)
@@ -452,7 +478,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         return
     providers, required = _providers(opts)
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
-    with _stage(rep.timings, "verify"):
+    with _stage(rep, "verify"):
         vr = verify(src, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
     _record_verification(rep, vr)
 

@@ -35,6 +35,8 @@ class ConvertReport:
     options: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    # per stage: seconds, RSS at its end and peak RSS (MiB, with how the peak was read); the process peak
+    resources: dict = field(default_factory=lambda: {"stages": {}, "peak_rss_mb": None})
     versions: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:

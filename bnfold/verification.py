@@ -288,6 +288,7 @@ def verify(
     float64_max_bytes: int = FLOAT64_MAX_BYTES,
     noise_k: float = NOISE_K,
     verbose: bool = False,
+    references: "References | None" = None,
 ) -> VerifyReport:
     """Compare ``onnx_path`` (and ``folded``, a PyTorch module) against ``reference``.
 
@@ -297,6 +298,7 @@ def verify(
     ``float64_reference``: also run a PyTorch reference in float64 (when it fits in
     ``float64_max_bytes``) and judge against the float32 model's own noise (``noise_k``).
     ``verbose``: let onnxruntime's warnings reach stderr (otherwise they go to the notes).
+    ``references``: outputs taken earlier with ``reference_outputs`` (then ``reference`` may be None).
     Returns a VerifyReport (truthy when every run passed and at least one ONNX run happened).
     Raises ProviderError when no requested provider (or a required one) can run.
     """
@@ -315,65 +317,143 @@ def verify(
     for lv in levels:
         if lv not in LEVELS:
             raise BadInputError(f"unknown optimisation level '{lv}'", f"use {' or '.join(LEVELS)}")
-    check_statistics(reference)
+    if reference is None and references is None:
+        raise BadInputError("verify needs a reference model or reference outputs", "pass the original model (or references=)")
+    if reference is not None:
+        check_statistics(reference)
     report = VerifyReport(noise_k=noise_k)
     sets = _input_sets(inputs)
     onnx_ref = isinstance(reference, (str, Path))
     with contextlib.ExitStack() as stack:
-        if not onnx_ref:
+        if reference is not None and not onnx_ref:
             stack.enter_context(eval_mode(reference))  # no copy of the weights: flags restored
         if folded is not None:
             stack.enter_context(eval_mode(folded))
+        if references is None:
+            references = _references(reference, onnx_ref, sets, float64_reference, float64_max_bytes, verbose)
+        elif set(references.refs) != set(sets):
+            raise BadInputError(f"references cover input sets {sorted(references.refs)}, not {sorted(sets)}",
+                                "take the references with the same inputs")
         _run_all(report, reference, onnx_ref, Path(onnx_path), sets, atol, rtol, wanted, required, folded, levels,
-                 float64_reference, float64_max_bytes, noise_k, verbose)
+                 noise_k, verbose, references)
     return report
 
 
-def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels,
-             use_f64, f64_bytes, k, verbose):
+@dataclass
+class References:
+    """The reference's outputs for every input set, computed once (``reference_outputs``): float32 on
+    its device, float64 when it ran, and on a GPU when one is used. With them, ``verify`` needs no
+    reference module, so a caller that owns the model may fold it in place before the sessions exist."""
+
+    refs: dict  # input set -> [(output name, ndarray)]
+    device: str
+    refs64: dict = field(default_factory=dict)
+    float64_reference: str | None = None
+    by_device: dict = field(default_factory=dict)  # torch device -> refs (the GPU reference)
+    notes: list = field(default_factory=list)
+
+
+def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64_reference: bool = True,
+                      float64_max_bytes: int = FLOAT64_MAX_BYTES, verbose: bool = False) -> References:
+    """Run ``reference`` (an nn.Module, eval mode, not changed) on every input set now: float32, float64
+    when it fits, and on the GPU when a requested provider runs there. Pass the result to
+    ``verify(None, ..., references=...)``."""
     import torch
 
-    # 1. the reference, once per input set (and once in float64)
+    from .data import eval_mode
+
+    check_statistics(reference)
+    sets = _input_sets(inputs)
+    with eval_mode(reference):
+        refs = _references(reference, False, sets, float64_reference, float64_max_bytes, verbose)
+        for p in parse_providers(providers):
+            dev = PROVIDERS[p].torch_device
+            if dev and dev.startswith("cuda") and torch.cuda.is_available() and not any(d.startswith("cuda") for d in refs.by_device):
+                gr = TorchRunner(reference, device=dev, allow_tf32=False)
+                refs.by_device[dev] = {s: gr.infer(f) for s, f in sets.items()}
+                gr.close()
+                del gr
+    return refs
+
+
+def check_folded(folded, inputs, references: References, *, atol=None, rtol=None, noise_k: float = NOISE_K) -> list[Run]:
+    """Step 2 of verify on its own: the folded PyTorch module against ``references`` (taken before a
+    fold in place). Returns the Runs; the caller may then drop the module before the sessions exist."""
+    from .data import eval_mode
+
+    sets = _input_sets(inputs)
+    runs = []
+    with eval_mode(folded):
+        fr = TorchRunner(folded, allow_tf32=False, target="folded-module")
+        for s, f in sets.items():
+            outs = compare_outputs(references.refs[s], fr.infer(f), atol, rtol, reference64=references.refs64.get(s), k=noise_k)
+            runs.append(Run("folded-module", "pytorch", None, s, all(outs), outs, device=fr.device, reference_device=references.device))
+        fr.close()
+    return runs
+
+
+def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose) -> References:
+    """Step 1 of verify: the reference on every input set (float32, and float64 for the noise floor)."""
+    notes: list[str] = []
+
+    def note(text):
+        if text not in notes:
+            notes.append(text)
+
     if onnx_ref:
         ref_runner = OrtRunner(reference, "cpu", "disable_all", verbose=verbose, target="reference")
-        report.float64_reference = "not run for an ONNX reference"
+        f64_status = "not run for an ONNX reference"
     else:
         ref_runner = TorchRunner(reference, allow_tf32=False)
-    refs = {s: ref_runner.infer(f) for s, f in sets.items()}
-    ref_device = ref_runner.device
-    refs64: dict[str, list] = {}
-    if not onnx_ref:
-        if not use_f64:
-            report.float64_reference = "switched off"
-        else:
-            r64, why = _float64_runner(reference, f64_bytes)
-            if r64 is None:
-                report.float64_reference = why
-                if "GB" in why:
-                    report.note(f"no float64 run of the reference: {why}")
+        f64_status = None
+    try:
+        refs = {s: ref_runner.infer(f) for s, f in sets.items()}
+        refs64: dict[str, list] = {}
+        if not onnx_ref:
+            if not use_f64:
+                f64_status = "switched off"
             else:
-                try:
-                    refs64 = {s: r64.infer(f) for s, f in sets.items()}
-                    report.float64_reference = "ran"
-                except Exception as err:  # noqa: BLE001 — the model may not support float64
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    report.float64_reference = f"failed: {type(err).__name__}: {first[:200]}"
-                    report.note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
-                                "judged against the float32 reference only")
-                finally:
-                    r64.close()
-                    del r64
+                r64, why = _float64_runner(reference, f64_bytes)
+                if r64 is None:
+                    f64_status = why
+                    if "GB" in why:
+                        note(f"no float64 run of the reference: {why}")
+                else:
+                    try:
+                        refs64 = {s: r64.infer(f) for s, f in sets.items()}
+                        f64_status = "ran"
+                    except Exception as err:  # noqa: BLE001 — the model may not support float64
+                        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        f64_status = f"failed: {type(err).__name__}: {first[:200]}"
+                        note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
+                             "judged against the float32 reference only")
+                    finally:
+                        r64.close()
+                        del r64
+        for s, outs in refs.items():
+            bad = [n for n, o in outs if np.asarray(o).dtype.kind == "f" and not np.isfinite(o).all()]
+            if bad:
+                where = ref_runner.first_nonfinite_module(sets[s]) if isinstance(ref_runner, TorchRunner) else None
+                at = f"; the first module with a NaN/Inf output is '{where}'" if where else ""
+                note(f"the reference itself is non-finite on input set '{s}' (output {', '.join(bad)}){at}: "
+                     "nothing can be verified against it")
+        device = ref_runner.device
+    finally:
+        ref_runner.close()
+    return References(refs=refs, device=device, refs64=refs64, float64_reference=f64_status, notes=notes)
 
+
+def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels, k, verbose, pre: References):
+    import torch
+
+    # 1. the reference, once per input set (and once in float64): ``pre``
+    refs, refs64, ref_device = pre.refs, pre.refs64, pre.device
+    report.float64_reference = pre.float64_reference
+    for n in pre.notes:
+        report.note(n)
     names = [n for outs in refs.values() for n, _ in outs]
     check_tolerance_keys(atol, "atol", names)
     check_tolerance_keys(rtol, "rtol", names)
-    for s, outs in refs.items():
-        bad = [n for n, o in outs if np.asarray(o).dtype.kind == "f" and not np.isfinite(o).all()]
-        if bad:
-            where = ref_runner.first_nonfinite_module(sets[s]) if isinstance(ref_runner, TorchRunner) else None
-            at = f"; the first module with a NaN/Inf output is '{where}'" if where else ""
-            report.note(f"the reference itself is non-finite on input set '{s}' (output {', '.join(bad)}){at}: "
-                        "nothing can be verified against it")
 
     def judge(s, got, against):
         return compare_outputs(against[s], got, atol, rtol, reference64=refs64.get(s), k=k)
@@ -384,9 +464,11 @@ def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, r
         for s, f in sets.items():
             outs = judge(s, fr.infer(f), refs)
             report.runs.append(Run("folded-module", "pytorch", None, s, all(outs), outs, device=fr.device, reference_device=ref_device))
+        fr.close()
+        del fr
 
     # 3. the ONNX file, per provider and level; one session alive at a time
-    by_device = {ref_device: refs}
+    by_device = {ref_device: refs, **pre.by_device}
     for provider in wanted:
         spec = PROVIDERS[provider]
         for i, level in enumerate(levels):
@@ -404,20 +486,20 @@ def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, r
             against, against_dev = refs, ref_device
             dev = spec.torch_device
             if dev and not onnx_ref and dev.startswith("cuda") and torch.cuda.is_available():
-                if dev not in by_device and not any(d.startswith("cuda") for d in by_device):
+                if not any(d.startswith("cuda") for d in by_device) and reference is not None:
                     gr = TorchRunner(reference, device=dev, allow_tf32=False)
                     by_device[dev] = {s: gr.infer(f) for s, f in sets.items()}
                     gr.close()
                     del gr
-                cuda_dev = next(d for d in by_device if d.startswith("cuda"))
-                against, against_dev = by_device[cuda_dev], cuda_dev
+                cuda_dev = next((d for d in by_device if d.startswith("cuda")), None)
+                if cuda_dev is not None:
+                    against, against_dev = by_device[cuda_dev], cuda_dev
             for s, f in sets.items():
                 outs = judge(s, runner.infer(f), against)
                 report.runs.append(Run("onnx", provider, level, s, all(outs), outs, device=runner.device,
                                        reference_device=against_dev))
             runner.close()
             del runner
-    ref_runner.close()
 
     if not report.providers_run:
         why = "; ".join(f"{u['provider']}: {u['reason']}" for u in report.providers_unavailable)
