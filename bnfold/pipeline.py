@@ -369,7 +369,8 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         n = example[0].shape[0] if example[0].dim() else 1
         source.want_head(max(4, n) if opts.dynamic_batch else n)  # samples for verification, kept during the one pass
         with _stage(rep, "calibrate"):
-            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=owned, progress=opts.progress)
+            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=owned, progress=opts.progress,
+                                                 allow_tf32=opts.allow_tf32)
             rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
     own = owned or reference is not model  # a model bnfold built or copied (calibrated in place), or the calibrated copy
     providers, required = _providers(opts)
@@ -557,7 +558,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         if source is not None:
             n = example[0].shape[0] if example[0].dim() else 1
             source.want_head(max(4, n) if opts.dynamic_batch else n)
-            reference, _ = run_calibration(obj, source, estimator=opts.estimator.value, progress=opts.progress)
+            reference, _ = run_calibration(obj, source, estimator=opts.estimator.value, progress=opts.progress,
+                                           allow_tf32=opts.allow_tf32)
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
         check.verification = verify(reference, onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
     check.options = opts.to_dict()

@@ -121,6 +121,7 @@ Report = Annotated[Optional[str], _opt("report", "FILE")]
 Overwrite = Annotated[Optional[bool], _opt("overwrite", "")]
 KeepFailed = Annotated[Optional[bool], _opt("keep_failed", "")]
 Seed = Annotated[Optional[str], _opt("seed", "N")]
+AllowTf32 = Annotated[Optional[bool], _opt("allow_tf32", "")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (and nothing else there).", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the result line (same as bnfold --quiet).", show_default=False)]
 ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help="path/file.py:factory, package.module:factory, or a .onnx file.", show_default=False)]
@@ -159,6 +160,7 @@ def convert(
     calib: Calib = None,
     batch_size: BatchSize = None,
     estimator: EstimatorOpt = None,
+    allow_tf32: AllowTf32 = None,
     opset: Opset = None,
     dynamic_batch: DynamicBatch = None,
     atol: Atol = None,
@@ -184,7 +186,7 @@ def convert(
     values = dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size, estimator=estimator,
                   opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, providers=providers,
                   require_providers=require_providers, trust_pickle=trust_pickle, verify=verify,
-                  overwrite=overwrite, keep_failed=keep_failed, seed=seed)
+                  overwrite=overwrite, keep_failed=keep_failed, seed=seed, allow_tf32=allow_tf32)
 
     def work():
         if config is not None:
@@ -270,6 +272,7 @@ def calibrate(
     weights: Weights = None,
     batch_size: BatchSize = None,
     estimator: EstimatorOpt = None,
+    allow_tf32: AllowTf32 = None,
     report: Report = None,
     trust_pickle: TrustPickle = None,
     overwrite: Overwrite = None,
@@ -293,7 +296,7 @@ def calibrate(
         from bnfold.load import load_model, parse_model_spec
 
         opts = _build("calibrate", dict(calib=calib, weights=weights, batch_size=batch_size, estimator=estimator,
-                                        report=report, trust_pickle=trust_pickle, overwrite=overwrite))
+                                        report=report, trust_pickle=trust_pickle, overwrite=overwrite, allow_tf32=allow_tf32))
         if opts.calib is None:
             raise BadInputError("no calibration data", "pass --calib DATA (.npz/.npy/.pt or module:fn)")
         if parse_model_spec(model).kind == "onnx":
@@ -310,7 +313,7 @@ def calibrate(
             if world > 1:
                 batches = batches[rank::world]
             calibrated, summary = run_calibration(m, batches, estimator=opts.estimator.value, inplace=True,
-                                                  progress=opts.progress and rank == 0)
+                                                  progress=opts.progress and rank == 0, allow_tf32=opts.allow_tf32)
         finally:
             if world > 1:
                 import torch.distributed as dist
@@ -369,6 +372,7 @@ def verify(
     calib: Calib = None,
     batch_size: BatchSize = None,
     estimator: EstimatorOpt = None,
+    allow_tf32: AllowTf32 = None,
     dynamic_batch: DynamicBatch = None,
     atol: Atol = None,
     rtol: Rtol = None,
@@ -388,7 +392,7 @@ def verify(
         opts = _build("verify", dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size,
                                      estimator=estimator, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
                                      providers=providers, require_providers=require_providers, report=report,
-                                     trust_pickle=trust_pickle, seed=seed))
+                                     trust_pickle=trust_pickle, seed=seed, allow_tf32=allow_tf32))
         _note_weights(model, opts)
         check = check_artifact(model, onnx_file, options=opts)
         d = check.to_dict()

@@ -247,3 +247,31 @@ def test_provenance_recorded_and_used_by_verify(tmp_path):
     assert res.exit_code == 1 and any("batch size 32" in x for x in d["differences"]) and any("atol" in x for x in d["differences"])
     assert set(d["verification"]) >= {"passed", "runs", "providers_run"}  # the schema of convert's "verification"
     assert set(d["verification"]) == set(rep.verification)
+
+
+# ------------------------------------------------------------------ allow_tf32
+@pytest.mark.parametrize("via", ["api", "cli", "calibrate"])
+def test_allow_tf32_reaches_calibration_and_needs_calib(via, tmp_path, monkeypatch):
+    """--allow-tf32 / allow_tf32= is passed to the calibration (default False: exact fp32); without
+    calibration data it would be ignored, so it is refused."""
+    import bnfold.calibration as cal
+
+    seen = []
+    orig = cal.run_calibration
+    monkeypatch.setattr(cal, "run_calibration", lambda *a, **k: (seen.append(k.get("allow_tf32")), orig(*a, **k))[1])
+    out = str(tmp_path / ("a.pt" if via == "calibrate" else "a.onnx"))
+    if via == "api":
+        assert bnfold.convert(SAMPLE_SPEC, None, out, weights=W, input_shape="1,1,8,8", calib=CALIB, providers="cpu", allow_tf32=True).passed
+        assert bnfold.convert(SAMPLE_SPEC, None, out, weights=W, input_shape="1,1,8,8", calib=CALIB, providers="cpu").passed
+        with pytest.raises(BadInputError, match="allow_tf32"):
+            bnfold.convert(SAMPLE_SPEC, None, out, weights=W, input_shape="1,1,8,8", providers="cpu", allow_tf32=True)
+    else:
+        base = (["convert", SAMPLE_SPEC, "--input-shape", "1,1,8,8", "--providers", "cpu"] if via == "cli" else ["calibrate", SAMPLE_SPEC])
+        res, errors = _cli(*base, "--weights", W, "--calib", CALIB, "-o", out, "--allow-tf32")
+        assert res.exit_code == 0, res.stderr
+        res, errors = _cli(*base, "--weights", W, "--calib", CALIB, "-o", out)
+        assert res.exit_code == 0, res.stderr
+        if via == "cli":
+            res, errors = _cli(*base, "--weights", W, "-o", out, "--allow-tf32")
+            assert res.exit_code == 2 and "--allow-tf32" in errors[0], res.stderr
+    assert seen == [True, False]
