@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -32,6 +32,10 @@ _EXPORTS = {
     "verify": "verification",
     "VerifyReport": "verification",
     "OutputComparison": "verification",
+    "reference_outputs": "verification",
+    "compare_runners": "verification",
+    "register_provider": "providers",
+    "ProviderSpec": "providers",
     "fold_onnx": "onnx_fold",
     "convert": "pipeline",
     "check_artifact": "pipeline",

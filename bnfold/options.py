@@ -155,24 +155,28 @@ def _p_enum(enum: type[Enum]):
 
 
 def _p_providers(v, via, key):
-    """'cpu,cuda', ['cpu', 'cuda'] or Provider values -> tuple of Provider (no repeats)."""
+    """'cpu,cuda', ['cpu', 'CUDAExecutionProvider'] or Provider values -> tuple of registry keys
+    (bnfold.providers: cpu, cuda, tensorrt, rocm, ... and any ``register_provider``), no repeats."""
+    from .errors import ProviderError
+    from .providers import PROVIDERS, parse_providers
+
     items = v.split(",") if isinstance(v, str) else v
     if isinstance(items, (Provider,)):
         items = [items]
     if not isinstance(items, (list, tuple)):
         raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a list of providers", "use cpu, cuda or cpu,cuda")
-    out: list[Provider] = []
-    for item in items:
-        name = str(item.value if isinstance(item, Provider) else item).strip().lower().replace("executionprovider", "")
-        try:
-            p = Provider(name)
-        except ValueError:
-            raise OptionError(via, key, f"names unknown provider {str(item).strip()!r}", "use cpu, cuda or cpu,cuda") from None
-        if p not in out:
-            out.append(p)
-    if not out and key == "providers":
-        raise OptionError(via, key, "names no provider", "use cpu, cuda or cpu,cuda")
-    return tuple(out)
+    names = [str(item.value if isinstance(item, Provider) else item).strip() for item in items]
+    names = [n for n in names if n]
+    if not names:
+        if key == "providers":
+            raise OptionError(via, key, "names no provider", "use cpu, cuda or cpu,cuda")
+        return ()
+    try:
+        return tuple(parse_providers(names))
+    except ProviderError as err:
+        bad = next((n for n in names if n.lower().replace("executionprovider", "") not in PROVIDERS
+                    and n.lower() not in {s.ort_name.lower() for s in PROVIDERS.values()}), names[0])
+        raise OptionError(via, key, f"names unknown provider {bad!r}", f"use one or more of {', '.join(PROVIDERS)}") from err
 
 
 def _shape_of(v, via, key) -> tuple[int, ...]:
@@ -285,7 +289,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
     _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV),
     _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV),
-    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on (those that cannot run are reported).", _CV),
+    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV),
     _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
     _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),

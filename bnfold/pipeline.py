@@ -309,7 +309,7 @@ def write_report(rep, path: str | Path) -> None:
 
 
 def _providers(opts: ConvertOptions):
-    return [p.value for p in opts.providers], [p.value for p in opts.require_providers]
+    return [str(p) for p in opts.providers], [str(p) for p in opts.require_providers]
 
 
 def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict:

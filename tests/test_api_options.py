@@ -275,3 +275,19 @@ def test_allow_tf32_reaches_calibration_and_needs_calib(via, tmp_path, monkeypat
             res, errors = _cli(*base, "--weights", W, "-o", out, "--allow-tf32")
             assert res.exit_code == 2 and "--allow-tf32" in errors[0], res.stderr
     assert seen == [True, False]
+
+
+def test_providers_option_takes_every_registered_provider():
+    """--providers is checked against bnfold.providers' registry, not a fixed list: onnxruntime's own
+    names work, and a provider added with register_provider is accepted at once."""
+    from bnfold.providers import PROVIDERS, ProviderSpec, register_provider
+
+    o = ConvertOptions.build({"providers": "cpu,TensorrtExecutionProvider,openvino"})
+    assert o.providers == ("cpu", "tensorrt", "openvino")
+    with pytest.raises(BadInputError, match="unknown provider 'tpu'"):
+        ConvertOptions.build({"providers": "cpu,tpu"})
+    try:
+        register_provider(ProviderSpec("qnn", "QNNExecutionProvider"))
+        assert ConvertOptions.build({"require_providers": ["qnn"]}).require_providers == ("qnn",)
+    finally:
+        PROVIDERS.pop("qnn", None)
