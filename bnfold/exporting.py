@@ -124,7 +124,9 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     import onnx
 
     path = Path(path)
-    large = _initializer_bytes(proto) > PROTO_LIMIT * 0.9
+    # weights already written as external data (export_folded's IR path) keep their file
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    large = not external and _initializer_bytes(proto) > PROTO_LIMIT * 0.9
     info: dict[str, Any] = {"path": str(path), "external_data": None}
     if not large:
         with atomic_path(path) as tmp:
@@ -153,6 +155,8 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
             except Exception as err:
                 raise ExportError(f"onnx.checker rejected the exported model: {str(err).splitlines()[0]}", "report this model to bnfold") from err
         info["external_data"] = data_name
+    if info["external_data"] is None:  # weights the exporter already wrote beside the model
+        info["external_data"] = next((e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"), None)
     info["sha256"] = sha256_file(path)
     info["bytes"] = path.stat().st_size
     return info
@@ -246,6 +250,10 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     return proto
 
 
+def _ir_initializer_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
 def _release_weights(ir_model) -> None:
     """Drop the IR model's tensors once serialised. onnxscript's module-level rewrite rules keep
     the last graph they matched (their matchers' ``_graph``): without this, the exported copy of
@@ -273,7 +281,8 @@ def _module_of(node) -> str | None:
     return None
 
 
-def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_batch: bool = False, plan=None):
+def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_batch: bool = False, plan=None,
+                  external_data: tuple[str | Path, str] | None = None):
     """Export ``module`` and fold, with bnfold's float64 ONNX rules, the BN layers ``plan`` left.
 
     Exports without the exporter's optimiser, maps every BatchNormalization node back to its
@@ -282,6 +291,10 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
     Returns ``(proto, plan)``: each BN of the new plan is folded in ``pytorch`` (as ``plan`` said),
     folded in ``onnx`` (into which modules, by which rule), or left with the reasons of both passes;
     the number left equals the BatchNormalization nodes in ``proto``.
+
+    ``external_data=(folder, name)``: when the weights pass the 2 GB protobuf limit, they are written
+    straight from the IR to ``folder/name`` (the proto then refers to ``name``), so no protobuf copy
+    of the weights is ever built.
     """
     import dataclasses
 
@@ -304,6 +317,14 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
     except Exception as err:
         raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {_cause(err)}", "report this model to bnfold") from err
     after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
+    if external_data is not None and _ir_initializer_bytes(model) > PROTO_LIMIT * 0.9:
+        folder, name = external_data
+        try:
+            ir.external_data.unload_from_model(model, str(folder), name, size_threshold_bytes=1024)
+        except OSError as err:
+            from ._io import env_error
+
+            raise env_error(err, Path(folder) / name) from err
     proto = ir.serde.serialize_model(model)
     _release_weights(model)
     strip_metadata(proto)
@@ -355,9 +376,12 @@ def export(model, example_inputs, path: str | Path, *, opset: int | None = None,
     from ._io import OutputSet
 
     check_output_path(path)
-    proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
+    path = Path(path)
     with OutputSet() as outs:  # the model and its external data land together
-        save_onnx(proto, outs.stage(path))
+        staged = outs.stage(path)
+        proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch,
+                                 external_data=(staged.parent, path.name + ".data"))
+        save_onnx(proto, staged, data_name=path.name + ".data")
     return Path(path)
 
 

@@ -404,39 +404,92 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
     for e in sorted(plan.edits, key=lambda e: order[e.op]):
         by_target.setdefault(e.target, []).append(e)
     st_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def scale_shift(e: Edit, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if e.bn not in st_cache:
+            st_cache[e.bn] = bn_scale_shift(model.get_submodule(e.bn))
+        s, t = st_cache[e.bn]
+        if e.sl is not None:
+            s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
+        if e.sign != 1:
+            s, t = s * e.sign, t * e.sign
+        if e.repeat != 1:
+            s, t = s.repeat_interleave(e.repeat), t.repeat_interleave(e.repeat)
+        return s.to(device), t.to(device)
+
     for path, edits in by_target.items():
         mod = model.get_submodule(path)
         like = mod.weight
-        w = like.detach().to(torch.float64)
-        b = None if mod.bias is None else mod.bias.detach().to(torch.float64)
         groups = getattr(mod, "groups", 1)
-        for e in edits:
-            if e.bn not in st_cache:
-                st_cache[e.bn] = bn_scale_shift(model.get_submodule(e.bn))
-            s, t = st_cache[e.bn]
-            if e.sl is not None:
-                s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
-            if e.sign != 1:
-                s, t = s * e.sign, t * e.sign
-            if e.repeat != 1:
-                s, t = s.repeat_interleave(e.repeat), t.repeat_interleave(e.repeat)
-            s, t = s.to(w.device), t.to(w.device)
-            if e.op == "backward":
-                w, b = fold_math.fold_backward(w, b, s, t, transposed=bn_kinds.is_transposed(mod), groups=groups)
-            elif e.op == "identity":
-                w, b = fold_math.fold_identity_branch(w, b, s, t, groups=groups)
-            else:
-                w, b = fold_math.fold_forward(w, b, s, t, groups=groups)
+        transposed = bn_kinds.is_transposed(mod)
+        rows = _row_block(like, groups, transposed)
         with torch.no_grad():
-            mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-            mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
-        del w, b, like
+            if rows is None:  # the whole weight at once
+                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
+                mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
+                mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+                del w, b
+            else:  # a large weight: blocks of whole groups of output rows, written into the module's own tensors
+                per_group = like.shape[0] // groups
+                bias = mod.bias if mod.bias is not None else nn.Parameter(torch.zeros(like.shape[0], dtype=like.dtype, device=like.device),
+                                                                         requires_grad=like.requires_grad)
+                for r0 in range(0, like.shape[0], rows):
+                    r1 = min(r0 + rows, like.shape[0])
+                    w, b = _fold_rows(like, bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+                    like.data[r0:r1] = fold_math.cast_like(w, like)
+                    bias.data[r0:r1] = fold_math.cast_like(b, like)
+                    del w, b
+                mod.bias = bias
+        del like
     for f in plan.folded:
         if f.stage != "pytorch":
             continue
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
         _set_submodule(model, f.bn, ZeroBranch() if f.rule == "branches" else kind.remainder(bn))
+
+
+FOLD_BLOCK_BYTES = 256 << 20  # float64 working copy above which a weight is folded in blocks of rows
+
+
+def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | None:
+    """Rows (output channels, whole groups) per block for a weight whose float64 copy exceeds
+    FOLD_BLOCK_BYTES; None to fold it at once (small weights, and ConvTranspose, whose output
+    channels are not its rows). Every row's fold reads only that row (and the BN's s, t), so blocks
+    give the same values as one pass, with one block of float64 alive instead of the whole weight."""
+    if transposed or weight.dim() < 2 or weight.numel() * 8 <= FOLD_BLOCK_BYTES:
+        return None
+    per_group = weight.shape[0] // groups
+    row_bytes = weight[0].numel() * 8
+    n_groups = max(1, FOLD_BLOCK_BYTES // max(1, row_bytes * per_group))
+    return per_group * n_groups
+
+
+def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
+    """float64 (W', b') of output rows r0:r1 after every edit (forward, backward, identity order).
+    With groups, r0:r1 spans whole groups: the forward fold reads only those groups' input channels."""
+    whole = r0 == 0 and r1 == weight.shape[0]
+    w = (weight.detach() if whole else weight.detach()[r0:r1]).to(torch.float64)
+    b = None if bias is None else (bias.detach() if whole else bias.detach()[r0:r1]).to(torch.float64)
+    in_per_group = weight.shape[1] if not transposed else None
+    g0 = r0 // (weight.shape[0] // groups) if groups > 1 and not transposed else 0
+    for e in edits:
+        s, t = scale_shift(e, w.device)
+        if e.op == "backward":
+            if not whole:
+                s, t = s[r0:r1], t[r0:r1]
+            w, b = fold_math.fold_backward(w, b, s, t, transposed=transposed, groups=groups if whole else block_groups)
+        elif e.op == "identity":
+            if not whole:
+                s, t = s[r0:r1], t[r0:r1]
+            w, b = fold_math.fold_identity_branch(w, b, s, t, groups=groups if whole else block_groups)
+        else:
+            if not whole and groups > 1:
+                s, t = s[g0 * in_per_group:(g0 + block_groups) * in_per_group], t[g0 * in_per_group:(g0 + block_groups) * in_per_group]
+            w, b = fold_math.fold_forward(w, b, s, t, groups=groups if whole else (block_groups if groups > 1 else 1))
+    if b is None:
+        b = torch.zeros(w.shape[0] if not transposed else s.numel(), dtype=torch.float64, device=w.device)
+    return w, b
 
 
 # ----------------------------------------------------------------------------------- public API

@@ -393,7 +393,8 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
     if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
     with _stage(rep, "export"):
-        proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan)
+        proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
+                                    external_data=(staged.parent, Path(rep.output).name + ".data"))
         _record_plan(rep, plan)
         got = opset_of(proto)
         if opts.opset is not None and got != opts.opset:

@@ -332,3 +332,44 @@ def test_torch_export_fallback_runs_the_same_rules():
 
     _, plan = check(Untraceable(), X, {"bn": ("a", "b", "concat"), "head_bn": ("fc", "pool-head")})
     assert plan.tracer == "torch.export"
+
+
+# ------------------------------------------------------------------ large weights: blocks of rows
+class Big(nn.Module):
+    """Backward, forward (grouped) and identity-branch edits on the same convs, plus a Linear."""
+
+    def __init__(self, c=8, groups=2):
+        super().__init__()
+        self.rep = Rep(c=c, groups=groups)
+        self.pre = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 1, groups=groups)  # forward fold of `pre`, backward fold of `post`
+        self.post = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.post(self.conv(self.pre(self.rep(x))))
+        return self.bn1d(self.fc(y.mean((2, 3))))
+
+
+def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
+    """Weights whose float64 copy exceeds FOLD_BLOCK_BYTES are folded a block of whole groups of rows
+    at a time, written into the module's own tensor: same values as one pass (float64, to rounding)."""
+    from bnfold import folding
+
+    torch.manual_seed(0)
+    model = randomize_bn(Big()).eval().double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    whole, plan_a = fold_with_plan(model, (x,))
+    calls = []
+    orig = folding._fold_rows
+    monkeypatch.setattr(folding, "FOLD_BLOCK_BYTES", 8 * 9)  # any weight with more than 9 elements
+    monkeypatch.setattr(folding, "_fold_rows", lambda *a: (calls.append(a[5:7]), orig(*a))[1])
+    blocked, plan_b = fold_with_plan(model, (x,))
+    assert [(f.bn, f.rule) for f in plan_a.folded] == [(f.bn, f.rule) for f in plan_b.folded]
+    assert {f.rule for f in plan_a.folded} >= {"backward", "forward", "branches"}
+    assert any(r1 - r0 < 8 for r0, r1 in calls)  # really in blocks
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(blocked.state_dict()[k], v, rtol=1e-14, atol=1e-14, msg=k)
+    with torch.no_grad():
+        assert rel_err(blocked(x), model(x)) <= 1e-12

@@ -17,39 +17,6 @@ from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 
-# The API block proposed for the README (issue 14). The README's current block calls placeholders
-# (build_my_model, loader); until the lead pastes this one in, it is run in that block's place.
-PROPOSED_API_BLOCK = '''
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-import bnfold
-
-model = bnfold.load_model("samples/digits/model.py:build", "samples/digits/weights.pt")  # or your own nn.Module
-x = torch.randn(1, 1, 8, 8)
-samples = torch.from_numpy(np.load("samples/digits/calib.npz")["x"])
-loader = DataLoader(TensorDataset(samples), batch_size=64)        # any iterable of batches; (input, label) pairs too
-
-calibrated = bnfold.calibrate(model, loader)                      # a copy with population statistics
-folded = bnfold.fold(calibrated, example_inputs=(x,))             # a copy; BN -> nn.Identity
-plan = bnfold.inspect(calibrated, (x,))                           # FoldPlan: .folded, .unfolded (with reasons)
-bnfold.export(folded, (x,), "model.onnx")
-report = bnfold.verify(calibrated, "model.onnx", (x,), providers=("cpu",))
-assert report, report.failures()                                  # truthy when every run passed
-bnfold.fold_onnx("model.onnx", "folded.onnx")                     # ONNX in, ONNX out
-
-rep = bnfold.convert(model, (x,), "model.onnx", calib=loader, report="report.json")
-assert rep, rep.notes
-# the CLI's spellings work too: model specs, weights, shapes, data files
-rep = bnfold.convert("samples/digits/model.py:build", None, "digits.onnx", weights="samples/digits/weights.pt",
-                     input_shape=[1, 1, 8, 8], calib="samples/digits/calib.npz", batch_size=64)
-check = bnfold.check_artifact("samples/digits/model.py:build", "digits.onnx", weights="samples/digits/weights.pt",
-                              input_shape=[1, 1, 8, 8], calib="samples/digits/calib.npz")  # batch size: from the file
-assert check, check.differences
-'''
-
-
 def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
@@ -70,7 +37,7 @@ def readme_commands() -> list[str]:
 
 
 def readme_python() -> list[str]:
-    return [PROPOSED_API_BLOCK if "build_my_model" in b else b for b in _blocks("python")]
+    return _blocks("python")
 
 
 def _argv(cmd: str) -> list[str]:

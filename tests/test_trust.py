@@ -222,6 +222,14 @@ def test_external_data_and_model_are_one_result(ws, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(onnx.external_data_helper, "save_external_data", full)
+    import onnx_ir
+
+    def full_ir(model, base_dir, relative_path, **kw):  # convert writes external data straight from the IR
+        with open(os.path.join(base_dir, relative_path), "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx_ir.external_data, "unload_from_model", full_ir)
     res = runner.invoke(app, [*args, "--seed", "4"])
     assert res.exit_code == 2 and "m.onnx" in one_error(res) and "ENOSPC" in one_error(res)
     assert snapshot(ws) == before
