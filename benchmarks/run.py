@@ -81,18 +81,35 @@ def _bnfold_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "bnfold"]
 
 
+# A fork of this (by then large) benchmark process starts with its RSS, and Linux keeps that in the
+# child's ru_maxrss across exec: every child would report at least the parent's size. So each command
+# is started by a small launcher process, which forks it from its own small image and reports the
+# command's own ru_maxrss (and wall time) back.
+LAUNCHER = """
+import json, os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, ru = os.wait4(pid, 0)
+sys.stderr.write("\\n@@launcher " + json.dumps({"seconds": time.perf_counter() - t, "maxrss_kb": ru.ru_maxrss,
+                                               "rc": os.waitstatus_to_exitcode(status)}) + "\\n")
+"""
+
+
 def _proc(cmd: list[str], cwd: Path = ROOT) -> dict:
-    """Run ``cmd`` to completion: {"seconds": wall time, "maxrss_mb": the child's peak RSS}."""
+    """Run ``cmd`` to completion: {"seconds": wall time, "maxrss_mb": the command's own peak RSS}."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
-        _, status, ru = os.wait4(p.pid, 0)
-        seconds = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        if p.returncode:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd[:4])} … exited {p.returncode}: {err.read()[-3000:]}")
-    return {"seconds": seconds, "maxrss_mb": ru.ru_maxrss / 1024}
+        p = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], cwd=cwd, stdout=out, stderr=err, text=True)
+        err.seek(0)
+        text = err.read()
+        line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("@@launcher ")), None)
+        if p.returncode or line is None:
+            raise RuntimeError(f"{' '.join(cmd[:4])} … launcher exited {p.returncode}: {text[-3000:]}")
+        r = json.loads(line[len("@@launcher "):])
+        if r["rc"]:
+            raise RuntimeError(f"{' '.join(cmd[:4])} … exited {r['rc']}: {text[-3000:]}")
+    return {"seconds": r["seconds"], "maxrss_mb": r["maxrss_kb"] / 1024}
 
 
 def _convert_cmd(model: str, shape: str, out: Path, report: Path) -> list[str]:

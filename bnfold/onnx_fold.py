@@ -123,6 +123,20 @@ def _ranks(model) -> dict[str, int]:
     return ranks
 
 
+class _LazyRanks:
+    """Ranks for values whose IR shape is unknown, from shape inference run on first need only:
+    inference serialises the whole model (a copy of every weight), which a graph whose values carry
+    their shapes (the exporter's) never needs."""
+
+    def __init__(self, model):
+        self.model, self._ranks = model, None
+
+    def get(self, name, default=None):
+        if self._ranks is None:
+            self._ranks = _ranks(self.model)
+        return self._ranks.get(name, default)
+
+
 def fold_ir(model, record: dict | None = None) -> FoldPlan:
     """Fold the BatchNormalization nodes of an ``onnx_ir.Model`` in place; return the plan.
     ``record``: filled with ``id(node) -> (node, plan entry)`` for callers that map nodes back."""
@@ -137,8 +151,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     plan = FoldPlan(tracer="onnx")
     names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
-    needs_rank = any(n.op_type in ("MatMul", "Concat") for n in ir.traversal.RecursiveGraphIterator(model.graph))
-    ranks = _ranks(model) if needs_rank else {}
+    ranks = _LazyRanks(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
     ctxs = [Ctx(model, model.graph, main=True, opset=opset)]
     ctxs += [Ctx(model, g, main=False, opset=opset, prefix=p) for g, p in _graphs(model.graph, "")]

@@ -345,7 +345,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
 
     from .calibration import run_calibration
     from .data import Batch, call_model, eval_mode, model_dtype_device
-    from .exporting import export_folded, opset_of, save_onnx
+    from .exporting import check_onnx_file, export_folded, opset_of, save_onnx
     from .folding import fold_with_plan
     from .verification import check_folded, reference_outputs, verify
 
@@ -384,6 +384,8 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         model = None  # only `reference` is kept, and folded in place below
     with _stage(rep, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=own)
+        # bnfold's own module: checked now, so that it can be released as soon as it is exported
+        fold_runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol) if own and opts.verify else None
     if own:
         reference = None
     _record_plan(rep, plan)
@@ -395,29 +397,29 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
     with _stage(rep, "export"):
         proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
                                     external_data=(staged.parent, Path(rep.output).name + ".data"))
+        if own:
+            folded = None  # the proto is the one copy of the weights from here on
         _record_plan(rep, plan)
         got = opset_of(proto)
         if opts.opset is not None and got != opts.opset:
             raise _err(opts.via, "opset", f"{opts.opset} was asked for but the exporter wrote opset {got}",
                        "choose an opset from 18 to the newest your onnx supports")
         add_provenance(proto, provenance(opts, source, got, source is not None))
-        info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
+        counts = {"batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node), "nodes": len(proto.graph.node)}
+        info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data", check=False)
+        del proto
+        check_onnx_file(staged)  # onnx.checker on the written file, once the proto is gone
     rep.export = {"path": None, "opset": got, "sha256": info["sha256"], "bytes": info["bytes"],
-                  "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch,
-                  "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
-                  "nodes": len(proto.graph.node)}
-    del proto
+                  "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts}
     if not opts.verify:
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
     with _stage(rep, "verify"):
-        if own:
-            runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol)
-            del folded  # no PyTorch weights left while the onnxruntime sessions exist
+        if own:  # no PyTorch weights left while the onnxruntime sessions exist
             vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
                         require_providers=required, references=references)
-            vr.runs[:0] = runs
+            vr.runs[:0] = fold_runs
         else:
             vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
                         require_providers=required)
