@@ -408,7 +408,8 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         counts = {"batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node), "nodes": len(proto.graph.node)}
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data", check=False)
         del proto
-        check_onnx_file(staged)  # onnx.checker on the written file, once the proto is gone
+        if not opts.verify:  # otherwise onnxruntime loads (and checks) the file in verify
+            check_onnx_file(staged)
     rep.export = {"path": None, "opset": got, "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts}
     if not opts.verify:
@@ -416,13 +417,17 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         rep.notes.append("verification skipped (verify off)")
         return
     with _stage(rep, "verify"):
-        if own:  # no PyTorch weights left while the onnxruntime sessions exist
-            vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
-                        require_providers=required, references=references)
-            vr.runs[:0] = fold_runs
-        else:
-            vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
-                        require_providers=required)
+        try:
+            if own:  # no PyTorch weights left while the onnxruntime sessions exist
+                vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
+                            require_providers=required, references=references)
+                vr.runs[:0] = fold_runs
+            else:
+                vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
+                            require_providers=required)
+        except BadInputError:
+            check_onnx_file(staged)  # a file onnx.checker rejects is the export's fault (exit 3), not the input's
+            raise
     _record_verification(rep, vr)
 
 
