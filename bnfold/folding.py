@@ -459,10 +459,11 @@ def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | Non
     give the same values as one pass, with one block of float64 alive instead of the whole weight."""
     if transposed or weight.dim() < 2 or weight.numel() * 8 <= FOLD_BLOCK_BYTES:
         return None
-    per_group = weight.shape[0] // groups
     row_bytes = weight[0].numel() * 8
-    n_groups = max(1, FOLD_BLOCK_BYTES // max(1, row_bytes * per_group))
-    return per_group * n_groups
+    if groups == 1:  # any rows
+        return max(1, FOLD_BLOCK_BYTES // row_bytes)
+    per_group = weight.shape[0] // groups
+    return per_group * max(1, FOLD_BLOCK_BYTES // (row_bytes * per_group))
 
 
 def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
