@@ -345,7 +345,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
 
     from .calibration import run_calibration
     from .data import Batch, call_model, eval_mode, model_dtype_device
-    from .exporting import check_onnx_file, export_folded, opset_of, save_onnx
+    from .exporting import _return_freed_memory, check_onnx_file, export_folded, opset_of, save_onnx
     from .folding import fold_with_plan
     from .verification import check_folded, reference_outputs, verify
 
@@ -379,13 +379,15 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
         if own:  # the reference outputs, before the fold changes the module in place
             with _stage(rep, "reference"):
-                references = reference_outputs(reference, sets, providers=providers)
+                references = reference_outputs(reference, sets, providers=providers, borrow=True)
+                _return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
     if own:
         model = None  # only `reference` is kept, and folded in place below
     with _stage(rep, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=own)
         # bnfold's own module: checked now, so that it can be released as soon as it is exported
         fold_runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol) if own and opts.verify else None
+        _return_freed_memory()  # the fold's float64 working copies
     if own:
         reference = None
     _record_plan(rep, plan)
@@ -417,6 +419,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         rep.notes.append("verification skipped (verify off)")
         return
     with _stage(rep, "verify"):
+        _return_freed_memory()  # the proto and (when bnfold's own) the module are gone: sessions start lower
         try:
             if own:  # no PyTorch weights left while the onnxruntime sessions exist
                 vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,

@@ -131,7 +131,8 @@ class TorchRunner:
     provider = "pytorch"
     level = None
 
-    def __init__(self, model, *, device=None, dtype=None, allow_tf32: bool | None = False, target: str = "reference"):
+    def __init__(self, model, *, device=None, dtype=None, allow_tf32: bool | None = False, target: str = "reference",
+                 borrow: bool = False):
         import torch
 
         from .data import model_dtype_device
@@ -142,8 +143,14 @@ class TorchRunner:
         self.allow_tf32 = allow_tf32
         self.target = target
         same = self.dtype == m_dtype and self.torch_device == m_device
-        self.model = model if same else copy.deepcopy(model).to(device=self.torch_device, dtype=self.dtype)
-        self.copied = not same
+        self._restore: list | None = None
+        if same:
+            self.model = model
+        elif borrow:  # the caller's own module, cast in place and cast back by close(): no second copy
+            self.model, self._restore = model, _cast_in_place(model, self.torch_device, self.dtype)
+        else:
+            self.model = copy.deepcopy(model).to(device=self.torch_device, dtype=self.dtype)
+        self.copied = not same and not borrow
         self.device = str(self.torch_device)
 
     def _prepare(self, feeds):
@@ -201,8 +208,44 @@ class TorchRunner:
         return found[0] if found else None
 
     def close(self) -> None:
+        if self._restore is not None:  # back to the exact original dtypes and devices
+            _uncast(self._restore)
+            self._restore = None
         if self.copied:
             self.model = None
+
+
+def _cast_in_place(model, device, dtype) -> list:
+    """Cast ``model``'s floating parameters (in place, through ``.data``) and buffers to ``dtype``
+    on ``device``; returns what ``_uncast`` needs to put every tensor back exactly (a float32,
+    float16 or bfloat16 value survives a round trip through float64 unchanged). Buffers keep their
+    original tensors aside (they are small); parameters are cast back, so only one copy exists."""
+    import torch
+
+    undo: list = []
+    try:
+        for p in model.parameters():
+            if p.is_floating_point():
+                undo.append(("param", p, p.dtype, p.device))
+                p.data = p.data.to(device=device, dtype=dtype)
+        cache: dict[int, torch.Tensor] = {}
+        for m in model.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_floating_point():
+                    undo.append(("buffer", m, name, b))
+                    m._buffers[name] = cache.setdefault(id(b), b.to(device=device, dtype=dtype))
+    except BaseException:
+        _uncast(undo)
+        raise
+    return undo
+
+
+def _uncast(undo: list) -> None:
+    for kind, a, b, c in reversed(undo):
+        if kind == "param":
+            a.data = a.data.to(device=c, dtype=b)
+        else:
+            a._buffers[b] = c
 
 
 # ------------------------------------------------------------------------- onnxruntime runner

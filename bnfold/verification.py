@@ -216,7 +216,7 @@ def _input_sets(inputs) -> dict[str, Any]:
     return {"inputs": Batch(tuple(inputs), {})}
 
 
-def _float64_runner(reference, max_bytes: int):
+def _float64_runner(reference, max_bytes: int, borrow: bool = False):
     """(TorchRunner in float64, None) or (None, why not)."""
     import itertools
 
@@ -233,7 +233,7 @@ def _float64_runner(reference, max_bytes: int):
     if n * 8 > max_bytes:
         return None, (f"a float64 copy of the reference would take {n * 8 / 1e9:.2f} GB "
                       f"(bound {max_bytes / 1e9:.2f} GB): judged against the {str(dtype).replace('torch.', '')} reference only")
-    return TorchRunner(reference, dtype=torch.float64, allow_tf32=False, target="reference-float64"), None
+    return TorchRunner(reference, dtype=torch.float64, allow_tf32=False, target="reference-float64", borrow=borrow), None
 
 
 def compare_runners(reference, candidates, inputs, *, atol=None, rtol=None, reference64=None,
@@ -354,10 +354,12 @@ class References:
 
 
 def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64_reference: bool = True,
-                      float64_max_bytes: int = FLOAT64_MAX_BYTES, verbose: bool = False) -> References:
+                      float64_max_bytes: int = FLOAT64_MAX_BYTES, verbose: bool = False, borrow: bool = False) -> References:
     """Run ``reference`` (an nn.Module, eval mode, not changed) on every input set now: float32, float64
     when it fits, and on the GPU when a requested provider runs there. Pass the result to
-    ``verify(None, ..., references=...)``."""
+    ``verify(None, ..., references=...)``. ``borrow=True``: the float64 run casts the module itself
+    and casts it back exactly afterwards (no float64 copy beside it); for a module nobody else uses
+    meanwhile."""
     import torch
 
     from .data import eval_mode
@@ -365,7 +367,7 @@ def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64
     check_statistics(reference)
     sets = _input_sets(inputs)
     with eval_mode(reference):
-        refs = _references(reference, False, sets, float64_reference, float64_max_bytes, verbose)
+        refs = _references(reference, False, sets, float64_reference, float64_max_bytes, verbose, borrow=borrow)
         for p in parse_providers(providers):
             dev = PROVIDERS[p].torch_device
             if dev and dev.startswith("cuda") and torch.cuda.is_available() and not any(d.startswith("cuda") for d in refs.by_device):
@@ -392,7 +394,7 @@ def check_folded(folded, inputs, references: References, *, atol=None, rtol=None
     return runs
 
 
-def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose) -> References:
+def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose, borrow: bool = False) -> References:
     """Step 1 of verify: the reference on every input set (float32, and float64 for the noise floor)."""
     notes: list[str] = []
 
@@ -413,7 +415,7 @@ def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose) -> Refer
             if not use_f64:
                 f64_status = "switched off"
             else:
-                r64, why = _float64_runner(reference, f64_bytes)
+                r64, why = _float64_runner(reference, f64_bytes, borrow=borrow)
                 if r64 is None:
                     f64_status = why
                     if "GB" in why:

@@ -350,3 +350,30 @@ def test_native_stderr_is_routed_into_messages():
     with _captured_stderr(lines):
         os.write(2, b"[E:onnxruntime:Default] something native\n")
     assert lines == ["[E:onnxruntime:Default] something native"]
+
+
+def test_borrowed_float64_reference_restores_the_module_exactly():
+    """reference_outputs(borrow=True) runs the float64 reference on the module itself (no copy) and
+    puts back every parameter and buffer bit for bit, dtypes (mixed fp32/fp16) and sharing included;
+    the outputs equal those of the copying path."""
+    import torch
+    from torch import nn
+
+    from bnfold.verification import reference_outputs
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    m[1].running_var.uniform_(0.5, 2.0)
+    m.register_buffer("aux", torch.randn(3).half())  # mixed dtypes come back as they were
+    m.register_buffer("shared", m[1].running_mean)  # a buffer held by two modules stays one tensor
+    before = {k: (v.clone(), v.dtype) for k, v in m.state_dict().items()}
+    params = [id(p) for p in m.parameters()]
+    x = torch.randn(2, 3, 8, 8)
+    a = reference_outputs(m, {"x": (x,)}, providers="cpu", borrow=True)
+    assert a.float64_reference == "ran"
+    after = m.state_dict()
+    for k, (v, dt) in before.items():
+        assert after[k].dtype == dt and torch.equal(after[k], v), k
+    assert [id(p) for p in m.parameters()] == params and m.shared is m[1].running_mean
+    b = reference_outputs(m, {"x": (x,)}, providers="cpu")
+    np.testing.assert_allclose(a.refs64["x"][0][1], b.refs64["x"][0][1], rtol=1e-6)
