@@ -96,9 +96,12 @@ def test_interrupted_export_leaves_no_file(tmp_path, sig):
     out_dir.mkdir()
     marker = tmp_path / "exporting"
     env = {**__import__("os").environ, "MARKER": str(marker)}
+    # as from a terminal: Ctrl-C's default action (a shell running the suite in the background hands
+    # its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     p = subprocess.Popen(["bnfold", "convert", f"{tmp_path / 'slow.py'}:build", "--input-shape", "1,1,6,6",
                           "-o", str(out_dir / "m.onnx"), "--report", str(out_dir / "r.json")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.1)
