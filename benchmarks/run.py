@@ -332,7 +332,7 @@ def bench_bignet():
 
     _, wbytes = models.weight_bytes("bignet")
     wgb = wbytes / 1e9
-    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-") as d:  # the 2.4 GB files stay on this disk
         d = Path(d)
         out, rep = d / "big.onnx", d / "r.json"
         try:
