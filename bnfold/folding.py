@@ -468,28 +468,23 @@ def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | Non
 
 def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
     """float64 (W', b') of output rows r0:r1 after every edit (forward, backward, identity order).
-    With groups, r0:r1 spans whole groups: the forward fold reads only those groups' input channels."""
+    With groups, r0:r1 spans ``block_groups`` whole groups: the forward fold reads only their input
+    channels. (ConvTranspose is always folded whole: its rows are input channels.)"""
     whole = r0 == 0 and r1 == weight.shape[0]
-    w = (weight.detach() if whole else weight.detach()[r0:r1]).to(torch.float64)
-    b = None if bias is None else (bias.detach() if whole else bias.detach()[r0:r1]).to(torch.float64)
-    in_per_group = weight.shape[1] if not transposed else None
-    g0 = r0 // (weight.shape[0] // groups) if groups > 1 and not transposed else 0
-    for e in edits:
+    rows = slice(None) if whole else slice(r0, r1)  # bias and BN channels are output channels, not rows, for ConvTranspose
+    w = weight.detach()[rows].to(torch.float64)
+    b = None if bias is None else bias.detach()[rows].to(torch.float64)
+    g = block_groups if groups > 1 else 1
+    g0 = r0 // (weight.shape[0] // groups)
+    cols = slice(None) if whole or groups == 1 else slice(g0 * weight.shape[1], (g0 + g) * weight.shape[1])
+    for e in edits:  # fold_* always return a bias, so b is set after the first edit
         s, t = scale_shift(e, w.device)
         if e.op == "backward":
-            if not whole:
-                s, t = s[r0:r1], t[r0:r1]
-            w, b = fold_math.fold_backward(w, b, s, t, transposed=transposed, groups=groups if whole else block_groups)
+            w, b = fold_math.fold_backward(w, b, s[rows], t[rows], transposed=transposed, groups=g)
         elif e.op == "identity":
-            if not whole:
-                s, t = s[r0:r1], t[r0:r1]
-            w, b = fold_math.fold_identity_branch(w, b, s, t, groups=groups if whole else block_groups)
+            w, b = fold_math.fold_identity_branch(w, b, s[rows], t[rows], groups=g)
         else:
-            if not whole and groups > 1:
-                s, t = s[g0 * in_per_group:(g0 + block_groups) * in_per_group], t[g0 * in_per_group:(g0 + block_groups) * in_per_group]
-            w, b = fold_math.fold_forward(w, b, s, t, groups=groups if whole else (block_groups if groups > 1 else 1))
-    if b is None:
-        b = torch.zeros(w.shape[0] if not transposed else s.numel(), dtype=torch.float64, device=w.device)
+            w, b = fold_math.fold_forward(w, b, s[cols], t[cols], groups=g)
     return w, b
 
 

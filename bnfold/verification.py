@@ -462,12 +462,7 @@ def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, r
 
     # 2. the folded PyTorch module
     if folded is not None:
-        fr = TorchRunner(folded, allow_tf32=False, target="folded-module")
-        for s, f in sets.items():
-            outs = judge(s, fr.infer(f), refs)
-            report.runs.append(Run("folded-module", "pytorch", None, s, all(outs), outs, device=fr.device, reference_device=ref_device))
-        fr.close()
-        del fr
+        report.runs += check_folded(folded, sets, pre, atol=atol, rtol=rtol, noise_k=k)
 
     # 3. the ONNX file, per provider and level; one session alive at a time
     by_device = {ref_device: refs, **pre.by_device}
