@@ -168,7 +168,8 @@ class DataSource:
     drops the items of a batch beyond the model's ``inputs`` positional inputs.
     """
 
-    def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib"):
+    def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib",
+                 fingerprint: bool = False):
         import torch
 
         self.what = what
@@ -178,7 +179,8 @@ class DataSource:
         self._head: Batch | None = None
         self._want = 0
         self._hash = None
-        self.fingerprint: str | None = None
+        self.fingerprint: str | None = None  # sha256 of the samples, when asked for (convert's provenance)
+        self._want_fingerprint = fingerprint
         self.batches = 0
         self.spec = str(data) if isinstance(data, (str, Path)) else None
         if isinstance(data, DataSource):
@@ -231,14 +233,14 @@ class DataSource:
         else:
             src = self._iterable
         hashes: dict = {}
-        hashable = True
+        hashable = self._want_fingerprint
         count = 0
         kept: list[Batch] = []
         have = 0
         for raw in src:
             b = as_batch(raw)
             count += 1
-            hashable = hashable and _hash_batch(hashes, b)
+            hashable = hashable and _hash_batch(hashes, b)  # only where wanted: it reads every batch's bytes
             if self._head is None and have < self._want:
                 kept.append(b)
                 have += b.size
@@ -325,8 +327,9 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
                  {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs})
 
 
-def as_source(data: Any, batch_size: int | None = None, *, what: str = "the calibration data") -> DataSource:
-    return data if isinstance(data, DataSource) else DataSource(data, batch_size, what=what)
+def as_source(data: Any, batch_size: int | None = None, *, what: str = "the calibration data",
+              fingerprint: bool = False) -> DataSource:
+    return data if isinstance(data, DataSource) else DataSource(data, batch_size, what=what, fingerprint=fingerprint)
 
 
 def take_samples(batches: list[Batch], n: int) -> Batch | None:

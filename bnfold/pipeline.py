@@ -152,7 +152,7 @@ def _source(opts: ConvertOptions):
 
     if opts.calib is None:
         return None
-    return as_source(opts.calib, opts.batch_size, what="the calibration data")
+    return as_source(opts.calib, opts.batch_size, what="the calibration data", fingerprint=True)  # provenance
 
 
 # ------------------------------------------------------------------------------ provenance

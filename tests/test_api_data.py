@@ -221,10 +221,11 @@ def test_fingerprint_does_not_depend_on_batching(env):
     d, x = env
     fps = set()
     for bs in (4, 8, None):
-        src = DataSource(str(d / "x.npz"), bs)
+        src = DataSource(str(d / "x.npz"), bs, fingerprint=True)
         list(src)
         fps.add(src.fingerprint)
     assert len(fps) == 1
+    assert None not in fps
 
 
 def test_one_shot_generator_is_read_once_even_without_calibration(env, artifact):
