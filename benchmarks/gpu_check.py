@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bnfold  # noqa: E402
-from bnfold.load import load_model  # noqa: E402
-from bnfold.runners import tf32  # noqa: E402
+from bnfold.edges.load import load_model  # noqa: E402
+from bnfold.verification.runners import tf32  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 results: dict = {}

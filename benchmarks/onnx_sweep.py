@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, "tests")
 from conftest import randomize_bn  # noqa: E402
 
-from bnfold.onnx_fold import bn_count, fold_onnx_proto  # noqa: E402
+from bnfold.onnx_pass.io import bn_count  # noqa: E402
+from bnfold.onnx_pass.fold import fold_onnx_proto  # noqa: E402
 
 
 def tv_models() -> list[str]:

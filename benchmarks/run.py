@@ -270,7 +270,7 @@ def bench_onnx_in(reps):
     import torch
 
     import models
-    from bnfold.onnx_fold import fold_onnx_proto
+    from bnfold.onnx_pass.fold import fold_onnx_proto
 
     try:
         import onnxoptimizer

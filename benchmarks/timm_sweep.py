@@ -108,7 +108,7 @@ def onnx_counts(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
 
 
 def run_one(source: str, name: str, with_onnx: bool) -> dict:
-    from bnfold.folding import fold_with_plan
+    from bnfold.torch_pass.fold import fold_with_plan
 
     t0 = time.time()
     torch.manual_seed(0)

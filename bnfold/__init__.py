@@ -14,29 +14,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"
+from bnfold._version import __version__
+from bnfold.errors import BadInputError, BnfoldError, CalibrationError, DataError, ExportError, ModelError
 
-# public name -> module that defines it
+# public name -> module that defines it (imported on first use)
 _EXPORTS = {
-    "calibrate": "calibration",
-    "run_calibration": "calibration",
-    "CalibrationSummary": "calibration",
-    "fold": "folding",
-    "fold_with_plan": "folding",
-    "inspect": "folding",
-    "register_batchnorm": "folding",
-    "FoldPlan": "folding",
-    "Folded": "folding",
-    "Unfolded": "folding",
-    "export": "exporting",
-    "verify": "verification",
-    "VerifyReport": "verification",
-    "OutputComparison": "verification",
-    "reference_outputs": "verification",
-    "compare_runners": "verification",
-    "register_provider": "providers",
-    "ProviderSpec": "providers",
-    "fold_onnx": "onnx_fold",
+    "calibrate": "calibration.population",
+    "run_calibration": "calibration.population",
+    "CalibrationSummary": "calibration.population",
+    "fold": "torch_pass.fold",
+    "fold_with_plan": "torch_pass.fold",
+    "inspect": "torch_pass.fold",
+    "register_batchnorm": "torch_pass.bn_kinds",
+    "FoldPlan": "plan",
+    "Folded": "plan",
+    "Unfolded": "plan",
+    "export": "onnx_pass.export",
+    "fold_onnx": "onnx_pass.fold",
+    "verify": "verification.verify",
+    "VerifyReport": "verification.verify",
+    "OutputComparison": "verification.compare",
+    "reference_outputs": "verification.verify",
+    "compare_runners": "verification.verify",
+    "register_provider": "verification.providers",
+    "ProviderSpec": "verification.providers",
     "convert": "pipeline",
     "check_artifact": "pipeline",
     "ConvertReport": "report",
@@ -45,19 +46,10 @@ _EXPORTS = {
     "Estimator": "options",
     "Provider": "options",
     "OPTIONS": "options",
-    "load_model": "load",
-    "load_batches": "data",
-    "DataSource": "data",
+    "load_model": "edges.load",
+    "load_batches": "edges.data",
+    "DataSource": "edges.data",
 }
-
-from .errors import (  # noqa: E402  (light: no heavy imports)
-    BadInputError,
-    BnfoldError,
-    CalibrationError,
-    DataError,
-    ExportError,
-    ModelError,
-)
 
 __all__ = sorted(
     list(_EXPORTS)
@@ -79,13 +71,17 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .calibration import CalibrationSummary, calibrate, run_calibration
-    from .data import DataSource, load_batches
-    from .options import OPTIONS, ConvertOptions, Estimator, Provider
-    from .pipeline import check_artifact, convert
-    from .report import CheckReport, ConvertReport
-    from .exporting import export
-    from .folding import Folded, FoldPlan, Unfolded, fold, fold_with_plan, inspect
-    from .load import load_model
-    from .onnx_fold import fold_onnx
-    from .verification import OutputComparison, VerifyReport, verify
+    from bnfold.calibration.population import CalibrationSummary, calibrate, run_calibration
+    from bnfold.edges.data import DataSource, load_batches
+    from bnfold.edges.load import load_model
+    from bnfold.onnx_pass.export import export
+    from bnfold.onnx_pass.fold import fold_onnx
+    from bnfold.options import OPTIONS, ConvertOptions, Estimator, Provider
+    from bnfold.pipeline import check_artifact, convert
+    from bnfold.plan import Folded, FoldPlan, Unfolded
+    from bnfold.report import CheckReport, ConvertReport
+    from bnfold.torch_pass.bn_kinds import register_batchnorm
+    from bnfold.torch_pass.fold import fold, fold_with_plan, inspect
+    from bnfold.verification.compare import OutputComparison
+    from bnfold.verification.providers import ProviderSpec, register_provider
+    from bnfold.verification.verify import VerifyReport, compare_runners, reference_outputs, verify

@@ -14,9 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import _json as json
-from ._io import OutputSet, sha256_file, write_text_atomic
-from .errors import EXIT_BAD_INPUT, EXIT_MODEL, BnfoldError, ConfigError
+from bnfold.edges import jsonio as json
+from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
+from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
+from bnfold.options import ALIASES, ConfigVia, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
+from bnfold.edges.load import parse_model_spec
+from bnfold.pipeline import convert, SCHEMA_VERSION, versions
+from bnfold.edges.usercode import as_error, worker_died, worker_init
+from bnfold.edges.paths import check_config_paths
 
 REQUIRED = ("model", "output")
 MANIFEST_SUFFIX = ".manifest.json"
@@ -31,7 +36,6 @@ def _table(path: Path, doc: dict, key: str, i: int | None = None) -> ConfigError
 def load_config(path: str | Path) -> list[dict[str, Any]]:
     """Parse and validate the whole file; one entry per conversion: name, model, output (absolute)
     and ``options`` (a validated ConvertOptions). Nothing converts before every table is valid."""
-    from .options import OptionError
 
     try:
         return _load_config(path)
@@ -42,8 +46,6 @@ def load_config(path: str | Path) -> list[dict[str, Any]]:
 def _load_config(path: str | Path) -> list[dict[str, Any]]:
     import tomllib
 
-    from .load import parse_model_spec
-    from .options import ALIASES, ENTRY_KEYS, OPTIONS, ConfigVia, ConvertOptions, OptionError
 
     path = Path(path)
     if not path.is_file():
@@ -133,8 +135,6 @@ def _load_config(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _model_source(model: str) -> str | None:
-    from .load import parse_model_spec
-
     spec = parse_model_spec(model)
     if spec.kind in ("file", "onnx"):
         return spec.target
@@ -149,7 +149,6 @@ def _model_source(model: str) -> str | None:
 
 def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:
     """What decides a conversion's result: input file hashes, options, versions."""
-    from .pipeline import versions
 
     opts = entry["options"]
     files = {}
@@ -209,7 +208,6 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
 
         if threads:
             torch.set_num_threads(threads)
-        from .pipeline import convert
 
         with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
             rep = convert(entry["model"], None, entry["output"], options=entry["options"])
@@ -225,7 +223,6 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
     except KeyboardInterrupt:
         raise
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
-        from .usercode import as_error
 
         err2 = as_error(err, "the model's code")
         result["exit_code"], result["error"] = EXIT_MODEL, " ".join(str(err2).split())
@@ -235,7 +232,7 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             import traceback
 
             traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = first_line(err, empty="")
         result["exit_code"], result["error"] = EXIT_MODEL, f"unexpected {type(err).__name__}: {first[:300]}"
         result["detail"] = result["error"]
     return result
@@ -253,8 +250,6 @@ def _make_parent(path) -> None:
 def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = False, report: str | Path | None = None,
                debug: bool = False, progress: bool = False) -> dict[str, Any]:
     """Validate ``config``, run every conversion, return (and optionally write) the summary."""
-    from ._io import check_output_path
-    from .pipeline import SCHEMA_VERSION, versions
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs {jobs!r} is not a positive integer", "run 1 or more jobs")
@@ -272,7 +267,6 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
                 raise ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix) from err
     if report is not None:
         _make_parent(report)
-    from .paths import check_config_paths
 
     check_config_paths(config, entries, report)  # no output on an input, on another output or on a special file
     results: list[dict[str, Any] | None] = [None] * len(entries)
@@ -292,7 +286,6 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-        from .usercode import worker_died, worker_init
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
             futures = {i: pool.submit(run_one, entries[i], debug, threads) for i in todo}

@@ -19,11 +19,35 @@ bnfold (or a model that breaks in an unforeseen way) and is shown with a traceba
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_MODEL = 3
 EXIT_INTERRUPTED = 130
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(err: BaseException | str, limit: int = 300, *, empty: str | None = None) -> str:
+    """The first non-blank line of an error (or text), colour codes removed and whitespace collapsed,
+    cut to ``limit`` characters. An empty message gives ``empty``, by default the exception's type
+    name ("" for text). Never raises, whatever the message holds."""
+    text = _ANSI.sub("", str(err))
+    line = next((" ".join(ln.split()) for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        return empty if empty is not None else ("" if isinstance(err, str) else type(err).__name__)
+    return line[:limit]
+
+
+def cause(err: BaseException, limit: int = 240) -> str:
+    """``Type: first line`` of an error and, when it has a chain of causes, of the innermost one."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    ends = (chain[0], chain[-1]) if len(chain) > 1 else (chain[0],)
+    return " ← ".join(f"{type(e).__name__}: {first_line(e, limit, empty='')}" for e in ends)
 
 
 class BnfoldError(Exception):

@@ -21,7 +21,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import BadInputError
+from bnfold.errors import BadInputError, BnfoldError, ProviderError
+from bnfold.verification.providers import parse_providers, PROVIDERS
+from bnfold.edges.load import parse_shape
 
 
 class Estimator(str, Enum):
@@ -125,7 +127,7 @@ def _p_int(minimum: int):
 
 
 def _p_out_path(v, via, key):
-    """An output file path; a trailing separator names a folder, which is refused (trust rule 2)."""
+    """An output file path; a trailing separator names a folder, which is refused (trust rule "no output on an input")."""
     if isinstance(v, str) and v.strip() and v.endswith(("/", os.sep)):
         raise OptionError(via, key, f"'{v}' names a folder (it ends with '/')", "give a file name, e.g. report.json")
     return _p_path(v, via, key)
@@ -157,8 +159,6 @@ def _p_enum(enum: type[Enum]):
 def _p_providers(v, via, key):
     """'cpu,cuda', ['cpu', 'CUDAExecutionProvider'] or Provider values -> tuple of registry keys
     (bnfold.providers: cpu, cuda, tensorrt, rocm, ... and any ``register_provider``), no repeats."""
-    from .errors import ProviderError
-    from .providers import PROVIDERS, parse_providers
 
     items = v.split(",") if isinstance(v, str) else v
     if isinstance(items, (Provider,)):
@@ -180,8 +180,6 @@ def _p_providers(v, via, key):
 
 
 def _shape_of(v, via, key) -> tuple[int, ...]:
-    from .load import parse_shape
-
     if isinstance(v, str):
         try:
             return parse_shape(v)
@@ -330,7 +328,6 @@ def _flag_table() -> dict[str, tuple[str, Any]]:
 def reword(err: BaseException, via: Via) -> BaseException:
     """Name options the way ``via`` spells them in a BnfoldError raised below the interface
     (``check --weights`` becomes ``check weights=`` for the API, ``key 'weights'`` for a config)."""
-    from .errors import BnfoldError
 
     if not isinstance(err, BnfoldError) or isinstance(err, OptionError) or not err.args:
         return err

@@ -16,11 +16,22 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ._io import OutputSet, not_written_note, write_text_atomic
-from . import _json as json
-from .errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED
-from .options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
-from .report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
+from bnfold.edges.files import OutputSet, not_written_note, write_text_atomic
+from bnfold.edges import jsonio as json
+from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED, first_line
+from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
+from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
+from bnfold._version import __version__
+from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, stage
+from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
+from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dtype_device
+from bnfold.edges.paths import check_run_paths, spec_files
+from bnfold.onnx_pass.export import export_folded, OPSET_NATIVE_MIN, opset_range
+from bnfold.calibration.population import run_calibration
+from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
+from bnfold.torch_pass.fold import fold_with_plan
+from bnfold.verification.verify import check_folded, reference_outputs, verify
+from bnfold.onnx_pass.fold import fold_onnx_proto
 
 PROVENANCE_PREFIX = "bnfold."
 
@@ -29,7 +40,6 @@ def versions() -> dict[str, str | None]:
     import platform
     from importlib import metadata
 
-    from . import __version__
 
     def v(name):
         try:
@@ -53,7 +63,6 @@ def versions() -> dict[str, str | None]:
 @contextlib.contextmanager
 def _stage(rep, name: str):
     """Time, end RSS and peak RSS of one stage: rep.timings[name], rep.resources["stages"][name]."""
-    from ._resources import stage
 
     with stage(name, rep.timings, rep.resources["stages"]):
         yield
@@ -63,7 +72,6 @@ def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
     """Seeded normal inputs of the given shapes (float32 unless ``dtype``)."""
     import torch
 
-    from .load import check_alloc, check_seed
 
     g = torch.Generator().manual_seed(check_seed(seed, slack=2**16))
     for s in shapes:
@@ -93,7 +101,6 @@ def resolve_model(model, opts: ConvertOptions):
 
     from torch import nn
 
-    from .load import load_model, load_weights, parse_model_spec
 
     via = opts.via
     if opts.weights is not None and not opts.weights.is_file():
@@ -122,7 +129,6 @@ def _example(kind: str, model, example_inputs, opts: ConvertOptions):
     """Example inputs (a tuple of tensors) for a PyTorch model, or the shape overrides for an ONNX one."""
     import torch
 
-    from .data import model_dtype_device
 
     via = opts.via
     if example_inputs is not None and opts.input_shape:
@@ -148,8 +154,6 @@ def _example(kind: str, model, example_inputs, opts: ConvertOptions):
 
 
 def _source(opts: ConvertOptions):
-    from .data import as_source
-
     if opts.calib is None:
         return None
     return as_source(opts.calib, opts.batch_size, what="the calibration data", fingerprint=True)  # provenance
@@ -158,7 +162,6 @@ def _source(opts: ConvertOptions):
 # ------------------------------------------------------------------------------ provenance
 def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool) -> dict[str, str]:
     """What made an artifact, as string metadata (the ONNX file's ``metadata_props``)."""
-    from . import __version__
 
     def tol(v):
         return json.dumps(v, sort_keys=True)
@@ -245,11 +248,9 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     opts = _options(options, kw, CONVERT)
     if output is None:
         raise BadInputError("no output path", "pass output, e.g. 'model.onnx'")
-    from .load import check_seed
-    from .paths import check_run_paths, spec_files
 
     check_seed(opts.seed)
-    # trust rule 2, before any work: no output on an input, on another output or on a special file
+    # trust rule "no output on an input", before any work: no output on an input, on another output or on a special file
     # labels are flags: reword() spells them for the caller (--weights, weights=, key 'weights')
     output = check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None,
                               "--weights": None if opts.weights is None else str(opts.weights),
@@ -264,7 +265,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     rep.versions = versions()
     rep.options = opts.to_dict()
     with OutputSet() as outs:  # the ONNX file, its data and the report: committed together at the end
-        staged = outs.stage(output)
+        staged = outs.reserve(output)
         if kind == "onnx":
             _convert_onnx(rep, obj, example, staged, opts)
         else:
@@ -282,7 +283,6 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             outs.discard(output, *([output.parent / data] if data else []))
             rep.notes.append(not_written_note(output))
         rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
-        from ._resources import process_peak_rss_mb
 
         peak = process_peak_rss_mb()
         rep.resources["peak_rss_mb"] = None if peak is None else round(peak, 1)
@@ -332,8 +332,6 @@ def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict
 
 
 def _check_opset(opts: ConvertOptions) -> None:
-    from .exporting import OPSET_NATIVE_MIN, opset_range
-
     lo, hi = opset_range()
     if opts.opset is not None and not lo <= opts.opset <= hi:
         raise _err(opts.via, "opset", f"{opts.opset} cannot be written by the PyTorch exporter",
@@ -343,11 +341,6 @@ def _check_opset(opts: ConvertOptions) -> None:
 def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned: bool = False):
     import torch
 
-    from .calibration import run_calibration
-    from .data import Batch, call_model, eval_mode, model_dtype_device
-    from .exporting import _return_freed_memory, check_onnx_file, export_folded, opset_of, save_onnx
-    from .folding import fold_with_plan
-    from .verification import check_folded, reference_outputs, verify
 
     model = held.pop()  # the caller keeps no reference: a model bnfold owns can be freed before verify
     _check_opset(opts)
@@ -361,7 +354,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
                 call_model(model, Batch(example, {}))
         except Exception as err:
             shapes = ", ".join(str(list(t.shape)) for t in example)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}",
                                 f"check {opts.via.key('input_shape').strip()} (rank, channels, size)") from err
     source = _source(opts)
@@ -380,14 +373,14 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         if own:  # the reference outputs, before the fold changes the module in place
             with _stage(rep, "reference"):
                 references = reference_outputs(reference, sets, providers=providers, borrow=True)
-                _return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
+                return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
     if own:
         model = None  # only `reference` is kept, and folded in place below
     with _stage(rep, "fold"):
         folded, plan = fold_with_plan(reference, example, inplace=own)
         # bnfold's own module: checked now, so that it can be released as soon as it is exported
         fold_runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol) if own and opts.verify else None
-        _return_freed_memory()  # the fold's float64 working copies
+        return_freed_memory()  # the fold's float64 working copies
     if own:
         reference = None
     _record_plan(rep, plan)
@@ -416,7 +409,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         rep.notes.append("verification skipped (verify off)")
         return
     with _stage(rep, "verify"):
-        _return_freed_memory()  # the proto and (when bnfold's own) the module are gone: sessions start lower
+        return_freed_memory()  # the proto and (when bnfold's own) the module are gone: sessions start lower
         try:
             if own:  # no PyTorch weights left while the onnxruntime sessions exist
                 vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
@@ -433,7 +426,6 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
 
 def onnx_input_shapes(path: Path, overrides=None, via: Via = API) -> list[tuple[tuple[int, ...], Any]]:
     """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
-    from .load import onnx_inputs
 
     return [(i.shape, i.dtype) for i in onnx_inputs(path, overrides)]
 
@@ -453,8 +445,6 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
         n = specs[0][0][0] if specs and specs[0][0] else 1
         sample = source.head(n)
         if sample is not None and not sample.kwargs:
-            from .load import check_onnx_sample, onnx_inputs
-
             check_onnx_sample(onnx_inputs(src, overrides), sample.args)
         if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
             sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
@@ -462,10 +452,6 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
 
 
 def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
-    from .exporting import opset_of, save_onnx
-    from .onnx_fold import fold_onnx_proto, load_onnx
-    from .verification import verify
-
     with _stage(rep, "fold"):
         proto = load_onnx(src)
         if opts.opset is not None and opset_of(proto) != opts.opset:
@@ -497,7 +483,6 @@ def _convert_opset(proto, opts: ConvertOptions):
     import onnx
     from onnx import version_converter
 
-    from .exporting import opset_of
 
     have, hi = opset_of(proto), onnx.defs.onnx_opset_version()
     if not 7 <= opts.opset <= hi:
@@ -506,7 +491,7 @@ def _convert_opset(proto, opts: ConvertOptions):
         out = version_converter.convert_version(proto, opts.opset)
         onnx.checker.check_model(out)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise _err(opts.via, "opset", f"{opts.opset}: onnx.version_converter cannot convert this model from opset {have}: {first[:200]}",
                    f"drop it to keep opset {have}") from err
     if opset_of(out) != opts.opset:
@@ -525,13 +510,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     verification fails, every difference from how the artifact was made is named in ``differences``.
     Returns a CheckReport (truthy when it passed).
     """
-    from .calibration import run_calibration
-    from .onnx_fold import load_onnx
-    from .verification import verify
 
-    from .load import check_onnx_sample, check_seed, onnx_inputs
 
-    from .paths import check_run_paths, spec_files
 
     opts = _options(options, kw, VERIFY)
     check_seed(opts.seed)

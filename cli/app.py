@@ -15,8 +15,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from bnfold import __version__
-from bnfold.errors import EXIT_MODEL, BadInputError, BnfoldError
+from bnfold._version import __version__
+from bnfold.errors import BadInputError, BnfoldError, EXIT_MODEL, first_line
 from bnfold.options import OPTIONS
 
 app = typer.Typer(
@@ -36,7 +36,7 @@ STATE = {"quiet": False, "verbose": False, "debug": False, "json": False}
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    from bnfold.usercode import stdout
+    from bnfold.edges.usercode import stdout
 
     out = sys.stderr if stderr else stdout()
     no_color = bool(os.environ.get("NO_COLOR")) or not out.isatty()
@@ -53,8 +53,8 @@ def _fail(err: BaseException, code: int) -> None:
 
 def _guard(fn):
     """Run ``fn``; render bnfold errors as one line with their exit code."""
-    from bnfold.paths import begin_run, written_message
-    from bnfold.usercode import as_error, stdout_to_stderr
+    from bnfold.edges.paths import begin_run, written_message
+    from bnfold.edges.usercode import as_error, stdout_to_stderr
 
     begin_run()
     try:
@@ -72,7 +72,7 @@ def _guard(fn):
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
         if STATE["debug"]:
             traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = first_line(err, empty="")
         sys.stderr.write(f"bnfold: error: unexpected {type(err).__name__} while processing the model: {first[:300]}. "
                          "Rerun with --debug for the traceback and report it if the model is valid\n")
         raise typer.Exit(EXIT_MODEL)
@@ -143,8 +143,8 @@ def _note_weights(model: str, opts) -> None:
 
 
 def _print_json(obj) -> None:
-    from bnfold import _json as json
-    from bnfold.usercode import stdout
+    from bnfold.edges import jsonio as json
+    from bnfold.edges.usercode import stdout
 
     stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -255,7 +255,7 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
         _console().print(t)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step:
-        from bnfold._io import append_text_or_warn
+        from bnfold.edges.files import append_text_or_warn
 
         append_text_or_warn(step, markdown_summary(summary["conversions"]), "GITHUB_STEP_SUMMARY")
     raise typer.Exit(summary["exit_code"])
@@ -288,12 +288,12 @@ def calibrate(
 
         import torch
 
-        from bnfold import _json as json
-        from bnfold._io import OutputSet, write_bytes_atomic, write_text_atomic
-        from bnfold.paths import check_run_paths, spec_files
-        from bnfold.calibration import run_calibration
-        from bnfold.data import load_batches
-        from bnfold.load import load_model, parse_model_spec
+        from bnfold.edges import jsonio as json
+        from bnfold.edges.files import OutputSet, write_bytes_atomic, write_text_atomic
+        from bnfold.edges.paths import check_run_paths, spec_files
+        from bnfold.calibration.population import run_calibration
+        from bnfold.edges.data import load_batches
+        from bnfold.edges.load import load_model, parse_model_spec
 
         opts = _build("calibrate", dict(calib=calib, weights=weights, batch_size=batch_size, estimator=estimator,
                                         report=report, trust_pickle=trust_pickle, overwrite=overwrite, allow_tf32=allow_tf32))
@@ -420,12 +420,13 @@ def inspect(
     STATE["json"] = json_out
 
     def work():
-        from bnfold.load import load_model, parse_model_spec
+        from bnfold.edges.load import load_model, parse_model_spec
 
         opts = _build("inspect", dict(weights=weights, input_shape=input_shape, trust_pickle=trust_pickle))
         spec = parse_model_spec(model)
         if spec.kind == "onnx":
-            from bnfold.onnx_fold import fold_onnx_proto, load_onnx
+            from bnfold.onnx_pass.fold import fold_onnx_proto
+            from bnfold.onnx_pass.io import load_onnx
 
             for key in ("weights", "trust_pickle", "input_shape"):
                 if key in opts.given:
@@ -434,7 +435,7 @@ def inspect(
             plan = fold_onnx_proto(load_onnx(spec.target))
         else:
             import bnfold
-            from bnfold.data import model_dtype_device
+            from bnfold.edges.data import model_dtype_device
             from bnfold.pipeline import random_inputs
 
             _note_weights(model, opts)

@@ -56,6 +56,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def sample_model():
-    from bnfold.load import load_model
+    from bnfold.edges.load import load_model
 
     return load_model(SAMPLE_SPEC, SAMPLE / "weights.pt")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typer.testing import CliRunner
 
 import bnfold
-from bnfold.data import DataSource
+from bnfold.edges.data import DataSource
 from bnfold_cli.app import app
 
 N, SHAPE = 24, (1, 2, 5, 5)

@@ -156,7 +156,7 @@ def test_config_with_model_output_or_weights_is_an_error(tmp_path):
 
 
 def test_atol_per_output_reaches_verify(tmp_path, monkeypatch):
-    import bnfold.verification as vmod
+    import bnfold.pipeline as vmod  # convert calls the verify stage through the pipeline's import
 
     seen = {}
     real = vmod.verify
@@ -254,11 +254,14 @@ def test_provenance_recorded_and_used_by_verify(tmp_path):
 def test_allow_tf32_reaches_calibration_and_needs_calib(via, tmp_path, monkeypatch):
     """--allow-tf32 / allow_tf32= is passed to the calibration (default False: exact fp32); without
     calibration data it would be ignored, so it is refused."""
-    import bnfold.calibration as cal
+    import bnfold.calibration.population as cal
+    import bnfold.pipeline
 
     seen = []
     orig = cal.run_calibration
-    monkeypatch.setattr(cal, "run_calibration", lambda *a, **k: (seen.append(k.get("allow_tf32")), orig(*a, **k))[1])
+    spy = lambda *a, **k: (seen.append(k.get("allow_tf32")), orig(*a, **k))[1]  # noqa: E731
+    for mod in (cal, bnfold.pipeline):  # the calibrate command and convert each call it by their own import
+        monkeypatch.setattr(mod, "run_calibration", spy)
     out = str(tmp_path / ("a.pt" if via == "calibrate" else "a.onnx"))
     if via == "api":
         assert bnfold.convert(SAMPLE_SPEC, None, out, weights=W, input_shape="1,1,8,8", calib=CALIB, providers="cpu", allow_tf32=True).passed
@@ -278,9 +281,9 @@ def test_allow_tf32_reaches_calibration_and_needs_calib(via, tmp_path, monkeypat
 
 
 def test_providers_option_takes_every_registered_provider():
-    """--providers is checked against bnfold.providers' registry, not a fixed list: onnxruntime's own
+    """--providers is checked against bnfold.verification.providers' registry, not a fixed list: onnxruntime's own
     names work, and a provider added with register_provider is accepted at once."""
-    from bnfold.providers import PROVIDERS, ProviderSpec, register_provider
+    from bnfold.verification.providers import PROVIDERS, ProviderSpec, register_provider
 
     o = ConvertOptions.build({"providers": "cpu,TensorrtExecutionProvider,openvino"})
     assert o.providers == ("cpu", "tensorrt", "openvino")

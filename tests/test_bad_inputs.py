@@ -106,7 +106,7 @@ def work(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(os.urandom(2048))
     data = Path(W).read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    from bnfold.load import load_model
+    from bnfold.edges.load import load_model
     torch.save(load_model(SAMPLE_SPEC, W), tmp_path / "whole_model.pt")
     np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))
     np.savez(tmp_path / "wrong_shape.npz", x=np.zeros((10, 3, 5), np.float32))
@@ -202,7 +202,7 @@ def _cases(w: Path):
         "verify: artifact missing": (["verify", s, str(w / "none.onnx"), *ok], 2, "does not exist"),
         "verify: artifact not onnx": (["verify", s, str(w / "not.onnx"), *ok], 2, "not a readable ONNX model"),
         "calibrate: onnx model": (["calibrate", str(w / "not.onnx"), "--calib", CALIB, "-o", str(w / "out" / "c.pt")], 2, "needs the PyTorch model"),
-        # --- trust rule 1: user code cannot take bnfold's exit code
+        # --- trust rule "exit codes are bnfold's": user code cannot take bnfold's exit code
         "factory sys.exit(0)": (["convert", f"{w / 'factories.py'}:exit0", "-s", "1,1,8,8", *o], 2, "called sys.exit(0)"),
         "factory sys.exit(3)": (["convert", f"{w / 'factories.py'}:exit3", "-s", "1,1,8,8", *o], 2, "called sys.exit(3)"),
         "factory SystemExit('msg')": (["convert", f"{w / 'factories.py'}:exit_msg", "-s", "1,1,8,8", *o], 2, "SystemExit: msg"),
@@ -213,7 +213,7 @@ def _cases(w: Path):
         "data function sys.exit(0)": (["convert", f"{w / 'factories.py'}:bn_model", "-s", "1,1,8,8", "--calib", f"{w / 'factories.py'}:data_exit", *o], 2, "called sys.exit(0)"),
         "data generator sys.exit(4) mid-way": (["convert", f"{w / 'factories.py'}:bn_model", "-s", "1,1,8,8", "--calib", f"{w / 'factories.py'}:data_gen_exit", *o], 2, "called sys.exit(4)"),
         "data generator SystemExit('stop')": (["calibrate", f"{w / 'factories.py'}:bn_model", "--calib", f"{w / 'factories.py'}:data_gen_raises", "-o", str(w / "out" / "c.pt")], 2, "stop here"),
-        # --- trust rule 2: no output on an input, another output or a special file
+        # --- trust rule "no output on an input": no output on an input, another output or a special file
         "-o is --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "w.pt")], 2, "same file as --weights"),
         "-o is a symlink to --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "wlink.pt")], 2, "same file as --weights"),
         "-o is a hard link to --weights": (["convert", s, "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "-o", str(w / "whard.pt")], 2, "same file as --weights"),
@@ -241,7 +241,7 @@ def _cases(w: Path):
         "verify: --report is the artifact": (["verify", s, str(w / "conv1.onnx"), *ok, "--report", str(w / "conv1_link.onnx")], 2, "same file as the ONNX file"),
         "verify: --report is --weights": (["verify", s, str(w / "conv1.onnx"), "--weights", str(w / "w.pt"), "-s", "1,1,8,8", "--report", str(w / "wlink.pt")], 2, "same file as --weights"),
         "--no-overwrite names no --force": (["convert", s, *ok, "-o", str(w / "existing.onnx"), "--no-overwrite"], 2, "drop --no-overwrite"),
-        # --- trust rule 4: the environment's limits are bad input, checked before work
+        # --- trust rule "environment errors are bad input": the environment's limits are bad input, checked before work
         "--seed beyond 2**63": (["convert", s, *ok, *o, "--seed", str(2**63)], 2, "--seed 9223372036854775808 is outside"),
         "--seed negative": (["convert", s, *ok, *o, "--seed", "-1"], 2, "--seed is -1, negative"),
         "verify: --seed beyond 2**63": (["verify", s, str(w / "conv1.onnx"), *ok, "--seed", str(2**64)], 2, "is outside"),
@@ -255,7 +255,7 @@ def _cases(w: Path):
         "verify: artifact with other channels": (["verify", s, str(w / "conv3.onnx"), *ok], 2, "expects [1, 3, 8, 8]"),
         "verify: artifact with two inputs": (["verify", s, str(w / "two_inputs.onnx"), *ok], 2, "takes 2"),
         "verify: onnx source vs artifact with other inputs": (["verify", str(w / "conv1.onnx"), str(w / "conv3.onnx")], 2, "expects [1, 3, 8, 8]"),
-        # --- trust rule 6: messages that say what is wrong
+        # --- trust rule "stdout carries only what was asked for": messages that say what is wrong
         "plain pickle without --trust-pickle": (["convert", s, "--weights", str(w / "plain.pkl"), "-s", "1,1,8,8", *o], 2, "is a Python pickle"),
         "meta model without --weights": (["convert", f"{w / 'factories.py'}:meta_partial", "-s", "1,1,8,8", *o], 2, "meta device"),
         "meta model, buffer not in checkpoint": (["convert", f"{w / 'factories.py'}:meta_partial", "--weights", str(w / "meta_weights.pt"), "-s", "1,1,8,8", *o], 2, "meta device"),

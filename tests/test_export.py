@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.exporting import export_proto
+from bnfold.onnx_pass.export import export_proto
 from conftest import SAMPLE, file_hash, randomize_bn
 
 
@@ -122,9 +122,9 @@ def test_user_files_never_modified(tmp_path):
 def test_external_data_path(tmp_path, monkeypatch):
     """Models past the protobuf limit go through one external data file named after the output
     (the limit is lowered here so a small model takes that path)."""
-    import bnfold.exporting
+    import bnfold.onnx_pass.io
 
-    monkeypatch.setattr(bnfold.exporting, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(bnfold.onnx_pass.io, "PROTO_LIMIT", 1000)
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))).eval()
     x = (torch.randn(1, 3, 8, 8),)
     rep = bnfold.convert(model, x, tmp_path / "m.onnx", providers="cpu")
@@ -182,9 +182,9 @@ def _stage(d):
 
 
 def test_export_folded_attributes_every_bn_and_counts_match_the_file():
-    from bnfold.exporting import export_folded
-    from bnfold.folding import fold_with_plan
-    from bnfold.onnx_fold import bn_count
+    from bnfold.onnx_pass.export import export_folded
+    from bnfold.torch_pass.fold import fold_with_plan
+    from bnfold.onnx_pass.io import bn_count
 
     torch.manual_seed(0)
     model = randomize_bn(_TwoPass()).eval()
@@ -211,7 +211,8 @@ def test_export_folded_attributes_every_bn_and_counts_match_the_file():
 
 @pytest.mark.parametrize("opset", [17, 18, 21])
 def test_export_folded_honours_opset(opset):
-    from bnfold.exporting import export_folded, opset_of
+    from bnfold.onnx_pass.export import export_folded
+    from bnfold.onnx_pass.io import opset_of
 
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))).eval()
     proto, plan = export_folded(model, (torch.randn(1, 3, 6, 6),), opset=opset)
@@ -221,7 +222,7 @@ def test_export_folded_honours_opset(opset):
 @pytest.mark.parametrize("opset", [0, 6, 10_000, "18"])
 def test_export_folded_bad_opset_is_bad_input(opset):
     from bnfold.errors import BadInputError
-    from bnfold.exporting import export_folded
+    from bnfold.onnx_pass.export import export_folded
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     with pytest.raises(BadInputError, match="opset"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.folding import fold_with_plan
+from bnfold.torch_pass.fold import fold_with_plan
 from conftest import randomize_bn, rel_err, state_hash
 
 

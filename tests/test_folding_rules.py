@@ -5,6 +5,8 @@ All in float64 against the original (≤1e-10 relative), BN statistics/γ/β ran
 
 from __future__ import annotations
 
+import inspect
+
 import copy
 
 import pytest
@@ -12,8 +14,8 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold import bn_kinds
-from bnfold.folding import ZeroBranch, fold_with_plan
+from bnfold.torch_pass import bn_kinds
+from bnfold.torch_pass.fold import ZeroBranch, fold_with_plan
 from conftest import randomize_bn, rel_err, state_hash
 
 timm_layers = pytest.importorskip("timm.layers")
@@ -355,7 +357,7 @@ class Big(nn.Module):
 def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
     """Weights whose float64 copy exceeds FOLD_BLOCK_BYTES are folded a block of whole groups of rows
     at a time, written into the module's own tensor: same values as one pass (float64, to rounding)."""
-    from bnfold import folding
+    from bnfold.torch_pass import fold as folding
 
     torch.manual_seed(0)
     model = randomize_bn(Big()).eval().double()
@@ -363,11 +365,19 @@ def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
     whole, plan_a = fold_with_plan(model, (x,))
     calls = []
     orig = folding._fold_rows
+    sig = inspect.signature(orig)
+
+    def spy(*a, **k):  # the rows of each call, by name: a positional slice read the wrong arguments once
+        bound = sig.bind(*a, **k).arguments
+        calls.append((bound["r0"], bound["r1"]))
+        return orig(*a, **k)
+
     monkeypatch.setattr(folding, "FOLD_BLOCK_BYTES", 8 * 9)  # any weight with more than 9 elements
-    monkeypatch.setattr(folding, "_fold_rows", lambda *a: (calls.append(a[5:7]), orig(*a))[1])
+    monkeypatch.setattr(folding, "_fold_rows", spy)
     blocked, plan_b = fold_with_plan(model, (x,))
     assert [(f.bn, f.rule) for f in plan_a.folded] == [(f.bn, f.rule) for f in plan_b.folded]
     assert {f.rule for f in plan_a.folded} >= {"backward", "forward", "branches"}
+    assert calls and all(0 <= r0 < r1 for r0, r1 in calls)
     assert any(r1 - r0 < 8 for r0, r1 in calls)  # really in blocks
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(blocked.state_dict()[k], v, rtol=1e-14, atol=1e-14, msg=k)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnfold.data import load_batches
+from bnfold.edges.data import load_batches
 from bnfold.errors import BnfoldError
-from bnfold.load import parse_model_spec, parse_shape
-from bnfold.onnx_fold import load_onnx
+from bnfold.edges.load import parse_model_spec, parse_shape
+from bnfold.onnx_pass.io import load_onnx
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import bnfold
-from bnfold.data import load_batches
+from bnfold.edges.data import load_batches
 from bnfold.errors import DataError, WeightsError
-from bnfold.load import load_model, parse_model_spec, read_checkpoint
+from bnfold.edges.load import load_model, parse_model_spec, read_checkpoint
 from conftest import SAMPLE, SAMPLE_SPEC
 
 SD = torch.load(SAMPLE / "weights.pt", weights_only=True)

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.onnx_fold import fold_onnx_proto
+from bnfold.onnx_pass.fold import fold_onnx_proto
 
 RNG = np.random.default_rng(0)
 OPSET = 17

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold.onnx_fold import bn_count, fold_onnx_proto
+from bnfold.onnx_pass.io import bn_count
+from bnfold.onnx_pass.fold import fold_onnx_proto
 from conftest import randomize_bn
 
 
@@ -110,9 +111,9 @@ def test_external_data_file_in_and_out(zoo, tmp_path, monkeypatch):
     """A model saved with its tensors in an external data file (small threshold) folds, and the output
     goes through one external data file as well (the 2 GB limit lowered so a small model takes that path)."""
     import bnfold
-    import bnfold.exporting
+    import bnfold.onnx_pass.io
 
-    monkeypatch.setattr(bnfold.exporting, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(bnfold.onnx_pass.io, "PROTO_LIMIT", 1000)
     net, x, ref = zoo
     m = _export(net, x, "legacy-nocf", 17)
     src = tmp_path / "ext.onnx"

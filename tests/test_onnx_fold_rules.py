@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import bnfold
-from bnfold.onnx_fold import bn_count, fold_onnx_proto
+from bnfold.onnx_pass.io import bn_count
+from bnfold.onnx_pass.fold import fold_onnx_proto
 
 RNG = np.random.default_rng(15)
 

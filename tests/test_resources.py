@@ -1,4 +1,4 @@
-"""The stage meter: time, RSS at the end, peak RSS per stage (bnfold._resources)."""
+"""The stage meter: time, RSS at the end, peak RSS per stage (bnfold.edges.resources)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bnfold import _resources
-from bnfold._resources import StageMeter, stage
+from bnfold.edges import resources as _resources
+from bnfold.edges.resources import StageMeter, stage
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 MB = 1024 * 1024
@@ -136,7 +136,8 @@ def test_streamed_write_is_byte_identical(tmp_path):
     import torch
     from torch import nn
 
-    from bnfold.exporting import export_proto, write_streamed
+    from bnfold.onnx_pass.export import export_proto
+    from bnfold.onnx_pass.io import write_streamed
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
@@ -159,7 +160,7 @@ def test_convert_of_a_spec_folds_in_place_and_reports_stage_memory(tmp_path):
     import torch
 
     import bnfold
-    from bnfold.load import load_model, parse_model_spec
+    from bnfold.edges.load import load_model, parse_model_spec
 
     spec, w = "samples/digits/model.py:build", "samples/digits/weights.pt"
     a = bnfold.convert(spec, None, tmp_path / "a.onnx", weights=w, input_shape="1,1,8,8", providers="cpu")

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.compare import NOISE_K, OutputComparison, check_tolerance_keys, compare, compare_outputs
-from bnfold.data import Batch
+from bnfold.verification.compare import NOISE_K, OutputComparison, check_tolerance_keys, compare, compare_outputs
+from bnfold.edges.data import Batch
 from bnfold.errors import BadInputError, ProviderError, WeightsError
-from bnfold.providers import PROVIDERS, ProviderSpec, parse_providers, register_provider
-from bnfold.runners import OrtRunner, Runner, RunnerUnavailable, TorchRunner
-from bnfold.verification import Run, VerifyReport, compare_runners, verify
+from bnfold.verification.providers import PROVIDERS, ProviderSpec, parse_providers, register_provider
+from bnfold.verification.runners import OrtRunner, Runner, RunnerUnavailable, TorchRunner
+from bnfold.verification.verify import Run, VerifyReport, compare_runners, verify
 from conftest import randomize_bn, state_hash
 
 
@@ -344,7 +344,7 @@ def test_sessions_are_quiet_unless_verbose(tmp_path, capfd):
 
 
 def test_native_stderr_is_routed_into_messages():
-    from bnfold.runners import _captured_stderr
+    from bnfold.verification.runners import _captured_stderr
 
     lines: list[str] = []
     with _captured_stderr(lines):
@@ -359,7 +359,7 @@ def test_borrowed_float64_reference_restores_the_module_exactly():
     import torch
     from torch import nn
 
-    from bnfold.verification import reference_outputs
+    from bnfold.verification.verify import reference_outputs
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from bnfold.folding import fold_with_plan
+from bnfold.torch_pass.fold import fold_with_plan
 from conftest import randomize_bn, rel_err
 
 timm = pytest.importorskip("timm")

@@ -54,7 +54,7 @@ def test_torchvision_model(name, size, tmp_path):
         assert u["reason"]
     assert rep.export["batchnorm_nodes"] == len(rep.unfolded)
     # the plan is the truth: the BN nodes in the written file are exactly the ones it says were left
-    from bnfold.onnx_fold import bn_count
+    from bnfold.onnx_pass.io import bn_count
 
     assert bn_count(onnx.load(str(tmp_path / f"{name}.onnx"))) == len(rep.unfolded) == rep.fold["batchnorm_layers"] - len(rep.folded)
     assert all(f.get("pass", "pytorch") in ("pytorch", "onnx") for f in rep.folded)

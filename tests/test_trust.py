@@ -20,10 +20,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnfold import _io
-from bnfold._json import dumps, loads_strict
+from bnfold.edges import files as _io
+from bnfold.edges.jsonio import dumps, loads_strict
 from bnfold.errors import DataError, ModelSpecError, OutputPathError
-from bnfold.usercode import guard_iter, run_user, stdout_to_stderr
+from bnfold.edges.usercode import guard_iter, run_user, stdout_to_stderr
 from bnfold_cli.app import app
 from conftest import SAMPLE
 from test_bad_inputs import snapshot
@@ -112,7 +112,7 @@ def one_error(res) -> str:
     return lines[0]
 
 
-# ------------------------------------------------------------------ rule 4 + 5: failing writes
+# ------------------------------------------------------------------ trust rules "environment errors are bad input", "outputs commit together": failing writes
 class _Full(io.RawIOBase):
     def __init__(self, err):
         self.err = err
@@ -208,7 +208,7 @@ def test_batch_manifest_write_failure_takes_its_conversion_back(ws, monkeypatch)
 def test_external_data_and_model_are_one_result(ws, monkeypatch):
     import bnfold.exporting
 
-    monkeypatch.setattr(bnfold.exporting, "PROTO_LIMIT", 100)  # every conversion writes external data
+    monkeypatch.setattr(bnfold.onnx_pass.io, "PROTO_LIMIT", 100)  # every conversion writes external data
     args = ["convert", f"{ws / 'f.py'}:wide", "-s", "1,1,8,8", "-o", str(ws / "m.onnx"), "--providers", "cpu"]
     assert runner.invoke(app, [*args, "-q"]).exit_code == 0
     assert (ws / "m.onnx.data").stat().st_size > 0
@@ -253,7 +253,7 @@ def test_step_summary_in_a_missing_folder_is_a_warning(ws, monkeypatch):
     assert (ws / "a.onnx").is_file()
 
 
-# ------------------------------------------------------------------ rule 5: true messages
+# ------------------------------------------------------------------ trust rule "outputs commit together": true messages
 def test_failed_verification_keeps_and_names_the_older_output(ws):
     (ws / "m.onnx").write_bytes(b"old model")
     res = runner.invoke(app, ok_args(ws, "m.onnx", "--atol", "0", "--rtol", "0", "--json", "--report", str(ws / "r.json")))
@@ -359,7 +359,7 @@ def test_a_factory_that_hard_exits_leaves_no_partial_files(ws):
         assert (ws / "a.onnx.manifest.json").is_file()
 
 
-# ------------------------------------------------------------------ rule 1 + 6: user code, streams
+# ------------------------------------------------------------------ trust rules "exit codes are bnfold's", "stdout carries only what was asked for": user code, streams
 def test_json_stdout_is_only_json_when_forward_prints(ws):
     res = runner.invoke(app, ["convert", f"{ws / 'f.py'}:loud", "-s", "1,1,8,8", "-o", str(ws / "m.onnx"), "--providers", "cpu", "--json"])
     assert res.exit_code == 0, res.stderr
@@ -533,7 +533,7 @@ def test_output_set_is_all_or_nothing(tmp_path):
     with _io.OutputSet() as outs:
         _io.write_text_atomic(tmp_path / "a", "new a")
         _io.write_text_atomic(tmp_path / "b", "new b")
-        staged = outs.stage(tmp_path / "c")
+        staged = outs.reserve(tmp_path / "c")
         staged.write_text("c")
         outs.discard(tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"] and (tmp_path / "a").read_text() == "new a"
@@ -543,7 +543,7 @@ def test_output_set_is_all_or_nothing(tmp_path):
 def test_output_set_errors_name_final_paths(tmp_path):
     with pytest.raises(OutputPathError) as info:
         with _io.OutputSet() as outs:
-            staged = outs.stage(tmp_path / "m.onnx")
+            staged = outs.reserve(tmp_path / "m.onnx")
             raise OutputPathError(f"cannot use '{staged}'")
     assert str(info.value) == f"cannot use '{tmp_path / 'm.onnx'}'"
 

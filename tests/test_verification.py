@@ -10,7 +10,9 @@ from torch import nn
 
 import bnfold
 from bnfold.errors import ProviderError
-from bnfold.verification import compare, flatten_outputs, make_session, tf32_off
+from bnfold.verification.compare import compare
+from bnfold.verification.runners import flatten_outputs, tf32_off
+from bnfold.verification.verify import make_session
 from conftest import randomize_bn
 
 
@@ -192,7 +194,7 @@ def test_cuda_provider_really_runs_and_is_quiet(tmp_path, capfd):
     """onnxruntime-gpu: the CUDA session runs on CUDA (get_providers), prints nothing (no "No registered
     plugin EP device" warning: bnfold passes no device_id), and the comparison uses a GPU reference."""
     cuda_ep()
-    from bnfold.runners import OrtRunner
+    from bnfold.verification.runners import OrtRunner
 
     model = randomize_bn(TwoHeads()).eval()
     x = torch.randn(2, 3, 6, 6)

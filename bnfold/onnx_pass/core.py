@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-ONNX_DOMAINS = ("", "ai.onnx")
+from bnfold.fold_math import bn_scale_shift
+from bnfold.onnx_pass.io import ONNX_DOMAINS
 
 
 # ------------------------------------------------------------------------------------ match results
@@ -227,8 +228,6 @@ class Ctx:
 # --------------------------------------------------------------------------------- the BN itself
 def bn_params(ctx: Ctx, bn):
     """(s, t) as float64 tensors, or a Reject: inference mode, constant parameters, finite scale."""
-    from ..fold_math import bn_scale_shift
-
     if attr(bn, "training_mode", 0):
         return Reject("BatchNormalization has training_mode=1")
     if ctx.opset < 7 and not attr(bn, "is_test", 0):

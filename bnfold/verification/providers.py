@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .errors import ProviderError
+from bnfold.errors import ProviderError
 
 
 @dataclass(frozen=True)

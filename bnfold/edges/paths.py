@@ -1,4 +1,4 @@
-"""Trust rule 2: no output on an input, on another output, or on a special file.
+"""Trust rule "no output on an input" (docs/trust.md): no output on an input, on another output, or on a special file.
 
 ``check_run_paths(inputs, outputs)`` is called once per run, before any work: it resolves every path
 (symlinks, ``..``, hard links through device and inode), refuses any output that is the same file as an
@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
-from ._io import check_output_path, committed
-from .errors import OutputPathError
+from bnfold.edges.files import check_output_path, committed
+from bnfold.errors import ConfigError, OutputPathError
+from bnfold.edges import files as _io
 
 PathLike = Union[str, "os.PathLike[str]"]
 _WATCH: dict[str, tuple | None] = {}  # output path -> its identity before the run (None: absent)
@@ -172,7 +173,6 @@ def written_message() -> str:
 
 def begin_run() -> None:
     """Forget earlier runs of this process (the CLI calls it once per command)."""
-    from . import _io
 
     _WATCH.clear()
     _io._COMMITTED.clear()
@@ -181,7 +181,6 @@ def begin_run() -> None:
 def check_config_paths(config: PathLike, entries: list[dict], report: PathLike | None = None) -> None:
     """``check_run_paths`` for a whole batch: every entry's inputs and outputs (ONNX file, its external
     data, report, manifest), the config file and the summary report, checked against each other."""
-    from .errors import ConfigError
 
     inputs: dict[str, object] = {"the config file": config}
     outputs: dict[str, object] = {}

@@ -3,13 +3,13 @@
 * **Atomic**: a file is written under a hidden temporary name beside its target and renamed into place,
   so a reader (or a crash, SIGINT or SIGTERM) never sees half a file. Temporary names are short
   (derived from a hash, never longer than the target's name allows).
-* **All or nothing** (trust rule 5): inside ``with OutputSet() as outs:`` every write — the ONNX file,
+* **All or nothing** (trust rule "outputs commit together"): inside ``with OutputSet() as outs:`` every write — the ONNX file,
   its external data, the report, the manifest — lands in a private staging folder beside its target
   (``.bnfold-XXXX/<final name>``, so an ONNX model finds its external data by its final name) and is
   renamed onto its target only when the block ends without an error. On an error or an interruption
   every staged file is removed and nothing is replaced. ``write_bytes_atomic`` & co. join the innermost
   open ``OutputSet`` by themselves; nested sets commit with the outermost one.
-* **The environment's errors are bad input** (trust rule 4): ENOSPC, EDQUOT, EFBIG, ENAMETOOLONG, EROFS,
+* **The environment's errors are bad input** (trust rule "environment errors are bad input"): ENOSPC, EDQUOT, EFBIG, ENAMETOOLONG, EROFS,
   EACCES, EPERM… while writing become ``OutputPathError`` (exit 2) naming the final path and the cause.
 * **True messages**: ``committed()`` lists what this process renamed into place; errors raised inside an
   ``OutputSet`` name final paths, never staging names.
@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import BnfoldError, OutputPathError
+from bnfold.errors import BnfoldError, OutputPathError
+from bnfold.edges.jsonio import dumps
 
 # errno -> what to tell the user
 ENV_ERRNOS: dict[int, str] = {
@@ -197,7 +198,7 @@ class OutputSet:
         self._dirs.append((folder, staging))
         return staging
 
-    def stage(self, final: str | Path) -> Path:
+    def reserve(self, final: str | Path) -> Path:
         """The path to write ``final``'s new content to (same file name, in the staging folder)."""
         final = Path(final)
         if final in self._staged:
@@ -369,7 +370,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     Inside an open ``OutputSet`` the file is staged instead and renamed when the set commits."""
     path = Path(path)
     outs = current_set()
-    target = outs.stage(path) if outs is not None and not _inside_staging(path) else path
+    target = outs.reserve(path) if outs is not None and not _inside_staging(path) else path
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = _mkstemp(target, suffix, folder)
@@ -415,7 +416,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj, **kw) -> Path:
     """Strict JSON (no NaN/Infinity literals), written atomically."""
-    from ._json import dumps
 
     kw.setdefault("indent", 2)
     return write_text_atomic(path, dumps(obj, **kw) + "\n")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ModelSpecError, WeightsError, BadInputError
-from .usercode import run_user, user_code
+from bnfold.errors import BadInputError, DataError, first_line, ModelSpecError, WeightsError
+from bnfold.edges.usercode import run_user, user_code
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
@@ -87,11 +87,6 @@ def _import_file(path: Path):
     return module
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def resolve_factory(spec: ModelSpec):
     if spec.kind == "file":
         module = _import_file(Path(spec.target))
@@ -101,7 +96,7 @@ def resolve_factory(spec: ModelSpec):
                 module = importlib.import_module(spec.target)
             except ModuleNotFoundError as err:
                 if err.name and (spec.target == err.name or spec.target.startswith(err.name + ".")):
-                    raise ModelSpecError(f"module '{spec.target}' not found ({_first_line(err)})", "install it or use path/to/file.py:factory") from err
+                    raise ModelSpecError(f"module '{spec.target}' not found ({first_line(err)})", "install it or use path/to/file.py:factory") from err
                 raise
     else:
         raise ModelSpecError(f"'{spec}' is an ONNX file, not a factory", "use it where an ONNX model is accepted")
@@ -150,7 +145,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Mapping[
         try:
             obj: Any = load_file(str(path))
         except Exception as err:
-            raise WeightsError(f"cannot read '{path}': {_first_line(err)}", "check the file is complete") from err
+            raise WeightsError(f"cannot read '{path}': {first_line(err)}", "check the file is complete") from err
     else:
         obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -213,7 +208,7 @@ def _torch_load(path: Path, trust_pickle: bool):
         msg = str(safe_err)
         pickled = "Unsupported global" in msg or "GLOBAL " in msg or ("Weights only load failed" in msg and (_is_zip(path) or _is_pickle(path)))
         if not pickled:
-            why = "not a torch.save() file" if "Weights only load failed" in msg else _first_line(safe_err)
+            why = "not a torch.save() file" if "Weights only load failed" in msg else first_line(safe_err)
             raise WeightsError(
                 f"cannot read checkpoint '{path}': {why}",
                 "check that it is a complete torch.save() file (it may be truncated or corrupt)",
@@ -234,7 +229,7 @@ def _torch_load(path: Path, trust_pickle: bool):
                     return pickle.load(fh)
             except Exception as err:
                 torch_err = err
-        raise WeightsError(f"cannot unpickle '{path}' (--trust-pickle): {type(torch_err).__name__}: {_first_line(torch_err)}",
+        raise WeightsError(f"cannot unpickle '{path}' (--trust-pickle): {type(torch_err).__name__}: {first_line(torch_err)}",
                            "check the file and that the classes it needs can be imported") from torch_err
 
 
@@ -420,7 +415,6 @@ def onnx_inputs(model_or_path, overrides=None) -> list[OnnxInput]:
 
 def check_onnx_sample(inputs: list[OnnxInput], arrays, what: str = "the calibration data", *, with_batch: bool = False) -> None:
     """Refuse (DataError) data whose tensors do not fit the ONNX inputs' count, rank or fixed sizes."""
-    from .errors import DataError
 
     arrays = list(arrays)
     if len(arrays) != len(inputs):

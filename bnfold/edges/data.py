@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError
-from .usercode import guard_iter, run_user
+from bnfold.errors import DataError, first_line
+from bnfold.edges.usercode import guard_iter, run_user
+from bnfold.edges.load import parse_model_spec, resolve_factory, tensor_to_numpy
+from bnfold.options import parse_option
 
 FORMS = ".npz, .npy, .pt, or module:fn returning batches"
 
@@ -80,7 +82,6 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
     import numpy as np
     import torch
 
-    from .load import tensor_to_numpy
 
     suffix = path.suffix.lower()
     try:
@@ -101,7 +102,7 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
     except DataError:
         raise
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DataError(f"cannot read data file '{path}': {first}", "check that the file is complete and of the type its suffix says") from err
     raise DataError(f"data file '{path}' has an unknown type '{suffix}'", f"use {FORMS}")
 
@@ -118,8 +119,6 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             _check_arrays(arrays, f"'{path}'")
             return split_arrays(arrays, batch_size, names)
         if ":" in text:
-            from .load import parse_model_spec, resolve_factory
-
             try:
                 fn = resolve_factory(parse_model_spec(text))
             except Exception as err:
@@ -136,8 +135,6 @@ def split_arrays(arrays: list, batch_size: int | None, names: list | None = None
 
     n = arrays[0].shape[0]
     if batch_size is not None:
-        from .options import parse_option
-
         batch_size = parse_option("batch_size", batch_size)
     bs = batch_size or n
     batches = []

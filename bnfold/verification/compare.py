@@ -25,7 +25,8 @@ Pass rule for one output (all must hold):
 
 When the floor itself exceeds the tolerance (``ill_conditioned``) no float32 artifact could meet the
 tolerance against the float32 reference: the report says "the model is ill-conditioned in float32"
-with the figures, and judges by rule 4's second half.
+with the figures, and judges the candidate against the float64 run instead (trust rule "PASSED means compared",
+docs/trust.md).
 
 Default tolerances: the dtype's base (atol, rtol) with atol scaled by max(1, max|reference|):
 rounding in a deep network grows with the size of the values summed. Given tolerances are used as
@@ -40,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import BadInputError
+from bnfold.errors import BadInputError
 
 NOISE_K = 4.0
 

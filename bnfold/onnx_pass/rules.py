@@ -4,7 +4,9 @@ dtype; each docstring holds its formula. Adding a pattern = adding a class to ``
 
 from __future__ import annotations
 
-from .core import ONNX_DOMAINS, Ctx, Match, Reject, attr, f64, node_name, value_name
+from bnfold.fold_math import fold_backward, fold_forward, fold_gemm_backward, fold_gemm_forward
+from bnfold.onnx_pass.core import ONNX_DOMAINS, Ctx, Match, Reject, attr, f64, node_name, value_name
+
 
 # ------------------------------------------------------------------------------- rule helpers
 def _weights(ctx: Ctx, node, what: str = "weights"):
@@ -30,8 +32,6 @@ def _out_channels(node, w) -> int:
 
 def _conv_backward(ctx: Ctx, node, w, b, s, t) -> None:
     """W'[c] = W[c]·s[c], b' = b·s + t (ConvTranspose: per group on weight dim 1)."""
-    from ..fold_math import fold_backward
-
     w2, b2 = fold_backward(f64(w), None if b is None else f64(b), s, t,
                            transposed=node.op_type == "ConvTranspose", groups=int(attr(node, "group", 1)))
     ctx.set_input(node, 1, value_name(node.inputs[1]), w2.numpy().astype(w.dtype))
@@ -101,8 +101,6 @@ class BackwardGemm:
         return Match(bn, [prod], {"b": bw, "c": c, "trans_b": trans_b})
 
     def rewrite(self, ctx, m, s, t):
-        from ..fold_math import fold_gemm_backward
-
         g, d = m.nodes[0], m.data
         b2, c2 = fold_gemm_backward(f64(d["b"]), None if d["c"] is None else f64(d["c"]), s, t,
                                     beta=float(attr(g, "beta", 1.0)), trans_b=bool(d["trans_b"]))
@@ -152,8 +150,6 @@ def _matmul_fold(ctx: Ctx, m: Match, s, t, tail) -> None:
     """B'[:,n] = B[:,n]·s[n]; bias' = bias·s + t, or an Add of t after ``tail`` (the node whose
     output replaces the BN's)."""
     import onnx_ir as ir
-
-    from ..fold_math import fold_backward
 
     mm, d = m.nodes[0], m.data
     bias = None if d["bias"] is None else f64(d["bias"]).reshape(-1).expand(s.numel())
@@ -324,8 +320,6 @@ class ForwardConv:
         return Match(bn, [cons], {"wb": wb})
 
     def rewrite(self, ctx, m, s, t):
-        from ..fold_math import fold_forward
-
         cons, (w, b) = m.nodes[0], m.data["wb"]
         w2, b2 = fold_forward(f64(w), None if b is None else f64(b), s, t, groups=int(attr(cons, "group", 1)))
         ctx.set_input(cons, 1, value_name(cons.inputs[1]), w2.numpy().astype(w.dtype))
@@ -366,8 +360,6 @@ class ForwardGemm:
 
     def rewrite(self, ctx, m, s, t):
         import onnx_ir as ir
-
-        from ..fold_math import fold_gemm_forward
 
         g, d = m.nodes[0], m.data
         b2, c2 = fold_gemm_forward(f64(d["b"]), None if d["c"] is None else f64(d["c"]), s, t,

@@ -1,6 +1,6 @@
 """Fold BatchNormalization nodes inside an ONNX model, on onnx_ir (no PyTorch model needed).
 
-The rules live in ``bnfold.onnx_rules`` (one class per pattern, ``RULES``): ``match`` returns a
+The rules live in ``bnfold.onnx_pass.rules`` (one class per pattern, ``RULES``): ``match`` returns a
 ``Match`` (the nodes) or a ``Reject`` (why); ``rewrite`` applies ``fold_math`` in float64 and casts
 once to each weight's dtype. This module runs them over every BatchNormalization node of the main
 graph, of If/Loop/Scan bodies and of model-local functions (each gets exactly one plan entry),
@@ -13,39 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError
-from .folding import Folded, FoldPlan, Unfolded
-from .onnx_rules.core import ONNX_DOMAINS, Ctx, Match, Reject, bn_params, node_name
-from .onnx_rules.rules import RULES
-
-
-# ------------------------------------------------------------------------------------ plan entries
-def folded_entry(bn: str, into: list[str], rule: str, into_type: list[str], stage: str = "onnx") -> Folded:
-    """A ``Folded`` plan entry made by the ONNX pass."""
-    return Folded(bn, list(into), rule, list(into_type), stage=stage)
-
-
-# ------------------------------------------------------------------------------------------ loading
-def load_onnx(path: str | Path):
-    """Read and check an .onnx file (ModelProto); BadInputError with one line when it is not one."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"ONNX file '{path}' does not exist" if not path.exists() else f"'{path}' is not a file", "check the path")
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:
-        from .load import onnx_error
-
-        raise onnx_error(path, err) from err
-    if not model.graph.node and not model.graph.output:
-        raise BadInputError(f"'{path}' is not an ONNX model (it has no graph)", "pass a .onnx file written by an exporter")
-    try:
-        onnx.checker.check_model(model if model.ByteSize() < 2_000_000_000 else str(path))
-    except Exception as err:
-        raise BadInputError(f"'{path}' fails onnx.checker: {str(err).splitlines()[0]}", "fix or re-export the model") from err
-    return model
+from bnfold.edges.files import OutputSet
+from bnfold.edges.paths import check_run_paths, spec_files
+from bnfold.onnx_pass.core import ONNX_DOMAINS, Ctx, Match, Reject, bn_params, node_name
+from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.rules import RULES
+from bnfold.plan import Folded, FoldPlan, Unfolded, folded_entry
 
 
 def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
@@ -192,25 +165,9 @@ def fold_onnx_proto(model) -> FoldPlan:
     return plan
 
 
-def bn_count(proto) -> int:
-    """BatchNormalization nodes in the main graph, subgraphs and functions of a ModelProto."""
-
-    def graph(g) -> int:
-        n = 0
-        for node in g.node:
-            n += node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
-            for a in node.attribute:
-                n += sum(graph(sub) for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs))
-        return n
-
-    return graph(proto.graph) + sum(graph(f) for f in proto.functions)
-
-
 def fold_onnx_file(src, dst: str | Path, data_name: str | None = None) -> tuple[FoldPlan, dict[str, Any]]:
     """Fold ``src`` (a path, ModelProto or onnx_ir Model, never modified) and write ``dst``."""
     import onnx_ir as ir
-
-    from .exporting import opset_of, save_onnx
 
     model = _to_ir(src, copy=True)
     plan = fold_ir(model)
@@ -226,9 +183,6 @@ def fold_onnx(src, dst: str | Path) -> FoldPlan:
     """Fold the BatchNormalization nodes of ``src`` (an .onnx path, ``onnx.ModelProto`` or
     ``onnx_ir.Model``; left unchanged) and write ``dst`` atomically, with its external data if any.
     Returns the plan."""
-    from ._io import OutputSet
-    from .paths import check_run_paths, spec_files
-
     check_run_paths({"src": spec_files(src)}, {"dst": dst}, sidecars={"dst": [".data"]})
     with OutputSet() as outs:  # the model and its external data land together
-        return fold_onnx_file(src, outs.stage(dst))[0]
+        return fold_onnx_file(src, outs.reserve(dst))[0]

@@ -25,7 +25,10 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import BadInputError
+from bnfold.errors import BadInputError, first_line
+from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device
+from bnfold.verification.providers import get_provider, unavailable_reason
+from bnfold.edges.load import onnx_error
 
 LEVELS = ("disable_all", "default")
 Outputs = list  # list[tuple[str, np.ndarray]]
@@ -82,7 +85,6 @@ def as_feeds(feeds):
     """A Batch from a Batch, a tensor, a tuple of tensors or an (args, kwargs) pair."""
     import torch
 
-    from .data import Batch
 
     if isinstance(feeds, Batch):
         return feeds
@@ -135,7 +137,6 @@ class TorchRunner:
                  borrow: bool = False):
         import torch
 
-        from .data import model_dtype_device
 
         m_dtype, m_device = model_dtype_device(model)
         self.dtype = dtype or m_dtype
@@ -156,7 +157,6 @@ class TorchRunner:
     def _prepare(self, feeds):
         import torch
 
-        from .data import Batch
 
         b = as_feeds(feeds)
 
@@ -171,7 +171,6 @@ class TorchRunner:
     def infer(self, feeds) -> Outputs:
         import torch
 
-        from .data import call_model, eval_mode
 
         batch = self._prepare(feeds)
         with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
@@ -182,7 +181,6 @@ class TorchRunner:
         """The first module (in execution order) whose output holds NaN/Inf for ``feeds``, if any."""
         import torch
 
-        from .data import call_model, eval_mode
 
         found: list[str] = []
 
@@ -295,8 +293,6 @@ class OrtRunner:
 
     def __init__(self, onnx_path: str | Path, provider: str = "cpu", level: str = "disable_all", *, verbose: bool = False,
                  target: str = "onnx"):
-        from .providers import get_provider, unavailable_reason
-
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
         self.spec = get_provider(provider)
@@ -320,10 +316,8 @@ class OrtRunner:
             with _captured_stderr(self.messages, enabled=not verbose):
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = first_line(err)
             if provider == "cpu":
-                from .load import onnx_error
-
                 raise onnx_error(self.path, err, "load") from err
             raise RunnerUnavailable(f"creating a {self.spec.ort_name} session failed: {text}") from err
         ok, why = self.spec.really_runs(self.session)

@@ -24,9 +24,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .data import as_batch, as_source, call_model, model_dtype_device, prepare
-from .errors import CalibrationError, DataError
-from .runners import tf32
+from bnfold.edges.data import as_batch, as_source, call_model, model_dtype_device, prepare
+from bnfold.errors import CalibrationError, DataError, first_line
+from bnfold.verification.runners import tf32
 
 ESTIMATORS = ("paper", "pooled")
 
@@ -264,7 +264,7 @@ def run_calibration(
                     raise
                 except Exception as err:
                     diagnose(batch)  # raises CalibrationError when a BN sees a single value per channel
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    first = first_line(err)
                     raise DataError(
                         f"the model rejected calibration batch {i}: {type(err).__name__}: {first}",
                         "check that the data matches the model's inputs (shape, dtype, number of inputs)",

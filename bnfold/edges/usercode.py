@@ -1,6 +1,6 @@
 """The user-code guard: factories, data functions and data iterators run inside bnfold, not instead of it.
 
-Trust rule 1 and 6. Whatever user code does — ``sys.exit(0)``, ``raise SystemExit("msg")``, a stray
+Trust rules "exit codes are bnfold's" and "stdout carries only what was asked for" (docs/trust.md). Whatever user code does — ``sys.exit(0)``, ``raise SystemExit("msg")``, a stray
 ``GeneratorExit``, ``print`` — bnfold keeps its exit codes and its stdout:
 
 * ``run_user(fn, *args, what=...)`` / ``with user_code(what):`` run user code with stdout redirected to
@@ -21,16 +21,12 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import BnfoldError, DataError, ModelSpecError
+from bnfold.errors import BnfoldError, DataError, EXIT_MODEL, first_line, ModelSpecError
+from bnfold.edges.files import sweep_stale_staging
 
 __all__ = ["run_user", "user_code", "guard_iter", "as_error", "stdout_to_stderr", "stdout"]
 
 _real_stdout: list[Any] = []  # stack of the stdout streams saved by active redirections
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return " ".join(text.splitlines()[0].split())[:300] if text else ""
 
 
 def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpecError) -> BnfoldError:
@@ -42,10 +38,10 @@ def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpec
         if code is None or isinstance(code, int):
             problem = f"{what} called sys.exit({'' if code is None else code})"
         else:
-            problem = f"{what} exited with SystemExit: {_first_line(err) or type(code).__name__}"
+            problem = f"{what} exited with SystemExit: {first_line(err, empty='') or type(code).__name__}"
         fix = "user code must return (or raise an exception), not exit the process"
     else:
-        msg = _first_line(err)
+        msg = first_line(err, empty="")
         problem = f"{what} raised {type(err).__name__}" + (f": {msg}" if msg else "")
         fix = "fix the data function" if issubclass(error, DataError) else "fix the model code"
     new = error(problem, fix)
@@ -150,13 +146,10 @@ def worker_died(future, entry: dict) -> dict:
     that called ``os._exit``, a crash in a native library, the OOM killer)."""
     from concurrent.futures.process import BrokenProcessPool
 
-    from .errors import EXIT_MODEL
 
     try:
         return future.result()
     except BrokenProcessPool:
-        from ._io import sweep_stale_staging
-
         for key in ("output", "report"):  # what the dead worker had staged
             if entry.get(key):
                 sweep_stale_staging(os.path.dirname(os.path.abspath(entry[key])))

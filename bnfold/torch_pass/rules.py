@@ -4,10 +4,10 @@ Each rule has a ``name`` and ``match(ctx, bn_path, call)`` returning
 
 * ``None`` when the pattern does not apply at all (e.g. ``concat`` on a BN whose input is no cat),
 * ``Reject(reason)`` when it applies but is not exact here, or
-* ``Match(into, edits)``: the modules that absorb the BN and the edits (``folding.Edit``) that do it.
+* ``Match(into, edits)``: the modules that absorb the BN and the edits (``plan.Edit``) that do it.
 
 Applying a match is data too: every edit says "this BN's (s, t), channels a:b, each repeated k times,
-onto target's output channels (backward) or input channels (forward)"; ``folding._apply`` runs them
+onto target's output channels (backward) or input channels (forward)"; ``fold._apply`` runs them
 through ``fold_math`` in float64 and casts once. Adding a rule means one class here (plus its test).
 """
 
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import bn_kinds
-from .folding import Edit, _Call, _Graph
+from bnfold.plan import Edit
+from bnfold.torch_pass import bn_kinds
+from bnfold.torch_pass.graph import Call, Graph
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Reject:
 
 @dataclass
 class Context:
-    g: _Graph
+    g: Graph
     model: nn.Module
     shared: dict[int, list[str]]
     _mods: dict = field(default_factory=dict)
@@ -97,7 +98,7 @@ class Backward:
 
     name = "backward"
 
-    def match(self, ctx: Context, bn: str, call: _Call):
+    def match(self, ctx: Context, bn: str, call: Call):
         if len(call.inputs) != 1:
             return Reject(f"BN has {len(call.inputs)} activation inputs")
         path, why = ctx.producer(call.inputs[0])
@@ -120,7 +121,7 @@ class Concat:
 
     name = "concat"
 
-    def match(self, ctx: Context, bn: str, call: _Call):
+    def match(self, ctx: Context, bn: str, call: Call):
         g = ctx.g
         if len(call.inputs) != 1 or g.op_name(call.inputs[0]) not in ("cat", "concat", "concatenate"):
             return None
@@ -161,7 +162,7 @@ class Reshape:
 
     name = "reshape"
 
-    def match(self, ctx: Context, bn: str, call: _Call):
+    def match(self, ctx: Context, bn: str, call: Call):
         g = ctx.g
         if len(call.inputs) != 1:
             return None
@@ -194,7 +195,7 @@ _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", 
 _NOOPS = {"contiguous", "clone", "detach"}
 
 
-def _passthrough(g: _Graph, u, x, rank: int | None, repeat: int):
+def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
     """How a node between BN and its consumer maps per-channel affine data, as
     (kind, rank, repeat), a reason (str) when it applies but breaks exactness, or None."""
     mod = g.module_of(u)
@@ -247,7 +248,7 @@ def _passthrough(g: _Graph, u, x, rank: int | None, repeat: int):
     return None
 
 
-def _flatten(g: _Graph, u, x, rank, repeat, start, end):
+def _flatten(g: Graph, u, x, rank, repeat, start, end):
     if not isinstance(start, int) or not isinstance(end, int):
         return "flatten with axes computed at run time"
     ins = g.shape(x)
@@ -266,7 +267,7 @@ class Forward:
 
     name = "forward"
 
-    def match(self, ctx: Context, bn: str, call: _Call):
+    def match(self, ctx: Context, bn: str, call: Call):
         g = ctx.g
         kind, _ = bn_kinds.bn_kind(ctx.module(bn))
         if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn))):
@@ -344,7 +345,7 @@ def _has_padding(conv: nn.Module) -> bool:
 _ADDS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
 
 
-def _is_sum(g: _Graph, n) -> bool:
+def _is_sum(g: Graph, n) -> bool:
     """A plain sum of tensors (x + y, x += y, torch.add without alpha) or an eval-time identity."""
     mod = g.module_of(n)
     if mod is not None:
@@ -354,7 +355,7 @@ def _is_sum(g: _Graph, n) -> bool:
     return g.owner(n) is None
 
 
-def _strip_identity(g: _Graph, n):
+def _strip_identity(g: Graph, n):
     """The value behind eval-time identity modules (nn.Identity, Dropout)."""
     while isinstance(g.module_of(n), (nn.Identity, nn.modules.dropout._DropoutNd)) and n.all_input_nodes:
         n = n.all_input_nodes[0]
@@ -368,7 +369,7 @@ class Branches:
 
     name = "branches"
 
-    def match(self, ctx: Context, bn: str, call: _Call, plan, taken):
+    def match(self, ctx: Context, bn: str, call: Call, plan, taken):
         g = ctx.g
         if len(call.inputs) != 1 or len(call.outputs) != 1:
             return None

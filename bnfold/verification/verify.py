@@ -26,21 +26,19 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .compare import (  # noqa: F401  (re-exported: the public names of the verify stage)
-    DEFAULT_TOLERANCES,
+
+from bnfold.verification.compare import (
     NOISE_K,
     OutputComparison,
     check_tolerance,
     check_tolerance_keys,
-    compare,
     compare_outputs,
-    default_tolerance,
 )
-from .errors import BadInputError, ProviderError, WeightsError
-from .providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers  # noqa: F401
-from .runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner, flatten_outputs, tf32, tf32_off  # noqa: F401
+from bnfold.errors import BadInputError, first_line, ProviderError, WeightsError
+from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers
+from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
+from bnfold.edges.data import Batch, eval_mode, model_dtype_device
 
-KNOWN_PROVIDERS = {k: s.ort_name for k, s in PROVIDERS.items()}  # kept for callers of the old name
 FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
 
 
@@ -197,7 +195,6 @@ def _input_sets(inputs) -> dict[str, Any]:
     """Normalise to {name: Batch}."""
     import torch
 
-    from .data import Batch
 
     if isinstance(inputs, torch.Tensor):
         return {"inputs": Batch((inputs,), {})}
@@ -222,7 +219,6 @@ def _float64_runner(reference, max_bytes: int, borrow: bool = False):
 
     import torch
 
-    from .data import model_dtype_device
 
     dtype, _ = model_dtype_device(reference)
     if dtype == torch.float64:
@@ -302,7 +298,6 @@ def verify(
     Returns a VerifyReport (truthy when every run passed and at least one ONNX run happened).
     Raises ProviderError when no requested provider (or a required one) can run.
     """
-    from .data import eval_mode
 
     check_tolerance(atol, "atol")
     check_tolerance(rtol, "rtol")
@@ -362,7 +357,6 @@ def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64
     meanwhile."""
     import torch
 
-    from .data import eval_mode
 
     check_statistics(reference)
     sets = _input_sets(inputs)
@@ -381,7 +375,6 @@ def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64
 def check_folded(folded, inputs, references: References, *, atol=None, rtol=None, noise_k: float = NOISE_K) -> list[Run]:
     """Step 2 of verify on its own: the folded PyTorch module against ``references`` (taken before a
     fold in place). Returns the Runs; the caller may then drop the module before the sessions exist."""
-    from .data import eval_mode
 
     sets = _input_sets(inputs)
     runs = []
@@ -425,7 +418,7 @@ def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose, borrow: 
                         refs64 = {s: r64.infer(f) for s, f in sets.items()}
                         f64_status = "ran"
                     except Exception as err:  # noqa: BLE001 — the model may not support float64
-                        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        first = first_line(err)
                         f64_status = f"failed: {type(err).__name__}: {first[:200]}"
                         note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
                              "judged against the float32 reference only")
