@@ -172,7 +172,7 @@ def test_add_of_two_convs():
     body = ["c1 = Conv (x, w1, b1)", "c2 = Conv <pads = [1, 1, 1, 1]> (x, w2)", "a = Add (c1, c2)", bn("a", "y")]
     consts = {"w1": w(3, 4, 1, 1), "b1": w(3), "w2": w(3, 4, 3, 3), **bn_params("bn", 3)}
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,3,5,5] y)", body, consts)
-    fold_check(m, X4, [("branches", ["Conv", "Conv"])])
+    fold_check(m, X4, [("add-of-convs", ["Conv", "Conv"])])
 
 
 def test_bn_inside_if_branches_with_outer_weights():
