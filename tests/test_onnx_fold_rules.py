@@ -353,6 +353,34 @@ def test_reshape_linear_tokens_to_bn1d(with_add):
     fold_check(m, {"x": RNG.standard_normal((2, 3, 4))}, [("reshape", ["MatMul", "Add"] if with_add else ["MatMul"])])
 
 
+@pytest.mark.parametrize("trans_a,trans_b,alpha,beta,c", [(0, 0, 1.0, 1.0, None), (1, 1, 0.5, 2.0, (5,)), (0, 1, 1.5, 0.25, (6, 5)),
+                                                      (1, 0, 2.0, 0.75, (1, 5))])
+def test_reshape_gemm_rows_to_bn1d(trans_a, trans_b, alpha, beta, c):
+    """Gemm → Reshape to (rows, C) → BN1d → Reshape back (the README's ``reshape`` rule on Gemm):
+    B's columns and C take (s, t), β becomes 1."""
+    ins = "x, B" + (", C" if c else "")
+    body = [f"g = Gemm <alpha = {alpha}, beta = {beta}, transA = {trans_a}, transB = {trans_b}> ({ins})",
+            "shp = Constant <value = int64[2] {-1, 5}> ()", "r = Reshape (g, shp)", bn("r", "n"),
+            "back = Constant <value = int64[3] {2, 3, 5}> ()", "y = Reshape (n, back)"]
+    consts = {"B": w(5, 4) if trans_b else w(4, 5), **bn_params("bn", 5), **({"C": w(*c)} if c else {})}
+    xs = (4, 6) if trans_a else (6, 4)
+    m = text_model(f"agraph (double[{xs[0]},{xs[1]}] x) => (double[2,3,5] y)", body, consts)
+    folded, _ = fold_check(m, {"x": RNG.standard_normal(xs)}, [("reshape", ["Gemm"])])
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["Gemm", "Reshape", "Reshape"]
+
+
+def test_reshape_of_gemm_refusals():
+    """A Reshape that splits each Gemm row over several BN rows (6 outputs → (·, 3)) is no per-channel
+    map; a Gemm whose B is a graph input can change at run time."""
+    body = ["g = Gemm (x, B)", "shp = Constant <value = int64[2] {-1, 3}> ()", "r = Reshape (g, shp)", bn("r", "y")]
+    m = text_model("agraph (double[2,4] x) => (double[4,3] y)", body, {"B": w(4, 6), **bn_params("bn", 3)})
+    onnx.checker.check_model(m, full_check=True)
+    assert "Reshape 'r' input: Gemm 'g' has 6 outputs, BN 3 channels" in reason_of(m)
+    body[0] = "g = Gemm (x, B3)"
+    m = text_model("agraph (double[2,4] x, double[4,3] B3) => (double[2,3] y)", body, bn_params("bn", 3))
+    assert "Reshape 'r' input: Gemm 'g' B: 'B3' is a graph input (overridable at run time)" in reason_of(m)
+
+
 def test_reshape_that_moves_the_channel_axis_is_refused():
     body = ["h = MatMul (x, B)", "shp = Constant <value = int64[2] {6, -1}> ()", "r = Reshape (h, shp)", bn("r", "y")]
     m = text_model("agraph (double[2,3,4] x) => (double[6,6] y)", body, {"B": w(4, 6), **bn_params("bn", 6)})
