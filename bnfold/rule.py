@@ -13,8 +13,9 @@ one a user needs. ``try_rules`` runs rules in order of preference and keeps ever
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 C = TypeVar("C")  # the pass's context (the graph being folded)
 B = TypeVar("B")  # the pass's view of one BatchNorm

@@ -38,7 +38,7 @@ class OnnxRule(Rule):
 
     side = "backward"
 
-    def rewrite(self, ctx: "Ctx", bn: BN, m) -> None:
+    def rewrite(self, ctx: Ctx, bn: BN, m) -> None:
         raise NotImplementedError
 
 

@@ -2,10 +2,11 @@
 
 The rules live in ``bnfold.onnx_pass.rules`` (one class per pattern, ``RULES``, on the protocol of
 ``bnfold.rule``): ``match`` returns the rule's match (the nodes) or raises ``NoMatch`` (why);
-``rewrite`` applies ``fold_math`` in float64 and casts once to each weight's dtype. This module runs them over every BatchNormalization node of the main
-graph, of If/Loop/Scan bodies and of model-local functions (each gets exactly one plan entry),
-removes what ends up unused, and reads/writes files. New weights are new tensors: a tensor shared
-with other nodes is never edited. Graph input/output names and opsets are kept.
+``rewrite`` applies ``fold_math`` in float64 and casts once to each weight's dtype. This module runs
+them over every BatchNormalization node of the main graph, of If/Loop/Scan bodies and of model-local
+functions (each gets exactly one plan entry), removes what ends up unused, and reads/writes files.
+New weights are new tensors: a tensor shared with other nodes is never edited. Graph input/output
+names and opsets are kept.
 """
 
 from __future__ import annotations

@@ -477,36 +477,34 @@ class IdentityBranch(Rule):
                 return None
             path = src_own[0]
             mod = ctx.module(path)
-        why = cls._conv_ok(ctx, path, mod, x, bn.path)
-        if why:
-            raise NoMatch(why)
+        cls._check_conv(ctx, path, mod, x, bn.path)
         return path
 
     @staticmethod
-    def _conv_ok(ctx: Context, path: str, mod: nn.Module, x, bn: str) -> str | None:
+    def _check_conv(ctx: Context, path: str, mod: nn.Module, x, bn: str) -> None:
+        """NoMatch unless conv ``path`` reads ``x`` alone and can take an identity branch exactly."""
         g = ctx.g
-        pk, why = bn_kinds.producer_kind(mod)
+        pk, _ = bn_kinds.producer_kind(mod)
         if pk is None or not bn_kinds.is_conv(mod) or pk.backward or pk.forward:
-            return f"branch `{path}` ({type(mod).__name__}) is not a plain Conv"
+            raise NoMatch(f"branch `{path}` ({type(mod).__name__}) is not a plain Conv")
         calls = g.calls[path]
         cin = next(iter(calls.values())).inputs
         if len(calls) != 1 or len(cin) != 1 or _strip_identity(g, cin[0]) is not x:
-            return f"branch `{path}` does not read the BN's input alone"
+            raise NoMatch(f"branch `{path}` does not read the BN's input alone")
         c = ctx.channels(bn)
         if mod.in_channels != c or mod.out_channels != c:
-            return f"branch `{path}` maps {mod.in_channels}→{mod.out_channels} channels, the BN has {c}"
+            raise NoMatch(f"branch `{path}` maps {mod.in_channels}→{mod.out_channels} channels, the BN has {c}")
         if any(s != 1 for s in mod.stride):
-            return f"branch `{path}` has stride {mod.stride}"
+            raise NoMatch(f"branch `{path}` has stride {mod.stride}")
         if any(k % 2 == 0 for k in mod.kernel_size):
-            return f"branch `{path}` kernel {mod.kernel_size} has no centre tap"
+            raise NoMatch(f"branch `{path}` kernel {mod.kernel_size} has no centre tap")
         pad = mod.padding
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
         if not (pad == "same" or tuple(pad) == centred):
-            return f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})"
+            raise NoMatch(f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})")
         tied = ctx.tied(path)
         if tied:
-            return f"branch `{path}`: {tied}"
-        return None
+            raise NoMatch(f"branch `{path}`: {tied}")
 
 
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
