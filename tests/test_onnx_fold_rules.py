@@ -409,3 +409,19 @@ def test_function_attribute_set_by_the_caller_is_a_refusal():
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,6,5,5] y)", ["y = local.blk <eps = 0.001> (x)"], {}, functions=fn,
                    extra_opsets=', "local" : 1')
     assert "set by the function's caller" in reason_of(m)
+
+
+def test_rule_that_cannot_read_the_graph_is_a_refusal_with_its_reason():
+    """A rule that fails on an odd graph (a Concat axis set by the function's caller) refuses with
+    that rule's reason; the BN stays, nothing crashes."""
+    consts = bn_params("bn", 6)
+    fconsts = [f"{k} = Constant <value = double[6] {{{', '.join(repr(float(v)) for v in a)}}}> ()" for k, a in consts.items()]
+    wv = ", ".join(repr(float(v)) for v in np.asarray(w(3, 4, 1, 1)).ravel())
+    fn = ('<domain: "local", opset_import: ["" : 17]>\nblk <ax> (a) => (b) {\n  ' + "\n  ".join(
+        fconsts + [f"wf = Constant <value = double[3,4,1,1] {{{wv}}}> ()", "c1 = Conv (a, wf)", "c2 = Conv (a, wf)",
+                   "k = Concat <axis: int = @ax> (c1, c2)", bn("k", "b")]) + "\n}\n")
+    m = text_model("agraph (double[2,4,5,5] x) => (double[2,6,5,5] y)", ["y = local.blk <ax = 1> (x)"], {}, functions=fn,
+                   extra_opsets=', "local" : 1')
+    r = reason_of(m)
+    assert r.startswith("backward: BackwardConcat could not read the graph here (ValueError: attribute 'axis' of Concat"), r
+    assert "set by the function's caller" in r and "; forward: " in r
