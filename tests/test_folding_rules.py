@@ -240,7 +240,7 @@ def test_bn_dropout_linear_is_forward():  # timm LeViT NormLinear
     check(Seq(nn.BatchNorm1d(6), nn.Dropout(0.1), nn.Linear(6, 3)), torch.randn(4, 6), {"0": ("2", "forward")})
 
 
-# -------------------------------------------------------------------------------------- branches
+# ------------------------------------------------------------------------------- identity branch
 class Rep(nn.Module):
     """RepVGG/MobileOne block: identity BN + k×k conv-BN + 1×1 conv-BN on the same x."""
 
@@ -258,9 +258,9 @@ class Rep(nn.Module):
 
 
 @pytest.mark.parametrize("groups,sub", [(1, False), (2, False), (4, True)])
-def test_branches_identity_bn_into_centre_tap(groups, sub):
+def test_identity_branch_into_centre_tap(groups, sub):
     folded, _ = check(Rep(groups=groups, sub=sub), X, {
-        "identity": ("kxk.0", "branches"), "kxk.1": ("kxk.0", "backward"), "k1.1": ("k1.0", "backward")})
+        "identity": ("kxk.0", "identity-branch"), "kxk.1": ("kxk.0", "backward"), "k1.1": ("k1.0", "backward")})
     assert isinstance(folded.identity, ZeroBranch)
 
 
@@ -287,11 +287,11 @@ class Residual(nn.Module):
     ("shared", "output is used outside the sum"),
     ("same", "is not a plain Conv"),
 ])
-def test_branches_refusals(how, why):
+def test_identity_branch_refusals(how, why):
     assert why in reason(Residual(how), X, "bn")
 
 
-def test_branches_match_timm_reparameterize():
+def test_identity_branch_matches_timm_reparameterize():
     """A RepVGG block folded from the graph equals timm's own reparameterisation."""
     from timm.models.byobnet import RepVggBlock
     from timm.utils import reparameterize_model
@@ -376,7 +376,7 @@ def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
     monkeypatch.setattr(folding, "_fold_rows", spy)
     blocked, plan_b = fold_with_plan(model, (x,))
     assert [(f.bn, f.rule) for f in plan_a.folded] == [(f.bn, f.rule) for f in plan_b.folded]
-    assert {f.rule for f in plan_a.folded} >= {"backward", "forward", "branches"}
+    assert {f.rule for f in plan_a.folded} >= {"backward", "forward", "identity-branch"}
     assert calls and all(0 <= r0 < r1 for r0, r1 in calls)
     assert any(r1 - r0 < 8 for r0, r1 in calls)  # really in blocks
     for k, v in whole.state_dict().items():

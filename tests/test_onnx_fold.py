@@ -112,6 +112,25 @@ def test_gemm_bn(trans_b, alpha, beta, c_shape):
     fold_and_compare(m, [3, 4], [("backward", "Gemm")])
 
 
+@pytest.mark.parametrize("trans_b,alpha,beta,c_shape", [(0, 1.0, 1.0, None), (1, 0.5, 2.0, (5,)), (0, 1.5, 0.5, (6, 5))])
+def test_gemm_reshape_bn_float64(trans_b, alpha, beta, c_shape):
+    """Gemm → Reshape to (rows, C) → BN1d → Reshape back, in float64 on onnxruntime (the ``reshape``
+    rule takes Gemm as the README says): random statistics, γ and β; equal to 1e-10."""
+    b = RNG.standard_normal((5, 4) if trans_b else (4, 5))
+    inits = [init("B", b), init("shp", np.array([-1, 5], np.int64)), init("back", np.array([2, 3, 5], np.int64))]
+    inits += bn_inits("bn", 5, np.float64)
+    ins = ["x", "B"]
+    if c_shape:
+        inits.append(init("C", RNG.standard_normal(c_shape)))
+        ins.append("C")
+    nodes = [helper.make_node("Gemm", ins, ["g"], alpha=alpha, beta=beta, transB=trans_b), helper.make_node("Reshape", ["g", "shp"], ["r"]),
+             bn_node("r", "n"), helper.make_node("Reshape", ["n", "back"], ["y"])]
+    m = model(nodes, inits, [6, 4], elem=TensorProto.DOUBLE)
+    folded, _ = fold_and_compare(m, [6, 4], [("reshape", "Gemm")], dtype=np.float64, tol=1e-10)
+    gemm = next(n for n in folded.graph.node if n.op_type == "Gemm")
+    assert next(a.f for a in gemm.attribute if a.name == "beta") == 1.0
+
+
 @pytest.mark.parametrize("with_add", [False, True])
 def test_matmul_bn(with_add):
     inits = [init("B", RNG.standard_normal((4, 5)).astype(np.float32))] + bn_inits("bn", 5)

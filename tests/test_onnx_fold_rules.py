@@ -172,7 +172,7 @@ def test_add_of_two_convs():
     body = ["c1 = Conv (x, w1, b1)", "c2 = Conv <pads = [1, 1, 1, 1]> (x, w2)", "a = Add (c1, c2)", bn("a", "y")]
     consts = {"w1": w(3, 4, 1, 1), "b1": w(3), "w2": w(3, 4, 3, 3), **bn_params("bn", 3)}
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,3,5,5] y)", body, consts)
-    fold_check(m, X4, [("branches", ["Conv", "Conv"])])
+    fold_check(m, X4, [("add-of-convs", ["Conv", "Conv"])])
 
 
 def test_bn_inside_if_branches_with_outer_weights():
@@ -353,6 +353,34 @@ def test_reshape_linear_tokens_to_bn1d(with_add):
     fold_check(m, {"x": RNG.standard_normal((2, 3, 4))}, [("reshape", ["MatMul", "Add"] if with_add else ["MatMul"])])
 
 
+@pytest.mark.parametrize("trans_a,trans_b,alpha,beta,c", [(0, 0, 1.0, 1.0, None), (1, 1, 0.5, 2.0, (5,)), (0, 1, 1.5, 0.25, (6, 5)),
+                                                      (1, 0, 2.0, 0.75, (1, 5))])
+def test_reshape_gemm_rows_to_bn1d(trans_a, trans_b, alpha, beta, c):
+    """Gemm → Reshape to (rows, C) → BN1d → Reshape back (the README's ``reshape`` rule on Gemm):
+    B's columns and C take (s, t), β becomes 1."""
+    ins = "x, B" + (", C" if c else "")
+    body = [f"g = Gemm <alpha = {alpha}, beta = {beta}, transA = {trans_a}, transB = {trans_b}> ({ins})",
+            "shp = Constant <value = int64[2] {-1, 5}> ()", "r = Reshape (g, shp)", bn("r", "n"),
+            "back = Constant <value = int64[3] {2, 3, 5}> ()", "y = Reshape (n, back)"]
+    consts = {"B": w(5, 4) if trans_b else w(4, 5), **bn_params("bn", 5), **({"C": w(*c)} if c else {})}
+    xs = (4, 6) if trans_a else (6, 4)
+    m = text_model(f"agraph (double[{xs[0]},{xs[1]}] x) => (double[2,3,5] y)", body, consts)
+    folded, _ = fold_check(m, {"x": RNG.standard_normal(xs)}, [("reshape", ["Gemm"])])
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["Gemm", "Reshape", "Reshape"]
+
+
+def test_reshape_of_gemm_refusals():
+    """A Reshape that splits each Gemm row over several BN rows (6 outputs → (·, 3)) is no per-channel
+    map; a Gemm whose B is a graph input can change at run time."""
+    body = ["g = Gemm (x, B)", "shp = Constant <value = int64[2] {-1, 3}> ()", "r = Reshape (g, shp)", bn("r", "y")]
+    m = text_model("agraph (double[2,4] x) => (double[4,3] y)", body, {"B": w(4, 6), **bn_params("bn", 3)})
+    onnx.checker.check_model(m, full_check=True)
+    assert "Reshape 'r' input: Gemm 'g' has 6 outputs, BN 3 channels" in reason_of(m)
+    body[0] = "g = Gemm (x, B3)"
+    m = text_model("agraph (double[2,4] x, double[4,3] B3) => (double[2,3] y)", body, bn_params("bn", 3))
+    assert "Reshape 'r' input: Gemm 'g' B: 'B3' is a graph input (overridable at run time)" in reason_of(m)
+
+
 def test_reshape_that_moves_the_channel_axis_is_refused():
     body = ["h = MatMul (x, B)", "shp = Constant <value = int64[2] {6, -1}> ()", "r = Reshape (h, shp)", bn("r", "y")]
     m = text_model("agraph (double[2,3,4] x) => (double[6,6] y)", body, {"B": w(4, 6), **bn_params("bn", 6)})
@@ -381,3 +409,19 @@ def test_function_attribute_set_by_the_caller_is_a_refusal():
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,6,5,5] y)", ["y = local.blk <eps = 0.001> (x)"], {}, functions=fn,
                    extra_opsets=', "local" : 1')
     assert "set by the function's caller" in reason_of(m)
+
+
+def test_rule_that_cannot_read_the_graph_is_a_refusal_with_its_reason():
+    """A rule that fails on an odd graph (a Concat axis set by the function's caller) refuses with
+    that rule's reason; the BN stays, nothing crashes."""
+    consts = bn_params("bn", 6)
+    fconsts = [f"{k} = Constant <value = double[6] {{{', '.join(repr(float(v)) for v in a)}}}> ()" for k, a in consts.items()]
+    wv = ", ".join(repr(float(v)) for v in np.asarray(w(3, 4, 1, 1)).ravel())
+    fn = ('<domain: "local", opset_import: ["" : 17]>\nblk <ax> (a) => (b) {\n  ' + "\n  ".join(
+        fconsts + [f"wf = Constant <value = double[3,4,1,1] {{{wv}}}> ()", "c1 = Conv (a, wf)", "c2 = Conv (a, wf)",
+                   "k = Concat <axis: int = @ax> (c1, c2)", bn("k", "b")]) + "\n}\n")
+    m = text_model("agraph (double[2,4,5,5] x) => (double[2,6,5,5] y)", ["y = local.blk <ax = 1> (x)"], {}, functions=fn,
+                   extra_opsets=', "local" : 1')
+    r = reason_of(m)
+    assert r.startswith("backward: BackwardConcat could not read the graph here (ValueError: attribute 'axis' of Concat"), r
+    assert "set by the function's caller" in r and "; forward: " in r

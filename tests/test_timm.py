@@ -21,10 +21,10 @@ MODELS = [
     ("levit_128s", 224, 0, None, {"reshape", "forward"}),  # LinearNorm, NormLinear head
     ("visformer_tiny", 224, 0, None, {"pool-head", "forward"}),  # shape reads, BN → pool → head
     ("coatnet_nano_rw_224", 224, 0, None, {"forward"}),  # pre-norm BN beside .shape reads
-    ("repvgg_a0", 32, 0, None, {"branches"}),
-    ("mobileone_s0", 32, 0, None, {"branches"}),
-    ("fastvit_t8", 32, 0, None, {"branches"}),  # RepMixer: mixer(x) − norm(x)
-    ("repghostnet_050", 32, 0, None, {"branches"}),
+    ("repvgg_a0", 32, 0, None, {"identity-branch"}),
+    ("mobileone_s0", 32, 0, None, {"identity-branch"}),
+    ("fastvit_t8", 32, 0, None, {"identity-branch"}),  # RepMixer: mixer(x) − norm(x)
+    ("repghostnet_050", 32, 0, None, {"identity-branch"}),
     ("efficientnet_cc_b0_4e", 32, 23, "(CondConv)", {"backward"}),
     ("dpn48b", 32, 21, "its input comes from", {"backward"}),  # pre-activation BN after a shared concat
 ]
@@ -47,7 +47,7 @@ def test_timm_model_folds_exactly(name, size, left, why, rules):
 
 
 @pytest.mark.slow
-def test_graph_branches_match_timm_reparameterize_model():
+def test_identity_branches_match_timm_reparameterize_model():
     """Folding RepVGG from the graph gives timm's own reparameterised network."""
     from timm.utils import reparameterize_model
 

@@ -1,32 +1,45 @@
-"""The pieces every ONNX rule uses: match results, constant resolution, the graph context, the BN's
-own (s, t). A value that is a graph input, even with an initializer, is overridable at run time and
-is never a constant; constant chains (Identity, Cast, CastLike, Reshape, (Un)Squeeze, Expand, Shape of
-a static shape, Concat) are evaluated, so deduplicated tensors and Expand-ed zero biases resolve."""
+"""The pieces every ONNX rule uses: the rule base and the BN it folds, constant resolution, the graph
+context (with the IR edits rules make), the BN's own (s, t). A value that is a graph input, even with
+an initializer, is overridable at run time and is never a constant; constant chains (Identity, Cast,
+CastLike, Reshape, (Un)Squeeze, Expand, Shape of a static shape, Concat) are evaluated, so
+deduplicated tensors and Expand-ed zero biases resolve."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bnfold.fold_math import bn_scale_shift
 from bnfold.onnx_pass.io import ONNX_DOMAINS
+from bnfold.rule import NoMatch, Rule
 
 
-# ------------------------------------------------------------------------------------ match results
+# ------------------------------------------------------------------------------------ rule protocol
 @dataclass
-class Reject:
-    reason: str
-    applies: bool = True  # False: the pattern's anchor op is not there at all (reason is generic)
+class BN:
+    """One BatchNormalization node being folded and its affine map y = s·x + t (float64 tensors)."""
+
+    node: Any
+    s: Any
+    t: Any
+
+    @property
+    def channels(self) -> int:
+        return self.s.numel()
 
 
-@dataclass
-class Match:
-    bn: Any
-    nodes: list  # the nodes whose weights change (the plan's ``into``)
-    data: dict = field(default_factory=dict)
+class OnnxRule(Rule):
+    """An ONNX pattern: ``match(ctx, bn)`` returns a dataclass whose ``nodes`` are the nodes that absorb
+    the BN (the plan's ``into``) or raises ``NoMatch``; ``rewrite(ctx, bn, match)`` applies the fold and
+    removes the BN. ``side``: which direction the pattern folds, for the generic refusal reason."""
+
+    side = "backward"
+
+    def rewrite(self, ctx: Ctx, bn: BN, m) -> None:
+        raise NotImplementedError
 
 
 def node_name(node) -> str:
@@ -157,6 +170,13 @@ class Ctx:
     def const(self, v):
         return self.consts.value(v)
 
+    def need_const(self, v, what: str) -> np.ndarray:
+        """The constant value of ``v``, or ``NoMatch("{what}: why it is not a constant")``."""
+        arr, why = self.consts.value(v)
+        if why:
+            raise NoMatch(f"{what}: {why}")
+        return arr
+
     def owns(self, node) -> bool:
         """Whether ``node`` belongs to this graph-like (not to an enclosing or nested graph)."""
         return node.graph is self.graph or node.graph is getattr(self.graph, "graph", None)
@@ -203,21 +223,19 @@ class Ctx:
 
         node.attributes[name] = ir.AttrFloat32(name, float(value))
 
-    def take_over(self, old, new) -> None:
-        """Every reader of ``old`` reads ``new``; ``new`` takes ``old``'s name (kept graph outputs)."""
+    def replace_bn(self, bn, value, new_nodes=()) -> None:
+        """The BN's readers read ``value`` instead, which takes the BN output's name, type and shape
+        (a kept graph-output name); ``new_nodes`` go where the BN was; the BN goes."""
         import onnx_ir as ir
 
-        name = old.name
-        if old.type is not None:
-            new.type = old.type
-        if old.shape is not None:
-            new.shape = old.shape
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        old.name = None
-        new.name = name
+        ir.convenience.replace_nodes_and_values(self.graph, bn, [bn], list(new_nodes), [bn.outputs[0]], [value])
 
-    def remove(self, node) -> None:
-        self.graph.remove(node, safe=True)
+    def bypass_bn(self, bn) -> None:
+        """The BN's readers read its input (their weights took the BN); the BN goes."""
+        import onnx_ir as ir
+
+        ir.convenience.replace_all_uses_with(bn.outputs[0], bn.inputs[0])
+        self.graph.remove(bn, safe=True)
 
     def rank(self, v) -> int | None:
         if v.shape is not None:
@@ -227,37 +245,33 @@ class Ctx:
 
 # --------------------------------------------------------------------------------- the BN itself
 def bn_params(ctx: Ctx, bn):
-    """(s, t) as float64 tensors, or a Reject: inference mode, constant parameters, finite scale."""
+    """(s, t) as float64 tensors, or ``NoMatch``: inference mode, constant parameters, finite scale."""
     if attr(bn, "training_mode", 0):
-        return Reject("BatchNormalization has training_mode=1")
+        raise NoMatch("BatchNormalization has training_mode=1")
     if ctx.opset < 7 and not attr(bn, "is_test", 0):
-        return Reject(f"BatchNormalization (opset {ctx.opset}) without is_test=1 runs in training mode")
+        raise NoMatch(f"BatchNormalization (opset {ctx.opset}) without is_test=1 runs in training mode")
     if ctx.opset < 9 and not attr(bn, "spatial", 1):
-        return Reject("BatchNormalization has spatial=0 (statistics per element, not per channel)")
+        raise NoMatch("BatchNormalization has spatial=0 (statistics per element, not per channel)")
     if ctx.opset < 14 and any(o is not None and o.name for o in bn.outputs[1:]):
-        return Reject(f"BatchNormalization (opset {ctx.opset}) with {len(bn.outputs)} outputs runs in training mode")
+        raise NoMatch(f"BatchNormalization (opset {ctx.opset}) with {len(bn.outputs)} outputs runs in training mode")
     extra = [o for o in bn.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
     if extra:
-        return Reject(f"BatchNormalization output '{value_name(extra[0])}' (a training statistic) is used")
+        raise NoMatch(f"BatchNormalization output '{value_name(extra[0])}' (a training statistic) is used")
     if len(bn.inputs) < 5 or bn.inputs[0] is None:
-        return Reject("BatchNormalization has fewer than 5 inputs")
+        raise NoMatch("BatchNormalization has fewer than 5 inputs")
     vals = []
     for what, v in zip(("scale", "B", "mean", "var"), bn.inputs[1:5]):
-        arr, why = ctx.const(v)
-        if why:
-            return Reject(f"{what}: {why}")
+        arr = ctx.need_const(v, what)
         if arr.dtype.kind not in "f" and "float" not in str(arr.dtype):
-            return Reject(f"{what} is {arr.dtype}, not floating point")
+            raise NoMatch(f"{what} is {arr.dtype}, not floating point")
         vals.append(arr.astype(np.float64).reshape(-1))
     c = vals[0].size
     if any(a.size != c for a in vals):
-        return Reject(f"scale, B, mean and var have {[a.size for a in vals]} elements, not one per channel")
+        raise NoMatch(f"scale, B, mean and var have {[a.size for a in vals]} elements, not one per channel")
     eps = float(attr(bn, "epsilon", 1e-5))
     scale, bias, mean, var = vals
     bad = np.nonzero(~(var + eps > 0) | ~np.isfinite(var) | ~np.isfinite(scale) | ~np.isfinite(mean) | ~np.isfinite(bias))[0]
     if bad.size:
         k = int(bad[0])
-        return Reject(f"channel {k} has var + epsilon = {var[k] + eps:g} (epsilon {eps:g}) or non-finite parameters: its output is not a finite affine map")
+        raise NoMatch(f"channel {k} has var + epsilon = {var[k] + eps:g} (epsilon {eps:g}) or non-finite parameters: its output is not a finite affine map")
     return bn_scale_shift(f64(mean), f64(var), eps, f64(scale), f64(bias))
-
-

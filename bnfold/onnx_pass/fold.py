@@ -1,11 +1,12 @@
 """Fold BatchNormalization nodes inside an ONNX model, on onnx_ir (no PyTorch model needed).
 
-The rules live in ``bnfold.onnx_pass.rules`` (one class per pattern, ``RULES``): ``match`` returns a
-``Match`` (the nodes) or a ``Reject`` (why); ``rewrite`` applies ``fold_math`` in float64 and casts
-once to each weight's dtype. This module runs them over every BatchNormalization node of the main
-graph, of If/Loop/Scan bodies and of model-local functions (each gets exactly one plan entry),
-removes what ends up unused, and reads/writes files. New weights are new tensors: a tensor shared
-with other nodes is never edited. Graph input/output names and opsets are kept.
+The rules live in ``bnfold.onnx_pass.rules`` (one class per pattern, ``RULES``, on the protocol of
+``bnfold.rule``): ``match`` returns the rule's match (the nodes) or raises ``NoMatch`` (why);
+``rewrite`` applies ``fold_math`` in float64 and casts once to each weight's dtype. This module runs
+them over every BatchNormalization node of the main graph, of If/Loop/Scan bodies and of model-local
+functions (each gets exactly one plan entry), removes what ends up unused, and reads/writes files.
+New weights are new tensors: a tensor shared with other nodes is never edited. Graph input/output
+names and opsets are kept.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 from bnfold.edges.files import OutputSet
 from bnfold.edges.paths import check_run_paths, spec_files
-from bnfold.onnx_pass.core import ONNX_DOMAINS, Ctx, Match, Reject, bn_params, node_name
+from bnfold.errors import first_line
+from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name
 from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx
 from bnfold.onnx_pass.rules import RULES
 from bnfold.plan import Folded, FoldPlan, Unfolded, folded_entry
+from bnfold.rule import NoMatch, Outcome, Rule, try_rules
 
 
 def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
@@ -31,36 +34,42 @@ def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
             record[id(bn)] = (bn, entry)
 
 
-def _fold_one(ctx: Ctx, bn, name: str):
+def _fold_one(ctx: Ctx, node, name: str):
     try:
-        st = bn_params(ctx, bn)
+        s, t = bn_params(ctx, node)
+    except NoMatch as nm:
+        return Unfolded(name, nm.reason)
     except Exception as err:  # e.g. epsilon given by a function's caller: a refusal, never a crash
-        st = Reject(f"cannot read the BatchNormalization node ({type(err).__name__}: {str(err)[:160]})")
-    if isinstance(st, Reject):
-        return Unfolded(name, st.reason)
-    s, t = st
-    tried: dict[str, list[Reject]] = {"backward": [], "forward": []}
-    for rule in RULES:
-        try:
-            m = rule.match(ctx, bn, s, t)
-        except Exception as err:  # an odd graph is a refusal with its reason, never a crash
-            m = Reject(f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {str(err)[:120]})")
-        if isinstance(m, Match):
-            into = [ctx.prefix + node_name(n) for n in m.nodes]
-            rule.rewrite(ctx, m, s, t)
-            ctx.remove(bn)
-            return folded_entry(name, into, rule.name, [n.op_type for n in m.nodes])
-        tried["forward" if rule.name == "forward" else "backward"].append(m)
-    return Unfolded(name, "; ".join(f"{side}: {_pick(rs, side)}" for side, rs in tried.items()))
+        return Unfolded(name, f"cannot read the BatchNormalization node ({type(err).__name__}: {first_line(err, 160, empty='')})")
+    bn = BN(node, s, t)
+    out = try_rules(RULES, ctx, bn, on_error=_unreadable)
+    if out.match is None:
+        return Unfolded(name, _reason(out))
+    nodes = out.match.nodes
+    into = [ctx.prefix + node_name(n) for n in nodes]
+    into_type = [n.op_type for n in nodes]
+    out.rule.rewrite(ctx, bn, out.match)
+    return folded_entry(name, into, out.rule.name, into_type)
 
 
-_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul/Concat of convs/Add of convs", "forward": "an unpadded Conv, Gemm or MatMul"}
+def _unreadable(rule: Rule, err: Exception) -> str:
+    """An odd graph is a refusal with its reason, never a crash."""
+    return f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {first_line(err, 120, empty='')})"
 
 
-def _pick(rejects: list[Reject], side: str) -> str:
-    """The reason of the rule whose pattern was there, else the generic one (what was found instead)."""
-    hit = [r for r in rejects if r.applies]
-    return hit[0].reason if hit else f"{rejects[0].reason}, not {_TARGETS[side]}"
+_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul or Gemm/Concat of convs/Add of convs",
+            "forward": "an unpadded Conv, Gemm or MatMul"}
+
+
+def _reason(out: Outcome) -> str:
+    """Per side (backward, forward): the reason of the first rule whose pattern was there, else the
+    generic one (what was found instead of any pattern)."""
+    parts = []
+    for side in ("backward", "forward"):
+        fails = [f for r, f in out.failures if r.side == side]
+        hit = [f for f in fails if f.applies]
+        parts.append(f"{side}: {hit[0].reason if hit else f'{fails[0].reason}, not {_TARGETS[side]}'}")
+    return "; ".join(parts)
 
 
 def _graphs(graph, prefix: str):

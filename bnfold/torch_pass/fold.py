@@ -1,8 +1,9 @@
 """Fold BatchNorm into neighbouring Conv/ConvTranspose/Linear modules of a PyTorch model.
 
 Discovery reads the model's graph, not its module order (``graph``). The rules in ``rules`` (one unit
-per pattern: backward, concat, reshape, forward/pool-head, branches) then decide, for every BN layer,
-where it folds or why it stays; this module applies their edits.
+per pattern: backward, concat, reshape, forward/pool-head, identity-branch; the protocol of
+``bnfold.rule``) then decide, for every BN layer, where it folds or why it stays; this module applies
+their edits.
 
 The rewrite works on a copy (unless ``inplace=True``): the same classes, each folded BN replaced by
 what remains of its forward (``nn.Identity`` for torch's BN; ``act(drop(x))`` for timm's
@@ -19,11 +20,12 @@ from torch import nn
 
 from bnfold import fold_math
 from bnfold.errors import ModelError
-from bnfold.plan import Edit, Folded, FoldPlan, Unfolded
+from bnfold.plan import Edit, FoldPlan, Unfolded
+from bnfold.rule import try_rules
 from bnfold.torch_pass import bn_kinds
 from bnfold.torch_pass.bn_kinds import is_batchnorm
 from bnfold.torch_pass.graph import trace
-from bnfold.torch_pass.rules import LATE_RULES, RULES, Context, Match
+from bnfold.torch_pass.rules import BN, LATE_RULES, RULES, Context, IdentityBranch
 
 
 # ------------------------------------------------------------------------------ BN recognition
@@ -57,76 +59,57 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
         return plan
     interest = set(bns) | {name for name, m in model.named_modules() if name and bn_kinds.is_producer_like(m)}
     g, plan.tracer, plan.trace_error = trace(model, example_inputs, interest)
-    ctx = Context(g, model, _shared_params(model)) if g is not None else None
-    taken: dict[tuple[str, str], str] = {}  # (target, op) → the BN already folded there
+    ctx = Context(g, model, _shared_params(model), plan) if g is not None else None
     for name, bn in bns.items():
-        problem = _bn_problem(bn)
-        if problem:
-            plan.unfolded.append(Unfolded(name, problem))
-            continue
-        if g is None:
-            plan.unfolded.append(Unfolded(name, f"model could not be traced ({plan.trace_error})"))
-            continue
-        calls = g.calls.get(name, {})
-        if len(calls) != 1:
-            why = "never called in forward()" if not calls else f"called {len(calls)} times (shared BN)"
+        target, why = _target(ctx, plan.trace_error, name, bn)
+        if target is None:
             plan.unfolded.append(Unfolded(name, why))
             continue
-        call = next(iter(calls.values()))
-        reasons = []
-        for rule in RULES:
-            res = rule.match(ctx, name, call)
-            if res is None:
-                continue
-            if isinstance(res, Match):
-                clash = next((taken[(e.target, e.op)] for e in res.edits if (e.target, e.op) in taken), None)
-                if clash:
-                    reasons.append(f"{rule.name}: its target already takes the fold of `{clash}`")
-                    continue
-                for e in res.edits:
-                    taken[(e.target, e.op)] = name
-                plan.edits.extend(res.edits)
-                into_type = [type(model.get_submodule(t)).__name__ for t in res.into]
-                plan.folded.append(Folded(name, list(res.into), res.rule or rule.name, into_type))
-                break
-            reasons.append(f"{rule.name}: {res.reason}")
+        out = try_rules(RULES, ctx, target, accept=ctx.check_free)
+        if out.match is not None:
+            ctx.record(target, out.rule, out.match)
         else:
-            plan.unfolded.append(Unfolded(name, "; ".join(reasons)))
-    _second_pass(ctx, plan, taken)
+            plan.unfolded.append(Unfolded(name, "; ".join(out.reasons())))
+    _second_pass(ctx)
     return plan
 
 
-def _second_pass(ctx, plan: FoldPlan, taken: dict) -> None:
+def _target(ctx: Context | None, trace_error: str | None, name: str, bn: nn.Module) -> tuple[BN | None, str | None]:
+    """(the BN and its one call, None), or (None, why no rule can fold it whatever its neighbours)."""
+    problem = _bn_problem(bn)
+    if problem:
+        return None, problem
+    if ctx is None:
+        return None, f"model could not be traced ({trace_error})"
+    calls = ctx.g.calls.get(name, {})
+    if len(calls) != 1:
+        return None, "never called in forward()" if not calls else f"called {len(calls)} times (shared BN)"
+    return BN(name, next(iter(calls.values()))), None
+
+
+def _second_pass(ctx: Context | None) -> None:
     """Rules that build on the first pass's folds (parallel branches merge into a conv whose own
     BN already folded backward)."""
     if ctx is None:
         return
-    still = []
+    plan, still = ctx.plan, []
     for u in plan.unfolded:
         calls = ctx.g.calls.get(u.bn, {})
         if len(calls) != 1 or _bn_problem(ctx.module(u.bn)):
             still.append(u)
             continue
-        call = next(iter(calls.values()))
-        for rule in LATE_RULES:
-            res = rule.match(ctx, u.bn, call, plan, taken)
-            if isinstance(res, Match):
-                for e in res.edits:  # identity branches add up: several may join one conv
-                    taken.setdefault((e.target, e.op), u.bn)
-                plan.edits.extend(res.edits)
-                into_type = [type(ctx.module(t)).__name__ for t in res.into]
-                plan.folded.append(Folded(u.bn, list(res.into), res.rule or rule.name, into_type))
-                break
-            if res is not None:
-                u = Unfolded(u.bn, f"{u.reason}; {rule.name}: {res.reason}")
+        target = BN(u.bn, next(iter(calls.values())))
+        out = try_rules(LATE_RULES, ctx, target)
+        if out.match is not None:
+            ctx.record(target, out.rule, out.match)
         else:
-            still.append(u)
+            still.append(Unfolded(u.bn, "; ".join([u.reason] + out.reasons())))
     plan.unfolded = still
 
 
 class ZeroBranch(nn.Module):
     """Stands where a BN-only branch was: its s·x + t now lives in the centre tap and bias of a
-    parallel conv on the same input (rule "branches"), so this branch contributes zeros."""
+    parallel conv on the same input (rule "identity-branch"), so this branch contributes zeros."""
 
     def forward(self, x):
         return torch.zeros_like(x)
@@ -193,7 +176,7 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             continue
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
-        _set_submodule(model, f.bn, ZeroBranch() if f.rule == "branches" else kind.remainder(bn))
+        _set_submodule(model, f.bn, ZeroBranch() if f.rule == IdentityBranch.name else kind.remainder(bn))
 
 
 FOLD_BLOCK_BYTES = 256 << 20  # float64 working copy above which a weight is folded in blocks of rows

@@ -1,10 +1,10 @@
-"""The fold rules: one small unit per pattern.
+"""The fold rules of the PyTorch pass: one small unit per pattern, on the protocol of ``bnfold.rule``.
 
-Each rule has a ``name`` and ``match(ctx, bn_path, call)`` returning
-
-* ``None`` when the pattern does not apply at all (e.g. ``concat`` on a BN whose input is no cat),
-* ``Reject(reason)`` when it applies but is not exact here, or
-* ``Match(into, edits)``: the modules that absorb the BN and the edits (``plan.Edit``) that do it.
+Each rule has a ``name`` and ``match(ctx, bn)`` (``bn``: the BN module's path and its one call) that
+returns a ``Match`` (the modules that absorb the BN and the edits, ``plan.Edit``, that do it) or raises
+``NoMatch`` with the reason: ``applies=False`` when the pattern is not there at all (``concat`` on a BN
+whose input is no concatenation; such reasons are not reported), else the reason the pattern is not
+exact here.
 
 Applying a match is data too: every edit says "this BN's (s, t), channels a:b, each repeated k times,
 onto target's output channels (backward) or input channels (forward)"; ``fold._apply`` runs them
@@ -18,28 +18,40 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bnfold.plan import Edit
+from bnfold.plan import Edit, Folded, FoldPlan
+from bnfold.rule import NoMatch, Rule
 from bnfold.torch_pass import bn_kinds
 from bnfold.torch_pass.graph import Call, Graph
 
 
+@dataclass(frozen=True)
+class BN:
+    """The BatchNorm module being folded: its path in the model and its one call in the graph."""
+
+    path: str
+    call: Call
+
+
 @dataclass
 class Match:
+    """``into``: the modules that absorb the BN; ``edits``: how; ``rule``: the name the plan gives
+    the fold when it is not the rule's own (forward through a pool → "pool-head")."""
+
     into: list[str]
     edits: list[Edit]
-    rule: str | None = None  # overrides the rule's name (forward through a pool → "pool-head")
-
-
-@dataclass
-class Reject:
-    reason: str
+    rule: str | None = None
 
 
 @dataclass
 class Context:
+    """The traced model, its tied parameters, and the plan so far: ``plan.edits`` (what already
+    folded where) and ``taken`` ((target, op) → the BN whose fold it already takes)."""
+
     g: Graph
     model: nn.Module
     shared: dict[int, list[str]]
+    plan: FoldPlan = field(default_factory=FoldPlan)
+    taken: dict[tuple[str, str], str] = field(default_factory=dict)
     _mods: dict = field(default_factory=dict)
 
     def module(self, path: str) -> nn.Module:
@@ -59,31 +71,46 @@ class Context:
     def channels(self, bn_path: str) -> int:
         return self.module(bn_path).running_mean.numel()
 
-    def producer(self, node, role: str = "producer") -> tuple[str | None, str | None]:
-        """(path, None) when ``node`` is the output of a producer call that a backward fold may
-        rewrite (its only data consumer is the one asking), else (None, reason)."""
+    def producer(self, node, role: str = "producer") -> str:
+        """The path of the producer call whose output ``node`` is, when a backward fold may rewrite
+        it (its only data consumer is the one asking); else NoMatch with the reason."""
         g = self.g
         own = g.owner(node)
         if own is None:
-            return None, f"its input comes from {g.what(node)}, not from a Conv/Linear module"
+            raise NoMatch(f"its input comes from {g.what(node)}, not from a Conv/Linear module")
         path = own[0]
         mod = self.module(path)
         kind, why = bn_kinds.producer_kind(mod)
         if kind is None:
             if why:
-                return None, f"{role} `{path}` ({type(mod).__name__}) overrides forward()"
-            return None, f"its input comes from {type(mod).__name__} `{path}`, not from a Conv/Linear"
+                raise NoMatch(f"{role} `{path}` ({type(mod).__name__}) overrides forward()")
+            raise NoMatch(f"its input comes from {type(mod).__name__} `{path}`, not from a Conv/Linear")
         if kind.backward:
-            return None, f"{role} `{path}` ({type(mod).__name__}) {kind.backward}"
+            raise NoMatch(f"{role} `{path}` ({type(mod).__name__}) {kind.backward}")
         if len(g.calls[path]) != 1:
-            return None, f"{role} `{path}` is called {len(g.calls[path])} times (its weights serve every call)"
+            raise NoMatch(f"{role} `{path}` is called {len(g.calls[path])} times (its weights serve every call)")
         consumers = g.data_users(node, own)
         if len(consumers) != 1:
-            return None, f"{role} `{path}`'s output has {len(consumers)} consumers"
+            raise NoMatch(f"{role} `{path}`'s output has {len(consumers)} consumers")
         tied = self.tied(path)
         if tied:
-            return None, f"{role} `{path}`: {tied}"
-        return path, None
+            raise NoMatch(f"{role} `{path}`: {tied}")
+        return path
+
+    def check_free(self, rule: Rule, m: Match) -> None:
+        """NoMatch when a target of ``m`` already takes another BN's fold the same way."""
+        clash = next((self.taken[(e.target, e.op)] for e in m.edits if (e.target, e.op) in self.taken), None)
+        if clash:
+            raise NoMatch(f"its target already takes the fold of `{clash}`")
+
+    def record(self, bn: BN, rule: Rule, m: Match) -> None:
+        """Add the fold to the plan; its targets are taken (identity branches add up: several may
+        join one conv, the first one named)."""
+        for e in m.edits:
+            self.taken.setdefault((e.target, e.op), bn.path)
+        self.plan.edits.extend(m.edits)
+        into_type = [type(self.module(t)).__name__ for t in m.into]
+        self.plan.folded.append(Folded(bn.path, list(m.into), m.rule or rule.name, into_type))
 
 
 def _arg(node, i: int, name: str, default=None):
@@ -93,38 +120,37 @@ def _arg(node, i: int, name: str, default=None):
 
 
 # ----------------------------------------------------------------------------------------- rules
-class Backward:
+class Backward(Rule):
     """Conv/ConvTranspose/Linear → BN: scale the producer's output channels."""
 
     name = "backward"
 
-    def match(self, ctx: Context, bn: str, call: Call):
+    def match(self, ctx: Context, bn: BN) -> Match:
+        call = bn.call
         if len(call.inputs) != 1:
-            return Reject(f"BN has {len(call.inputs)} activation inputs")
-        path, why = ctx.producer(call.inputs[0])
-        if why:
-            return Reject(why)
+            raise NoMatch(f"BN has {len(call.inputs)} activation inputs")
+        path = ctx.producer(call.inputs[0])
         prod = ctx.module(path)
         if isinstance(prod, nn.Linear):
             if call.rank_in is None:
-                return Reject("Linear → BN needs example inputs to check the Linear output is (N, C)")
+                raise NoMatch("Linear → BN needs example inputs to check the Linear output is (N, C)")
             if call.rank_in != 2:
-                return Reject(f"Linear `{path}` output has rank {call.rank_in}; BatchNorm1d normalises dim 1, not the Linear's features")
+                raise NoMatch(f"Linear `{path}` output has rank {call.rank_in}; BatchNorm1d normalises dim 1, not the Linear's features")
         out_ch = bn_kinds.out_channels(prod)
-        if out_ch != ctx.channels(bn):
-            return Reject(f"producer `{path}` has {out_ch} output channels, BN has {ctx.channels(bn)}")
-        return Match([path], [Edit(path, "backward", bn)])
+        if out_ch != ctx.channels(bn.path):
+            raise NoMatch(f"producer `{path}` has {out_ch} output channels, BN has {ctx.channels(bn.path)}")
+        return Match([path], [Edit(path, "backward", bn.path)])
 
 
-class Concat:
+class Concat(Rule):
     """cat([producer₁, …, producerₖ], dim=1) → BN, each producer feeding only the cat: slice by slice."""
 
     name = "concat"
 
-    def match(self, ctx: Context, bn: str, call: Call):
-        g = ctx.g
+    def match(self, ctx: Context, bn: BN) -> Match:
+        g, call = ctx.g, bn.call
         if len(call.inputs) != 1 or g.op_name(call.inputs[0]) not in ("cat", "concat", "concatenate"):
-            return None
+            raise NoMatch("the BN's input is no concatenation", applies=False)
         cat = call.inputs[0]
         tensors = _arg(cat, 0, "tensors")
         dim = _arg(cat, 1, "dim", 0)
@@ -132,63 +158,56 @@ class Concat:
         if isinstance(dim, int) and dim < 0 and rank is not None:
             dim += rank
         if dim != 1:
-            return Reject(f"the concat joins dim {dim}, not the channels (dim 1)")
+            raise NoMatch(f"the concat joins dim {dim}, not the channels (dim 1)")
         if len(g.data_users(cat)) != 1:
-            return Reject(f"the concat output has {len(g.data_users(cat))} consumers")
+            raise NoMatch(f"the concat output has {len(g.data_users(cat))} consumers")
         if not isinstance(tensors, (list, tuple)) or len(set(tensors)) != len(tensors):
-            return Reject("the concat repeats an input (one producer would need two scales)")
+            raise NoMatch("the concat repeats an input (one producer would need two scales)")
         into, edits, off = [], [], 0
         for t in tensors:
-            path, why = ctx.producer(t, role="concatenated producer")
-            if why:
-                return Reject(why)
+            path = ctx.producer(t, role="concatenated producer")
             prod = ctx.module(path)
             if isinstance(prod, nn.Linear) and rank != 2:
-                return Reject(f"Linear `{path}` in the concat: output rank {rank}, not (N, C)")
+                raise NoMatch(f"Linear `{path}` in the concat: output rank {rank}, not (N, C)")
             n = bn_kinds.out_channels(prod)
             into.append(path)
-            edits.append(Edit(path, "backward", bn, (off, off + n)))
+            edits.append(Edit(path, "backward", bn.path, (off, off + n)))
             off += n
-        if off != ctx.channels(bn):
-            return Reject(f"the concatenated producers give {off} channels, BN has {ctx.channels(bn)}")
+        if off != ctx.channels(bn.path):
+            raise NoMatch(f"the concatenated producers give {off} channels, BN has {ctx.channels(bn.path)}")
         return Match(into, edits)
 
 
 _RESHAPES = {"flatten", "reshape", "view", "_unsafe_view", "reshape_as", "view_as"}
 
 
-class Reshape:
+class Reshape(Rule):
     """Linear → reshape to (N·T, C) keeping the feature axis → BatchNorm1d: rows of W by s."""
 
     name = "reshape"
 
-    def match(self, ctx: Context, bn: str, call: Call):
-        g = ctx.g
-        if len(call.inputs) != 1:
-            return None
-        r = call.inputs[0]
-        mod = g.module_of(r)
-        if g.op_name(r) not in _RESHAPES and not isinstance(mod, nn.Flatten):
-            return None
+    def match(self, ctx: Context, bn: BN) -> Match:
+        g, call = ctx.g, bn.call
+        r = call.inputs[0] if len(call.inputs) == 1 else None
+        if r is None or (g.op_name(r) not in _RESHAPES and not isinstance(g.module_of(r), nn.Flatten)):
+            raise NoMatch("the BN's input is no reshape", applies=False)
         src = r.all_input_nodes[0] if r.all_input_nodes else None
-        if src is None or g.owner(src) is None:
-            return None  # no producer behind the reshape: the backward reason says what feeds the BN
+        if src is None or g.owner(src) is None:  # the backward reason says what feeds the BN
+            raise NoMatch("no producer behind the reshape", applies=False)
         out_shape, in_shape = g.shape(r), g.shape(src)
         if out_shape is None or in_shape is None:
-            return Reject("reshape between producer and BN: needs example inputs to check the feature axis")
+            raise NoMatch("reshape between producer and BN: needs example inputs to check the feature axis")
         if len(out_shape) != 2 or len(in_shape) < 2 or in_shape[-1] != out_shape[1]:
-            return Reject(f"the reshape {list(in_shape)} → {list(out_shape)} does not keep the producer's last axis as the BN's channels")
+            raise NoMatch(f"the reshape {list(in_shape)} → {list(out_shape)} does not keep the producer's last axis as the BN's channels")
         if len(g.data_users(r)) != 1:
-            return Reject(f"the reshape output has {len(g.data_users(r))} consumers")
-        path, why = ctx.producer(src)
-        if why:
-            return Reject(why)
+            raise NoMatch(f"the reshape output has {len(g.data_users(r))} consumers")
+        path = ctx.producer(src)
         prod = ctx.module(path)
         if not isinstance(prod, nn.Linear):
-            return Reject(f"producer `{path}` is {type(prod).__name__}: its channels are not the last axis")
-        if prod.out_features != ctx.channels(bn):
-            return Reject(f"Linear `{path}` has {prod.out_features} features, BN has {ctx.channels(bn)}")
-        return Match([path], [Edit(path, "backward", bn)])
+            raise NoMatch(f"producer `{path}` is {type(prod).__name__}: its channels are not the last axis")
+        if prod.out_features != ctx.channels(bn.path):
+            raise NoMatch(f"Linear `{path}` has {prod.out_features} features, BN has {ctx.channels(bn.path)}")
+        return Match([path], [Edit(path, "backward", bn.path)])
 
 
 _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
@@ -196,8 +215,8 @@ _NOOPS = {"contiguous", "clone", "detach"}
 
 
 def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
-    """How a node between BN and its consumer maps per-channel affine data, as
-    (kind, rank, repeat), a reason (str) when it applies but breaks exactness, or None."""
+    """How a node between BN and its consumer maps per-channel affine data, as (kind, rank, repeat);
+    None when it is no such node; NoMatch when it is one but breaks exactness."""
     mod = g.module_of(u)
     if mod is not None:
         if isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)):
@@ -207,7 +226,7 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
         if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
             pad = mod.padding if isinstance(mod.padding, (tuple, list)) else (mod.padding,)
             if any(pad) or mod.ceil_mode:
-                return f"{type(mod).__name__} `{u.target}` pads or uses ceil_mode (border averages see zeros)"
+                raise NoMatch(f"{type(mod).__name__} `{u.target}` pads or uses ceil_mode (border averages see zeros)")
             return ("pool", rank, repeat)
         if isinstance(mod, nn.Flatten):
             return _flatten(g, u, x, rank, repeat, mod.start_dim, mod.end_dim)
@@ -217,7 +236,9 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
         return None
     if name in _DROPOUTS:
         training = _arg(u, 2, "training", _arg(u, 2, "train", True))
-        return ("dropout", rank, repeat) if training is False else f"`{name}` runs in training mode"
+        if training is not False:
+            raise NoMatch(f"`{name}` runs in training mode")
+        return ("dropout", rank, repeat)
     if name in _NOOPS:
         return ("dropout", rank, repeat)
     if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d"):
@@ -226,110 +247,118 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
         dims = _arg(u, 1, "dim")
         keep = _arg(u, 2, "keepdim", False)
         if dims is None:
-            return "`mean` over every axis mixes channels"
+            raise NoMatch("`mean` over every axis mixes channels")
         dims = [dims] if isinstance(dims, int) else list(dims)
         if not all(isinstance(d, int) for d in dims):
-            return "`mean` over axes computed at run time"
+            raise NoMatch("`mean` over axes computed at run time")
         if rank is None and any(d < 0 for d in dims):
-            return "`mean` over negative axes: needs example inputs to know the rank"
+            raise NoMatch("`mean` over negative axes: needs example inputs to know the rank")
         dims = [d + rank if d < 0 else d for d in dims]
         if any(d < 2 for d in dims):
-            return f"`mean` over axes {dims} includes the batch or channel axis"
+            raise NoMatch(f"`mean` over axes {dims} includes the batch or channel axis")
         return ("pool", None if rank is None else (rank if keep else rank - len(dims)), repeat)
     if name == "flatten":
         return _flatten(g, u, x, rank, repeat, _arg(u, 1, "start_dim", 0), _arg(u, 2, "end_dim", -1))
     if name in ("reshape", "view"):
         ins, outs = g.shape(x), g.shape(u)
         if ins is None or outs is None:
-            return f"`{name}` after the BN: needs example inputs to check the channel axis"
+            raise NoMatch(f"`{name}` after the BN: needs example inputs to check the channel axis")
         if len(outs) == 2 and outs[0] == ins[0] and outs[1] == math.prod(ins[1:]):
             return ("pool", 2, repeat * math.prod(ins[2:]))
-        return f"`{name}` {list(ins)} → {list(outs)} moves the channel axis"
+        raise NoMatch(f"`{name}` {list(ins)} → {list(outs)} moves the channel axis")
     return None
 
 
 def _flatten(g: Graph, u, x, rank, repeat, start, end):
     if not isinstance(start, int) or not isinstance(end, int):
-        return "flatten with axes computed at run time"
+        raise NoMatch("flatten with axes computed at run time")
     ins = g.shape(x)
     if ins is None:
-        return "flatten after the BN: needs example inputs to know the spatial size"
+        raise NoMatch("flatten after the BN: needs example inputs to know the spatial size")
     end = end + len(ins) if end < 0 else end
     if start != 1 or end != len(ins) - 1:
-        return f"flatten({start}, {end}) does not keep the batch axis and channels first"
+        raise NoMatch(f"flatten({start}, {end}) does not keep the batch axis and channels first")
     return ("pool", 2, repeat * math.prod(ins[2:]))
 
 
-class Forward:
+class Forward(Rule):
     """BN → (dropout, identity, average pool / mean, flatten) → unpadded Conv or Linear: scale the
     consumer's input channels and push the shift through its weights ("pool-head" when a pool or
     flatten sits between)."""
 
     name = "forward"
 
-    def match(self, ctx: Context, bn: str, call: Call):
-        g = ctx.g
-        kind, _ = bn_kinds.bn_kind(ctx.module(bn))
-        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn))):
-            act = getattr(ctx.module(bn), "act", None)
-            return Reject(f"{type(ctx.module(bn)).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
-        if len(call.outputs) != 1:
-            return Reject("BN output is not a single value")
-        node = call.outputs[0]
-        own = g.owner(node)
-        rank = g.rank(node) if g.rank(node) is not None else call.rank_in
-        repeat, crossed = 1, []
-        while True:
-            users = g.data_users(node, own)
-            if len(users) != 1:
-                where = "BN output" if not crossed else f"the `{crossed[-1][1]}` after the BN"
-                return Reject(f"{where} has {len(users)} consumers")
-            u = users[0]
-            if g.owner(u) is not None:
-                break
-            step = _passthrough(g, u, node, rank, repeat)
-            if step is None:
-                return Reject(f"BN output goes to {g.what(u)}, not to a Conv/Linear module")
-            if isinstance(step, str):
-                return Reject(step)
-            kind_, rank, repeat = step
-            crossed.append((kind_, g.what(u).strip("`")))
-            node, own = u, None
-        cpath = g.owner(u)[0]
-        cons = ctx.module(cpath)
-        pk, why = bn_kinds.producer_kind(cons)
-        if pk is None:
-            if why:
-                return Reject(f"consumer `{cpath}` ({type(cons).__name__}) overrides forward()")
-            return Reject(f"BN output goes to {type(cons).__name__} `{cpath}`")
-        if bn_kinds.is_transposed(cons):
-            return Reject(f"consumer `{cpath}` is a ConvTranspose (border outputs see part of the kernel: the shift would not be exact)")
-        if pk.forward:
-            return Reject(f"consumer `{cpath}` ({type(cons).__name__}) {pk.forward}")
-        if len(g.calls[cpath]) != 1:
-            return Reject(f"consumer `{cpath}` is called {len(g.calls[cpath])} times")
-        ccall = next(iter(g.calls[cpath].values()))
-        if ccall.inputs != [node]:
-            return Reject(f"consumer `{cpath}` reads other inputs too")
-        if bn_kinds.is_conv(cons):
-            if _has_padding(cons):
-                return Reject(f"consumer `{cpath}` pads its input (padding={cons.padding}); padded zeros never went through the BN")
-            if repeat != 1:
-                return Reject(f"consumer `{cpath}` reads a flattened BN output")
-        elif isinstance(cons, nn.Linear):
-            if rank is None:
-                return Reject("BN → Linear needs example inputs to check the BN input is (N, C)")
-            if rank != 2:
-                return Reject(f"BN input has rank {rank}; the Linear `{cpath}` does not read channels on dim 1")
-            if cons.in_features != ctx.channels(bn) * repeat:
-                return Reject(f"Linear `{cpath}` reads {cons.in_features} features, the BN gives {ctx.channels(bn)}×{repeat}")
-        else:
-            return Reject(f"BN output goes to {type(cons).__name__} `{cpath}`")
-        tied = ctx.tied(cpath)
-        if tied:
-            return Reject(f"consumer `{cpath}`: {tied}")
+    def match(self, ctx: Context, bn: BN) -> Match:
+        mod = ctx.module(bn.path)
+        kind, _ = bn_kinds.bn_kind(mod)
+        if not bn_kinds.remainder_is_identity(kind.remainder(mod)):
+            act = getattr(mod, "act", None)
+            raise NoMatch(f"{type(mod).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
+        if len(bn.call.outputs) != 1:
+            raise NoMatch("BN output is not a single value")
+        cpath, node, rank, repeat, crossed = _walk_to_consumer(ctx.g, bn.call)
+        _check_consumer(ctx, bn, cpath, node, rank, repeat)
         rule = "pool-head" if any(k == "pool" for k, _ in crossed) else None
-        return Match([cpath], [Edit(cpath, "forward", bn, None, repeat)], rule)
+        return Match([cpath], [Edit(cpath, "forward", bn.path, None, repeat)], rule)
+
+
+def _walk_to_consumer(g: Graph, call: Call):
+    """From the BN's output through pass-through nodes to the one module call reading it:
+    (its path, the node it reads, that node's rank, each channel's repeat, the nodes crossed)."""
+    node = call.outputs[0]
+    own = g.owner(node)
+    rank = g.rank(node) if g.rank(node) is not None else call.rank_in
+    repeat, crossed = 1, []
+    while True:
+        users = g.data_users(node, own)
+        if len(users) != 1:
+            where = "BN output" if not crossed else f"the `{crossed[-1][1]}` after the BN"
+            raise NoMatch(f"{where} has {len(users)} consumers")
+        u = users[0]
+        if g.owner(u) is not None:
+            return g.owner(u)[0], node, rank, repeat, crossed
+        step = _passthrough(g, u, node, rank, repeat)
+        if step is None:
+            raise NoMatch(f"BN output goes to {g.what(u)}, not to a Conv/Linear module")
+        kind_, rank, repeat = step
+        crossed.append((kind_, g.what(u).strip("`")))
+        node, own = u, None
+
+
+def _check_consumer(ctx: Context, bn: BN, cpath: str, node, rank: int | None, repeat: int) -> None:
+    """NoMatch unless module ``cpath``, reading ``node`` (the BN's output, each channel repeated
+    ``repeat`` times), can take a forward fold exactly."""
+    g, cons = ctx.g, ctx.module(cpath)
+    pk, why = bn_kinds.producer_kind(cons)
+    if pk is None:
+        if why:
+            raise NoMatch(f"consumer `{cpath}` ({type(cons).__name__}) overrides forward()")
+        raise NoMatch(f"BN output goes to {type(cons).__name__} `{cpath}`")
+    if bn_kinds.is_transposed(cons):
+        raise NoMatch(f"consumer `{cpath}` is a ConvTranspose (border outputs see part of the kernel: the shift would not be exact)")
+    if pk.forward:
+        raise NoMatch(f"consumer `{cpath}` ({type(cons).__name__}) {pk.forward}")
+    if len(g.calls[cpath]) != 1:
+        raise NoMatch(f"consumer `{cpath}` is called {len(g.calls[cpath])} times")
+    if next(iter(g.calls[cpath].values())).inputs != [node]:
+        raise NoMatch(f"consumer `{cpath}` reads other inputs too")
+    if bn_kinds.is_conv(cons):
+        if _has_padding(cons):
+            raise NoMatch(f"consumer `{cpath}` pads its input (padding={cons.padding}); padded zeros never went through the BN")
+        if repeat != 1:
+            raise NoMatch(f"consumer `{cpath}` reads a flattened BN output")
+    elif isinstance(cons, nn.Linear):
+        if rank is None:
+            raise NoMatch("BN → Linear needs example inputs to check the BN input is (N, C)")
+        if rank != 2:
+            raise NoMatch(f"BN input has rank {rank}; the Linear `{cpath}` does not read channels on dim 1")
+        if cons.in_features != ctx.channels(bn.path) * repeat:
+            raise NoMatch(f"Linear `{cpath}` reads {cons.in_features} features, the BN gives {ctx.channels(bn.path)}×{repeat}")
+    else:
+        raise NoMatch(f"BN output goes to {type(cons).__name__} `{cpath}`")
+    tied = ctx.tied(cpath)
+    if tied:
+        raise NoMatch(f"consumer `{cpath}`: {tied}")
 
 
 def _has_padding(conv: nn.Module) -> bool:
@@ -362,111 +391,123 @@ def _strip_identity(g: Graph, n):
     return n
 
 
-class Branches:
-    """x → BN summed with conv branches on the same x (RepVGG, MobileOne, RepViT, …): BN(x) is a
-    conv with s at the centre tap and bias t, added to one conv branch (stride 1, centred padding,
-    in = out channels). Runs after the first pass: the conv's own BN must already fold into it."""
+def _sum_leaves(g: Graph, o) -> list[tuple]:
+    """The terms of the sum that ``o`` enters, as (node, ±1): the sum is Σ sign·leaf. The sum runs
+    up through nodes that only add (or subtract) into the next one."""
+    root = g.data_users(o)[0]
+    while True:
+        up = g.data_users(root)
+        if len(up) == 1 and _is_sum(g, up[0]):
+            root = up[0]
+            continue
+        break
+    leaves: list = []
 
-    name = "branches"
-
-    def match(self, ctx: Context, bn: str, call: Call, plan, taken):
-        g = ctx.g
-        if len(call.inputs) != 1 or len(call.outputs) != 1:
-            return None
-        x, o = call.inputs[0], call.outputs[0]
-        x = _strip_identity(g, x)  # RepGhost: bn(Identity()(x1)) is a branch on x1
-        users = g.data_users(o)
-        if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
-            return None
-        kind, _ = bn_kinds.bn_kind(ctx.module(bn))
-        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn))):
-            return Reject(f"{type(ctx.module(bn)).__name__} applies an activation before the sum")
-        root = users[0]
-        while True:
-            up = g.data_users(root)
-            if len(up) == 1 and _is_sum(g, up[0]):
-                root = up[0]
-                continue
-            break
-        leaves: list = []  # (node, ±1): the sum is Σ sign·leaf
-
-        def expand(n, sign):
-            if n is not root and (not _is_sum(g, n) or len(g.data_users(n)) != 1):
+    def expand(n, sign):
+        if n is not root and (not _is_sum(g, n) or len(g.data_users(n)) != 1):
+            leaves.append((n, sign))
+            return
+        if g.op_name(n) in ("sub", "isub", "sub_"):
+            args = [a for a in n.args if isinstance(a, type(n))]
+            if len(args) != len(n.args):  # a constant operand (x - 1): not a plain branch sum
                 leaves.append((n, sign))
                 return
-            if g.op_name(n) in ("sub", "isub", "sub_"):
-                args = [a for a in n.args if isinstance(a, type(n))]
-                if len(args) != len(n.args):  # a constant operand (x - 1): not a plain branch sum
-                    leaves.append((n, sign))
-                    return
-                expand(n.args[0], sign)
-                expand(n.args[1], -sign)
-                return
-            for a in n.all_input_nodes:
-                expand(a, sign)
+            expand(n.args[0], sign)
+            expand(n.args[1], -sign)
+            return
+        for a in n.all_input_nodes:
+            expand(a, sign)
 
-        expand(root, 1)
+    expand(root, 1)
+    return leaves
+
+
+class IdentityBranch(Rule):
+    """x → BN summed with conv branches on the same x (RepVGG, MobileOne, RepViT, …): BN(x) is a
+    conv with s at the centre tap and bias t, added to one conv branch (stride 1, centred padding,
+    in = out channels). Runs after the first pass: the conv's own BN must already fold into it
+    (``ctx.plan``); the BN becomes a zero branch."""
+
+    name = "identity-branch"
+
+    def match(self, ctx: Context, bn: BN) -> Match:
+        g, call = ctx.g, bn.call
+        if len(call.inputs) != 1 or len(call.outputs) != 1:
+            raise NoMatch("the BN is not one value in, one out", applies=False)
+        x, o = _strip_identity(g, call.inputs[0]), call.outputs[0]  # RepGhost: bn(Identity()(x1)) is a branch on x1
+        users = g.data_users(o)
+        if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
+            raise NoMatch("the BN's output is not summed", applies=False)
+        kind, _ = bn_kinds.bn_kind(ctx.module(bn.path))
+        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn.path))):
+            raise NoMatch(f"{type(ctx.module(bn.path)).__name__} applies an activation before the sum")
+        leaves = _sum_leaves(g, o)
         mine = [s for n, s in leaves if n is o]
         if len(mine) != 1:
-            return Reject("the BN branch enters the sum more than once")
-        sign_bn = mine[0]
-        backward = {(e.target, e.bn) for e in plan.edits if e.op == "backward"}
+            raise NoMatch("the BN branch enters the sum more than once")
         reasons = []
         for leaf, sign in leaves:
-            if leaf is o:
+            if leaf is o or g.owner(leaf) is None:
                 continue
-            own = g.owner(leaf)
-            if own is None:
+            try:
+                path = self._branch_conv(ctx, leaf, x, bn)
+            except NoMatch as nm:
+                reasons.append(nm.reason)
                 continue
-            if len(g.data_users(leaf, own)) != 1:
-                reasons.append(f"branch `{own[0]}`'s output is used outside the sum")
-                continue
-            path = own[0]
+            if path is not None:
+                return Match([path], [Edit(path, "identity", bn.path, sign=mine[0] * sign)])
+        raise NoMatch("; ".join(reasons) if reasons else "no conv branch on the same input in the sum")
+
+    @classmethod
+    def _branch_conv(cls, ctx: Context, leaf, x, bn: BN) -> str | None:
+        """The conv of the sum term ``leaf`` that can take the BN branch: ``leaf`` itself, or the conv
+        under a BN that already folded backward into it; None when the term is neither."""
+        g = ctx.g
+        path = g.owner(leaf)[0]
+        if len(g.data_users(leaf, g.owner(leaf))) != 1:
+            raise NoMatch(f"branch `{path}`'s output is used outside the sum")
+        mod = ctx.module(path)
+        if bn_kinds.is_batchnorm(mod):  # conv → BN branch: the BN must have folded into the conv
+            k2, _ = bn_kinds.bn_kind(mod)
+            lcall = next(iter(g.calls[path].values()))
+            if k2 is None or not bn_kinds.remainder_is_identity(k2.remainder(mod)) or len(lcall.inputs) != 1:
+                return None
+            src_own = g.owner(lcall.inputs[0])
+            if src_own is None or not any(e.op == "backward" and (e.target, e.bn) == (src_own[0], path) for e in ctx.plan.edits):
+                return None
+            path = src_own[0]
             mod = ctx.module(path)
-            if bn_kinds.is_batchnorm(mod):  # conv → BN branch: the BN must have folded into the conv
-                k2, _ = bn_kinds.bn_kind(mod)
-                lcall = next(iter(g.calls[path].values()))
-                if k2 is None or not bn_kinds.remainder_is_identity(k2.remainder(mod)) or len(lcall.inputs) != 1:
-                    continue
-                src_own = g.owner(lcall.inputs[0])
-                if src_own is None or (src_own[0], path) not in backward:
-                    continue
-                path = src_own[0]
-                mod = ctx.module(path)
-            why = self._conv_ok(ctx, path, mod, x, bn, taken)
-            if why is None:
-                return Match([path], [Edit(path, "identity", bn, sign=sign_bn * sign)])
-            reasons.append(why)
-        return Reject("; ".join(reasons) if reasons else "no conv branch on the same input in the sum")
+        cls._check_conv(ctx, path, mod, x, bn.path)
+        return path
 
     @staticmethod
-    def _conv_ok(ctx: Context, path: str, mod: nn.Module, x, bn: str, taken) -> str | None:
+    def _check_conv(ctx: Context, path: str, mod: nn.Module, x, bn: str) -> None:
+        """NoMatch unless conv ``path`` reads ``x`` alone and can take an identity branch exactly."""
         g = ctx.g
-        pk, why = bn_kinds.producer_kind(mod)
+        pk, _ = bn_kinds.producer_kind(mod)
         if pk is None or not bn_kinds.is_conv(mod) or pk.backward or pk.forward:
-            return f"branch `{path}` ({type(mod).__name__}) is not a plain Conv"
+            raise NoMatch(f"branch `{path}` ({type(mod).__name__}) is not a plain Conv")
         calls = g.calls[path]
         cin = next(iter(calls.values())).inputs
         if len(calls) != 1 or len(cin) != 1 or _strip_identity(g, cin[0]) is not x:
-            return f"branch `{path}` does not read the BN's input alone"
+            raise NoMatch(f"branch `{path}` does not read the BN's input alone")
         c = ctx.channels(bn)
         if mod.in_channels != c or mod.out_channels != c:
-            return f"branch `{path}` maps {mod.in_channels}→{mod.out_channels} channels, the BN has {c}"
+            raise NoMatch(f"branch `{path}` maps {mod.in_channels}→{mod.out_channels} channels, the BN has {c}")
         if any(s != 1 for s in mod.stride):
-            return f"branch `{path}` has stride {mod.stride}"
+            raise NoMatch(f"branch `{path}` has stride {mod.stride}")
         if any(k % 2 == 0 for k in mod.kernel_size):
-            return f"branch `{path}` kernel {mod.kernel_size} has no centre tap"
+            raise NoMatch(f"branch `{path}` kernel {mod.kernel_size} has no centre tap")
         pad = mod.padding
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
         if not (pad == "same" or tuple(pad) == centred):
-            return f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})"
+            raise NoMatch(f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})")
         tied = ctx.tied(path)
         if tied:
-            return f"branch `{path}`: {tied}"
-        return None
+            raise NoMatch(f"branch `{path}`: {tied}")
 
 
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
 RULES = [Backward(), Concat(), Reshape(), Forward()]
 # Rules that read the first pass's folds.
-LATE_RULES = [Branches()]
+LATE_RULES = [IdentityBranch()]
