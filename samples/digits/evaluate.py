@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import bnfold
-from bnfold.load import load_model
+from bnfold import load_model
 
 HERE = Path(__file__).resolve().parent
 
