@@ -75,7 +75,7 @@ def test_api_errors_do_not_name_cli_flags(tmp_path):
         dict(input_shape="1,1,8,8", calib=str(tmp_path / "nope.npz")),
         dict(input_shape="1,1,8,8", weights=str(tmp_path / "nope.pt")),
         dict(input_shape="1,1,8,8", batch_size=0, calib=CALIB),
-        dict(input_shape="1,1,8,8", opset=13),
+        dict(input_shape="1,1,8,8", opset=6),
         dict(input_shape="1,1,8,8", providers="tpu"),
         dict(input_shape="1,1,8,8", calib=CALIB, batch_size=1),  # raised by calibration, reworded at the API
         dict(input_shape="1,1,8,8", overwrite=False),  # raised by _io, reworded

@@ -1,9 +1,10 @@
 """Export stage: torch.onnx.export, metadata stripped, onnx.checker, atomic write.
 
 Opsets from 18 (and no opset) go through the dynamo exporter. Below 18 the dynamo exporter writes 18
-and converts down, which fails for most models (its converter needs constant ``axes``): then the
-TorchScript exporter (``dynamo=False``, constant folding off) writes the opset directly, and bnfold's
-ONNX pass folds what is left. Which one ran is returned with the file (``export_folded``).
+and converts down, which fails for many models (torchvision's ResNet-18 and MobileNetV3 keep opset
+18: the converter wants constant ``axes`` inputs): then the TorchScript exporter (``dynamo=False``,
+constant folding off) writes the opset directly, and bnfold's ONNX pass folds what is left. Which
+one ran is returned with the file (``export_folded``).
 
 The dynamo exporter stamps every node with stack traces and absolute source paths; those are removed
 so the same model gives the same bytes from any working folder. Models whose initializers exceed
@@ -185,7 +186,7 @@ def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool,
     except ExportError as err:
         if native:
             raise
-        why = f"the dynamo exporter failed ({cause(err)})"
+        why = f"the dynamo exporter failed ({cause(err.__cause__) if err.__cause__ is not None else err.problem})"
     else:
         got = ir_model.opset_imports.get("", None)
         if opset is None or got == opset:
