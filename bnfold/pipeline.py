@@ -26,7 +26,7 @@ from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, sta
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
 from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dtype_device
 from bnfold.edges.paths import check_run_paths, spec_files
-from bnfold.onnx_pass.export import export_folded, OPSET_NATIVE_MIN, opset_range
+from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
 from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
@@ -332,10 +332,9 @@ def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict
 
 
 def _check_opset(opts: ConvertOptions) -> None:
-    lo, hi = opset_range()
-    if opts.opset is not None and not lo <= opts.opset <= hi:
-        raise _err(opts.via, "opset", f"{opts.opset} cannot be written by the PyTorch exporter",
-                   f"choose an opset from {OPSET_NATIVE_MIN} to {hi} (from {lo} the exporter converts down, which can fail for a model)")
+    problem = opset_problem(opts.opset)
+    if problem is not None:
+        raise _err(opts.via, "opset", *problem)
 
 
 def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned: bool = False):
@@ -390,8 +389,8 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
     if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
     with _stage(rep, "export"):
-        proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
-                                    external_data=(staged.parent, Path(rep.output).name + ".data"))
+        proto, plan, exporter = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
+                                              external_data=(staged.parent, Path(rep.output).name + ".data"))
         if own:
             folded = None  # the proto is the one copy of the weights from here on
         _record_plan(rep, plan)
@@ -402,7 +401,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         del proto
         if not opts.verify:  # otherwise onnxruntime loads (and checks) the file in verify
             check_onnx_file(staged)
-    rep.export = {"path": None, "opset": got, "sha256": info["sha256"], "bytes": info["bytes"],
+    rep.export = {"path": None, "opset": got, "exporter": exporter, "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts}
     if not opts.verify:
         rep.passed = True
