@@ -20,7 +20,7 @@ running statistics are an average over the last few batches only), on several se
 Deterministic: fixed data split, ``torch.manual_seed(seed)`` per seed, a fixed thread count and
 ``torch.use_deterministic_algorithms``. Needs scikit-learn (the data) and onnxruntime.
 
-Run:  python samples/digits/study.py [--seeds N] [--out samples/digits/STUDY.md] [--quick]
+Run:  python samples/digits/study.py [--seeds N] [--out docs/study.md] [--quick]
 """
 
 from __future__ import annotations
