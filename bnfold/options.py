@@ -2,7 +2,8 @@
 
 ``OPTIONS`` is the table: one row per option with its key (the API keyword and the TOML key), its
 CLI flag, the commands it belongs to, its default, its help text and the one function that parses
-and validates it. ``ConvertOptions.build`` is the only place an option value is checked; the CLI,
+and validates it. ``ConvertOptions`` is generated from it (one field per row, the row's default), and
+``ConvertOptions.build`` is the only place an option value is checked; the CLI,
 the config loader and ``bnfold.convert``/``bnfold.verify`` all go through it, and differ only in how
 an error names the option (``--input-shape`` on the command line, ``input_shape=`` in Python,
 ``conversions.toml: conversion #2, key 'input_shape'`` in a config file).
@@ -16,30 +17,29 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bnfold.errors import BadInputError, BnfoldError, ProviderError
 from bnfold.verification.providers import parse_providers, PROVIDERS
-from bnfold.edges.load import parse_shape
+from bnfold.edges.load import parse_shape, relocate_spec
 
 
-class Estimator(str, Enum):
+class _Choice(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class Estimator(_Choice):
     PAPER = "paper"
     POOLED = "pooled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Provider(str, Enum):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def __str__(self) -> str:
-        return self.value
+# every provider of the registry (bnfold.verification.providers) at import; --providers also takes
+# those added later with ``register_provider``
+Provider = _Choice("Provider", {key.upper(): key for key in PROVIDERS}, module=__name__)
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -53,10 +53,6 @@ class Via:
 
     def where(self) -> str:
         return ""
-
-
-class ApiVia(Via):
-    pass
 
 
 class CliVia(Via):
@@ -86,7 +82,7 @@ class ConfigVia(Via):
         return loc
 
 
-API, CLI = ApiVia(), CliVia()
+API, CLI = Via(), CliVia()
 
 
 class OptionError(BadInputError):
@@ -306,15 +302,8 @@ ENTRY_KEYS = {"name": _p_str, "model": _p_str, "output": _p_str}
 ALIASES = {"input_shapes": "input_shape"}  # accepted in config files, as the README documented
 
 
-def cli_flag(key: str) -> str:
-    return CLI.key(key)
-
-
-_FLAG_ALIASES = {"--force": ("overwrite", True)}  # spellings other modules' messages use
-
-
 def _flag_table() -> dict[str, tuple[str, Any]]:
-    table = dict(_FLAG_ALIASES)
+    table = {}
     for key, o in OPTIONS.items():
         if not o.flag:
             continue
@@ -335,11 +324,9 @@ def reword(err: BaseException, via: Via) -> BaseException:
 
     def sub(m):
         hit = table.get(m.group(0))
-        if hit is None:
+        if hit is None or via.name == "cli":
             return m.group(0)
         key, value = hit
-        if via.name == "cli":
-            return CLI.key(key) if m.group(0) in _FLAG_ALIASES else m.group(0)
         if via.name == "config":
             return f"{key} = {str(value).lower()}" if isinstance(value, bool) else f"key '{key}'"
         return f"{key}={value}" if isinstance(value, bool) else f"{key}="
@@ -356,31 +343,20 @@ def parse_option(key: str, value: Any, via: Via | None = None):
     return OPTIONS[key].parse(value, via or API, key)
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Every convert/verify/calibrate option, typed and validated (see ``OPTIONS``)."""
+def _fields_from_table(cls):
+    """The dataclass of ``OPTIONS``: one field per option, its default from the table."""
+    cls.__annotations__ = {**{key: "Any" for key in OPTIONS}, "given": "frozenset", "via": "Via"}
+    for key, opt in OPTIONS.items():
+        setattr(cls, key, opt.default)
+    cls.given = field(default=frozenset(), compare=False, repr=False)  # keys set explicitly
+    cls.via = field(default=API, compare=False, repr=False)
+    return dataclass(frozen=True)(cls)
 
-    weights: Path | None = None
-    trust_pickle: bool = False
-    input_shape: tuple = ()
-    calib: Any = None
-    batch_size: int | None = None
-    estimator: Estimator = Estimator.PAPER
-    opset: int | None = None
-    dynamic_batch: bool = False
-    atol: Any = None
-    rtol: Any = None
-    providers: tuple = (Provider.CPU, Provider.CUDA)
-    require_providers: tuple = ()
-    verify: bool = True
-    report: Path | None = None
-    overwrite: bool = True
-    keep_failed: bool = False
-    seed: int = 0
-    allow_tf32: bool = False
-    progress: bool = False
-    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # keys set explicitly
-    via: Via = field(default=API, compare=False, repr=False)
+
+@_fields_from_table
+class ConvertOptions:
+    """Every convert/verify/calibrate/inspect option, typed and validated: one field per row of
+    ``OPTIONS`` (``opts.batch_size``, ``opts.allow_tf32``, ...), with the table's default."""
 
     @classmethod
     def build(cls, values: Mapping[str, Any], *, via: Via = API, command: str = CONVERT, base: Path | None = None) -> "ConvertOptions":
@@ -406,7 +382,7 @@ class ConvertOptions:
                 v = base / v
             parsed[key] = v
         if "calib" in parsed and base is not None:
-            parsed["calib"] = resolve_data_spec(parsed["calib"], base)
+            parsed["calib"] = relocate_spec(parsed["calib"], base)
         if "calib" not in parsed:
             for key in (k for k, o in OPTIONS.items() if o.needs_calib):
                 if key in parsed:
@@ -423,19 +399,25 @@ class ConvertOptions:
                     raise OptionError(via, key, "has no effect when verification is off, so it would be ignored", "drop one of them")
         return cls(**parsed, given=frozenset(parsed), via=via)
 
+    @classmethod
+    def resolve(cls, options: "ConvertOptions | None", kw: Mapping[str, Any], command: str) -> "ConvertOptions":
+        """A public function's options: one ConvertOptions (``options=``) or its keywords, not both."""
+        if options is not None and kw:
+            raise BadInputError(f"options= and keywords ({', '.join(kw)}) were both given", "pass one ConvertOptions or keywords, not both")
+        if options is None:
+            return cls.build(kw, via=API, command=command)
+        if not isinstance(options, cls):
+            raise BadInputError(f"options= is a {type(options).__name__}", "pass a bnfold.ConvertOptions or keywords")
+        return options
+
     def with_defaults(self, defaults: Mapping[str, Any]) -> "ConvertOptions":
         """Options not given explicitly take ``defaults`` (already parsed values, e.g. an artifact's provenance)."""
         upd = {k: v for k, v in defaults.items() if k not in self.given and k in OPTIONS}
         return replace(self, **upd) if upd else self
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly values of every option (enums as strings, paths as strings)."""
-        out = {}
-        for f in fields(self):
-            if f.name in ("given", "via", "progress"):
-                continue
-            out[f.name] = _plain(getattr(self, f.name))
-        return out
+        """JSON-friendly values of every option but ``progress`` (enums and paths as strings)."""
+        return {key: _plain(getattr(self, key)) for key in OPTIONS if key != "progress"}
 
 
 def _plain(v):
@@ -448,22 +430,3 @@ def _plain(v):
     if isinstance(v, (str, int, float, bool, dict)) or v is None:
         return v
     return f"<{type(v).__name__}>"  # in-memory calibration data
-
-
-def resolve_data_spec(spec, base: Path):
-    """A data file or ``file.py:fn`` spec relative to ``base``; ``pkg.mod:fn`` stays as it is."""
-    if not isinstance(spec, (str, Path)):
-        return spec
-    text = str(spec)
-    target, sep, attr = text.rpartition(":")
-    if sep and attr.isidentifier() and not (len(target) == 1 and target.isalpha()):
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            p = Path(target)
-            return f"{p if p.is_absolute() else base / p}:{attr}"
-        return text  # package.module:fn
-    p = Path(text)
-    return p if p.is_absolute() else base / p
-
-
-def options_for(command: str) -> list[Option]:
-    return [o for o in OPTIONS.values() if command in o.commands]

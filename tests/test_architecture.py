@@ -110,7 +110,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.xfail(reason="issue 21: the CLI and the long functions are being reworked", strict=True)
 def test_no_project_import_inside_a_function():
     _, inner = _graph()
     assert inner == []
