@@ -261,6 +261,8 @@ class Option:
     help: str
     commands: frozenset
     short: str | None = None
+    metavar: str = ""  # the value's name in --help ("" for an on/off flag)
+    repeat: bool = False  # the CLI flag may be given more than once
     config: bool = True  # a TOML key
     needs_calib: bool = False  # only meaningful with calib (an error without it)
     path: bool = False  # relative to the config file's folder
@@ -273,23 +275,23 @@ def _o(key, flag, parse, default, help, commands, **kw):
 _ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)
 _CV = (CONVERT, VERIFY)
 OPTIONS: dict[str, Option] = {o.key: o for o in (
-    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True),
+    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True, metavar="FILE"),
     _o("trust_pickle", "--trust-pickle", _p_bool, False, "Allow unpickling a checkpoint that holds Python objects (runs code: only for files you trust).", _ALL),
-    _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s"),
-    _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE)),
-    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True),
-    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True),
-    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,)),
+    _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s", metavar="SHAPE", repeat=True),
+    _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE), metavar="DATA"),
+    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True, metavar="N"),
+    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True, metavar="paper|pooled"),
+    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,), metavar="N"),
     _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
-    _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV),
-    _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV),
-    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV),
-    _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV),
+    _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
+    _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
+    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV, metavar="cpu,cuda"),
+    _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV, metavar="cpu,cuda"),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
-    _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),
+    _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (default, atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
-    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV),
+    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV, metavar="N"),
     _o("allow_tf32", "--allow-tf32", _p_bool, False,
        "On CUDA, let calibration use TF32 convolutions and matmuls (about 1.6x faster on an H200 for ResNet-50). "
        "Statistics then move by ~1e-4 relative, about 100x less than their sampling noise; the default keeps exact "

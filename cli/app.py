@@ -9,9 +9,11 @@ onnx, onnxruntime) load on first use of bnfold's public names, so that `bnfold -
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -97,41 +99,43 @@ def main_options(
 
 
 # ------------------------------------------------------------------------- shared options
-# Every conversion option is declared once, from bnfold.options.OPTIONS (flag, short name, help);
-# the commands share these Annotated types. Values stay raw (None = not given) and are parsed and
-# validated in one place: ConvertOptions.build.
-def _opt(key: str, metavar: str | None = None):
-    o = OPTIONS[key]
-    decls = [o.flag] + ([o.short] if o.short else [])
-    return typer.Option(*decls, help=o.help, metavar=metavar, show_default=False)
-
-
-Weights = Annotated[Optional[str], _opt("weights", "FILE")]
-TrustPickle = Annotated[Optional[bool], _opt("trust_pickle", "")]
-InputShape = Annotated[Optional[List[str]], _opt("input_shape", "SHAPE")]
-Calib = Annotated[Optional[str], _opt("calib", "DATA")]
-BatchSize = Annotated[Optional[str], _opt("batch_size", "N")]
-EstimatorOpt = Annotated[Optional[str], _opt("estimator", "paper|pooled")]
-Opset = Annotated[Optional[str], _opt("opset", "N")]
-DynamicBatch = Annotated[Optional[bool], _opt("dynamic_batch", "")]
-Atol = Annotated[Optional[List[str]], _opt("atol", "[OUTPUT=]TOL")]
-Rtol = Annotated[Optional[List[str]], _opt("rtol", "[OUTPUT=]TOL")]
-Providers = Annotated[Optional[str], _opt("providers", "cpu,cuda")]
-RequireProviders = Annotated[Optional[str], _opt("require_providers", "cpu,cuda")]
-VerifyFlag = Annotated[Optional[bool], _opt("verify", "")]
-Report = Annotated[Optional[str], _opt("report", "FILE")]
-Overwrite = Annotated[Optional[bool], _opt("overwrite", "")]
-KeepFailed = Annotated[Optional[bool], _opt("keep_failed", "")]
-Seed = Annotated[Optional[str], _opt("seed", "N")]
-AllowTf32 = Annotated[Optional[bool], _opt("allow_tf32", "")]
+# Every conversion option comes from bnfold.options.OPTIONS (flag, short name, help, metavar): a
+# command declares its own parameters only, and ``_table_options`` adds the table's options of that
+# command to the signature typer reads, before ``--json``. The command receives them as one dict
+# (key -> raw value, None = not given), parsed and validated in one place: ConvertOptions.build.
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (and nothing else there).", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the result line (same as bnfold --quiet).", show_default=False)]
 ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help="path/file.py:factory, package.module:factory, or a .onnx file.", show_default=False)]
+# the order --help lists them in (an option not named here comes last)
+HELP_ORDER = ("weights", "input_shape", "calib", "batch_size", "estimator", "allow_tf32", "opset", "dynamic_batch", "atol", "rtol",
+              "providers", "require_providers", "report", "trust_pickle", "verify", "overwrite", "keep_failed", "seed")
 
 
-def _given(params: dict) -> dict:
-    """A command's option flags by their OPTIONS keys (None: not given); call with ``locals()`` first thing."""
-    return {key: value for key, value in params.items() if key in OPTIONS}
+def _option_parameter(key: str) -> Parameter:
+    o = OPTIONS[key]
+    kind = bool if isinstance(o.default, bool) else List[str] if o.repeat else str
+    decls = [o.flag] + ([o.short] if o.short else [])
+    info = typer.Option(*decls, help=o.help, metavar=o.metavar, show_default=False)
+    return Parameter(key, Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[kind], info])
+
+
+def _table_options(command: str, first: tuple = ()):
+    """Decorate a command ``fn(values, ...)``: typer sees the table's options of ``command`` as flags
+    (``first`` listed first in --help)."""
+    keys = [k for k, o in OPTIONS.items() if command in o.commands and o.flag]
+    shown = sorted(keys, key=lambda k: (k not in first, HELP_ORDER.index(k) if k in HELP_ORDER else len(HELP_ORDER)))
+
+    def decorate(fn):
+        own = list(signature(fn, eval_str=True).parameters.values())[1:]  # after ``values``
+        at = next(i for i, p in enumerate(own) if p.name == "json_out")
+
+        @functools.wraps(fn)
+        def typer_command(**kw):
+            return fn({k: kw.pop(k) for k in keys}, **kw)
+
+        typer_command.__signature__ = Signature(own[:at] + [_option_parameter(k) for k in shown] + own[at:])
+        return typer_command
+    return decorate
 
 
 def _build(command: str, values: dict, model: str) -> ConvertOptions:
@@ -152,27 +156,11 @@ def _print_json(obj) -> None:
 # ------------------------------------------------------------------------------------ convert
 @app.command(epilog="Example: bnfold convert samples/digits/model.py:build --weights samples/digits/weights.pt "
                     "--input-shape 1,1,8,8 --calib samples/digits/calib.npz --batch-size 64 -o digits.onnx --report digits.report.json")
+@_table_options("convert")
 def convert(
+    values: dict,
     model: ModelArg = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="The .onnx file to write.", show_default=False)] = None,
-    weights: Weights = None,
-    input_shape: InputShape = None,
-    calib: Calib = None,
-    batch_size: BatchSize = None,
-    estimator: EstimatorOpt = None,
-    allow_tf32: AllowTf32 = None,
-    opset: Opset = None,
-    dynamic_batch: DynamicBatch = None,
-    atol: Atol = None,
-    rtol: Rtol = None,
-    providers: Providers = None,
-    require_providers: RequireProviders = None,
-    report: Report = None,
-    trust_pickle: TrustPickle = None,
-    verify: VerifyFlag = None,
-    overwrite: Overwrite = None,
-    keep_failed: KeepFailed = None,
-    seed: Seed = None,
     json_out: JsonOut = False,
     config: Annotated[Optional[Path], typer.Option("--config", metavar="TOML", show_default=False,
                                                    help="Run every [[conversion]] table of a TOML file (keys mirror these flags; see the README).")] = None,
@@ -181,18 +169,17 @@ def convert(
     quiet: Quiet = False,
 ):
     """Fold (and optionally calibrate), export to ONNX and verify the result."""
-    values = _given(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     STATE["json"] = json_out
 
     def work():
         if config is not None:
-            given = [OPTIONS[k].flag.split("/")[0] for k, v in values.items() if v is not None and k != "report"]
+            given = [CLI.key(k) for k, v in values.items() if v is not None and k != "report"]
             given = ["-o"] * (output is not None) + ["MODEL"] * bool(model) + given
             if given:
                 raise BadInputError(f"--config runs the conversions its file describes; {', '.join(given)} would be ignored",
                                     "put them in the file's [[conversion]] or [defaults] tables")
-            return _run_config(config, report, jobs, skip_unchanged, json_out)
+            return _run_config(config, values["report"], jobs, skip_unchanged, json_out)
         for flag, v in (("--jobs", jobs), ("--skip-unchanged", skip_unchanged or None)):
             if v is not None:
                 raise BadInputError(f"{flag} applies to --config runs only", "drop it, or use --config")
@@ -230,22 +217,15 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
 @app.command(epilog="Example: bnfold calibrate samples/digits/model.py:build --weights samples/digits/weights.pt "
                     "--calib samples/digits/calib.npz --batch-size 64 -o calibrated.pt\n\n"
                     "Several processes: torchrun --nproc-per-node 2 -m bnfold calibrate ... (each rank takes every N-th batch).")
+@_table_options("calibrate", first=("calib",))
 def calibrate(
+    values: dict,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py:factory or package.module:factory.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="Write the calibrated state_dict (.pt) here.", show_default=False)],
-    calib: Calib = None,
-    weights: Weights = None,
-    batch_size: BatchSize = None,
-    estimator: EstimatorOpt = None,
-    allow_tf32: AllowTf32 = None,
-    report: Report = None,
-    trust_pickle: TrustPickle = None,
-    overwrite: Overwrite = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Recompute BatchNorm population statistics (BN paper, §3.1) and save the state_dict."""
-    values = _given(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     STATE["json"] = json_out
 
@@ -267,27 +247,14 @@ def calibrate(
 @app.command(epilog="Example: bnfold verify samples/digits/model.py:build digits.onnx --weights samples/digits/weights.pt "
                     "--input-shape 1,1,8,8 --calib samples/digits/calib.npz (batch size, estimator and tolerances "
                     "default to the ones the artifact records).")
+@_table_options("verify")
 def verify(
+    values: dict,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="The source: path/file.py:factory, module:factory, or the original .onnx.", show_default=False)],
     onnx_file: Annotated[str, typer.Argument(metavar="ONNX", help="The ONNX artifact to check.", show_default=False)],
-    weights: Weights = None,
-    input_shape: InputShape = None,
-    calib: Calib = None,
-    batch_size: BatchSize = None,
-    estimator: EstimatorOpt = None,
-    allow_tf32: AllowTf32 = None,
-    dynamic_batch: DynamicBatch = None,
-    atol: Atol = None,
-    rtol: Rtol = None,
-    providers: Providers = None,
-    require_providers: RequireProviders = None,
-    report: Report = None,
-    trust_pickle: TrustPickle = None,
-    seed: Seed = None,
     json_out: JsonOut = False,
 ):
     """Check an existing ONNX file against its source. Exit 0 when it matches, 1 when it does not."""
-    values = _given(locals())
     STATE["json"] = json_out
 
     def work():
@@ -304,15 +271,13 @@ def verify(
 
 # ------------------------------------------------------------------------------------ inspect
 @app.command(epilog="Example: bnfold inspect samples/digits/model.py:build --input-shape 1,1,8,8")
+@_table_options("inspect")
 def inspect(
+    values: dict,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py:factory, module:factory, or a .onnx file.", show_default=False)],
-    weights: Weights = None,
-    input_shape: InputShape = None,
-    trust_pickle: TrustPickle = None,
     json_out: JsonOut = False,
 ):
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
-    values = _given(locals())
     STATE["json"] = json_out
 
     def work():
