@@ -3,7 +3,9 @@
 Recompute BatchNorm population statistics (``calibrate``), fold BatchNorm into neighbouring
 Conv/ConvTranspose/Linear weights (``fold``, ``inspect``), export to ONNX (``export``), fold the
 BatchNormalization nodes of existing ONNX files (``fold_onnx``) and prove with onnxruntime that the
-outputs still match (``verify``). ``convert`` runs the whole pipeline.
+outputs still match (``verify``). ``convert`` runs the whole pipeline. The CLI's commands are these
+functions too: ``convert``, ``run_config`` (``--config``), ``calibrate_checkpoint``,
+``check_artifact`` (``verify``) and ``inspect_spec``.
 
 Heavy libraries (torch, onnx, onnxruntime) are imported on first use, so importing bnfold and
 ``bnfold --help`` stay instant.
@@ -22,9 +24,11 @@ _EXPORTS = {
     "calibrate": "calibration.population",
     "run_calibration": "calibration.population",
     "CalibrationSummary": "calibration.population",
+    "calibrate_checkpoint": "calibration.checkpoint",
     "fold": "torch_pass.fold",
     "fold_with_plan": "torch_pass.fold",
     "inspect": "torch_pass.fold",
+    "inspect_spec": "inspection",
     "register_batchnorm": "torch_pass.bn_kinds",
     "FoldPlan": "plan",
     "Folded": "plan",
@@ -40,6 +44,7 @@ _EXPORTS = {
     "ProviderSpec": "verification.providers",
     "convert": "pipeline",
     "check_artifact": "pipeline",
+    "run_config": "batch",
     "ConvertReport": "report",
     "CheckReport": "report",
     "ConvertOptions": "options",
@@ -71,9 +76,12 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.batch import run_config
+    from bnfold.calibration.checkpoint import calibrate_checkpoint
     from bnfold.calibration.population import CalibrationSummary, calibrate, run_calibration
     from bnfold.edges.data import DataSource, load_batches
     from bnfold.edges.load import load_model
+    from bnfold.inspection import inspect_spec
     from bnfold.onnx_pass.export import export
     from bnfold.onnx_pass.fold import fold_onnx
     from bnfold.options import OPTIONS, ConvertOptions, Estimator, Provider

@@ -17,18 +17,18 @@ from typing import Any
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
-from bnfold.options import ALIASES, ConfigVia, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
-from bnfold.edges.load import parse_model_spec
-from bnfold.pipeline import convert, SCHEMA_VERSION, versions
+from bnfold.options import ALIASES, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
+from bnfold.edges.load import parse_model_spec, spec_kind
+from bnfold.pipeline import convert, versions
+from bnfold.report import SCHEMA_VERSION
 from bnfold.edges.usercode import as_error, worker_died, worker_init
-from bnfold.edges.paths import check_config_paths
+from bnfold.edges.paths import check_config_paths, spec_files
 
 REQUIRED = ("model", "output")
 MANIFEST_SUFFIX = ".manifest.json"
-DATA_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
 
 
-def _table(path: Path, doc: dict, key: str, i: int | None = None) -> ConfigError:
+def _table(path: Path, key: str, i: int | None = None) -> ConfigError:
     return ConfigError(f"{path}: {key}{f' #{i + 1}' if i is not None else ''} is not a table",
                        "write [defaults] and [[conversion]] tables (see the README's CI section)")
 
@@ -38,16 +38,15 @@ def load_config(path: str | Path) -> list[dict[str, Any]]:
     and ``options`` (a validated ConvertOptions). Nothing converts before every table is valid."""
 
     try:
-        return _load_config(path)
+        return _load_config(Path(path))
     except OptionError as err:  # the option table's errors already name the file, table and key
         raise ConfigError(err.problem, err.fix) from err
 
 
-def _load_config(path: str | Path) -> list[dict[str, Any]]:
+def _read_tables(path: Path) -> tuple[list, dict]:
+    """The file's [[conversion]] tables and its [defaults] table, checked for shape only."""
     import tomllib
 
-
-    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist", "check the path of the config file")
     try:
@@ -60,31 +59,39 @@ def _load_config(path: str | Path) -> list[dict[str, Any]]:
     convs = doc.get("conversion")
     if not isinstance(convs, list) or not convs:
         if "conversion" in doc and not isinstance(convs, list):
-            raise _table(path, doc, "conversion")
+            raise _table(path, "conversion")
         raise ConfigError(f"{path} has no [[conversion]] tables", "add at least one [[conversion]] with model and output")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
-        raise _table(path, doc, "defaults")
+        raise _table(path, "defaults")
+    return convs, defaults
+
+
+OPTION_KEYS = [k for k, o in OPTIONS.items() if o.config and CONVERT in o.commands]
+
+
+def _split(table: dict, via: ConfigVia) -> tuple[dict, dict]:
+    """A table's entry keys (name, model, output; parsed) and its option keys (raw)."""
+    entry, opts = {}, {}
+    for k, v in table.items():
+        key = ALIASES.get(k, k)
+        if key in ENTRY_KEYS:
+            entry[key] = ENTRY_KEYS[key](v, via, k)
+        elif key in OPTION_KEYS:
+            if key in opts:
+                raise OptionError(via, k, f"repeats '{key}'", "keep one of them")
+            opts[key] = v
+        else:
+            known = list(ENTRY_KEYS) + OPTION_KEYS
+            close = difflib.get_close_matches(k, known, n=1)
+            raise OptionError(via, k, "is unknown", f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}")
+    return entry, opts
+
+
+def _load_config(path: Path) -> list[dict[str, Any]]:
+    convs, defaults = _read_tables(path)
     base = path.resolve().parent
-    option_keys = [k for k, o in OPTIONS.items() if o.config and "convert" in o.commands]
-    known = list(ENTRY_KEYS) + option_keys
-
-    def split(table: dict, via) -> tuple[dict, dict]:
-        entry, opts = {}, {}
-        for k, v in table.items():
-            key = ALIASES.get(k, k)
-            if key in ENTRY_KEYS:
-                entry[key] = ENTRY_KEYS[key](v, via, k)
-            elif key in option_keys:
-                if key in opts:
-                    raise OptionError(via, k, f"repeats '{key}'", "keep one of them")
-                opts[key] = v
-            else:
-                close = difflib.get_close_matches(k, known, n=1)
-                raise OptionError(via, k, "is unknown", f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}")
-        return entry, opts
-
-    d_entry, d_opts = split(defaults, ConfigVia(str(path), table="defaults"))
+    d_entry, d_opts = _split(defaults, ConfigVia(str(path), table="defaults"))
     if "name" in d_entry or "output" in d_entry:
         raise ConfigError(f"{path}: [defaults], key '{'name' if 'name' in d_entry else 'output'}' would be shared by every conversion",
                           "give each [[conversion]] its own")
@@ -93,45 +100,48 @@ def _load_config(path: str | Path) -> list[dict[str, Any]]:
     for i, raw in enumerate(convs):
         via = ConfigVia(str(path), i)
         if not isinstance(raw, dict):
-            raise _table(path, doc, "conversion", i)
-        r_entry, r_opts = split(raw, via)
-        entry = {**d_entry, **r_entry}
+            raise _table(path, "conversion", i)
+        r_entry, r_opts = _split(raw, via)
         given = {**d_opts, **r_opts}
         if given.get("verify") is False:  # [defaults]' verification settings do not apply to a table that turns it off
             given = {k: v for k, v in given.items() if k in r_opts or k not in ("atol", "rtol", "providers", "require_providers", "keep_failed")}
-        for k in REQUIRED:
-            if k not in entry:
-                raise ConfigError(f"{via.where()} has no '{k}'", f"add {k} = \"...\"")
-        opts = ConvertOptions.build(given, via=via, base=base)
-        try:
-            spec = parse_model_spec(entry["model"])
-        except BnfoldError as err:
-            raise ConfigError(f"{via.where()}, key 'model': {err.problem}", err.fix) from err
-        if spec.kind in ("file", "onnx"):
-            target = Path(spec.target) if Path(spec.target).is_absolute() else (base / spec.target).resolve()
-            if not target.is_file():
-                raise ConfigError(f"{via.where()}, key 'model': '{target}' does not exist", "paths are relative to the config file's folder")
-            entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
-        if spec.kind != "onnx" and not opts.input_shape:
-            raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
-        if opts.weights is not None and not opts.weights.is_file():
-            raise ConfigError(f"{via.where()}, key 'weights': '{opts.weights}' does not exist", "paths are relative to the config file's folder")
-        calib = opts.calib
-        if calib is not None:
-            text = str(calib)
-            target, sep, attr = text.rpartition(":")
-            file = Path(text) if Path(text).suffix.lower() in DATA_SUFFIXES else (Path(target) if sep and target.endswith(".py") else None)
-            if file is not None and not file.is_file():
-                raise ConfigError(f"{via.where()}, key 'calib': '{file}' does not exist", "paths are relative to the config file's folder")
-        out = Path(entry["output"])
-        entry["output"] = str(out if out.is_absolute() else (base / out).resolve())
+        entry = _entry({**d_entry, **r_entry}, given, via, base)
         if entry["output"] in outputs:
             raise ConfigError(f"{via.where()}, key 'output': '{entry['output']}' is also written by conversion #{outputs[entry['output']] + 1}", "give each conversion its own output")
         outputs[entry["output"]] = i
-        entry.setdefault("name", Path(entry["output"]).stem)
-        entry["options"] = opts
         entries.append(entry)
     return entries
+
+
+def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, Any]:
+    """One conversion, checked: its options, its model and the files it reads; paths made absolute."""
+    for k in REQUIRED:
+        if k not in entry:
+            raise ConfigError(f"{via.where()} has no '{k}'", f"add {k} = \"...\"")
+    opts = ConvertOptions.build(given, via=via, base=base)
+    try:
+        spec = parse_model_spec(entry["model"])
+    except BnfoldError as err:
+        raise ConfigError(f"{via.where()}, key 'model': {err.problem}", err.fix) from err
+    if spec.kind in ("file", "onnx"):
+        target = Path(spec.target) if Path(spec.target).is_absolute() else (base / spec.target).resolve()
+        if not target.is_file():
+            raise ConfigError(f"{via.where()}, key 'model': '{target}' does not exist", "paths are relative to the config file's folder")
+        entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
+    if spec.kind != "onnx" and not opts.input_shape:
+        raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
+    files = {"weights": opts.weights}
+    calib = spec_kind(opts.calib) if opts.calib is not None else None
+    if calib is not None and calib.kind in ("data", "file"):
+        files["calib"] = Path(calib.target)
+    for key, file in files.items():
+        if file is not None and not file.is_file():
+            raise ConfigError(f"{via.where()}, key '{key}': '{file}' does not exist", "paths are relative to the config file's folder")
+    out = Path(entry["output"])
+    entry["output"] = str(out if out.is_absolute() else (base / out).resolve())
+    entry.setdefault("name", Path(entry["output"]).stem)
+    entry["options"] = opts
+    return entry
 
 
 def _model_source(model: str) -> str | None:
@@ -156,10 +166,9 @@ def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:
     files["model_source"] = sha256_file(src) if src else None
     for key in ("weights", "calib"):
         value = getattr(opts, key)
-        if isinstance(value, (str, Path)):
-            target = str(value).rpartition(":")[0] if ":" in str(value) and not Path(str(value)).is_file() else str(value)
-            if target and Path(target).is_file():
-                files[key] = sha256_file(target)
+        target = next(iter(spec_files(value)), None) if isinstance(value, (str, Path)) else None
+        if target and Path(target).is_file():
+            files[key] = sha256_file(target)
     options = {k: v for k, v in sorted(opts.to_dict().items()) if k != "report"}
     return {"inputs": files, "options": {"model": entry["model"], **options}, "versions": versions()}
 
@@ -199,10 +208,15 @@ def _failure_detail(rep) -> str | None:
     return "verification failed" if not rep.passed else None
 
 
+def _result(entry: dict[str, Any], **kw) -> dict[str, Any]:
+    """A conversion's line of the summary (``kw`` overrides a pass with nothing written yet)."""
+    return {"name": entry["name"], "model": entry["model"], "output": entry["output"], "exit_code": 0,
+            "error": None, "detail": None, "report": None, "skipped": False, **kw}
+
+
 def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = None) -> dict[str, Any]:
     """One conversion; never raises for user errors: returns {name, exit_code, error, report, …}."""
-    result: dict[str, Any] = {"name": entry["name"], "model": entry["model"], "output": entry["output"],
-                              "exit_code": 0, "error": None, "detail": None, "report": None, "skipped": False}
+    result = _result(entry)
     try:
         import torch
 
@@ -211,30 +225,25 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
 
         with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
             rep = convert(entry["model"], None, entry["output"], options=entry["options"])
-            result["report"] = rep.to_dict()
-            result["exit_code"] = rep.exit_code
-            result["detail"] = _failure_detail(rep)
+            result.update(report=rep.to_dict(), exit_code=rep.exit_code, detail=_failure_detail(rep))
             if rep.passed and rep.export.get("path"):
                 manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
                 write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
+        return result
     except BnfoldError as err:
-        result["exit_code"], result["error"] = err.exit_code, " ".join(str(err).split())
-        result["detail"] = result["error"]
+        code, error = err.exit_code, str(err)
     except KeyboardInterrupt:
         raise
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
-
-        err2 = as_error(err, "the model's code")
-        result["exit_code"], result["error"] = EXIT_MODEL, " ".join(str(err2).split())
-        result["detail"] = result["error"]
+        code, error = EXIT_MODEL, str(as_error(err, "the model's code"))
     except Exception as err:  # keep the other conversions going
         if debug:
             import traceback
 
             traceback.print_exc()
-        first = first_line(err, empty="")
-        result["exit_code"], result["error"] = EXIT_MODEL, f"unexpected {type(err).__name__}: {first[:300]}"
-        result["detail"] = result["error"]
+        code, error = EXIT_MODEL, f"unexpected {type(err).__name__}: {first_line(err, empty='')[:300]}"
+    error = " ".join(error.split())
+    result.update(exit_code=code, error=error, detail=error)
     return result
 
 
@@ -273,9 +282,7 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     todo = []
     for i, e in enumerate(entries):
         if skip_unchanged and is_unchanged(e):
-            results[i] = {"name": e["name"], "model": e["model"], "output": e["output"], "exit_code": 0,
-                          "error": None, "detail": "unchanged since the run its manifest records",
-                          "report": previous_report(e), "skipped": True}
+            results[i] = _result(e, detail="unchanged since the run its manifest records", report=previous_report(e), skipped=True)
         else:
             todo.append(i)
     if jobs == 1 or len(todo) <= 1:

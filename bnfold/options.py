@@ -2,7 +2,8 @@
 
 ``OPTIONS`` is the table: one row per option with its key (the API keyword and the TOML key), its
 CLI flag, the commands it belongs to, its default, its help text and the one function that parses
-and validates it. ``ConvertOptions.build`` is the only place an option value is checked; the CLI,
+and validates it. ``ConvertOptions`` is generated from it (one field per row, the row's default), and
+``ConvertOptions.build`` is the only place an option value is checked; the CLI,
 the config loader and ``bnfold.convert``/``bnfold.verify`` all go through it, and differ only in how
 an error names the option (``--input-shape`` on the command line, ``input_shape=`` in Python,
 ``conversions.toml: conversion #2, key 'input_shape'`` in a config file).
@@ -16,30 +17,29 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bnfold.errors import BadInputError, BnfoldError, ProviderError
 from bnfold.verification.providers import parse_providers, PROVIDERS
-from bnfold.edges.load import parse_shape
+from bnfold.edges.load import parse_shape, relocate_spec
 
 
-class Estimator(str, Enum):
+class _Choice(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class Estimator(_Choice):
     PAPER = "paper"
     POOLED = "pooled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Provider(str, Enum):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def __str__(self) -> str:
-        return self.value
+# every provider of the registry (bnfold.verification.providers) at import; --providers also takes
+# those added later with ``register_provider``
+Provider = _Choice("Provider", {key.upper(): key for key in PROVIDERS}, module=__name__)
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -53,10 +53,6 @@ class Via:
 
     def where(self) -> str:
         return ""
-
-
-class ApiVia(Via):
-    pass
 
 
 class CliVia(Via):
@@ -86,7 +82,7 @@ class ConfigVia(Via):
         return loc
 
 
-API, CLI = ApiVia(), CliVia()
+API, CLI = Via(), CliVia()
 
 
 class OptionError(BadInputError):
@@ -265,6 +261,8 @@ class Option:
     help: str
     commands: frozenset
     short: str | None = None
+    metavar: str = ""  # the value's name in --help ("" for an on/off flag)
+    repeat: bool = False  # the CLI flag may be given more than once
     config: bool = True  # a TOML key
     needs_calib: bool = False  # only meaningful with calib (an error without it)
     path: bool = False  # relative to the config file's folder
@@ -277,23 +275,23 @@ def _o(key, flag, parse, default, help, commands, **kw):
 _ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)
 _CV = (CONVERT, VERIFY)
 OPTIONS: dict[str, Option] = {o.key: o for o in (
-    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True),
+    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True, metavar="FILE"),
     _o("trust_pickle", "--trust-pickle", _p_bool, False, "Allow unpickling a checkpoint that holds Python objects (runs code: only for files you trust).", _ALL),
-    _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s"),
-    _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE)),
-    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True),
-    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True),
-    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,)),
+    _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s", metavar="SHAPE", repeat=True),
+    _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE), metavar="DATA"),
+    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True, metavar="N"),
+    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True, metavar="paper|pooled"),
+    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,), metavar="N"),
     _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
-    _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV),
-    _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV),
-    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV),
-    _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV),
+    _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
+    _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
+    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV, metavar="cpu,cuda"),
+    _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV, metavar="cpu,cuda"),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
-    _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True),
+    _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (default, atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
-    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV),
+    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV, metavar="N"),
     _o("allow_tf32", "--allow-tf32", _p_bool, False,
        "On CUDA, let calibration use TF32 convolutions and matmuls (about 1.6x faster on an H200 for ResNet-50). "
        "Statistics then move by ~1e-4 relative, about 100x less than their sampling noise; the default keeps exact "
@@ -306,15 +304,8 @@ ENTRY_KEYS = {"name": _p_str, "model": _p_str, "output": _p_str}
 ALIASES = {"input_shapes": "input_shape"}  # accepted in config files, as the README documented
 
 
-def cli_flag(key: str) -> str:
-    return CLI.key(key)
-
-
-_FLAG_ALIASES = {"--force": ("overwrite", True)}  # spellings other modules' messages use
-
-
 def _flag_table() -> dict[str, tuple[str, Any]]:
-    table = dict(_FLAG_ALIASES)
+    table = {}
     for key, o in OPTIONS.items():
         if not o.flag:
             continue
@@ -335,11 +326,9 @@ def reword(err: BaseException, via: Via) -> BaseException:
 
     def sub(m):
         hit = table.get(m.group(0))
-        if hit is None:
+        if hit is None or via.name == "cli":
             return m.group(0)
         key, value = hit
-        if via.name == "cli":
-            return CLI.key(key) if m.group(0) in _FLAG_ALIASES else m.group(0)
         if via.name == "config":
             return f"{key} = {str(value).lower()}" if isinstance(value, bool) else f"key '{key}'"
         return f"{key}={value}" if isinstance(value, bool) else f"{key}="
@@ -356,31 +345,20 @@ def parse_option(key: str, value: Any, via: Via | None = None):
     return OPTIONS[key].parse(value, via or API, key)
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Every convert/verify/calibrate option, typed and validated (see ``OPTIONS``)."""
+def _fields_from_table(cls):
+    """The dataclass of ``OPTIONS``: one field per option, its default from the table."""
+    cls.__annotations__ = {**{key: "Any" for key in OPTIONS}, "given": "frozenset", "via": "Via"}
+    for key, opt in OPTIONS.items():
+        setattr(cls, key, opt.default)
+    cls.given = field(default=frozenset(), compare=False, repr=False)  # keys set explicitly
+    cls.via = field(default=API, compare=False, repr=False)
+    return dataclass(frozen=True)(cls)
 
-    weights: Path | None = None
-    trust_pickle: bool = False
-    input_shape: tuple = ()
-    calib: Any = None
-    batch_size: int | None = None
-    estimator: Estimator = Estimator.PAPER
-    opset: int | None = None
-    dynamic_batch: bool = False
-    atol: Any = None
-    rtol: Any = None
-    providers: tuple = (Provider.CPU, Provider.CUDA)
-    require_providers: tuple = ()
-    verify: bool = True
-    report: Path | None = None
-    overwrite: bool = True
-    keep_failed: bool = False
-    seed: int = 0
-    allow_tf32: bool = False
-    progress: bool = False
-    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # keys set explicitly
-    via: Via = field(default=API, compare=False, repr=False)
+
+@_fields_from_table
+class ConvertOptions:
+    """Every convert/verify/calibrate/inspect option, typed and validated: one field per row of
+    ``OPTIONS`` (``opts.batch_size``, ``opts.allow_tf32``, ...), with the table's default."""
 
     @classmethod
     def build(cls, values: Mapping[str, Any], *, via: Via = API, command: str = CONVERT, base: Path | None = None) -> "ConvertOptions":
@@ -406,7 +384,7 @@ class ConvertOptions:
                 v = base / v
             parsed[key] = v
         if "calib" in parsed and base is not None:
-            parsed["calib"] = resolve_data_spec(parsed["calib"], base)
+            parsed["calib"] = relocate_spec(parsed["calib"], base)
         if "calib" not in parsed:
             for key in (k for k, o in OPTIONS.items() if o.needs_calib):
                 if key in parsed:
@@ -423,19 +401,25 @@ class ConvertOptions:
                     raise OptionError(via, key, "has no effect when verification is off, so it would be ignored", "drop one of them")
         return cls(**parsed, given=frozenset(parsed), via=via)
 
+    @classmethod
+    def resolve(cls, options: "ConvertOptions | None", kw: Mapping[str, Any], command: str) -> "ConvertOptions":
+        """A public function's options: one ConvertOptions (``options=``) or its keywords, not both."""
+        if options is not None and kw:
+            raise BadInputError(f"options= and keywords ({', '.join(kw)}) were both given", "pass one ConvertOptions or keywords, not both")
+        if options is None:
+            return cls.build(kw, via=API, command=command)
+        if not isinstance(options, cls):
+            raise BadInputError(f"options= is a {type(options).__name__}", "pass a bnfold.ConvertOptions or keywords")
+        return options
+
     def with_defaults(self, defaults: Mapping[str, Any]) -> "ConvertOptions":
         """Options not given explicitly take ``defaults`` (already parsed values, e.g. an artifact's provenance)."""
         upd = {k: v for k, v in defaults.items() if k not in self.given and k in OPTIONS}
         return replace(self, **upd) if upd else self
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly values of every option (enums as strings, paths as strings)."""
-        out = {}
-        for f in fields(self):
-            if f.name in ("given", "via", "progress"):
-                continue
-            out[f.name] = _plain(getattr(self, f.name))
-        return out
+        """JSON-friendly values of every option but ``progress`` (enums and paths as strings)."""
+        return {key: _plain(getattr(self, key)) for key in OPTIONS if key != "progress"}
 
 
 def _plain(v):
@@ -448,22 +432,3 @@ def _plain(v):
     if isinstance(v, (str, int, float, bool, dict)) or v is None:
         return v
     return f"<{type(v).__name__}>"  # in-memory calibration data
-
-
-def resolve_data_spec(spec, base: Path):
-    """A data file or ``file.py:fn`` spec relative to ``base``; ``pkg.mod:fn`` stays as it is."""
-    if not isinstance(spec, (str, Path)):
-        return spec
-    text = str(spec)
-    target, sep, attr = text.rpartition(":")
-    if sep and attr.isidentifier() and not (len(target) == 1 and target.isalpha()):
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            p = Path(target)
-            return f"{p if p.is_absolute() else base / p}:{attr}"
-        return text  # package.module:fn
-    p = Path(text)
-    return p if p.is_absolute() else base / p
-
-
-def options_for(command: str) -> list[Option]:
-    return [o for o in OPTIONS.values() if command in o.commands]

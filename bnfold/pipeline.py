@@ -81,16 +81,6 @@ def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
 
 
 # ------------------------------------------------------------------------------ options in
-def _options(options: ConvertOptions | None, kw: dict, command: str) -> ConvertOptions:
-    if options is not None and kw:
-        raise BadInputError(f"options= and keywords ({', '.join(kw)}) were both given", "pass one ConvertOptions or keywords, not both")
-    if options is None:
-        return ConvertOptions.build(kw, via=API, command=command)
-    if not isinstance(options, ConvertOptions):
-        raise BadInputError(f"options= is a {type(options).__name__}", "pass a bnfold.ConvertOptions or keywords")
-    return options
-
-
 def _err(via: Via, key: str | None, problem: str, fix: str | None = None) -> OptionError:
     return OptionError(via, key, problem, fix)
 
@@ -244,7 +234,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     DataLoader, an IterableDataset, a generator). Returns a ConvertReport (truthy when verification
     passed); the JSON report is written to ``report`` when given.
     """
-    opts = _options(options, kw, CONVERT)
+    opts = ConvertOptions.resolve(options, kw, CONVERT)
     if output is None:
         raise BadInputError("no output path", "pass output, e.g. 'model.onnx'")
 
@@ -511,7 +501,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
 
 
 
-    opts = _options(options, kw, VERIFY)
+    opts = ConvertOptions.resolve(options, kw, VERIFY)
     check_seed(opts.seed)
     check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None, "the ONNX file": str(onnx_path),
                      "--weights": None if opts.weights is None else str(opts.weights),

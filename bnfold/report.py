@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from bnfold.errors import EXIT_OK, EXIT_VERIFY_FAILED
+
 SCHEMA_VERSION = 1
-EXIT_OK, EXIT_VERIFY_FAILED = 0, 1
 
 
 @dataclass
@@ -70,6 +71,10 @@ class CheckReport:
     def passed(self) -> bool:
         return bool(self.verification)
 
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_VERIFY_FAILED
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -97,6 +102,12 @@ def _status(ok: bool) -> str:
     return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
 
 
+def bn_folded(rep: dict[str, Any]) -> str:
+    """'folded/total' BatchNorm layers of a report (or a plan's dict)."""
+    folded = len(rep.get("folded", []))
+    return f"{folded}/{folded + len(rep.get('unfolded', []))}"
+
+
 def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm layers"):
     from rich.table import Table
 
@@ -105,9 +116,9 @@ def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm
     t.add_column("fate")
     t.add_column("into / reason", overflow="fold")
     for f in folded:
-        stage = " (onnx pass)" if f.get("pass") == "onnx" else ""
+        fold_pass = " (onnx pass)" if f.get("pass") == "onnx" else ""
         into = ", ".join(f"{i} ({ty})" for i, ty in zip(f["into"], f["into_type"]))
-        t.add_row(f["bn"], f"folded {f['rule']}{stage}", into)
+        t.add_row(f["bn"], f"folded {f['rule']}{fold_pass}", into)
     for u in unfolded:
         t.add_row(u["bn"], "[yellow]left[/]", u["reason"])
     return t
@@ -131,7 +142,10 @@ def verification_table(verification: dict[str, Any]):
     return t
 
 
-def render_convert(rep: dict[str, Any], console, *, verbose: bool = False) -> None:
+def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
+    if quiet:
+        console.print(f"{'PASSED' if rep['passed'] else 'FAILED'} {rep.get('model')}: {bn_folded(rep)} BatchNorm folded")
+        return
     folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
     if folded or unfolded:
         if verbose or len(folded) + len(unfolded) <= 40:
@@ -149,8 +163,7 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False) -> No
     for note in rep.get("notes", []):
         console.print(f"note: {note}")
     exp = rep.get("export") or {}
-    bn_total = len(folded) + len(unfolded)
-    summary = f"{len(folded)}/{bn_total} BatchNorm folded"
+    summary = f"{bn_folded(rep)} BatchNorm folded"
     if exp.get("path"):
         summary += f" · wrote {exp['path']} (opset {exp.get('opset')}, {exp.get('batchnorm_nodes', 0)} BatchNormalization nodes, sha256 {str(exp.get('sha256'))[:12]}…)"
     console.print(f"{_status(rep['passed'])} {rep.get('model', '')}: {summary}")
@@ -170,6 +183,43 @@ def render_verify(check: dict[str, Any], console) -> None:
     console.print(f"{_status(check['passed'])} {check.get('onnx', '')}")
 
 
+def render_inspect(plan: dict[str, Any], console) -> None:
+    """``FoldPlan.to_dict()`` as ``bnfold inspect`` shows it."""
+    console.print(plan_table(plan["folded"], plan["unfolded"]))
+    if plan.get("trace_error"):
+        console.print(f"trace: {plan['trace_error']}")
+    console.print(f"{bn_folded(plan)} BatchNorm layers foldable (tracer: {plan['tracer']})")
+
+
+def calibration_table(cal: dict[str, Any]):
+    """``CalibrationSummary.to_dict()``: one row per BatchNorm layer."""
+    from rich.table import Table
+
+    t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left")
+    for col in ("BatchNorm", "values/channel", "mean change", "var change"):
+        t.add_column(col)
+    fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    for layer in cal["layers"]:
+        vpc = layer.get("values_per_channel") or ["-"]
+        t.add_row(layer["name"], "not reached" if not layer["reached"] else f"{vpc[0]}–{vpc[1]}",
+                  fmt(layer.get("mean_change")), fmt(layer.get("var_change")))
+    return t
+
+
+def config_table(summary: dict[str, Any], config: Any):
+    """A ``run_config`` summary: one row per conversion."""
+    from rich.table import Table
+
+    t = Table(title=f"bnfold conversions ({config})", title_justify="left")
+    for col in ("name", "model", "output", "result", "BN folded", "detail"):
+        t.add_column(col, overflow="fold")
+    for e in summary["conversions"]:
+        rep = e.get("report") or {}
+        res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
+        t.add_row(e["name"], e["model"], e["output"], res, bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
+    return t
+
+
 def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
     """A Markdown table of conversions (for $GITHUB_STEP_SUMMARY)."""
     lines = ["## bnfold conversions", "", "| model | output | result | BN folded | max abs error | providers | note |",
@@ -178,7 +228,7 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         rep = e.get("report") or {}
         runs = (rep.get("verification") or {}).get("runs", [])
         errs = [r.get("max_abs_error") for r in runs if r.get("max_abs_error") is not None]
-        bn = f"{len(rep.get('folded', []))}/{len(rep.get('folded', [])) + len(rep.get('unfolded', []))}" if rep else "-"
+        bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
         result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
         if e.get("skipped"):

@@ -254,13 +254,14 @@ def test_provenance_recorded_and_used_by_verify(tmp_path):
 def test_allow_tf32_reaches_calibration_and_needs_calib(via, tmp_path, monkeypatch):
     """--allow-tf32 / allow_tf32= is passed to the calibration (default False: exact fp32); without
     calibration data it would be ignored, so it is refused."""
+    import bnfold.calibration.checkpoint as checkpoint
     import bnfold.calibration.population as cal
     import bnfold.pipeline
 
     seen = []
     orig = cal.run_calibration
     spy = lambda *a, **k: (seen.append(k.get("allow_tf32")), orig(*a, **k))[1]  # noqa: E731
-    for mod in (cal, bnfold.pipeline):  # the calibrate command and convert each call it by their own import
+    for mod in (checkpoint, bnfold.pipeline):  # the calibrate command and convert each call it by their own import
         monkeypatch.setattr(mod, "run_calibration", spy)
     out = str(tmp_path / ("a.pt" if via == "calibrate" else "a.onnx"))
     if via == "api":

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT
 
 MAX_LINES, MAX_PARAMS = 80, 10
@@ -110,7 +108,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.xfail(reason="issue 21: the CLI and the long functions are being reworked", strict=True)
 def test_no_project_import_inside_a_function():
     _, inner = _graph()
     assert inner == []
@@ -127,7 +124,6 @@ def _is_typer_command(fn: ast.FunctionDef) -> bool:
                for d in fn.decorator_list)
 
 
-@pytest.mark.xfail(reason="issue 21: the CLI and the long functions are being reworked", strict=True)
 def test_function_size_and_parameters():
     long, wide = [], []
     for mod, path in MODULES.items():

@@ -18,7 +18,7 @@ the statistics of one process over all batches.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -40,13 +40,7 @@ class CalibrationSummary:
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "estimator": self.estimator,
-            "batches": self.batches,
-            "samples": self.samples,
-            "world_size": self.world_size,
-            "layers": self.layers,
-        }
+        return asdict(self)
 
 
 class _Acc:
@@ -158,6 +152,152 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _check_m(name: str, x: torch.Tensor) -> int:
+    """Values per channel a BN layer sees in a batch; at least 2, else CalibrationError."""
+    m = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
+    if m <= 1:
+        raise CalibrationError(
+            f"BN layer '{name}' sees {m} value per channel in a batch (input shape {tuple(x.shape)}); "
+            "the variance of one value is undefined",
+            "use batches of at least 2 samples (--batch-size) and no batch of a single sample",
+        )
+    return m
+
+
+class _Run:
+    """One calibration of ``work``'s BN layers: what it saved (to restore on success and on failure),
+    the float64 accumulators and the forward hooks that fill them."""
+
+    def __init__(self, work: nn.Module, estimator: str):
+        self.work, self.bns = work, _bns(work)
+        self.dtype, self.device = model_dtype_device(work)
+        self.saved = {
+            name: dict(
+                momentum=bn.momentum,
+                track=bn.track_running_stats,
+                mean=None if bn.running_mean is None else bn.running_mean.detach().clone(),
+                var=None if bn.running_var is None else bn.running_var.detach().clone(),
+                nbt=None if getattr(bn, "num_batches_tracked", None) is None else bn.num_batches_tracked.detach().clone(),
+            )
+            for name, bn in self.bns
+        }
+        self.accs = {name: _Acc(bn.num_features, bn.weight.device if bn.weight is not None else self.device, estimator)
+                     for name, bn in self.bns}
+        self.order: list[str] = []  # BN layers in the order the forward pass reaches them
+        self.hooks: list = []
+
+    def attach(self) -> None:
+        """Only the BN layers in batch-statistics mode (momentum 1), each with its forward hook."""
+        self.work.eval()
+        for name, bn in self.bns:
+            if bn.running_mean is None:  # track_running_stats=False: give it buffers to fill
+                bn.register_buffer("running_mean", torch.zeros(bn.num_features, dtype=self.dtype, device=self.device))
+                bn.register_buffer("running_var", torch.ones(bn.num_features, dtype=self.dtype, device=self.device))
+                bn.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=self.device))
+            bn.track_running_stats = True
+            bn.momentum = 1.0
+            bn.train()
+            self.hooks.append(bn.register_forward_hook(self._post_hook(name)))
+
+    def _post_hook(self, name: str):
+        # The hot path: ONE forward hook per BN call, host-side arithmetic on shapes and two in-place
+        # device adds; no host synchronisation anywhere in the loop.
+        acc, order = self.accs[name], self.order
+
+        def hook(mod, args, out):
+            if acc.calls == 0 and name not in order:
+                order.append(name)
+            acc.add(_check_m(name, args[0]), mod.running_mean, mod.running_var)
+        return hook
+
+    def diagnose(self, batch) -> None:
+        """Rerun a batch the model rejected with pre-hooks that name a BN seeing ≤ 1 value per channel
+        (torch refuses m = 1 itself)."""
+        def pre_hook(name):
+            def hook(mod, args):  # returns None: the inputs stay as they are
+                _check_m(name, args[0])
+            return hook
+
+        diag = [bn.register_forward_pre_hook(pre_hook(name)) for name, bn in self.bns]
+        try:
+            call_model(self.work, batch)
+        except CalibrationError:
+            raise
+        except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
+            pass
+        finally:
+            for h in diag:
+                h.remove()
+
+    def restore(self) -> None:
+        for name, bn in self.bns:
+            _restore(bn, self.saved[name])
+
+    def statistics(self) -> tuple[dict, dict]:
+        """Every reached layer's (mean, var) and its (mean change, var change), checked finite.
+
+        One host transfer for the whole run (no sync per batch or per layer): finiteness of every
+        layer's statistics and the norms of their changes, computed on the device, then .tolist()."""
+        reached = self.order + [n for n, _ in self.bns if self.accs[n].calls and n not in self.order]  # forward order first
+        results = {n: self.accs[n].result() for n in reached}
+        table = _host_table(reached, results, self.saved) if reached else []
+        for n, (ok, dm, m0, dv, v0) in zip(reached, table):
+            if not ok:
+                raise CalibrationError(
+                    f"non-finite activations reach BN layer '{n}' during calibration",
+                    "check the data for extreme values and the layers before it",
+                )
+        return results, {n: (_ratio(dm, m0), _ratio(dv, v0)) for n, (ok, dm, m0, dv, v0) in zip(reached, table)}
+
+    def install(self, summary: CalibrationSummary) -> None:
+        """Write the population statistics into the BN layers (an unreached one keeps its own)."""
+        results, changes = self.statistics()
+        for name, bn in self.bns:
+            acc, old = self.accs[name], self.saved[name]
+            if acc.calls == 0:
+                _restore(bn, old)
+                summary.layers.append({"name": name, "reached": False, "mean_change": None, "var_change": None})
+                continue
+            mean, var = results[name]
+            with torch.no_grad():
+                bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+                bn.running_var.copy_(var.to(bn.running_var.dtype))
+                if old["nbt"] is not None:  # all on the device: no host round trip
+                    bn.num_batches_tracked.copy_(old["nbt"]).add_(acc.calls)
+                else:
+                    bn.num_batches_tracked.fill_(acc.calls)
+            bn.momentum = old["momentum"]
+            mean_change, var_change = changes[name] if old["mean"] is not None else (None, None)
+            summary.layers.append({"name": name, "reached": True, "batch_statistics": acc.calls,
+                                   "values_per_channel": [acc.m_min, acc.m_max], "mean_change": mean_change, "var_change": var_change})
+
+
+def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None) -> None:
+    """One forward pass per batch, counted in ``summary``."""
+    from rich.progress import Progress
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    # TF32 policy (CUDA only; see calibrate's docstring): False (default) = true fp32,
+    # True = TF32 convolutions and matmuls, None = torch's own flags as the caller set them.
+    with Progress(disable=not progress, transient=True) as bar, torch.no_grad(), tf32(allow_tf32):
+        task = bar.add_task("calibrating", total=total)
+        for i, raw in enumerate(batches):
+            batch = prepare(as_batch(raw), run.dtype, run.device)
+            try:
+                call_model(run.work, batch)
+            except CalibrationError:
+                raise
+            except Exception as err:
+                run.diagnose(batch)  # raises CalibrationError when a BN sees a single value per channel
+                raise DataError(
+                    f"the model rejected calibration batch {i}: {type(err).__name__}: {first_line(err)}",
+                    "check that the data matches the model's inputs (shape, dtype, number of inputs)",
+                ) from err
+            summary.batches += 1
+            summary.samples += batch.size
+            bar.advance(task)
+
+
 def run_calibration(
     model: nn.Module,
     data: Any,
@@ -175,151 +315,24 @@ def run_calibration(
         raise DataError(f"expected a torch.nn.Module, got {type(model).__name__}", "pass the model object")
     work = model if inplace else copy.deepcopy(model)
     summary = CalibrationSummary(estimator, world_size=_dist_world())
-    bns = _bns(work)
     if data is None:
         raise DataError("no calibration data", "pass a data file, a tensor of samples or an iterable of batches")
     batches: Iterable = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
-    dtype, device = model_dtype_device(work)
-
-    # save everything we touch, so that it can be restored (on success and on failure)
+    run = _Run(work, estimator)  # saves everything it touches, so that it can be restored (on success and on failure)
     flags = {m: m.training for m in work.modules()}
-    saved = {
-        name: dict(
-            momentum=bn.momentum,
-            track=bn.track_running_stats,
-            mean=None if bn.running_mean is None else bn.running_mean.detach().clone(),
-            var=None if bn.running_var is None else bn.running_var.detach().clone(),
-            nbt=None if getattr(bn, "num_batches_tracked", None) is None else bn.num_batches_tracked.detach().clone(),
-        )
-        for name, bn in bns
-    }
-    accs = {name: _Acc(bn.num_features, bn.weight.device if bn.weight is not None else device, estimator) for name, bn in bns}
-    order: list[str] = []  # BN layers in the order the forward pass reaches them
-    hooks = []
-
-    def check_m(name, x) -> int:
-        m = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
-        if m <= 1:
-            raise CalibrationError(
-                f"BN layer '{name}' sees {m} value per channel in a batch (input shape {tuple(x.shape)}); "
-                "the variance of one value is undefined",
-                "use batches of at least 2 samples (--batch-size) and no batch of a single sample",
-            )
-        return m
-
-    def pre_hook(name):  # only for the diagnosis of a failed batch (torch refuses m = 1 itself)
-        def hook(mod, args):
-            check_m(name, args[0])
-        return hook
-
-    # The hot path: ONE forward hook per BN call, host-side arithmetic on shapes and two in-place
-    # device adds; no host synchronisation anywhere in the loop.
-    def post_hook(name):
-        acc = accs[name]
-
-        def hook(mod, args, out):
-            if acc.calls == 0 and name not in order:
-                order.append(name)
-            acc.add(check_m(name, args[0]), mod.running_mean, mod.running_var)
-        return hook
-
-    def diagnose(batch) -> None:
-        """Rerun a batch the model rejected with pre-hooks that name a BN seeing ≤ 1 value per channel."""
-        diag = [bn.register_forward_pre_hook(pre_hook(name)) for name, bn in bns]
-        try:
-            call_model(work, batch)
-        except CalibrationError:
-            raise
-        except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
-            pass
-        finally:
-            for h in diag:
-                h.remove()
-
     try:
-        work.eval()
-        for name, bn in bns:
-            if bn.running_mean is None:  # track_running_stats=False: give it buffers to fill
-                bn.register_buffer("running_mean", torch.zeros(bn.num_features, dtype=dtype, device=device))
-                bn.register_buffer("running_var", torch.ones(bn.num_features, dtype=dtype, device=device))
-                bn.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-            bn.track_running_stats = True
-            bn.momentum = 1.0
-            bn.train()
-            hooks.append(bn.register_forward_hook(post_hook(name)))
-
-        total = len(batches) if hasattr(batches, "__len__") else None
-        from rich.progress import Progress
-
-        # TF32 policy (CUDA only; see calibrate's docstring): False (default) = true fp32,
-        # True = TF32 convolutions and matmuls, None = torch's own flags as the caller set them.
-        precision = tf32(allow_tf32)
-        with Progress(disable=not progress, transient=True) as bar, torch.no_grad(), precision:
-            task = bar.add_task("calibrating", total=total)
-            for i, raw in enumerate(batches):
-                batch = prepare(as_batch(raw), dtype, device)
-                try:
-                    call_model(work, batch)
-                except CalibrationError:
-                    raise
-                except Exception as err:
-                    diagnose(batch)  # raises CalibrationError when a BN sees a single value per channel
-                    first = first_line(err)
-                    raise DataError(
-                        f"the model rejected calibration batch {i}: {type(err).__name__}: {first}",
-                        "check that the data matches the model's inputs (shape, dtype, number of inputs)",
-                    ) from err
-                summary.batches += 1
-                summary.samples += batch.size
-                bar.advance(task)
+        run.attach()
+        _feed(run, batches, summary, progress, allow_tf32)
         if summary.world_size > 1:
-            summary.batches, summary.samples = _all_reduce(list(accs.values()), summary.batches, summary.samples)
+            summary.batches, summary.samples = _all_reduce(list(run.accs.values()), summary.batches, summary.samples)
         if summary.batches == 0:
             raise DataError("the calibration data is empty", "provide at least one batch")
-
-        # One host transfer for the whole run (no sync per batch or per layer): finiteness of every
-        # layer's statistics and the norms of their changes, computed on the device, then .tolist().
-        reached = order + [n for n, _ in bns if accs[n].calls and n not in order]  # forward order first
-        results = {n: accs[n].result() for n in reached}
-        table = _host_table(reached, results, saved) if reached else []
-        for n, (ok, dm, m0, dv, v0) in zip(reached, table):
-            if not ok:
-                raise CalibrationError(
-                    f"non-finite activations reach BN layer '{n}' during calibration",
-                    "check the data for extreme values and the layers before it",
-                )
-        changes = {n: (_ratio(dm, m0), _ratio(dv, v0)) for n, (ok, dm, m0, dv, v0) in zip(reached, table)}
-
-        for name, bn in bns:
-            acc, old = accs[name], saved[name]
-            if acc.calls == 0:
-                _restore(bn, old)
-                summary.layers.append({"name": name, "reached": False, "mean_change": None, "var_change": None})
-                continue
-            mean, var = results[name]
-            with torch.no_grad():
-                bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-                bn.running_var.copy_(var.to(bn.running_var.dtype))
-                if old["nbt"] is not None:  # all on the device: no host round trip
-                    bn.num_batches_tracked.copy_(old["nbt"]).add_(acc.calls)
-                else:
-                    bn.num_batches_tracked.fill_(acc.calls)
-            bn.momentum = old["momentum"]
-            mean_change, var_change = changes[name] if old["mean"] is not None else (None, None)
-            summary.layers.append({
-                "name": name,
-                "reached": True,
-                "batch_statistics": acc.calls,
-                "values_per_channel": [acc.m_min, acc.m_max],
-                "mean_change": mean_change,
-                "var_change": var_change,
-            })
+        run.install(summary)
     except BaseException:
-        for name, bn in bns:
-            _restore(bn, saved[name])
+        run.restore()
         raise
     finally:
-        for h in hooks:
+        for h in run.hooks:
             h.remove()
         for m, flag in flags.items():
             m.training = flag

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from bnfold.errors import DataError, first_line
 from bnfold.edges.usercode import guard_iter, run_user
-from bnfold.edges.load import parse_model_spec, resolve_factory, tensor_to_numpy
+from bnfold.edges.load import DATA_SUFFIXES, parse_model_spec, resolve_factory, tensor_to_numpy
 from bnfold.options import parse_option
 
 FORMS = ".npz, .npy, .pt, or module:fn returning batches"
@@ -78,10 +78,9 @@ def _check_arrays(arrays: list, where: str) -> None:
 
 
 def _read_arrays(path: Path) -> tuple[list, list | None]:
-    """(arrays, names) of a data file; names only for dict-like sources (keyword inputs)."""
+    """(arrays, names) of a data file (one of DATA_SUFFIXES); names only for dict-like sources (keyword inputs)."""
     import numpy as np
     import torch
-
 
     suffix = path.suffix.lower()
     try:
@@ -90,21 +89,19 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
                 return [z[k] for k in z.files], None
         if suffix == ".npy":
             return [np.load(path, allow_pickle=False)], None
-        if suffix == ".pt" or suffix == ".pth":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, torch.Tensor):
-                return [tensor_to_numpy(obj)], None
-            if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
-                return [tensor_to_numpy(t) for t in obj], None
-            if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
-                return [tensor_to_numpy(t) for t in obj.values()], list(obj)
-            raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors", "save a tensor, a tuple or a dict of tensors")
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # .pt, .pth
+        if isinstance(obj, torch.Tensor):
+            return [tensor_to_numpy(obj)], None
+        if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
+            return [tensor_to_numpy(t) for t in obj], None
+        if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
+            return [tensor_to_numpy(t) for t in obj.values()], list(obj)
+        raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors", "save a tensor, a tuple or a dict of tensors")
     except DataError:
         raise
     except Exception as err:
         first = first_line(err)
         raise DataError(f"cannot read data file '{path}': {first}", "check that the file is complete and of the type its suffix says") from err
-    raise DataError(f"data file '{path}' has an unknown type '{suffix}'", f"use {FORMS}")
 
 
 def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> list[Batch]:
@@ -112,7 +109,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
     if isinstance(spec, (str, Path)):
         text = str(spec)
         path = Path(text)
-        if path.suffix.lower() in (".npz", ".npy", ".pt", ".pth"):
+        if path.suffix.lower() in DATA_SUFFIXES:
             if not path.is_file():
                 raise DataError(f"data file '{path}' does not exist", "check the path of the calibration data")
             arrays, names = _read_arrays(path)
@@ -199,7 +196,7 @@ class DataSource:
             return
         if batch_size is not None:
             raise DataError(f"batch_size cuts arrays into batches, but {what} is a {type(data).__name__} that yields its own batches",
-                            f"drop batch_size, or pass one array of samples")
+                            "drop batch_size, or pass one array of samples")
         if not hasattr(data, "__iter__") or isinstance(data, (bytes, bytearray)):
             raise DataError(f"{what} is a {type(data).__name__}, not an iterable of batches",
                             "pass a data file, a tensor of samples, a list of batches, a DataLoader or a generator")
@@ -327,18 +324,6 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
 def as_source(data: Any, batch_size: int | None = None, *, what: str = "the calibration data",
               fingerprint: bool = False) -> DataSource:
     return data if isinstance(data, DataSource) else DataSource(data, batch_size, what=what, fingerprint=fingerprint)
-
-
-def take_samples(batches: list[Batch], n: int) -> Batch | None:
-    """The first ``n`` samples of ``batches`` as one batch (for verification)."""
-    import torch
-
-    if not batches:
-        return None
-    first = batches[0]
-    if first.kwargs:
-        return Batch((), {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in first.kwargs.items()})
-    return Batch(tuple(v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for v in first.args), {})
 
 
 def model_dtype_device(model):

@@ -11,8 +11,9 @@
   open ``OutputSet`` by themselves; nested sets commit with the outermost one.
 * **The environment's errors are bad input** (trust rule "environment errors are bad input"): ENOSPC, EDQUOT, EFBIG, ENAMETOOLONG, EROFS,
   EACCES, EPERM… while writing become ``OutputPathError`` (exit 2) naming the final path and the cause.
-* **True messages**: ``committed()`` lists what this process renamed into place; errors raised inside an
-  ``OutputSet`` name final paths, never staging names.
+* **True messages**: the one record of what a run wrote (``watch``, ``written_message``): what this
+  process renamed into place, and which watched outputs changed on disk whichever process wrote them;
+  errors raised inside an ``OutputSet`` name final paths, never staging names.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from bnfold.errors import BnfoldError, OutputPathError
-from bnfold.edges.jsonio import dumps
 
 # errno -> what to tell the user
 ENV_ERRNOS: dict[int, str] = {
@@ -52,6 +52,7 @@ ENV_ERRNOS: dict[int, str] = {
 
 _NAME_MAX = 255
 _COMMITTED: list[Path] = []  # final paths renamed into place by this process, in order
+_WATCHED: dict[str, tuple | None] = {}  # a run's output (real path) -> its identity before the run (None: absent)
 _OPEN_SETS: list["OutputSet"] = []
 
 
@@ -138,18 +139,12 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
     return p
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    return "not a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 # ------------------------------------------------------------------------------ the transaction
@@ -182,9 +177,6 @@ class OutputSet:
         return False
 
     # --- staging
-    def _root(self) -> "OutputSet":
-        return self._parent._root() if self._parent is not None else self
-
     def _staging_dir(self, folder: Path) -> Path:
         for f, d in self._dirs:
             if f == folder:
@@ -344,13 +336,46 @@ def sweep_stale_staging(folder: str | Path) -> list[Path]:
     return removed
 
 
-def current_set() -> OutputSet | None:
-    return _OPEN_SETS[-1] if _OPEN_SETS else None
+# ------------------------------------------------------------------------------ what a run wrote
+def _identity(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def committed() -> list[Path]:
-    """Every final path this process renamed into place so far."""
-    return list(_COMMITTED)
+def begin_run() -> None:
+    """Forget earlier runs of this process (the CLI calls it once per command)."""
+    _WATCHED.clear()
+    _COMMITTED.clear()
+
+
+def watch(real: str) -> None:
+    """Remember an output of this run (a resolved path) as it is before any work."""
+    _WATCHED.setdefault(real, _identity(real))
+
+
+def written() -> list[str]:
+    """What this process committed (in that order), then the watched outputs that changed on disk."""
+    seen: list[str] = []
+    for p in _COMMITTED:
+        real = os.path.realpath(os.path.abspath(p))
+        if real not in seen:
+            seen.append(real)
+    for real, before in _WATCHED.items():
+        if real not in seen and _identity(real) != before and _identity(real) is not None:
+            seen.append(real)
+    return seen
+
+
+def written_message() -> str:
+    """What an interruption message says about the outputs: true whichever process wrote them."""
+    done = written()
+    if not done:
+        return "no output was written"
+    shown = ", ".join(done[:6]) + (f" (+{len(done) - 6} more)" if len(done) > 6 else "")
+    return f"written before the interruption: {shown}; nothing else was written"
 
 
 def not_written_note(output: str | Path, why: str = "verification failed") -> str:
@@ -369,7 +394,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
     Inside an open ``OutputSet`` the file is staged instead and renamed when the set commits."""
     path = Path(path)
-    outs = current_set()
+    outs = _OPEN_SETS[-1] if _OPEN_SETS else None  # the innermost open OutputSet
     target = outs.reserve(path) if outs is not None and not _inside_staging(path) else path
     folder = target.parent if str(target.parent) else Path(".")
     try:
@@ -414,30 +439,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str | Path, obj, **kw) -> Path:
-    """Strict JSON (no NaN/Infinity literals), written atomically."""
-
-    kw.setdefault("indent", 2)
-    return write_text_atomic(path, dumps(obj, **kw) + "\n")
-
-
-def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Let ``writer`` fill a temporary file, then rename it into place."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-    return Path(path)
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:

@@ -11,9 +11,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["dumps", "loads", "loads_strict", "sanitize", "JSONDecodeError"]
-
-JSONDecodeError = json.JSONDecodeError
+__all__ = ["dumps", "loads", "loads_strict", "sanitize"]
 
 
 def sanitize(obj: Any) -> Any:
@@ -54,10 +52,6 @@ def dumps(obj: Any, **kw: Any) -> str:
 def loads(text: str | bytes, **kw: Any) -> Any:
     """``json.loads`` (reads old files that hold NaN/Infinity too): a drop-in for ``import json``."""
     return json.loads(text, **kw)
-
-
-def dump(obj: Any, fp, **kw: Any) -> None:
-    fp.write(dumps(obj, **kw))
 
 
 def loads_strict(text: str | bytes) -> Any:

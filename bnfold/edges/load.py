@@ -1,8 +1,9 @@
-"""Load stage: model specs, factories, checkpoints, input shapes.
+"""Load stage: model and data specs, factories, checkpoints, input shapes.
 
 A model spec is ``path/to/file.py:fn``, ``pkg.module:fn`` (``fn`` returns an ``nn.Module``) or a
-``.onnx`` file. Checkpoints are read with ``torch.load(weights_only=True)``; a pickled whole model is
-only unpickled with ``trust_pickle=True``.
+``.onnx`` file; a data spec is a data file (``DATA_SUFFIXES``) or a function spec of the same forms.
+Both are parsed here only (``parse_model_spec``, ``spec_kind``). Checkpoints are read with
+``torch.load(weights_only=True)``; a pickled whole model is only unpickled with ``trust_pickle=True``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bnfold.edges.usercode import run_user, user_code
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
+DATA_SUFFIXES = (".npz", ".npy", ".pt", ".pth")  # data files (DATA): every other data spec is a function
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,31 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if not _IDENT.match(target):
         raise ModelSpecError(f"model spec '{spec}': '{target}' is neither a .py file nor a module name", forms)
     return ModelSpec("module", target, attr)
+
+
+def spec_kind(spec: str | Path) -> ModelSpec:
+    """A model or data spec's parts without importing anything, never raising: a data file is kind
+    "data", a text ``parse_model_spec`` refuses is kind "path" (the text itself)."""
+    text = str(spec)
+    if Path(text).suffix.lower() in DATA_SUFFIXES:
+        return ModelSpec("data", text)
+    try:
+        return parse_model_spec(text)
+    except ModelSpecError:
+        return ModelSpec("path", text)
+
+
+def relocate_spec(spec: Any, base: Path) -> Any:
+    """A model or data spec whose file is relative to ``base`` (a config file's folder) made absolute:
+    ``file.py:fn`` stays a string, a file becomes a Path; ``pkg.mod:fn`` and in-memory data stay as they are."""
+    if not isinstance(spec, (str, Path)):
+        return spec
+    parts = spec_kind(spec)
+    if parts.kind == "module":
+        return str(spec)
+    p = Path(parts.target if parts.kind == "file" else str(spec))
+    p = p if p.is_absolute() else base / p
+    return f"{p}:{parts.attr}" if parts.kind == "file" else p
 
 
 def _import_file(path: Path):

@@ -4,8 +4,8 @@
 (symlinks, ``..``, hard links through device and inode), refuses any output that is the same file as an
 input or another output, and any output that exists and is not a regular file (FIFO, device, socket,
 folder) or names a folder (trailing ``/``). Each refusal is ``OutputPathError`` (exit 2) naming both
-paths. It also remembers the outputs as they were, so that an interruption can say truthfully which of
-them this run replaced (``written_message``).
+paths. It also has ``files.watch`` remember the outputs as they were, so that an interruption can say
+truthfully which of them this run replaced (``files.written_message``).
 """
 
 from __future__ import annotations
@@ -14,21 +14,11 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
-from bnfold.edges.files import check_output_path, committed
+from bnfold.edges.files import check_output_path, watch
+from bnfold.edges.load import spec_kind
 from bnfold.errors import ConfigError, OutputPathError
-from bnfold.edges import files as _io
 
 PathLike = Union[str, "os.PathLike[str]"]
-_WATCH: dict[str, tuple | None] = {}  # output path -> its identity before the run (None: absent)
-
-
-def _identity(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
 
 class _Ref:
     __slots__ = ("label", "raw", "real", "inode")
@@ -56,17 +46,15 @@ class _Ref:
 
 
 def spec_files(spec: str | None) -> list[str]:
-    """The files a model or data spec reads: ``x.py:fn`` → x.py, ``x.onnx`` → x.onnx, a data file."""
+    """The files a model or data spec reads: ``x.py:fn`` → x.py, ``x.onnx`` → x.onnx and its data, a data file."""
     if not spec or not isinstance(spec, (str, os.PathLike)):
         return []
     text = os.fspath(spec)
-    if text.lower().endswith(".onnx"):
+    parts = spec_kind(text)
+    if parts.kind == "onnx":
         return [text, *onnx_data_files(text)]
-    if Path(text).suffix.lower() in (".npz", ".npy", ".pt", ".pth", ".safetensors"):
-        return [text]
-    target, sep, attr = text.rpartition(":")
-    if sep and target and (target.endswith(".py") or "/" in target or os.sep in target):
-        return [target]
+    if parts.kind in ("data", "file"):
+        return [parts.target]
     return [text] if os.path.exists(text) else []
 
 
@@ -121,8 +109,8 @@ def check_run_paths(
     """Check a run's paths before any work; returns {output label: Path}.
 
     ``inputs``: label → path (or list of paths, or None) of every file the run reads.
-    ``outputs``: label → path (or None) of every file the run writes. ``force``: False (or the labels
-    it applies to) refuses existing outputs (--no-overwrite). ``sidecars``: output label → suffixes
+    ``outputs``: label → path (or None) of every file the run writes. ``no_overwrite``: the output
+    labels that must not exist yet (--no-overwrite). ``sidecars``: output label → suffixes
     of files written beside it (``[".data"]`` for an ONNX file's external data), checked as outputs too.
     """
     outs = [(label, raw) for label, raw in _items(outputs)]
@@ -144,38 +132,8 @@ def check_run_paths(
                 raise OutputPathError(f"{a} is the same file as {b}: bnfold would overwrite its input",
                                       "write the output somewhere else")
     for r in out_refs:
-        _WATCH.setdefault(r.real, _identity(r.real))
+        watch(r.real)
     return checked
-
-
-def written_since_check() -> list[str]:
-    """The checked outputs that changed on disk since ``check_run_paths`` saw them, plus what this
-    process committed (in the order committed)."""
-    seen: list[str] = []
-    for p in committed():
-        real = os.path.realpath(os.path.abspath(p))
-        if real not in seen:
-            seen.append(real)
-    for real, before in _WATCH.items():
-        if real not in seen and _identity(real) != before and _identity(real) is not None:
-            seen.append(real)
-    return seen
-
-
-def written_message() -> str:
-    """What an interruption message says about the outputs: true whichever process wrote them."""
-    done = written_since_check()
-    if not done:
-        return "no output was written"
-    shown = ", ".join(done[:6]) + (f" (+{len(done) - 6} more)" if len(done) > 6 else "")
-    return f"written before the interruption: {shown}; nothing else was written"
-
-
-def begin_run() -> None:
-    """Forget earlier runs of this process (the CLI calls it once per command)."""
-
-    _WATCH.clear()
-    _io._COMMITTED.clear()
 
 
 def check_config_paths(config: PathLike, entries: list[dict], report: PathLike | None = None) -> None:
@@ -186,16 +144,10 @@ def check_config_paths(config: PathLike, entries: list[dict], report: PathLike |
     outputs: dict[str, object] = {}
     sidecars: dict[str, list[str]] = {}
     for i, e in enumerate(entries):
-        tag = f"conversion #{i + 1} ({e.get('name')})"
-        opts = e.get("options")
-        get = (lambda k: getattr(opts, k, None)) if opts is not None else e.get
-        weights, calib, rep = get("weights"), get("calib"), get("report")
-        inputs[f"{tag} model"] = spec_files(e.get("model"))
-        inputs[f"{tag} weights"] = None if weights is None else str(weights)
-        inputs[f"{tag} calib"] = spec_files(calib) if isinstance(calib, (str, os.PathLike)) else []
-        outputs[f"{tag} output"] = e.get("output")
+        tag, opts = f"conversion #{i + 1} ({e['name']})", e["options"]
+        inputs.update({f"{tag} model": spec_files(e["model"]), f"{tag} weights": opts.weights, f"{tag} calib": spec_files(opts.calib)})
+        outputs.update({f"{tag} output": e["output"], f"{tag} report": opts.report})
         sidecars[f"{tag} output"] = [".data", ".manifest.json"]
-        outputs[f"{tag} report"] = None if rep is None else str(rep)
     outputs["--report"] = report
     try:
         check_run_paths(inputs, outputs, sidecars=sidecars)
