@@ -42,9 +42,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from timm_sweep import randomize_bn
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("bnfold", "plain", "legacy", "reparam", "onnxslim")
@@ -104,9 +103,10 @@ def export_plain(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool = T
 
 def make_files(source: str, model: nn.Module, x: torch.Tensor, d: Path, legacy: bool) -> tuple[dict, dict]:
     """kind -> path of each file that could be made, and kind -> note (an error, bnfold's verdict)."""
-    import bnfold
     import onnx
     import onnxslim
+
+    import bnfold
 
     paths, notes = {}, {}
 
@@ -154,7 +154,7 @@ def op_counts(path: Path) -> collections.Counter:
     return collections.Counter(n.op_type for n in [*m.graph.node, *(n for f in m.functions for n in f.node)])
 
 
-def session(path: Path, threads: int, ort_path: Path | None = None):
+def session(path: Path, threads: int, spin: bool = True, ort_path: Path | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -163,32 +163,36 @@ def session(path: Path, threads: int, ort_path: Path | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if ort_path is not None:
         so.optimized_model_filepath = str(ort_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def check_file(path: Path, x: torch.Tensor, ref: torch.Tensor, threads: int) -> tuple[object, dict]:
-    """A session on the file and what the file is: nodes by op, BN nodes, nodes after ORT's
-    optimisation, error against the PyTorch output."""
+def check_file(path: Path, x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """What the file is: nodes by op, BN nodes, nodes after ORT's optimisation, error against PyTorch."""
     import numpy as np
 
     ort_path = path.with_suffix(".ort.onnx")
-    sess = session(path, threads, ort_path)
+    sess = session(path, 1, ort_path=ort_path)
     ops = op_counts(path)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     r = ref.detach().numpy()
     err = float(np.abs(out.astype(np.float64) - r).max() / max(float(np.abs(r).max()), 1e-30)) if out.shape == r.shape else float("inf")
-    return sess, {"nodes": sum(ops.values()), "bn": ops["BatchNormalization"], "ops": dict(ops),
-                  "ort_nodes": sum(op_counts(ort_path).values()) if ort_path.exists() else None,
-                  "rel_err": err, "wrong": not err <= WRONG}
+    return {"nodes": sum(ops.values()), "bn": ops["BatchNormalization"], "ops": dict(ops),
+            "ort_nodes": sum(op_counts(ort_path).values()) if ort_path.exists() else None,
+            "rel_err": err, "wrong": not err <= WRONG}
 
 
-def time_files(sessions: dict, x: torch.Tensor, budget: float, min_rounds: int) -> tuple[dict, int]:
-    """kind -> the run times (s) of rounds that run every session once, the first one rotating each round.
+# the two measures: CPU time of a one-thread session (robust on a shared machine: time the process
+# is not scheduled does not count), and wall-clock latency at --threads with onnxruntime's defaults
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
-    Warm-up first (three rounds, which also measure one round to size the run on ``budget`` seconds).
-    """
+
+def time_files(sessions: dict, x: torch.Tensor, clock, budget: float, min_rounds: int) -> tuple[dict, int]:
+    """kind -> the run times (s, on ``clock``) of rounds that run every session once, the first one
+    rotating each round. Warm-up first: three rounds, which also size the run on ``budget`` seconds."""
     feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
     kinds = list(sessions)
     t0 = time.perf_counter()
@@ -200,15 +204,35 @@ def time_files(sessions: dict, x: torch.Tensor, budget: float, min_rounds: int) 
     times = {k: [] for k in kinds}
     for i in range(rounds):
         for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
-            t = time.perf_counter()
+            t = clock()
             sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return times, rounds
 
 
 def paired(a: list, b: list) -> float:
     """The median over rounds of a/b: two files timed in the same round see the same load."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def measure(paths: dict, x: torch.Tensor, row: dict, measure_name: str, args) -> dict:
+    """One measure over the right files and the control (a second session on the plain file):
+    medians (ms), rounds, noise (control / plain), the fastest file and bnfold over it (paired)."""
+    threads, spin = (1, False) if measure_name == "cpu" else (args.threads, True)
+    kinds = [k for k in paths if k in row["files"]]
+    sessions = {k: session(paths[k], threads, spin) for k in kinds}
+    if "plain" in sessions:
+        sessions["plain'"] = session(paths["plain"], threads, spin)
+    times, rounds = time_files(sessions, x, CLOCKS[measure_name], args.budget, args.min_rounds)
+    ms = {k: 1e3 * statistics.median(times[k]) for k in kinds}
+    out = {"ms": ms, "rounds": rounds}
+    if "plain'" in times:
+        out["noise"] = paired(times["plain'"], times["plain"])
+    right = {k: v for k, v in ms.items() if not row["files"][k]["wrong"]}
+    if "bnfold" in right:
+        out["best"] = min(right, key=right.get)
+        out["ratio"] = paired(times["bnfold"], times[out["best"]])
+    return out
 
 
 def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +244,7 @@ def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def run_model(entry: tuple, args) -> dict:
     group, source, name = entry
     t0 = time.perf_counter()
-    row = {"group": group, "model": f"{'tv:' if source == 'tv' else ''}{name}", "files": {}}
+    row = {"group": group, "model": f"{'tv:' if source == 'tv' else ''}{name}", "files": {}, "timing": {}}
     model, x = build(source, name)
     row["input"] = list(x.shape)
     row["bn_modules"] = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -228,37 +252,22 @@ def run_model(entry: tuple, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths, notes = make_files(source, model, x, Path(tmp), args.legacy)
         row["notes"] = notes
-        sessions = {}
         for kind, path in paths.items():
             try:
-                sessions[kind], row["files"][kind] = check_file(path, x, ref, args.threads)
+                row["files"][kind] = check_file(path, x, ref)
             except Exception as e:  # noqa: BLE001
                 notes[kind] = f"onnxruntime {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
-        if "plain" in sessions:  # the control: a second session on the plain file
-            sessions["plain'"] = session(paths["plain"], args.threads)
-        if sessions:
-            times, row["rounds"] = time_files(sessions, x, args.budget, args.min_rounds)
-            for kind, v in times.items():
-                if kind in row["files"]:
-                    row["files"][kind]["ms"] = 1e3 * statistics.median(v)
-            if "plain'" in times:
-                row["noise"] = paired(times["plain'"], times["plain"])
-            row.update(verdict(row, times))
-        del sessions
+        if row["files"]:
+            for m in CLOCKS:
+                row["timing"][m] = measure(paths, x, row, m, args)
+    row.update(node_verdict(row["files"]))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
-def verdict(row: dict, times: dict) -> dict:
-    """bnfold against the fastest right file (paired ratio), and bnfold's nodes against the plain
-    exporter's and the fewest."""
-    f = row["files"]
-    right = {k: v["ms"] for k, v in f.items() if "ms" in v and not v["wrong"]}
+def node_verdict(f: dict) -> dict:
+    """bnfold's nodes against the plain exporter's, and the ops it has beyond the file with the fewest."""
     out = {}
-    if "bnfold" in right:
-        best = min(right, key=right.get)
-        out["best"] = best
-        out["ratio"] = paired(times["bnfold"], times[best])
     if "bnfold" in f and "plain" in f:
         out["nodes_le_plain"] = f["bnfold"]["nodes"] <= f["plain"]["nodes"]
     if "bnfold" in f:
@@ -270,15 +279,17 @@ def verdict(row: dict, times: dict) -> dict:
     return out
 
 
-def cell(row: dict, kind: str, bn: bool = False) -> str:
-    f = row["files"].get(kind)
-    if f is None or "ms" not in f:
+def cell(row: dict, kind: str, measure_name: str, bn: bool = False) -> str:
+    f, t = row["files"].get(kind), row["timing"].get(measure_name, {})
+    if f is None or kind not in t.get("ms", {}):
         note = row["notes"].get(kind)
         return "error" if note and note.startswith(("error", "onnxruntime")) else "–"
-    s = f"{f['ms']:.1f}, {f['nodes']}" + (f" ({f['bn']})" if bn else "")
-    if kind == "bnfold" and not row["notes"].get("bnfold_verified", False):
-        s += " unverified"
-    if kind == row.get("best"):
+    s = f"{t['ms'][kind]:.1f}"
+    if measure_name == "cpu":
+        s += f", {f['nodes']}" + (f" ({f['bn']})" if bn else "")
+        if kind == "bnfold" and not row["notes"].get("bnfold_verified", False):
+            s += " unverified"
+    if kind == t.get("best"):
         s = f"**{s}**"
     return s + (" WRONG" if f["wrong"] else "")
 
@@ -299,62 +310,99 @@ def versions() -> str:
             return metadata.version(pkg)
         return "absent"
 
-    rev = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False).stdout.strip()
     pkgs = ("torch", "onnx", "onnxruntime", "onnxscript", "timm", "torchvision", "onnxslim", "bnfold")
     return ", ".join(f"{p} {v(p)}" for p in pkgs) + (f" (bnfold commit {rev})" if rev else "")
 
 
-HEAD = ("| model | bnfold ms, nodes | plain ms, nodes (BN) | legacy ms, nodes (BN) | timm reparam ms, nodes "
-        "| onnxslim ms, nodes | bnfold / best | noise | bnfold nodes ≤ plain |\n|---|---|---|---|---|---|---|---|---|")
+def ratio_cells(row: dict, measure_name: str) -> str:
+    t = row["timing"].get(measure_name, {})
+    return " | ".join(f"{t[k]:.2f}" if k in t else "–" for k in ("ratio", "noise"))
 
 
 def table(rows: list) -> list:
-    lines = [HEAD]
+    lines = [("| model | bnfold | plain (BN) | legacy (BN) | timm reparam | onnxslim | bnfold / best | noise "
+              "| wall: bnfold / best | wall: noise | bnfold nodes ≤ plain |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group in dict.fromkeys(r["group"] for r in rows):
-        lines.append(f"| *{group}* |||||||||")
+        lines.append(f"| *{group}* ||||||||||")
         for r in (r for r in rows if r["group"] == group):
-            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "–"
-            noise = f"{r['noise']:.2f}" if "noise" in r else "–"
             le = {True: "yes", False: "**no**", None: "–"}[r.get("nodes_le_plain")]
-            lines.append(f"| {r['model']} | {cell(r, 'bnfold')} | {cell(r, 'plain', True)} | {cell(r, 'legacy', True)} "
-                         f"| {cell(r, 'reparam')} | {cell(r, 'onnxslim')} | {ratio} | {noise} | {le} |")
+            lines.append(f"| {r['model']} | {cell(r, 'bnfold', 'cpu')} | {cell(r, 'plain', 'cpu', True)} "
+                         f"| {cell(r, 'legacy', 'cpu', True)} | {cell(r, 'reparam', 'cpu')} | {cell(r, 'onnxslim', 'cpu')} "
+                         f"| {ratio_cells(r, 'cpu')} | {ratio_cells(r, 'wall')} | {le} |")
     return lines
 
 
-def goals(rows: list) -> list:
-    timed = [r for r in rows if "ratio" in r]
-    slow = [r for r in timed if r["ratio"] > 1.05]
-    noisy = [r for r in slow if abs(r.get("noise", 1) - 1) > 0.05]
-    counted = [r for r in rows if r.get("nodes_le_plain") is not None]
-    more = [r for r in counted if not r["nodes_le_plain"]]
-    unverified = [r["model"] for r in rows if "bnfold" in r["files"] and not r["notes"].get("bnfold_verified")]
-    wrong = [f"{r['model']} {k}" for r in rows for k, f in r["files"].items() if f["wrong"]]
-    missed = ", ".join(f"{r['model']} ({r['ratio']:.2f}× {r['best']})" for r in slow)
-    out = [f"- **Speed, bnfold ≤ 1.05× the fastest file:** met on {len(timed) - len(slow)} of {len(timed)} models"
+def wall_table(rows: list, threads: int) -> list:
+    lines = ["| model | bnfold | plain | legacy | timm reparam | onnxslim | rounds (CPU, wall) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rounds = ", ".join(str(r["timing"].get(m, {}).get("rounds", "–")) for m in CLOCKS)
+        lines.append(f"| {r['model']} | " + " | ".join(cell(r, k, "wall") for k in KINDS) + f" | {rounds} |")
+    return lines
+
+
+def speed_goal(rows: list, measure_name: str, label: str) -> list:
+    timed = [r for r in rows if "ratio" in r["timing"].get(measure_name, {})]
+    slow = [r for r in timed if r["timing"][measure_name]["ratio"] > 1.05]
+    noisy = [r["model"] for r in slow if abs(r["timing"][measure_name].get("noise", 1) - 1) > 0.05]
+    missed = ", ".join(f"{r['model']} ({r['timing'][measure_name]['ratio']:.2f}× {r['timing'][measure_name]['best']})" for r in slow)
+    out = [f"- **{label}, bnfold ≤ 1.05× the fastest file:** met on {len(timed) - len(slow)} of {len(timed)} models"
            + (f"; missed on {missed}." if slow else ".")]
     if noisy:
-        out.append(f"  Of these, the control (two sessions on the same plain file) moved more than 5 % on "
-                   f"{', '.join(r['model'] for r in noisy)}: there the miss is within this machine's noise.")
-    out.append(f"- **Nodes, bnfold ≤ plain exporter:** met on {len(counted) - len(more)} of {len(counted)} models"
-               + (f"; more nodes on {', '.join(r['model'] for r in more)}." if more else "."))
-    out.append("- bnfold's own verification " + (f"failed on {', '.join(unverified)}." if unverified else "passed on every model."))
-    out.append("- Files whose output disagrees with PyTorch (max |Δ| / max |ref| > 1e-3): " + (", ".join(wrong) if wrong else "none") + ".")
+        out.append(f"  The control (two sessions on the same plain file) moved more than 5 % on {', '.join(noisy)}: "
+                   "there the miss may be noise.")
     return out
+
+
+def goals(rows: list) -> list:
+    counted = [r for r in rows if r.get("nodes_le_plain") is not None]
+    more = [r["model"] for r in counted if not r["nodes_le_plain"]]
+    unverified = [r["model"] for r in rows if "bnfold" in r["files"] and not r["notes"].get("bnfold_verified")]
+    wrong = [f"{r['model']} {k}" for r in rows for k, f in r["files"].items() if f["wrong"]]
+    return [*speed_goal(rows, "cpu", "Speed (CPU time, one thread)"),
+            *speed_goal(rows, "wall", "Latency (wall clock, two threads)"),
+            f"- **Nodes, bnfold ≤ plain exporter:** met on {len(counted) - len(more)} of {len(counted)} models"
+            + (f"; more nodes on {', '.join(more)}." if more else "."),
+            "- bnfold's own verification " + (f"failed on {', '.join(unverified)}." if unverified else "passed on every model."),
+            "- Files whose output disagrees with PyTorch (max |Δ| / max |ref| > 1e-3): " + (", ".join(wrong) if wrong else "none") + "."]
 
 
 def details(rows: list) -> list:
     def per_kind(r, fn):
         return " / ".join(f"{k} {fn(r, k)}" for k in KINDS if k in r["files"] or f"{k}_s" in r["notes"])
 
-    lines = ["| model | where bnfold has more nodes than the fewest (file) | nodes after ORT's optimisation | "
-             "max rel err | export s | rounds |", "|---|---|---|---|---|---|"]
+    lines = [("| model | bnfold's ops beyond the file with the fewest nodes | nodes after ORT's optimisation | "
+              "max rel err | seconds to make |"), "|---|---|---|---|---|"]
     for r in rows:
-        extra = ", ".join(f"{v:+d} {k}" for k, v in r.get("extra_ops", {}).items()) or "–"
+        extra = ", ".join(f"{v:+d} {k}" for k, v in r.get("extra_ops", {}).items()) or "none"
         lines.append(f"| {r['model']} | {extra} ({r.get('fewest', '–')}) "
                      f"| {per_kind(r, lambda r, k: r['files'].get(k, {}).get('ort_nodes', '–'))} "
                      f"| {per_kind(r, lambda r, k: format(r['files'][k]['rel_err'], '.0e') if k in r['files'] else '–')} "
-                     f"| {per_kind(r, lambda r, k: r['notes'].get(k + '_s', '–'))} | {r.get('rounds', '–')} |")
+                     f"| {per_kind(r, lambda r, k: r['notes'].get(k + '_s', '–'))} |")
     return lines
+
+
+METHOD = (
+    "Random weights; BN running statistics, γ and β randomised (fixed seed), eval mode, batch 1 at each "
+    "model's native resolution. Files: **bnfold** `bnfold.convert(model, (x,), out, providers=\"cpu\")`; "
+    "**plain** `torch.onnx.export(model, (x,), f, dynamo=True)` with its defaults; **legacy** the same with "
+    "`dynamo=False`; **timm reparam** `timm.utils.reparameterize_model` then the plain export (only where it "
+    "changes the model); **onnxslim** `onnxslim.slim` of the plain file. Each file is checked against PyTorch "
+    "on onnxruntime, then timed on onnxruntime CPU with ORT_ENABLE_ALL, two ways: **CPU time** (ms of process "
+    "CPU time per inference, a one-thread session) and **wall** (ms of wall clock per inference, a session of "
+    "{threads} intra-op threads with onnxruntime's defaults). Either way the files run in turn, one run each per "
+    "round, the first file rotating each round; medians over rounds. **bnfold / best** is the median over rounds "
+    "of bnfold's time over the fastest file's time in the same round (1.00 where bnfold is the fastest; below 1 "
+    "where it won most rounds against the file with the lowest median). **noise** is the same ratio for a second "
+    "session on the plain file against the first: how far two identical files drift apart here. Nodes: those of "
+    "the file (main graph and functions); (BN): its BatchNormalization nodes. Bold: the fastest file.")
+
+SHARED = (
+    "The machine is shared (2 cores; other engineers' tests and exports run beside this), so wall-clock "
+    "milliseconds are inflated and noisy: a thread pool whose threads wait for each other loses whole "
+    "scheduler slices. CPU time of a one-thread session does not count the time the process waits for a core, "
+    "so it measures the work each file asks for; its noise column is the one to trust here. Read ratios, not "
+    "absolute milliseconds.")
 
 
 def markdown(rows: list, meta: dict) -> str:
@@ -362,29 +410,18 @@ def markdown(rows: list, meta: dict) -> str:
               if isinstance(v, str) and v.startswith(("error", "onnxruntime"))]
     return "\n".join([
         "# Artifact benchmark: bnfold's ONNX file against the other ways to get one", "",
-        f"`python benchmarks/artifact.py{meta['argv']}` on {meta['date']}, {meta['minutes']:.0f} minutes. "
-        f"Machine: {meta['machine']}; load average {meta['load'][0]} at the start, {meta['load'][1]} at the end. "
-        f"Versions: {meta['versions']}.", "",
-        "Random weights; BN running statistics, γ and β randomised (fixed seed), eval mode, batch 1 at each "
-        "model's native resolution. Files: **bnfold** `bnfold.convert(model, (x,), out, providers=\"cpu\")`; "
-        "**plain** `torch.onnx.export(model, (x,), f, dynamo=True)` with its defaults; **legacy** the same with "
-        "`dynamo=False`; **timm reparam** `timm.utils.reparameterize_model` then the plain export (only where it "
-        "changes the model); **onnxslim** `onnxslim.slim` of the plain file. Each file is checked against "
-        "PyTorch on onnxruntime, then timed on onnxruntime CPU (ORT_ENABLE_ALL, "
-        f"intra_op_num_threads={meta['threads']}): the files in turn, one run each per round, the first file "
-        "rotating each round, medians over rounds (ms). **bnfold / best** is the median over rounds of bnfold's "
-        "time over the fastest file's time in the same round (1.00 where bnfold is the fastest). **noise** is the "
-        "same ratio for a second session on the plain file against the first: how far two identical files drift "
-        "apart on this machine. Nodes are those of the file (main graph and functions); (BN) counts "
-        "BatchNormalization nodes. Bold: the fastest file.", "",
-        "The machine is shared (2 cores, other engineers' tests and exports run beside it), so absolute "
-        "milliseconds are inflated and noisy; the ratios, taken within rounds, are what to read, and only "
-        "differences well above the noise column mean something.", "",
+        (f"`python benchmarks/artifact.py{meta['argv']}` on {meta['date']}, {meta['minutes']:.0f} minutes. "
+         f"Machine: {meta['machine']}; load average {meta['load'][0]} at the start, {meta['load'][1]} at the end. "
+         f"Versions: {meta['versions']}."), "",
+        METHOD.format(threads=meta["threads"]), "", SHARED, "",
         "## Goals", "", *goals(rows), "",
-        "## Results", "", *table(rows), "",
+        "## Results", "",
+        "CPU time in ms and nodes per file; the ratio columns for both measures.", "",
+        *table(rows), "",
+        f"## Wall-clock latency, {meta['threads']} threads (ms)", "", *wall_table(rows, meta["threads"]), "",
         "## Details", "",
-        "Extra ops: bnfold's op counts minus those of the file with the fewest nodes. ORT nodes: the graph "
-        "onnxruntime runs after its own fusions (`optimized_model_filepath`).", "",
+        ("Ops beyond: bnfold's op counts minus those of the file with the fewest nodes (in brackets). ORT nodes: "
+         "the graph onnxruntime runs after its own fusions (`optimized_model_filepath`, one-thread session)."), "",
         *details(rows), "",
         *(["## Errors", "", *errors, ""] if errors else []),
     ])
@@ -404,8 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"a smoke run: {', '.join(QUICK)}")
     ap.add_argument("--models", help="comma-separated: timm names, tv:NAME for torchvision")
     ap.add_argument("--all", action="store_true", help="the default zoo and the extra BN families")
-    ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per model (default 6)")
-    ap.add_argument("--min-rounds", type=int, default=20, help="rounds at least (default 20)")
+    ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per model and measure (default 4)")
+    ap.add_argument("--min-rounds", type=int, default=15, help="rounds at least (default 15)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     ap.add_argument("--no-legacy", dest="legacy", action="store_false", help="skip the dynamo=False exporter")
     ap.add_argument("--out", help="markdown file (default: benchmarks/artifact.md for a whole-zoo run, else stdout only)")
@@ -418,10 +455,13 @@ def main(argv=None) -> int:
         try:
             rows.append(run_model(entry, args))
         except Exception as e:  # noqa: BLE001  (a model that does not build is reported, not fatal)
-            rows.append({"group": entry[0], "model": entry[2], "files": {}, "notes": {"build": f"error {type(e).__name__}: {e}"[:200]}})
+            rows.append({"group": entry[0], "model": entry[2], "files": {}, "timing": {},
+                         "notes": {"build": f"error {type(e).__name__}: {e}"[:200]}})
         r = rows[-1]
-        print(f"[{i}/{len(jobs)}] {r['model']}: " + ", ".join(f"{k} {v.get('ms', float('nan')):.1f} ms/{v['nodes']}" for k, v in r["files"].items())
-              + (f"; bnfold/best {r['ratio']:.2f}" if "ratio" in r else "") + f" ({r.get('seconds', '?')} s)", file=sys.stderr, flush=True)
+        cpu, wall = r.get("timing", {}).get("cpu", {}), r.get("timing", {}).get("wall", {})
+        print(f"[{i}/{len(jobs)}] {r['model']}: " + ", ".join(f"{k} {cpu.get('ms', {}).get(k, float('nan')):.1f} ms/{v['nodes']}" for k, v in r["files"].items())
+              + "".join(f"; {m} bnfold/best {t['ratio']:.2f} (noise {t.get('noise', float('nan')):.2f})" for m, t in (("cpu", cpu), ("wall", wall)) if "ratio" in t)
+              + f" ({r.get('seconds', '?')} s)", file=sys.stderr, flush=True)
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60,
             "machine": machine(), "versions": versions(), "threads": args.threads,
             "load": (f"{load0[0]:.1f}", f"{os.getloadavg()[0]:.1f}"),
