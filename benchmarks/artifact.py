@@ -17,7 +17,8 @@ takes about ``--budget`` seconds of timing (at least ``--min-rounds``); medians 
 the file as loaded (main graph + functions), BN = BatchNormalization nodes; "ort" = nodes of the graph
 onnxruntime runs after its own optimisations (written with ``optimized_model_filepath``).
 
-Run (about 15 minutes on 2 busy cores; writes benchmarks/artifact.md):
+Run (writes benchmarks/artifact.md): 30 minutes on 2 cores at load average ~3.5, an hour at ~12; most of
+it is making the files (bnfold.convert alone 10-80 s a model), not timing. --quick takes ~3 minutes.
     python benchmarks/artifact.py [--quick] [--models repvgg_a0,tv:resnet18] [--json rows.json]
 """
 
