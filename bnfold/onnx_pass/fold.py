@@ -20,18 +20,51 @@ from bnfold.errors import first_line
 from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name
 from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx
 from bnfold.onnx_pass.rules import RULES
-from bnfold.plan import Folded, FoldPlan, Unfolded, folded_entry
+from bnfold.onnx_pass.merge import Merged, restructure
+from bnfold.plan import IDENTITY_BRANCH, MERGED_BRANCH, Folded, FoldPlan, Merge, Unfolded, Unmerged, folded_entry
 from bnfold.rule import NoMatch, Outcome, Rule, try_rules
 
 
 def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
-    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given."""
+    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given.
+
+    After the BN rules, the structural pass (``merge.restructure``) drops zero adds and merges sums
+    of linear maps of one input into one Conv; BN nodes left are then tried again (a BN after a sum
+    that became one Conv folds into it), until nothing changes."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
-    for bn in bns:
-        entry = _fold_one(ctx, bn, ctx.prefix + node_name(bn))
+    entries = {id(bn): [bn, ctx.prefix + node_name(bn), None] for bn in bns}
+    left, unmerged = list(entries.values()), []
+    for _ in range(8):
+        for e in left:
+            e[2] = _fold_one(ctx, e[0], e[1])
+        zeros, merges, unmerged = restructure(ctx)
+        plan.graph_edits += zeros + len(merges)
+        _record_merges(ctx, merges, entries, plan)
+        left = [e for e in entries.values() if isinstance(e[2], Unfolded)]
+        if not (zeros or merges) or not left:
+            break
+    plan.unmerged.extend(Unmerged(tuple(ctx.prefix + b for b in u.branches), u.reason) for u in unmerged)
+    for bn, _, entry in entries.values():
         (plan.folded if isinstance(entry, Folded) else plan.unfolded).append(entry)
         if record is not None:
             record[id(bn)] = (bn, entry)
+
+
+def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan) -> None:
+    """Plan entries after merges: a BN absorbed as an identity branch folded into the target; a BN
+    folded into a conv that merged away folded into the target (``backward`` → ``merged-branch``)."""
+    for m in merges:
+        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c in m.convs}
+        plan.merges.append(Merge(target, tuple((c, 1) for c in sorted(gone)), m.groups))
+        absorbed = {id(b) for b in m.bns}
+        for e in entries.values():
+            name, entry = e[1], e[2]
+            if id(e[0]) in absorbed:
+                e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
+            elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
+                pairs = dict.fromkeys((target, "Conv") if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+                rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
+                e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 
 
 def _fold_one(ctx: Ctx, node, name: str):
@@ -144,7 +177,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     for ctx in ctxs:
         ctx.model_names, ctx.ranks = names, ranks
         fold_graph(ctx, plan, record)
-    if plan.folded:
+    if plan.folded or plan.graph_edits:
         RemoveUnusedNodesPass()(model)
     if listed_by_format:
         AddInitializersToInputsPass()(model)
@@ -169,7 +202,7 @@ def fold_onnx_proto(model) -> FoldPlan:
 
     m = ir.serde.deserialize_model(model)
     plan = fold_ir(m)
-    if plan.folded:
+    if plan.folded or plan.graph_edits:
         model.CopyFrom(ir.serde.serialize_model(m))
     return plan
 

@@ -91,7 +91,7 @@ class JoinOfConvs:
 
 
 # ------------------------------------------------------------------------------- rule helpers
-def _weights(ctx: Ctx, node, what: str = "weights") -> ConvWeights:
+def conv_weights(ctx: Ctx, node, what: str = "weights") -> ConvWeights:
     """A Conv-like node's weights, or NoMatch when they are not constant floating-point tensors."""
     w = ctx.need_const(node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} '{node_name(node)}' {what}")
     b = None
@@ -135,7 +135,7 @@ def _producer(ctx: Ctx, x, ops: tuple[str, ...]):
 
 def _conv_of(ctx: Ctx, node, c: int) -> ConvWeights:
     """The weights of Conv/ConvTranspose ``node``, which must give ``c`` output channels."""
-    conv = _weights(ctx, node)
+    conv = conv_weights(ctx, node)
     if conv.out_channels != c:
         raise NoMatch(f"{node.op_type} '{node_name(node)}' has {conv.out_channels} output channels, BN {c}")
     return conv
@@ -326,7 +326,7 @@ class BackwardConcat(OnnxRule):
             if id(prod) in seen:
                 raise NoMatch(f"Concat '{node_name(cat)}' reads '{value_name(x)}' twice")
             seen.add(id(prod))
-            parts.append(_weights(ctx, prod))
+            parts.append(conv_weights(ctx, prod))
         total = sum(p.out_channels for p in parts)
         if total != bn.channels:
             raise NoMatch(f"Concat '{node_name(cat)}' producers give {total} channels, BN {bn.channels}")
@@ -378,7 +378,7 @@ class ForwardConv(OnnxRule):
     def match(self, ctx: Ctx, bn: BN) -> ConvWeights:
         cons = _consumer(ctx, bn.node, ("Conv",))
         try:
-            conv = _weights(ctx, cons)
+            conv = conv_weights(ctx, cons)
         except NoMatch as nm:
             raise NoMatch("consumer " + nm.reason) from None
         pads = list(attr(cons, "pads", None) or [])
