@@ -283,7 +283,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed first; samples join the verification inputs.", (CONVERT, VERIFY, CALIBRATE)),
     _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch).", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True),
     _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (BN paper, default) or pooled.", (CONVERT, VERIFY, CALIBRATE), needs_calib=True),
-    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output (default: the exporter's; for an .onnx input, its own).", (CONVERT,)),
+    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,)),
     _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
     _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV),
     _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV),

@@ -13,6 +13,7 @@ what made it (``bnfold.*`` keys, see ``provenance``); ``check_artifact`` reads t
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, sta
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
 from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dtype_device
 from bnfold.edges.paths import check_run_paths, spec_files
-from bnfold.onnx_pass.export import export_folded, OPSET_NATIVE_MIN, opset_range
+from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
 from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
@@ -97,8 +98,6 @@ def _err(via: Via, key: str | None, problem: str, fix: str | None = None) -> Opt
 def resolve_model(model, opts: ConvertOptions):
     """(kind, obj, name): ("onnx", Path, name) or ("torch", nn.Module, name). Specs are loaded here,
     for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``."""
-    import copy
-
     from torch import nn
 
 
@@ -269,12 +268,11 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
         if kind == "onnx":
             _convert_onnx(rep, obj, example, staged, opts)
         else:
-            # a model bnfold built (a spec) or copied (weights=) is its own to fold in place: one copy
-            # of the weights, released before the onnxruntime sessions exist
-            owned = isinstance(model, (str, Path)) or opts.weights is not None
-            held = [obj]
+            # convert works on a module it owns: the one it built (a spec, or weights= into a copy), or
+            # one copy of the caller's module, which is never changed
+            held = [copy.deepcopy(obj) if obj is model else obj]
             del obj
-            _convert_torch(rep, held, example, staged, opts, owned=owned)
+            _convert_torch(rep, held, example, staged, opts)
         if rep.passed or opts.keep_failed:
             rep.export["path"] = str(output)
         else:
@@ -308,21 +306,28 @@ def write_report(rep, path: str | Path) -> None:
     write_text_atomic(path, json.dumps(rep.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _providers(opts: ConvertOptions):
-    return [str(p) for p in opts.providers], [str(p) for p in opts.require_providers]
+def _verify_keywords(opts: ConvertOptions) -> dict[str, Any]:
+    """The options' tolerance and providers, as the keywords of ``verify``."""
+    return {"atol": opts.atol, "rtol": opts.rtol, "providers": [str(p) for p in opts.providers],
+            "require_providers": [str(p) for p in opts.require_providers]}
+
+
+def _sample_count(example: tuple, dynamic_batch: bool) -> int:
+    """How many calibration samples verification uses: the example's batch (at least 4 with a dynamic batch)."""
+    n = example[0].shape[0] if example and example[0].dim() else 1
+    return max(4, n) if dynamic_batch else n
 
 
 def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict:
     sets: dict[str, Any] = {}
-    n = example[0].shape[0] if example and example[0].dim() else 1
+    k = _sample_count(example, dynamic_batch)
     if dynamic_batch:
-        for b in sorted({1, max(4, n)}):
+        for b in sorted({1, k}):
             shapes = [(b,) + tuple(t.shape[1:]) for t in example]
             sets[f"random(batch={b})"] = random_inputs(shapes, example[0].dtype, seed + b)
     else:
-        sets[f"random(batch={n})"] = random_inputs([tuple(t.shape) for t in example], example[0].dtype, seed + 1)
+        sets[f"random(batch={k})"] = random_inputs([tuple(t.shape) for t in example], example[0].dtype, seed + 1)
     if source is not None:
-        k = max(4, n) if dynamic_batch else n
         sample = source.head(k)
         if sample is not None and sample.size == k and not sample.kwargs and len(sample.args) >= len(example):
             dtype = example[0].dtype
@@ -332,22 +337,14 @@ def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict
 
 
 def _check_opset(opts: ConvertOptions) -> None:
-    lo, hi = opset_range()
-    if opts.opset is not None and not lo <= opts.opset <= hi:
-        raise _err(opts.via, "opset", f"{opts.opset} cannot be written by the PyTorch exporter",
-                   f"choose an opset from {OPSET_NATIVE_MIN} to {hi} (from {lo} the exporter converts down, which can fail for a model)")
+    problem = opset_problem(opts.opset)
+    if problem is not None:
+        raise _err(opts.via, "opset", *problem)
 
 
-def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned: bool = False):
+def _check_inputs(rep, model, example: tuple, opts: ConvertOptions) -> None:
     import torch
 
-
-    model = held.pop()  # the caller keeps no reference: a model bnfold owns can be freed before verify
-    _check_opset(opts)
-    dtype, _ = model_dtype_device(model)
-    # the reference is the model itself (compared in eval mode, flags restored); calibration gives it
-    # new statistics in place when bnfold owns it, on a copy otherwise: the user's model never changes
-    reference = model
     with _stage(rep, "check_inputs"):
         try:
             with torch.no_grad(), eval_mode(model):
@@ -357,32 +354,40 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
             first = first_line(err)
             raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}",
                                 f"check {opts.via.key('input_shape').strip()} (rank, channels, size)") from err
+
+
+def _calibrate(rep, model, source, example: tuple, opts: ConvertOptions) -> None:
+    """New statistics into bnfold's own module, in place; samples for verification kept during the one pass."""
+    source.want_head(_sample_count(example, opts.dynamic_batch))
+    with _stage(rep, "calibrate"):
+        _, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=True, progress=opts.progress,
+                                     allow_tf32=opts.allow_tf32)
+        rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
+
+
+def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions):
+    """On a module bnfold owns (built from a spec, or one copy of the caller's): (calibrate →) reference
+    outputs → fold in place → check the folded module → export → release → verify the file against the
+    stored references. One copy of the weights; none left while the onnxruntime sessions exist."""
+    model = held.pop()  # the caller keeps no reference: the module is freed after the export
+    _check_opset(opts)
+    dtype, _ = model_dtype_device(model)
+    _check_inputs(rep, model, example, opts)
     source = _source(opts)
     if source is not None:
-        n = example[0].shape[0] if example[0].dim() else 1
-        source.want_head(max(4, n) if opts.dynamic_batch else n)  # samples for verification, kept during the one pass
-        with _stage(rep, "calibrate"):
-            reference, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=owned, progress=opts.progress,
-                                                 allow_tf32=opts.allow_tf32)
-            rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
-    own = owned or reference is not model  # a model bnfold built or copied (calibrated in place), or the calibrated copy
-    providers, required = _providers(opts)
+        _calibrate(rep, model, source, example, opts)
     sets = references = None
+    fold_runs: list = []
     if opts.verify:
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
-        if own:  # the reference outputs, before the fold changes the module in place
-            with _stage(rep, "reference"):
-                references = reference_outputs(reference, sets, providers=providers, borrow=True)
-                return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
-    if own:
-        model = None  # only `reference` is kept, and folded in place below
+        with _stage(rep, "reference"):  # before the fold changes the module
+            references = reference_outputs(model, sets, providers=_verify_keywords(opts)["providers"], borrow=True)
+            return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
     with _stage(rep, "fold"):
-        folded, plan = fold_with_plan(reference, example, inplace=own)
-        # bnfold's own module: checked now, so that it can be released as soon as it is exported
-        fold_runs = check_folded(folded, sets, references, atol=opts.atol, rtol=opts.rtol) if own and opts.verify else None
+        model, plan = fold_with_plan(model, example, inplace=True)
+        if opts.verify:  # checked now, so that it can be released as soon as it is exported
+            fold_runs = check_folded(model, sets, references, atol=opts.atol, rtol=opts.rtol)
         return_freed_memory()  # the fold's float64 working copies
-    if own:
-        reference = None
     _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
@@ -390,10 +395,9 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
     if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
     with _stage(rep, "export"):
-        proto, plan = export_folded(folded, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
-                                    external_data=(staged.parent, Path(rep.output).name + ".data"))
-        if own:
-            folded = None  # the proto is the one copy of the weights from here on
+        proto, plan, exporter = export_folded(model, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
+                                              external_data=(staged.parent, Path(rep.output).name + ".data"))
+        model = None  # the proto is the one copy of the weights from here on
         _record_plan(rep, plan)
         got = opset_of(proto)  # the asked-for opset: _export_ir refuses any other
         add_provenance(proto, provenance(opts, source, got, source is not None))
@@ -402,25 +406,20 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, owned
         del proto
         if not opts.verify:  # otherwise onnxruntime loads (and checks) the file in verify
             check_onnx_file(staged)
-    rep.export = {"path": None, "opset": got, "sha256": info["sha256"], "bytes": info["bytes"],
+    rep.export = {"path": None, "opset": got, "exporter": exporter, "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts}
     if not opts.verify:
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
     with _stage(rep, "verify"):
-        return_freed_memory()  # the proto and (when bnfold's own) the module are gone: sessions start lower
+        return_freed_memory()  # the proto and the module are gone: sessions start lower
         try:
-            if own:  # no PyTorch weights left while the onnxruntime sessions exist
-                vr = verify(None, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers,
-                            require_providers=required, references=references)
-                vr.runs[:0] = fold_runs
-            else:
-                vr = verify(reference, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, folded=folded,
-                            require_providers=required)
+            vr = verify(None, staged, sets, references=references, **_verify_keywords(opts))
         except BadInputError:
             check_onnx_file(staged)  # a file onnx.checker rejects is the export's fault (exit 3), not the input's
             raise
+    vr.runs[:0] = fold_runs
     _record_verification(rep, vr)
 
 
@@ -471,10 +470,9 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
-    providers, required = _providers(opts)
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
-        vr = verify(src, staged, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
+        vr = verify(src, staged, sets, **_verify_keywords(opts))
     _record_verification(rep, vr)
 
 
@@ -529,7 +527,6 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     opts = opts.with_defaults({k: v for k, v in made.items() if k not in ("estimator", "batch_size")})
     kind, obj, name = resolve_model(model, opts)
     source = _source(opts)
-    providers, required = _providers(opts)
     check = CheckReport(model=name, onnx=str(onnx_path), verification=None, provenance=prov, versions=versions())
     if kind == "onnx":
         if "dynamic_batch" in opts.given:
@@ -538,18 +535,17 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         load_onnx(obj)
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
-        check.verification = verify(str(obj), onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
+        check.verification = verify(str(obj), onnx_path, sets, **_verify_keywords(opts))
     else:
         example = _example(kind, obj, example_inputs, opts)
         check_onnx_sample(onnx_inputs(artifact), example, what="the model's example input (--input-shape)", with_batch=not opts.dynamic_batch)
         reference = obj
-        if source is not None:
-            n = example[0].shape[0] if example[0].dim() else 1
-            source.want_head(max(4, n) if opts.dynamic_batch else n)
+        if source is not None:  # the reference calibrated as convert did, on a copy
+            source.want_head(_sample_count(example, opts.dynamic_batch))
             reference, _ = run_calibration(obj, source, estimator=opts.estimator.value, progress=opts.progress,
                                            allow_tf32=opts.allow_tf32)
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
-        check.verification = verify(reference, onnx_path, sets, atol=opts.atol, rtol=opts.rtol, providers=providers, require_providers=required)
+        check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
     check.options = opts.to_dict()
     if not check.passed:
         check.differences = _differences(prov, opts, source)

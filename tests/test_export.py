@@ -181,16 +181,29 @@ def _stage(d):
     return d.get("pass", d.get("stage", "?"))
 
 
-def test_export_folded_attributes_every_bn_and_counts_match_the_file():
+@pytest.mark.parametrize("route", ["dynamo", "torchscript"])
+def test_export_folded_attributes_every_bn_and_counts_match_the_file(route, monkeypatch):
+    """Both exporters: every BN named after its module, the ONNX pass's folds named by the module
+    they went into. The TorchScript route is the one below opset 18 when the dynamo exporter fails."""
+    from bnfold.errors import ExportError
+    from bnfold.onnx_pass import export as export_mod
     from bnfold.onnx_pass.export import export_folded
     from bnfold.torch_pass.fold import fold_with_plan
-    from bnfold.onnx_pass.io import bn_count
+    from bnfold.onnx_pass.io import bn_count, opset_of
 
+    opset = None
+    if route == "torchscript":
+        def dynamo_fails(*a, **k):
+            raise ExportError("torch.onnx.export failed: no converter", None)
+
+        monkeypatch.setattr(export_mod, "_dynamo_ir", dynamo_fails)
+        opset = 13
     torch.manual_seed(0)
     model = randomize_bn(_TwoPass()).eval()
     x = (torch.randn(1, 3, 6, 6),)
     folded, plan = fold_with_plan(model, x)
-    proto, plan2 = export_folded(folded, x, plan=plan)
+    proto, plan2, exporter = export_folded(folded, x, plan=plan, opset=opset)
+    assert exporter == route and (opset is None or opset_of(proto) == opset)
     d = plan2.to_dict()
     by_bn = {f["bn"]: f for f in d["folded"]}
     assert set(by_bn) == {"bn_onnx", "bn_torch"} and [u["bn"] for u in d["unfolded"]] == ["bn_left"]
@@ -209,14 +222,23 @@ def test_export_folded_attributes_every_bn_and_counts_match_the_file():
         torch.testing.assert_close(torch.from_numpy(got).double(), model.double()(x[0].double()), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("opset", [17, 18, 21])
+@pytest.mark.parametrize("opset", [7, 11, 13, 17, 18, 21])
 def test_export_folded_honours_opset(opset):
+    import onnxruntime as ort
+
     from bnfold.onnx_pass.export import export_folded
     from bnfold.onnx_pass.io import opset_of
 
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))).eval()
-    proto, plan = export_folded(model, (torch.randn(1, 3, 6, 6),), opset=opset)
+    x = torch.randn(1, 3, 6, 6)
+    proto, plan, exporter = export_folded(model, (x,), opset=opset)
     assert opset_of(proto) == opset and plan.bn_count == 1
+    assert exporter == "dynamo" if opset >= 18 else exporter in ("dynamo", "torchscript")
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("opset", [0, 6, 10_000, "18"])

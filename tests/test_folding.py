@@ -11,6 +11,7 @@ from torch import nn
 
 import bnfold
 from bnfold.torch_pass.fold import fold_with_plan
+from bnfold.verification.compare import NOISE_K
 from conftest import randomize_bn, rel_err, state_hash
 
 
@@ -313,6 +314,8 @@ def _check(model: nn.Module, x: torch.Tensor, expected: dict, allow_unfolded=Fal
         folded32 = bnfold.fold(m32, (x.float(),))
         err_folded = rel_err(folded32(x.float()), ref64)
         err_plain = rel_err(m32(x.float()), ref64)
-    # fp32 rounding of the folded model: within 2e-7 of float64, or no worse than fp32 itself
-    assert err_folded <= max(2e-7, 2 * err_plain), (err_folded, err_plain)
+    # fp32 rounding of the folded model: within 2e-7 of float64, or within the float32 noise rule the
+    # comparator uses (NOISE_K × the float32 model's own error: docs, Verification). 2× failed a correct
+    # 3-D fold (2.15e-7 vs 7.7e-8: the folded weights W·s are rounded once more than W) once inputs were seeded.
+    assert err_folded <= max(2e-7, NOISE_K * err_plain), (err_folded, err_plain)
     return plan

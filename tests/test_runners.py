@@ -377,3 +377,117 @@ def test_borrowed_float64_reference_restores_the_module_exactly():
     assert [id(p) for p in m.parameters()] == params and m.shared is m[1].running_mean
     b = reference_outputs(m, {"x": (x,)}, providers="cpu")
     np.testing.assert_allclose(a.refs64["x"][0][1], b.refs64["x"][0][1], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- runners as context managers
+def test_runners_are_released_by_their_with_block(exported):
+    model, x, path = exported
+    with OrtRunner(path, "cpu", "default") as r:
+        assert r.session is not None and r.infer((x,))
+    assert r.session is None
+    with TorchRunner(model, dtype=torch.float64) as r64:  # a float64 copy, dropped at the end
+        assert r64.copied and r64.model is not model
+    assert r64.model is None
+    before = state_hash(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with TorchRunner(model, dtype=torch.float64, borrow=True) as rb:  # the module itself, cast
+            assert rb.model is model and next(model.parameters()).dtype == torch.float64
+            raise RuntimeError("inside")
+    assert next(model.parameters()).dtype == torch.float32 and state_hash(model) == before  # cast back anyway
+
+
+def _counting_ort_runner(monkeypatch, fail_on: int | None = None):
+    """OrtRunner as verify sees it, counting live sessions (``fail_on``: that session's infer raises)."""
+    import bnfold.verification.verify as vmod
+
+    live = {"now": 0, "max": 0, "made": 0}
+
+    class Counting(OrtRunner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            live["made"] += 1
+            live["now"] += 1
+            live["max"] = max(live["max"], live["now"])
+            self.number = live["made"]
+
+        def infer(self, feeds):
+            if self.number == fail_on:
+                raise BadInputError("infer failed on purpose")
+            return super().infer(feeds)
+
+        def close(self):
+            if self.session is not None:
+                live["now"] -= 1
+            super().close()
+
+    monkeypatch.setattr(vmod, "OrtRunner", Counting)
+    return live
+
+
+def test_verify_holds_one_session_at_a_time_and_releases_each(exported, monkeypatch):
+    model, x, path = exported
+    live = _counting_ort_runner(monkeypatch)
+    vr = verify(model, path, {"a": (x,), "b": (x * 2,)}, providers="cpu")
+    assert vr and [(r.graph_optimization, r.inputs) for r in vr.runs] == [
+        ("disable_all", "a"), ("disable_all", "b"), ("default", "a"), ("default", "b")]
+    assert live == {"now": 0, "max": 1, "made": 2}  # one session per level, never two at once
+    live = _counting_ort_runner(monkeypatch, fail_on=2)
+    with pytest.raises(BadInputError, match="on purpose"):
+        verify(model, path, (x,), providers="cpu")
+    assert live["made"] == 2 and live["now"] == 0  # released on the way out too
+
+
+# ---------------------------------------------------------------- one tolerance, one settings
+def test_tolerance_and_settings_objects_equal_their_keywords(exported):
+    from bnfold.verification.compare import Tolerance
+    from bnfold.verification.verify import VerifySettings
+
+    model, x, path = exported
+    kw = verify(model, path, (x,), atol={"*": 1e-3}, rtol=1e-5, noise_k=2.0, providers="cpu", levels=["default"],
+                float64_reference=False)
+    obj = verify(model, path, (x,), tolerance=Tolerance({"*": 1e-3}, 1e-5, 2.0),
+                 settings=VerifySettings(providers="cpu", levels=["default"], float64_reference=False))
+    assert kw.to_dict() == obj.to_dict() and kw and kw.noise_k == 2.0 and kw.float64_reference == "switched off"
+    assert [(r.provider, r.graph_optimization) for r in kw.runs] == [("cpu", "default")]
+    assert {o.atol for r in kw.runs for o in r.outputs} == {1e-3}
+    with pytest.raises(BadInputError, match="tolerance= and atol were both given"):
+        verify(model, path, (x,), tolerance=Tolerance(), atol=1e-3, providers="cpu")
+    with pytest.raises(BadInputError, match="settings= and providers were both given"):
+        verify(model, path, (x,), settings=VerifySettings(), providers="cpu")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'atoll'"):
+        verify(model, path, (x,), atoll=1e-3)
+    with pytest.raises(BadInputError, match="atol -1 is negative"):
+        Tolerance(atol=-1)  # checked when made
+    with pytest.raises(BadInputError, match="unknown optimisation level 'fast'"):
+        VerifySettings(levels=["fast"])
+    s = VerifySettings(providers="cpu", require_providers="CUDAExecutionProvider")
+    assert s.providers == ("cpu", "cuda") and s.require_providers == ("cuda",)  # a required provider is tried
+    rep = compare_runners(TorchRunner(model), [FakeRunner(model, 1e-2)], (x,), tolerance=Tolerance(atol=0.1))
+    assert rep and rep.runs[0].outputs[0].atol == 0.1
+
+
+def test_references_pick_the_gpu_run_for_a_gpu_candidate():
+    from bnfold.verification.verify import References
+
+    cpu, gpu = {"a": [("output", np.zeros(1))]}, {"a": [("output", np.ones(1))]}
+    refs = References(cpu, "cpu", by_device={"cuda": gpu})
+    assert refs.against("cuda") == (gpu, "cuda") and refs.against("cpu") == (cpu, "cpu")
+    on_gpu = References(gpu, "cuda:0")
+    assert on_gpu.against("cuda") == (gpu, "cuda:0") and on_gpu.against("cpu") == (gpu, "cuda:0")
+
+
+def test_verification_functions_take_at_most_8_parameters():
+    import ast
+    from pathlib import Path
+
+    import bnfold.verification as pkg
+
+    wide = []
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = fn.args
+                names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if p is not None]
+                if len([n for n in names if n not in ("self", "cls")]) > 8:
+                    wide.append(f"{path.name}:{fn.name}")
+    assert wide == []

@@ -206,7 +206,7 @@ def test_batch_manifest_write_failure_takes_its_conversion_back(ws, monkeypatch)
 
 
 def test_external_data_and_model_are_one_result(ws, monkeypatch):
-    import bnfold.exporting
+    import bnfold.onnx_pass.io
 
     monkeypatch.setattr(bnfold.onnx_pass.io, "PROTO_LIMIT", 100)  # every conversion writes external data
     args = ["convert", f"{ws / 'f.py'}:wide", "-s", "1,1,8,8", "-o", str(ws / "m.onnx"), "--providers", "cpu"]

@@ -226,3 +226,46 @@ def test_cuda_only_providers_compare_or_refuse(tmp_path):
     else:
         with pytest.raises(ProviderError, match="none of the requested providers"):
             bnfold.verify(model, path, (x,), providers="cuda")
+
+
+def test_convert_works_on_one_copy_released_before_the_sessions(tmp_path, monkeypatch):
+    """A caller's module is copied once; the copy is calibrated and folded in place and is gone before
+    the onnxruntime sessions exist; the caller's module never changes; verification still compares the
+    folded module and the file against references taken before the fold."""
+    import gc
+    import weakref
+
+    import bnfold.pipeline as pipeline
+    from conftest import state_hash
+
+    model = randomize_bn(TwoHeads()).train()
+    before = state_hash(model)
+    seen = {}
+    real_fold, real_cal, real_verify = pipeline.fold_with_plan, pipeline.run_calibration, pipeline.verify
+
+    def fold(m, *a, inplace=False, **k):
+        seen.update(fold_inplace=inplace, fold_on_user=m is model, module=weakref.ref(m))
+        return real_fold(m, *a, inplace=inplace, **k)
+
+    def calibrate(m, *a, inplace=False, **k):
+        seen.update(cal_inplace=inplace, cal_on_user=m is model)
+        return real_cal(m, *a, inplace=inplace, **k)
+
+    def check(*a, **k):
+        gc.collect()
+        seen["alive_at_verify"] = seen["module"]() is not None
+        return real_verify(*a, **k)
+
+    monkeypatch.setattr(pipeline, "fold_with_plan", fold)
+    monkeypatch.setattr(pipeline, "run_calibration", calibrate)
+    monkeypatch.setattr(pipeline, "verify", check)
+    x = torch.randn(2, 3, 6, 6)
+    rep = bnfold.convert(model, (x,), tmp_path / "m.onnx", providers="cpu", calib=torch.randn(16, 3, 6, 6), batch_size=8)
+    assert rep.passed, rep.verification
+    assert seen == {"fold_inplace": True, "fold_on_user": False, "cal_inplace": True, "cal_on_user": False,
+                    "module": seen["module"], "alive_at_verify": False}
+    assert state_hash(model) == before  # statistics and train flags as they were
+    assert list(rep.timings) == ["check_inputs", "calibrate", "reference", "fold", "export", "verify"]
+    runs = rep.verification["runs"]
+    assert [r["target"] for r in runs] == ["folded-module"] * 2 + ["onnx"] * 4 and all(r["passed"] for r in runs)
+    assert rep.verification["float64_reference"] == "ran"

@@ -1,4 +1,10 @@
-"""Export stage: torch.onnx.export (dynamo), metadata stripped, onnx.checker, atomic write.
+"""Export stage: torch.onnx.export, metadata stripped, onnx.checker, atomic write.
+
+Opsets from 18 (and no opset) go through the dynamo exporter. Below 18 the dynamo exporter writes 18
+and converts down, which fails for many models (torchvision's ResNet-18 and MobileNetV3 keep opset
+18: the converter wants constant ``axes`` inputs): then the TorchScript exporter (``dynamo=False``,
+constant folding off) writes the opset directly, and bnfold's ONNX pass folds what is left. Which
+one ran is returned with the file (``export_folded``).
 
 The dynamo exporter stamps every node with stack traces and absolute source paths; those are removed
 so the same model gives the same bytes from any working folder. Models whose initializers exceed
@@ -8,11 +14,14 @@ the 2 GB protobuf limit are written with one external data file beside the .onnx
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import tempfile
 import warnings
 from pathlib import Path
 
 from bnfold.edges.data import eval_mode
-from bnfold.edges.files import OutputSet, check_output_path, env_error
+from bnfold.edges.files import OutputSet, check_output_path, env_error, env_errors, is_env_error
 from bnfold.edges.resources import return_freed_memory
 from bnfold.errors import BadInputError, ExportError, cause
 from bnfold.onnx_pass.fold import fold_ir
@@ -21,23 +30,30 @@ from bnfold.onnx_pass.io import save_onnx, strip_metadata
 from bnfold.plan import merge_plans
 
 OPSET_NATIVE_MIN = 18  # torch's dynamo exporter writes opsets from 18 natively; below, it converts
+OPSET_MIN = 7  # the lowest opset torch's TorchScript exporter writes
 
 
 def opset_range() -> tuple[int, int]:
-    """(lowest, highest) opset bnfold asks the exporter for; below 18 the exporter's version
-    conversion may fail for a given model (then ``export_folded`` says so)."""
+    """(lowest, highest) opset bnfold writes: from the TorchScript exporter's lowest to onnx's highest."""
     import onnx
 
-    return 7, int(onnx.defs.onnx_opset_version())
+    return OPSET_MIN, int(onnx.defs.onnx_opset_version())
 
 
-def _check_opset(opset: int | None) -> None:
+def opset_problem(opset) -> tuple[str, str] | None:
+    """(problem, fix) when ``opset`` is one bnfold cannot write, else None: checked before any work."""
     if opset is None:
-        return
+        return None
     lo, hi = opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
-        raise BadInputError(f"opset {opset!r} is outside the supported range {lo}..{hi}",
-                            f"pass an opset from {OPSET_NATIVE_MIN} to {hi} (below {OPSET_NATIVE_MIN} the exporter converts, which can fail)")
+        return f"{opset!r} is outside the opsets bnfold writes ({lo}..{hi})", f"pass an opset from {lo} to {hi}"
+    return None
+
+
+def _check_opset(opset) -> None:
+    problem = opset_problem(opset)
+    if problem is not None:
+        raise BadInputError(f"opset {problem[0]}", problem[1])
 
 
 @contextlib.contextmanager
@@ -56,13 +72,42 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool, optimize: bool):
-    """torch.onnx.export (dynamo) → onnx_ir Model, exporter metadata still on. Raises ExportError (exit 3)."""
+@contextlib.contextmanager
+def _stdout_held():
+    """Hold what is written to the process's stdout (fd 1) inside the block; pass it on only when the
+    block succeeds. The TorchScript exporter logs the whole TorchScript graph there from C++ when it
+    fails, where a ``--json`` report goes; the error bnfold raises names the cause."""
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no stdout to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 1)
+            raise
+        else:
+            os.dup2(saved, 1)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            if text:  # e.g. the model's own prints
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        finally:
+            os.close(saved)
+
+
+def _dynamo_ir(model, example_inputs: tuple, *, opset: int | None, dynamic_batch: bool, optimize: bool):
+    """torch.onnx.export (dynamo) → onnx_ir Model at whatever opset it wrote, exporter metadata still
+    on. Raises ExportError (exit 3)."""
     import torch
 
-    _check_opset(opset)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -72,7 +117,7 @@ def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool,
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
-                tuple(example_inputs),
+                example_inputs,
                 dynamo=True,
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes,
@@ -83,13 +128,80 @@ def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool,
             )
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed: {cause(err)}", "make the model exportable (see the torch.export docs) or report it") from err
-    ir_model = program.model
-    got = ir_model.opset_imports.get("", None)
-    if opset is not None and got != opset:
-        lo, hi = opset_range()
-        raise BadInputError(f"the exporter could not write opset {opset} for this model (its version conversion left opset {got})",
-                            f"pass an opset from {OPSET_NATIVE_MIN} to {hi}")
-    return ir_model
+    return program.model
+
+
+def _input_names(model, n: int) -> list[str]:
+    """forward()'s parameter names, as the dynamo exporter names the graph inputs; else input_0, ..."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:n]
+    return names if len(names) == n else [f"input_{i}" for i in range(n)]
+
+
+def _torchscript_ir(model, example_inputs: tuple, *, opset: int, dynamic_batch: bool, optimize: bool):
+    """torch.onnx.export (TorchScript, ``dynamo=False``) → onnx_ir Model at ``opset`` (7–20).
+
+    Constant folding is off unless ``optimize``: BatchNormalization nodes keep their inputs' names
+    (``layer1.0.bn1.running_mean``; equal tensors become Identity nodes of that name) and every node
+    is named after the module scopes it ran in (``/layer1/layer1.0/bn1/BatchNormalization``).
+    Written to a temporary folder, so that models past 2 GB come back with their external data.
+    Raises ExportError (exit 3)."""
+    import onnx
+    import onnx_ir as ir
+    import torch
+
+    names = _input_names(model, len(example_inputs))
+    axes = {n: {0: "batch"} for n, t in zip(names, example_inputs) if dynamic_batch and isinstance(t, torch.Tensor) and t.dim() > 0}
+    with env_errors(tempfile.gettempdir(), "the TorchScript exporter's file"), tempfile.TemporaryDirectory(prefix="bnfold-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), eval_mode(model), _quiet_loggers("torch.onnx"), _stdout_held():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, example_inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=optimize,
+                                  input_names=names, dynamic_axes=axes or None, verbose=False)
+        except Exception as err:
+            if is_env_error(err):  # a full or read-only temporary folder: env_errors names it
+                raise
+            raise ExportError(f"torch.onnx.export (TorchScript, opset {opset}) failed: {cause(err)}",
+                              f"pass an opset from {OPSET_NATIVE_MIN} (the dynamo exporter's own), or make the model traceable by torch.jit.trace") from err
+        proto = onnx.load(str(path))  # with any external data beside it: read before the folder goes
+    return ir.serde.deserialize_model(proto)
+
+
+def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool, optimize: bool):
+    """(onnx_ir Model at ``opset``, exporter name): the dynamo exporter, or below opset 18 when it
+    cannot convert down, the TorchScript exporter. Raises BadInputError (exit 2), ExportError (exit 3)."""
+    import torch
+
+    _check_opset(opset)
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    native = opset is None or opset >= OPSET_NATIVE_MIN
+    try:
+        ir_model = _dynamo_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize)
+    except ExportError as err:
+        if native:
+            raise
+        why = f"the dynamo exporter failed ({cause(err.__cause__) if err.__cause__ is not None else err.problem})"
+    else:
+        got = ir_model.opset_imports.get("", None)
+        if opset is None or got == opset:
+            return ir_model, "dynamo"
+        if native:
+            raise BadInputError(f"the exporter could not write opset {opset} for this model (it wrote opset {got})",
+                                "pass another opset, or none for the exporter's")
+        why = f"the dynamo exporter's version conversion left opset {got}"
+        _release_weights(ir_model)
+        del ir_model
+        return_freed_memory()
+    try:
+        return _torchscript_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize), "torchscript"
+    except ExportError as err:
+        raise ExportError(f"no exporter wrote opset {opset}: {why}; {err.problem}", err.fix) from err
 
 
 def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dynamic_batch: bool = False, optimize: bool = True):
@@ -99,7 +211,7 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     path that folds with bnfold's float64 rules first and attributes every fold."""
     import onnx_ir as ir
 
-    ir_model = _export_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize)
+    ir_model, _ = _export_ir(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize)
     proto = ir.serde.serialize_model(ir_model)
     _release_weights(ir_model)
     strip_metadata(proto)
@@ -118,14 +230,31 @@ def _release_weights(ir_model) -> None:
         value.const_value = None
 
 
-def _module_of(node) -> str | None:
-    """The PyTorch module a dynamo-exported node came from (its name scope), or None."""
+def _scope_paths(module) -> dict[str, str]:
+    """Each module's scope path as the TorchScript exporter prefixes node names with it
+    (``/layer1/layer1.0/bn1`` → ``layer1.0.bn1``): one scope per level, each the module's name from
+    its last non-numeric part on (``features.0.1`` stays whole, ``layer1.0.bn1`` is ``bn1``)."""
+    paths, out = {"": ""}, {}
+    for name, _ in module.named_modules():
+        if not name:
+            continue
+        atoms = name.split(".")
+        first = max((i for i, a in enumerate(atoms) if not a.isnumeric()), default=0)
+        paths[name] = paths.get(name.rpartition(".")[0], "") + "/" + ".".join(atoms[first:])
+        out[paths[name]] = name
+    return out
+
+
+def _module_of(node, scopes: dict[str, str]) -> str | None:
+    """The PyTorch module an exported node came from, or None: the dynamo exporter's name scopes,
+    a BatchNormalization's ``<module>.running_mean`` input, or the TorchScript exporter's node name
+    (``scopes`` from ``_scope_paths``; a module called again gets ``_1``, ``_2``, ... there)."""
     import ast
 
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
+    names = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if names:
         try:
-            names = ast.literal_eval(scopes)
+            names = ast.literal_eval(names)
         except (ValueError, SyntaxError):
             names = None
         if isinstance(names, list) and len(names) >= 2:
@@ -134,7 +263,26 @@ def _module_of(node) -> str | None:
         name = node.inputs[3].name or ""
         if name.endswith(".running_mean"):
             return name[: -len(".running_mean")]
-    return None
+    prefix = (node.name or "").rpartition("/")[0]
+    if not prefix:
+        return None
+    return scopes.get(prefix) or scopes.get(re.sub(r"_\d+(?=/|$)", "", prefix))
+
+
+def _optimise(model, exporter: str) -> None:
+    """After the ONNX fold pass: onnxscript's optimiser (constant folding, rewrites) on a dynamo
+    export. Its rewrite rules write opset-18 forms (at opset 7, a Gemm without its C input), so a
+    TorchScript export only loses its Identity nodes and unused nodes, which no opset changes."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    try:
+        if exporter == "dynamo":
+            onnxscript.optimizer.optimize(model)
+        else:
+            ir.passes.Sequential(ir.passes.common.IdentityEliminationPass(), ir.passes.common.RemoveUnusedNodesPass())(model)
+    except Exception as err:
+        raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {cause(err)}", "report this model to bnfold") from err
 
 
 def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_batch: bool = False, plan=None,
@@ -143,30 +291,29 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
 
     Exports without the exporter's optimiser, maps every BatchNormalization node back to its
     PyTorch module (the exporter's name scopes, read before the metadata is stripped), runs the
-    ONNX rules, then the exporter's optimiser for everything else (constant folding, rewrites).
-    Returns ``(proto, plan)``: each BN of the new plan is folded in ``pytorch`` (as ``plan`` said),
-    folded in ``onnx`` (into which modules, by which rule), or left with the reasons of both passes;
-    the number left equals the BatchNormalization nodes in ``proto``.
+    ONNX rules, then the exporter's optimiser for everything else (constant folding, rewrites;
+    after the TorchScript exporter, only the opset-independent clean-ups: ``_optimise``). Returns ``(proto, plan, exporter)``: each BN of the new plan is folded in ``pytorch`` (as ``plan``
+    said), folded in ``onnx`` (into which modules, by which rule), or left with the reasons of both
+    passes; the number left equals the BatchNormalization nodes in ``proto``. ``exporter`` is the one
+    that wrote the graph: ``"dynamo"``, or ``"torchscript"`` for an opset below 18 the dynamo exporter
+    cannot convert down to.
 
     ``external_data=(folder, name)``: when the weights pass the 2 GB protobuf limit, they are written
     straight from the IR to ``folder/name`` (the proto then refers to ``name``), so no protobuf copy
     of the weights is ever built.
     """
     import onnx_ir as ir
-    import onnxscript.optimizer
 
-    model = _export_ir(module, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=False)
+    model, exporter = _export_ir(module, example_inputs, opset=opset, dynamic_batch=dynamic_batch, optimize=False)
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    module_of = {n.name: _module_of(n) for n in nodes if n.name}
+    scopes = _scope_paths(module) if exporter == "torchscript" else {}
+    module_of = {n.name: _module_of(n, scopes) for n in nodes if n.name}
     bn_nodes = [n for n in nodes if n.op_type == "BatchNormalization"]
     record: dict = {}
     fold_ir(model, record)
     # the exporter's optimiser runs next: whatever BN it still removes is attributed to it
     left = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
-    try:
-        onnxscript.optimizer.optimize(model)
-    except Exception as err:
-        raise ExportError(f"the exporter's optimiser failed after the ONNX fold pass: {cause(err)}", "report this model to bnfold") from err
+    _optimise(model, exporter)
     after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
     if external_data is not None and _ir_initializer_bytes(model) > onnx_io.PROTO_LIMIT * 0.9:
         folder, name = external_data
@@ -180,7 +327,7 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
     return_freed_memory()
     strip_metadata(proto)
 
-    return proto, merge_plans(plan, bn_nodes, {k: e for k, (_, e) in record.items()}, module_of, left - after)
+    return proto, merge_plans(plan, bn_nodes, {k: e for k, (_, e) in record.items()}, module_of, left - after), exporter
 
 
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
@@ -190,7 +337,7 @@ def export(model, example_inputs, path: str | Path, *, opset: int | None = None,
     path = Path(path)
     with OutputSet() as outs:  # the model and its external data land together
         staged = outs.reserve(path)
-        proto, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch,
+        proto, _, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch,
                                  external_data=(staged.parent, path.name + ".data"))
         save_onnx(proto, staged, data_name=path.name + ".data")
     return Path(path)

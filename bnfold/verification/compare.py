@@ -31,7 +31,7 @@ docs/trust.md).
 Default tolerances: the dtype's base (atol, rtol) with atol scaled by max(1, max|reference|):
 rounding in a deep network grows with the size of the values summed. Given tolerances are used as
 they are; per-output tolerances are ``{output_name: value, "*": default}`` and a name that matches
-no output is an error (``check_tolerance_keys``).
+no output is an error (``check_tolerance_keys``). ``Tolerance`` holds atol, rtol and K together.
 """
 
 from __future__ import annotations
@@ -134,6 +134,32 @@ def check_tolerance_keys(value, what: str, output_names: Iterable[str]) -> None:
     if unknown:
         raise BadInputError(f"--{what} names output '{unknown[0]}', which the model does not have",
                             f"use one of {', '.join(names) or '(no outputs)'} or '*' (e.g. --{what} {names[0] if names else 'output'}=1e-3)")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close is close enough, in one object, checked when made (a negative or non-number value is
+    bad input): ``atol`` and ``rtol`` are None (the output dtype's default, atol scaled by the output's
+    magnitude), a number, or per output ``{name: number, "*": default}``; ``noise_k`` is K, the multiple
+    of the float32 model's own error a candidate may be from the float64 run (default tolerances only)."""
+
+    atol: Any = None
+    rtol: Any = None
+    noise_k: float = NOISE_K
+
+    def __post_init__(self) -> None:
+        check_tolerance(self.atol, "atol")
+        check_tolerance(self.rtol, "rtol")
+
+    def check_names(self, output_names: Iterable[str]) -> None:
+        """Per-output keys must name one of ``output_names`` (or be "*")."""
+        names = list(output_names)
+        check_tolerance_keys(self.atol, "atol", names)
+        check_tolerance_keys(self.rtol, "rtol", names)
+
+    def compare(self, reference: list, candidate: list, reference64: list | None = None) -> list[OutputComparison]:
+        """``compare_outputs`` with this tolerance."""
+        return compare_outputs(reference, candidate, self.atol, self.rtol, reference64=reference64, k=self.noise_k)
 
 
 # ---------------------------------------------------------------------------------- comparator

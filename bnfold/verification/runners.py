@@ -1,13 +1,18 @@
 """Runners: one object per way of computing a model's outputs (Polygraphy style).
 
 A runner has ``infer(feeds) -> [(name, ndarray), ...]`` for one input set ``feeds`` (a
-``bnfold.data.Batch`` of torch tensors) and a few descriptive attributes (``target``, ``provider``,
-``level``, ``device``) that the report shows. The comparator (bnfold/compare.py) never sees how the
-outputs were made; ``verify`` is a loop over runners. A new runtime (TensorRT's Python API, a
-TorchScript or ExecuTorch runtime, ...) is one class with those attributes and ``infer``.
+``bnfold.edges.data.Batch`` of torch tensors) and a few descriptive attributes (``target``,
+``provider``, ``level``, ``device``) that the report shows. The comparator (compare.py) never sees
+how the outputs were made; ``verify`` is one comparator loop over runners (verify.py). A new runtime
+(TensorRT's Python API, a TorchScript or ExecuTorch runtime, ...) is one class with those attributes
+and ``infer``.
+
+bnfold's runners are context managers: ``with OrtRunner(...) as r:`` releases the session (and
+``with TorchRunner(...)`` a copy or a cast) at the end of the block, so that one session is alive at
+a time.
 
 * ``TorchRunner``: an nn.Module in eval mode on a device and dtype, TF32 policy explicit.
-* ``OrtRunner``: an ONNX file on one onnxruntime provider (bnfold/providers.py) at one graph
+* ``OrtRunner``: an ONNX file on one onnxruntime provider (providers.py) at one graph
   optimisation level; the session is created once and reused for every input set. Sessions are quiet:
   onnxruntime's log lines never reach the terminal unless ``verbose``; what it printed while a session
   was created is kept in ``runner.messages`` (the report's notes).
@@ -46,6 +51,19 @@ class Runner(Protocol):
 
 class RunnerUnavailable(Exception):
     """This runner cannot run here (the reason is the message); not a user error by itself."""
+
+
+class Released:
+    """``with runner:`` closes the runner at the end of the block (whatever happens inside)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -121,7 +139,7 @@ def tf32(allow: bool | None):
 
 
 # ----------------------------------------------------------------------------- PyTorch runner
-class TorchRunner:
+class TorchRunner(Released):
     """Runs an nn.Module (in eval mode, flags restored) on ``device`` in ``dtype``.
 
     The module is used as it is when it already lives on ``device`` in ``dtype``; otherwise a deep
@@ -282,7 +300,7 @@ def quiet_onnxruntime(verbose: bool = False) -> None:
     ort.set_default_logger_severity(2 if verbose else 3)
 
 
-class OrtRunner:
+class OrtRunner(Released):
     """An ONNX file on one onnxruntime provider at one graph optimisation level.
 
     Raises RunnerUnavailable (with the reason) when the provider cannot really run here, and

@@ -1,13 +1,15 @@
-"""Verify stage: a loop over runners (bnfold/runners.py) whose outputs go to the comparator
-(bnfold/compare.py), against a reference computed once per input set.
+"""Verify stage: one comparator loop (``_compare_into``, public as ``compare_runners``) over runners
+(runners.py) whose outputs go to the comparator (compare.py), against reference outputs computed once
+per input set (``References``) and judged with one ``Tolerance``.
 
 * the reference: the original PyTorch model in eval mode (on its own device; for a GPU provider also
   on the GPU, TF32 off), or for ONNX-in folding the original ONNX file on CPU at ``ORT_DISABLE_ALL``;
   plus, for a floating PyTorch reference that fits (float64 parameters ≤ 1.5 GB), one float64 run per
-  input set: the comparator then knows each output's float32 noise floor (see bnfold/compare.py);
+  input set: the comparator then knows each output's float32 noise floor (see compare.py);
 * the folded PyTorch module (when given);
-* the ONNX file on onnxruntime, for each requested provider (bnfold/providers.py) that really runs,
-  at ``ORT_DISABLE_ALL`` (the graph as written) and at the default level (``ORT_ENABLE_ALL``).
+* the ONNX file on onnxruntime, for each requested provider (providers.py) that really runs, at
+  ``ORT_DISABLE_ALL`` (the graph as written) and at the default level (``ORT_ENABLE_ALL``); every
+  session is a runner used in a ``with`` block, released before the next one is made.
 
 Honest verdicts: PASSED needs at least one ONNX comparison (when no requested provider can run,
 ``verify`` raises ProviderError, exit 2), a finite reference (a NaN/Inf reference fails, exit 1,
@@ -22,22 +24,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-
-from bnfold.verification.compare import (
-    NOISE_K,
-    OutputComparison,
-    check_tolerance,
-    check_tolerance_keys,
-    compare_outputs,
-)
-from bnfold.errors import BadInputError, first_line, ProviderError, WeightsError
-from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers
+from bnfold.edges.data import Batch, model_dtype_device
+from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
+from bnfold.verification.compare import NOISE_K, OutputComparison, Tolerance
+from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers, unavailable_reason
 from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
-from bnfold.edges.data import Batch, eval_mode, model_dtype_device
 
 FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
 
@@ -213,6 +208,167 @@ def _input_sets(inputs) -> dict[str, Any]:
     return {"inputs": Batch(tuple(inputs), {})}
 
 
+# ------------------------------------------------------------------------------- settings
+@dataclass
+class VerifySettings:
+    """How ``verify`` runs, everything but the tolerance (that is ``Tolerance``); checked and normalised
+    when made: ``providers`` are registry keys in order, the required ones added; ``levels`` are
+    onnxruntime optimisation levels (LEVELS)."""
+
+    providers: Any = DEFAULT_PROVIDERS
+    require_providers: Any = ()
+    levels: Any = LEVELS
+    float64_reference: bool = True  # also run a PyTorch reference in float64 when it fits ...
+    float64_max_bytes: int = FLOAT64_MAX_BYTES  # ... in this many bytes
+    verbose: bool = False  # onnxruntime's warnings reach stderr (otherwise they go to the notes)
+
+    def __post_init__(self) -> None:
+        self.require_providers = tuple(parse_providers(self.require_providers)) if self.require_providers else ()
+        wanted = parse_providers(self.providers)
+        self.providers = tuple(wanted + [p for p in self.require_providers if p not in wanted])
+        self.levels = tuple(self.levels)
+        if not self.levels:
+            raise BadInputError("no onnxruntime optimisation level to verify at", f"use {' and/or '.join(LEVELS)}")
+        for lv in self.levels:
+            if lv not in LEVELS:
+                raise BadInputError(f"unknown optimisation level '{lv}'", f"use {' or '.join(LEVELS)}")
+
+
+def _group(cls, given, keywords: dict, what: str):
+    """``given`` (a ``cls``), or a ``cls`` made of the keywords that are its fields (taken out of
+    ``keywords``): the two spellings of the same settings, never both."""
+    names = {f.name for f in fields(cls)}
+    mine = {k: keywords.pop(k) for k in list(keywords) if k in names}
+    if given is None:
+        return cls(**mine)
+    if mine:
+        raise BadInputError(f"{what}= and {', '.join(mine)} were both given", f"pass one {cls.__name__} or its keywords, not both")
+    return given
+
+
+def _no_more(keywords: dict, fn: str) -> None:
+    if keywords:
+        raise TypeError(f"{fn}() got an unexpected keyword argument '{next(iter(keywords))}'")
+
+
+# ----------------------------------------------------------------------------- references
+@dataclass
+class References:
+    """The reference's outputs for every input set, computed once (``reference_outputs``): float32 on
+    its device, float64 when it ran, and on a GPU when a requested provider runs there. With them,
+    ``verify`` needs no reference module, so a caller that owns the model may fold it in place before
+    the sessions exist."""
+
+    refs: dict  # input set -> [(output name, ndarray)]
+    device: str
+    refs64: dict = field(default_factory=dict)
+    float64_reference: str | None = None
+    by_device: dict = field(default_factory=dict)  # torch device -> refs (the GPU reference)
+    notes: list = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def output_names(self) -> list[str]:
+        return [n for outs in self.refs.values() for n, _ in outs]
+
+    def against(self, device) -> tuple[dict, str]:
+        """(outputs, device) a candidate running on ``device`` is compared with: a GPU candidate with
+        the reference that ran on a GPU when there is one (same hardware, TF32 off), others with the
+        reference on its own device."""
+        if str(device).startswith("cuda"):
+            for dev, refs in {self.device: self.refs, **self.by_device}.items():
+                if dev.startswith("cuda"):
+                    return refs, dev
+        return self.refs, self.device
+
+
+def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64_reference: bool = True,
+                      float64_max_bytes: int = FLOAT64_MAX_BYTES, verbose: bool = False, borrow: bool = False) -> References:
+    """Run ``reference`` (an nn.Module, eval mode, not changed) on every input set now: float32, float64
+    when it fits, and on the GPU when a requested provider runs there. Pass the result to
+    ``verify(None, ..., references=...)``. ``borrow=True``: the float64 run casts the module itself
+    and casts it back exactly afterwards (no float64 copy beside it); for a module nobody else uses
+    meanwhile."""
+    check_statistics(reference)
+    settings = VerifySettings(providers=providers, float64_reference=float64_reference, float64_max_bytes=float64_max_bytes,
+                              verbose=verbose)
+    return _take_references(reference, _input_sets(inputs), settings, borrow=borrow)
+
+
+def _take_references(reference, sets: dict, settings: VerifySettings, borrow: bool = False) -> References:
+    """The reference (a module, or the path of an ONNX file run on CPU at ORT_DISABLE_ALL) on every
+    input set: float32, float64 for the noise floor, and the GPU run; each runner released at once."""
+    if isinstance(reference, (str, Path)):
+        with OrtRunner(reference, "cpu", "disable_all", verbose=settings.verbose, target="reference") as runner:
+            out = References({s: runner.infer(f) for s, f in sets.items()}, runner.device,
+                             float64_reference="not run for an ONNX reference")
+        _nonfinite_notes(out, sets, None)
+        return out
+    with TorchRunner(reference, allow_tf32=False) as runner:  # the module itself (same device and dtype)
+        out = References({s: runner.infer(f) for s, f in sets.items()}, runner.device)
+        _float64_outputs(out, reference, sets, settings, borrow)
+        _nonfinite_notes(out, sets, runner)
+    _gpu_outputs(out, reference, sets, settings.providers)
+    return out
+
+
+def _float64_outputs(out: References, reference, sets: dict, settings: VerifySettings, borrow: bool) -> None:
+    """``out.refs64``: the reference run in float64 (when switched on, floating and small enough)."""
+    if not settings.float64_reference:
+        out.float64_reference = "switched off"
+        return
+    runner, why = _float64_runner(reference, settings.float64_max_bytes, borrow=borrow)
+    if runner is None:
+        out.float64_reference = why
+        if "GB" in why:
+            out.note(f"no float64 run of the reference: {why}")
+        return
+    with runner:  # a borrowed module is cast back here, a float64 copy dropped
+        try:
+            out.refs64 = {s: runner.infer(f) for s, f in sets.items()}
+            out.float64_reference = "ran"
+        except Exception as err:  # noqa: BLE001 — the model may not support float64
+            first = first_line(err)
+            out.float64_reference = f"failed: {type(err).__name__}: {first[:200]}"
+            out.note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
+                     "judged against the float32 reference only")
+
+
+def _nonfinite_notes(out: References, sets: dict, runner: TorchRunner | None) -> None:
+    """A note per input set whose reference output holds NaN/Inf, naming the first module at fault."""
+    for s, outs in out.refs.items():
+        bad = [n for n, o in outs if np.asarray(o).dtype.kind == "f" and not np.isfinite(o).all()]
+        if bad:
+            where = runner.first_nonfinite_module(sets[s]) if runner is not None else None
+            at = f"; the first module with a NaN/Inf output is '{where}'" if where else ""
+            out.note(f"the reference itself is non-finite on input set '{s}' (output {', '.join(bad)}){at}: "
+                     "nothing can be verified against it")
+
+
+def _gpu_device(providers: Iterable[str]) -> str | None:
+    """The torch device of the first requested provider that runs on a CUDA GPU here, if any."""
+    import torch
+
+    for p in providers:
+        spec = PROVIDERS[p]
+        if spec.torch_device and spec.torch_device.startswith("cuda") and torch.cuda.is_available() \
+                and unavailable_reason(spec) is None:
+            return spec.torch_device
+    return None
+
+
+def _gpu_outputs(out: References, reference, sets: dict, providers: Iterable[str]) -> None:
+    """The reference once more on the GPU (TF32 off) for a GPU provider's comparisons: computed once,
+    here, before any session exists; not when the reference already ran on a GPU."""
+    dev = _gpu_device(providers)
+    if dev is None or any(d.startswith("cuda") for d in (out.device, *out.by_device)):
+        return
+    with TorchRunner(reference, device=dev, allow_tf32=False) as runner:
+        out.by_device[dev] = {s: runner.infer(f) for s, f in sets.items()}
+
+
 def _float64_runner(reference, max_bytes: int, borrow: bool = False):
     """(TorchRunner in float64, None) or (None, why not)."""
     import itertools
@@ -232,270 +388,126 @@ def _float64_runner(reference, max_bytes: int, borrow: bool = False):
     return TorchRunner(reference, dtype=torch.float64, allow_tf32=False, target="reference-float64", borrow=borrow), None
 
 
-def compare_runners(reference, candidates, inputs, *, atol=None, rtol=None, reference64=None,
-                    noise_k: float = NOISE_K) -> VerifyReport:
+# -------------------------------------------------------------------------- the one loop
+def _compare_into(report: VerifyReport, references: References, candidates: Iterable, sets: dict, tolerance: Tolerance) -> VerifyReport:
+    """The comparator loop: every candidate runner on every input set against the reference outputs for
+    its device (and the float64 ones, for the noise floor)."""
+    for c in candidates:
+        against, device = references.against(c.device)
+        for s, f in sets.items():
+            outs = tolerance.compare(against[s], c.infer(f), references.refs64.get(s))
+            report.runs.append(Run(c.target, c.provider, c.level, s, all(outs), outs, device=c.device, reference_device=device))
+        if c.target != "folded-module" and c.provider not in report.providers_run:
+            report.providers_run.append(c.provider)
+    return report
+
+
+def _new_report(references: References, tolerance: Tolerance) -> VerifyReport:
+    tolerance.check_names(references.output_names())
+    report = VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k)
+    for n in references.notes:
+        report.note(n)
+    return report
+
+
+def compare_runners(reference, candidates, inputs, *, reference64=None, tolerance: Tolerance | None = None, **keywords) -> VerifyReport:
     """The comparator loop for any runners (a runner: ``infer(feeds) -> [(name, ndarray)]`` and the
     attributes ``target``, ``provider``, ``level``, ``device``): every candidate on every input set
-    against ``reference`` (and ``reference64``, a float64 runner, for the noise floor).
+    against ``reference`` (and ``reference64``, a float64 runner, for the noise floor). The tolerance:
+    ``tolerance=Tolerance(...)`` or its keywords ``atol``, ``rtol``, ``noise_k``.
 
     This is how a runtime bnfold does not ship (TensorRT's own API, ExecuTorch, ...) is verified:
-    write one runner class and pass it here.
+    write one runner class and pass it here. ``verify`` is this loop over bnfold's own runners.
     """
-    check_tolerance(atol, "atol")
-    check_tolerance(rtol, "rtol")
+    tol = _group(Tolerance, tolerance, keywords, "tolerance")
+    _no_more(keywords, "compare_runners")
     sets = _input_sets(inputs)
-    report = VerifyReport(noise_k=noise_k)
-    refs = {s: reference.infer(f) for s, f in sets.items()}
-    refs64 = {s: reference64.infer(f) for s, f in sets.items()} if reference64 is not None else {}
-    report.float64_reference = "ran" if refs64 else None
-    names = [n for outs in refs.values() for n, _ in outs]
-    check_tolerance_keys(atol, "atol", names)
-    check_tolerance_keys(rtol, "rtol", names)
-    for c in candidates:
-        for s, f in sets.items():
-            outs = compare_outputs(refs[s], c.infer(f), atol, rtol, reference64=refs64.get(s), k=noise_k)
-            report.runs.append(Run(c.target, c.provider, c.level, s, all(outs), outs, device=c.device,
-                                   reference_device=reference.device))
-        if c.provider not in report.providers_run and c.target != "folded-module":
-            report.providers_run.append(c.provider)
+    refs = References({s: reference.infer(f) for s, f in sets.items()}, reference.device)
+    if reference64 is not None:
+        refs.refs64 = {s: reference64.infer(f) for s, f in sets.items()}
+    refs.float64_reference = "ran" if refs.refs64 else None
+    report = _compare_into(_new_report(refs, tol), refs, candidates, sets, tol)
     _noise_notes(report)
     return report
 
 
-def _unavailable(report: VerifyReport, provider: str, why: str, required: list[str]) -> None:
+def check_folded(folded, inputs, references: References, *, tolerance: Tolerance | None = None, **keywords) -> list[Run]:
+    """The folded PyTorch module against ``references`` (taken before a fold in place), on its own:
+    the caller may then drop the module before the sessions exist. Returns the Runs."""
+    tol = _group(Tolerance, tolerance, keywords, "tolerance")
+    _no_more(keywords, "check_folded")
+    with TorchRunner(folded, allow_tf32=False, target="folded-module") as runner:
+        return _compare_into(VerifyReport(), references, [runner], _input_sets(inputs), tol).runs
+
+
+def _unavailable(report: VerifyReport, provider: str, why: str, required: Iterable[str]) -> None:
     report.providers_unavailable.append({"provider": provider, "reason": why})
     if provider in required:
         raise ProviderError(f"required provider '{provider}' cannot run here: {why}",
                             "run on a machine where it works, or drop --require-providers")
 
 
-def verify(
-    reference,
-    onnx_path: str | Path,
-    inputs,
-    *,
-    atol=None,
-    rtol=None,
-    providers=DEFAULT_PROVIDERS,
-    folded=None,
-    require_providers: Iterable[str] = (),
-    levels: Iterable[str] = LEVELS,
-    float64_reference: bool = True,
-    float64_max_bytes: int = FLOAT64_MAX_BYTES,
-    noise_k: float = NOISE_K,
-    verbose: bool = False,
-    references: "References | None" = None,
-) -> VerifyReport:
+def _sessions(report: VerifyReport, onnx_path: Path, settings: VerifySettings) -> Iterator[OrtRunner]:
+    """The ONNX file on every requested provider that really runs, at every level: each session used in
+    a ``with`` block and released before the next one is made. A provider that cannot run is recorded
+    (an error when required); onnxruntime's messages become notes."""
+    for provider in settings.providers:
+        for i, level in enumerate(settings.levels):
+            try:
+                runner = OrtRunner(onnx_path, provider, level, verbose=settings.verbose)
+            except RunnerUnavailable as err:
+                _unavailable(report, provider, str(err) if i == 0 else f"{level}: {err}", settings.require_providers)
+                if i == 0:
+                    break
+                continue
+            with runner:
+                for msg in runner.messages:
+                    report.note(f"onnxruntime ({provider}, {level}): {msg}")
+                yield runner
+
+
+def verify(reference, onnx_path: str | Path, inputs, *, folded=None, references: References | None = None,
+           tolerance: Tolerance | None = None, settings: VerifySettings | None = None, **keywords) -> VerifyReport:
     """Compare ``onnx_path`` (and ``folded``, a PyTorch module) against ``reference``.
 
     ``reference``: the original nn.Module (eval mode is used, the module is not changed) or the path
     of an original .onnx file. ``inputs``: a tensor, a tuple of tensors, or {name: tuple} for several
-    input sets. ``atol``/``rtol``: a number, or {output_name: number, "*": default}.
-    ``float64_reference``: also run a PyTorch reference in float64 (when it fits in
-    ``float64_max_bytes``) and judge against the float32 model's own noise (``noise_k``).
-    ``verbose``: let onnxruntime's warnings reach stderr (otherwise they go to the notes).
-    ``references``: outputs taken earlier with ``reference_outputs`` (then ``reference`` may be None).
+    input sets. ``references``: outputs taken earlier with ``reference_outputs`` (then ``reference``
+    may be None).
+
+    The tolerance is ``tolerance=Tolerance(...)`` or its keywords: ``atol``/``rtol`` (a number, or
+    {output_name: number, "*": default}), ``noise_k``. The rest is ``settings=VerifySettings(...)`` or
+    its keywords: ``providers``, ``require_providers``, ``levels``, ``float64_reference`` (also run a
+    PyTorch reference in float64 when it fits in ``float64_max_bytes``, and judge against the float32
+    model's own noise), ``verbose`` (onnxruntime's warnings reach stderr; otherwise they go to the notes).
+
     Returns a VerifyReport (truthy when every run passed and at least one ONNX run happened).
     Raises ProviderError when no requested provider (or a required one) can run.
     """
-
-    check_tolerance(atol, "atol")
-    check_tolerance(rtol, "rtol")
-    wanted = parse_providers(providers)
-    required = parse_providers(require_providers) if require_providers else []
-    for p in required:
-        if p not in wanted:
-            wanted.append(p)
-    levels = tuple(levels)
-    if not levels:
-        raise BadInputError("no onnxruntime optimisation level to verify at", f"use {' and/or '.join(LEVELS)}")
-    for lv in levels:
-        if lv not in LEVELS:
-            raise BadInputError(f"unknown optimisation level '{lv}'", f"use {' or '.join(LEVELS)}")
+    tol = _group(Tolerance, tolerance, keywords, "tolerance")
+    cfg = _group(VerifySettings, settings, keywords, "settings")
+    _no_more(keywords, "verify")
     if reference is None and references is None:
         raise BadInputError("verify needs a reference model or reference outputs", "pass the original model (or references=)")
     if reference is not None:
         check_statistics(reference)
-    report = VerifyReport(noise_k=noise_k)
     sets = _input_sets(inputs)
-    onnx_ref = isinstance(reference, (str, Path))
-    with contextlib.ExitStack() as stack:
-        if reference is not None and not onnx_ref:
-            stack.enter_context(eval_mode(reference))  # no copy of the weights: flags restored
-        if folded is not None:
-            stack.enter_context(eval_mode(folded))
-        if references is None:
-            references = _references(reference, onnx_ref, sets, float64_reference, float64_max_bytes, verbose)
-        elif set(references.refs) != set(sets):
-            raise BadInputError(f"references cover input sets {sorted(references.refs)}, not {sorted(sets)}",
-                                "take the references with the same inputs")
-        _run_all(report, reference, onnx_ref, Path(onnx_path), sets, atol, rtol, wanted, required, folded, levels,
-                 noise_k, verbose, references)
-    return report
-
-
-@dataclass
-class References:
-    """The reference's outputs for every input set, computed once (``reference_outputs``): float32 on
-    its device, float64 when it ran, and on a GPU when one is used. With them, ``verify`` needs no
-    reference module, so a caller that owns the model may fold it in place before the sessions exist."""
-
-    refs: dict  # input set -> [(output name, ndarray)]
-    device: str
-    refs64: dict = field(default_factory=dict)
-    float64_reference: str | None = None
-    by_device: dict = field(default_factory=dict)  # torch device -> refs (the GPU reference)
-    notes: list = field(default_factory=list)
-
-
-def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64_reference: bool = True,
-                      float64_max_bytes: int = FLOAT64_MAX_BYTES, verbose: bool = False, borrow: bool = False) -> References:
-    """Run ``reference`` (an nn.Module, eval mode, not changed) on every input set now: float32, float64
-    when it fits, and on the GPU when a requested provider runs there. Pass the result to
-    ``verify(None, ..., references=...)``. ``borrow=True``: the float64 run casts the module itself
-    and casts it back exactly afterwards (no float64 copy beside it); for a module nobody else uses
-    meanwhile."""
-    import torch
-
-
-    check_statistics(reference)
-    sets = _input_sets(inputs)
-    with eval_mode(reference):
-        refs = _references(reference, False, sets, float64_reference, float64_max_bytes, verbose, borrow=borrow)
-        for p in parse_providers(providers):
-            dev = PROVIDERS[p].torch_device
-            if dev and dev.startswith("cuda") and torch.cuda.is_available() and not any(d.startswith("cuda") for d in refs.by_device):
-                gr = TorchRunner(reference, device=dev, allow_tf32=False)
-                refs.by_device[dev] = {s: gr.infer(f) for s, f in sets.items()}
-                gr.close()
-                del gr
-    return refs
-
-
-def check_folded(folded, inputs, references: References, *, atol=None, rtol=None, noise_k: float = NOISE_K) -> list[Run]:
-    """Step 2 of verify on its own: the folded PyTorch module against ``references`` (taken before a
-    fold in place). Returns the Runs; the caller may then drop the module before the sessions exist."""
-
-    sets = _input_sets(inputs)
-    runs = []
-    with eval_mode(folded):
-        fr = TorchRunner(folded, allow_tf32=False, target="folded-module")
-        for s, f in sets.items():
-            outs = compare_outputs(references.refs[s], fr.infer(f), atol, rtol, reference64=references.refs64.get(s), k=noise_k)
-            runs.append(Run("folded-module", "pytorch", None, s, all(outs), outs, device=fr.device, reference_device=references.device))
-        fr.close()
-    return runs
-
-
-def _references(reference, onnx_ref, sets, use_f64, f64_bytes, verbose, borrow: bool = False) -> References:
-    """Step 1 of verify: the reference on every input set (float32, and float64 for the noise floor)."""
-    notes: list[str] = []
-
-    def note(text):
-        if text not in notes:
-            notes.append(text)
-
-    if onnx_ref:
-        ref_runner = OrtRunner(reference, "cpu", "disable_all", verbose=verbose, target="reference")
-        f64_status = "not run for an ONNX reference"
-    else:
-        ref_runner = TorchRunner(reference, allow_tf32=False)
-        f64_status = None
-    try:
-        refs = {s: ref_runner.infer(f) for s, f in sets.items()}
-        refs64: dict[str, list] = {}
-        if not onnx_ref:
-            if not use_f64:
-                f64_status = "switched off"
-            else:
-                r64, why = _float64_runner(reference, f64_bytes, borrow=borrow)
-                if r64 is None:
-                    f64_status = why
-                    if "GB" in why:
-                        note(f"no float64 run of the reference: {why}")
-                else:
-                    try:
-                        refs64 = {s: r64.infer(f) for s, f in sets.items()}
-                        f64_status = "ran"
-                    except Exception as err:  # noqa: BLE001 — the model may not support float64
-                        first = first_line(err)
-                        f64_status = f"failed: {type(err).__name__}: {first[:200]}"
-                        note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
-                             "judged against the float32 reference only")
-                    finally:
-                        r64.close()
-                        del r64
-        for s, outs in refs.items():
-            bad = [n for n, o in outs if np.asarray(o).dtype.kind == "f" and not np.isfinite(o).all()]
-            if bad:
-                where = ref_runner.first_nonfinite_module(sets[s]) if isinstance(ref_runner, TorchRunner) else None
-                at = f"; the first module with a NaN/Inf output is '{where}'" if where else ""
-                note(f"the reference itself is non-finite on input set '{s}' (output {', '.join(bad)}){at}: "
-                     "nothing can be verified against it")
-        device = ref_runner.device
-    finally:
-        ref_runner.close()
-    return References(refs=refs, device=device, refs64=refs64, float64_reference=f64_status, notes=notes)
-
-
-def _run_all(report, reference, onnx_ref, onnx_path, sets, atol, rtol, wanted, required, folded, levels, k, verbose, pre: References):
-    import torch
-
-    # 1. the reference, once per input set (and once in float64): ``pre``
-    refs, refs64, ref_device = pre.refs, pre.refs64, pre.device
-    report.float64_reference = pre.float64_reference
-    for n in pre.notes:
-        report.note(n)
-    names = [n for outs in refs.values() for n, _ in outs]
-    check_tolerance_keys(atol, "atol", names)
-    check_tolerance_keys(rtol, "rtol", names)
-
-    def judge(s, got, against):
-        return compare_outputs(against[s], got, atol, rtol, reference64=refs64.get(s), k=k)
-
-    # 2. the folded PyTorch module
+    if references is None:
+        references = _take_references(reference, sets, cfg)
+    elif set(references.refs) != set(sets):
+        raise BadInputError(f"references cover input sets {sorted(references.refs)}, not {sorted(sets)}",
+                            "take the references with the same inputs")
+    report = _new_report(references, tol)
     if folded is not None:
-        report.runs += check_folded(folded, sets, pre, atol=atol, rtol=rtol, noise_k=k)
-
-    # 3. the ONNX file, per provider and level; one session alive at a time
-    by_device = {ref_device: refs, **pre.by_device}
-    for provider in wanted:
-        spec = PROVIDERS[provider]
-        for i, level in enumerate(levels):
-            try:
-                runner = OrtRunner(onnx_path, provider, level, verbose=verbose)
-            except RunnerUnavailable as err:
-                _unavailable(report, provider, str(err) if i == 0 else f"{level}: {err}", required)
-                if i == 0:
-                    break
-                continue
-            for msg in runner.messages:
-                report.note(f"onnxruntime ({provider}, {level}): {msg}")
-            if provider not in report.providers_run:
-                report.providers_run.append(provider)
-            against, against_dev = refs, ref_device
-            dev = spec.torch_device
-            if dev and not onnx_ref and dev.startswith("cuda") and torch.cuda.is_available():
-                if not any(d.startswith("cuda") for d in by_device) and reference is not None:
-                    gr = TorchRunner(reference, device=dev, allow_tf32=False)
-                    by_device[dev] = {s: gr.infer(f) for s, f in sets.items()}
-                    gr.close()
-                    del gr
-                cuda_dev = next((d for d in by_device if d.startswith("cuda")), None)
-                if cuda_dev is not None:
-                    against, against_dev = by_device[cuda_dev], cuda_dev
-            for s, f in sets.items():
-                outs = judge(s, runner.infer(f), against)
-                report.runs.append(Run("onnx", provider, level, s, all(outs), outs, device=runner.device,
-                                       reference_device=against_dev))
-            runner.close()
-            del runner
-
+        report.runs += check_folded(folded, sets, references, tolerance=tol)
+    with contextlib.closing(_sessions(report, Path(onnx_path), cfg)) as sessions:
+        _compare_into(report, references, sessions, sets, tol)
     if not report.providers_run:
         why = "; ".join(f"{u['provider']}: {u['reason']}" for u in report.providers_unavailable)
-        raise ProviderError(f"none of the requested providers ({', '.join(wanted)}) can run here, so the ONNX file "
+        raise ProviderError(f"none of the requested providers ({', '.join(cfg.providers)}) can run here, so the ONNX file "
                             f"was never compared ({why})", "add cpu (--providers cpu,cuda), or run where the provider works")
     _noise_notes(report)
+    return report
 
 
 def _noise_notes(report: VerifyReport) -> None:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 import bnfold
-from bnfold.load import load_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,7 +37,7 @@ def onnx_accuracy(path, x, y):
 def main() -> None:
     test = np.load(HERE / "test.npz")
     x, y = test["x"], test["y"]
-    base = load_model(f"{HERE / 'model.py'}:build", HERE / "weights.pt")
+    base = bnfold.load_model(f"{HERE / 'model.py'}:build", HERE / "weights.pt")
     rows = [("moving average (training)", base)]
     for est in ("paper", "pooled"):
         for bs in (64, 256):
