@@ -245,3 +245,21 @@ def merge_branches(parts: list, size: tuple[int, ...], groups: int) -> tuple[tor
     if w_sum is None:
         raise ValueError("no branch to merge")
     return w_sum, b_sum
+
+
+def merge_linear_branches(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gemm (α = β = 1) for a sum of Gemms on the same input:
+
+        op(B) = Σ sign_i·α_i·op(B_i),   C = Σ sign_i·β_i·C_i   (C_i None is 0; a scalar C broadcasts)
+
+    ``parts``: (op(B_i) as (K, N), C_i or None, α_i, β_i, sign_i) in float64."""
+    b_sum, c_sum = None, None
+    for b, c, alpha, beta, sign in parts:
+        b = b.to(torch.float64) * (float(alpha) * float(sign))
+        n = b.shape[1]
+        c = torch.zeros(n, dtype=torch.float64) if c is None else c.to(torch.float64).reshape(-1).expand(n) * (float(beta) * float(sign))
+        b_sum = b if b_sum is None else b_sum + b
+        c_sum = c if c_sum is None else c_sum + c
+    if b_sum is None:
+        raise ValueError("no branch to merge")
+    return b_sum, c_sum

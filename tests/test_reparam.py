@@ -81,7 +81,7 @@ def fold_and_export(model, x):
     with torch.no_grad():
         want = model(x)
         assert rel_err(folded(x), want) <= 1e-10
-    proto, plan = export_folded(folded, (x,), plan=plan)
+    proto, plan, _ = export_folded(folded, (x,), plan=plan)
     got = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     assert rel_err(torch.from_numpy(got), want) <= 1e-10
     return folded, plan, proto
@@ -183,7 +183,7 @@ def test_refusals_keep_every_branch_with_the_reason(how, why):
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) <= 1e-10
     if how != "relu":  # the ONNX pass refuses the same sums: both convs and their Add stay
-        proto, _ = export_folded(folded, (x,), plan=plan)
+        proto, _, _ = export_folded(folded, (x,), plan=plan)
         assert ops(proto)["Conv"] == 2 and ops(proto)["Add"] == 1, ops(proto)
 
 

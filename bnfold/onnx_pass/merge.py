@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.fold_math import identity_kernel, merge_branches
+from bnfold.fold_math import identity_kernel, merge_branches, merge_linear_branches
 from bnfold.onnx_pass.core import ONNX_DOMAINS, Ctx, attr, bn_params, f64, node_name, value_name
-from bnfold.onnx_pass.rules import conv_weights
+from bnfold.onnx_pass.rules import conv_backward, conv_weights, gemm_backward, gemm_producer
 from bnfold.plan import Unmerged
 from bnfold.rule import NoMatch
 
@@ -96,6 +96,62 @@ def drop_zero_adds(ctx: Ctx) -> int:
                 n += _bypass(ctx, node, keep)
                 break
     return n
+
+
+# ------------------------------------------------------------------- constant affine after a conv
+def _per_channel(arr: np.ndarray, rank: int | None, c: int, axis: int) -> np.ndarray | None:
+    """``arr`` as one value per channel on ``axis`` of a rank-``rank`` output (broadcast from a
+    scalar or a (…, C, 1…) tensor that does not widen the output), float64; None when it is not one."""
+    if rank is None or arr.ndim > rank or arr.dtype.kind != "f":
+        return None
+    shape = (1,) * (rank - arr.ndim) + tuple(arr.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, c):
+        return None
+    return np.broadcast_to(arr.astype(np.float64).reshape(-1), (c,)).copy() if arr.size in (1, c) else None
+
+
+def fold_affine_after(ctx: Ctx) -> int:
+    """Conv/Gemm → Mul, Div, Add or Sub by a constant per output channel (a layer scale, a bias, the
+    mean of two heads), folded into the weights as the backward BN fold with (s, t):
+    Mul s = c, Div s = 1/c, Add t = c, Sub t = −c (the producer its first input). Returns how many."""
+    n = 0
+    for node in list(ctx.graph):
+        if node.op_type not in ("Mul", "Div", "Add", "Sub") or node.domain not in ONNX_DOMAINS or len(node.inputs) != 2:
+            continue
+        for k in ((0, 1) if node.op_type in ("Mul", "Add") else (0,)):
+            v, c = node.inputs[k], node.inputs[1 - k]
+            p = v.producer() if v is not None else None
+            if p is None or p.op_type not in ("Conv", "Gemm") or p.domain not in ONNX_DOMAINS or not ctx.owns(p) or ctx.single_use(v):
+                continue
+            arr, why = ctx.const(c)
+            if why:
+                continue
+            try:
+                if _fold_into(ctx, node, p, arr):
+                    n += _bypass(ctx, node, v)
+                    break
+            except NoMatch:
+                continue
+    return n
+
+
+def _fold_into(ctx: Ctx, node, p, arr: np.ndarray) -> bool:
+    """Fold ``node`` (``p``'s output op the constant ``arr``) into ``p``'s weights; False when ``arr``
+    is not one value per output channel (or divides by zero)."""
+    out = p.outputs[0]
+    if p.op_type == "Conv":
+        cw = conv_weights(ctx, p)
+        c, rank, axis = cw.out_channels, ctx.rank(out), 1
+    else:
+        cw = gemm_producer(ctx, out, None)
+        c, rank, axis = cw.b.shape[0] if cw.trans_b else cw.b.shape[1], 2, 1
+    vec = _per_channel(arr, rank, c, axis)
+    if vec is None or (node.op_type == "Div" and not np.all(np.isfinite(1 / vec))):
+        return False
+    one, zero = np.ones(c), np.zeros(c)
+    s, t = {"Mul": (vec, zero), "Div": (1 / vec, zero), "Add": (one, vec), "Sub": (one, -vec)}[node.op_type]
+    (conv_backward if p.op_type == "Conv" else gemm_backward)(ctx, cw, f64(s), f64(t))
+    return True
 
 
 # ----------------------------------------------------------------------------------- the merge
@@ -176,6 +232,13 @@ def _classify(ctx: Ctx, t: Term) -> None:
             t.geo, t.kind = _geometry(ctx, p), "conv"
         elif p.op_type == "BatchNormalization":
             t.st, t.kind = bn_params(ctx, p), "bn"
+        elif p.op_type == "Gemm" and not int(attr(p, "transA", 0)):
+            g = gemm_producer(ctx, v, None)
+            n = g.b.shape[0] if g.trans_b else g.b.shape[1]
+            if g.c is not None and g.c.size not in (1, n):
+                return
+            t.geo = {"b": g.b.T if g.trans_b else g.b, "c": g.c, "alpha": float(attr(p, "alpha", 1.0)), "beta": float(attr(p, "beta", 1.0))}
+            t.kind = "gemm"
         else:
             return
     except NoMatch:
@@ -184,29 +247,32 @@ def _classify(ctx: Ctx, t: Term) -> None:
 
 
 def merge_sums(ctx: Ctx, unmerged: list) -> list[Merged]:
-    """Merge the terms of every sum tree that read the same x into one Conv; ``unmerged`` gets
-    the reason of every group with a Conv that cannot merge."""
+    """Merge the terms of every sum tree that read the same x into one Conv (or one Gemm);
+    ``unmerged`` gets the reason of every group that cannot merge."""
     done = []
     roots = [n for n in ctx.graph if _is_sum(ctx, n) and not _inner(ctx, n.outputs[0])]
     for root in roots:
         nodes, terms = _tree(ctx, root)
         for t in terms:
             _classify(ctx, t)
-        xs = list(dict.fromkeys(id(t.x) for t in terms if t.kind == "conv"))
-        for xid in xs:
-            x = next(t.x for t in terms if t.kind == "conv" and id(t.x) == xid)
-            for t in terms:
-                if t.kind == "other" and t.value is x:
-                    t.kind, t.x = "skip", x
-            group = [t for t in terms if t.kind in ("conv", "bn", "skip") and t.x is x]
+        keys = list(dict.fromkeys((t.kind, id(t.x)) for t in terms if t.kind in ("conv", "gemm")))
+        for kind, xid in keys:
+            x = next(t.x for t in terms if t.kind == kind and id(t.x) == xid)
+            if kind == "conv":
+                for t in terms:
+                    if t.kind == "other" and t.value is x:
+                        t.kind, t.x = "skip", x
+            family = ("conv", "bn", "skip") if kind == "conv" else ("gemm",)
+            group = [t for t in terms if t.kind in family and t.x is x]
             if len(group) < 2:
                 continue
             try:
-                plan = _merge_plan(group)
+                node, merged = (_merge_convs if kind == "conv" else _merge_gemms)(ctx, root, group)
             except NoMatch as nm:
-                unmerged.append(Unmerged(tuple(node_name(t.node) for t in group if t.kind == "conv"), nm.reason))
+                unmerged.append(Unmerged(tuple(node_name(t.node) for t in group if t.kind == kind), nm.reason))
                 continue
-            done.append(_rewrite(ctx, root, nodes, terms, group, *plan))
+            _rebuild(ctx, root, nodes, terms, group, node)
+            done.append(merged)
             break  # the tree is rewritten: its other groups wait for the next round
     return done
 
@@ -236,7 +302,7 @@ def _merge_plan(group: list[Term]) -> tuple[Term, tuple, int]:
     pads, dil, n = target.geo["pads"], target.geo["dilations"], len(size)
     for t in convs:
         off = [(s - k) for s, k in zip(size, t.geo["k"])]
-        need = [pads[i % n] - off[i % n] // 2 * dil[i % n] for i in range(2 * n)]
+        need = [pads[i] - off[i % n] // 2 * dil[i % n] for i in range(2 * n)]
         if any(o % 2 for o in off) or t.geo["pads"] != need:
             raise NoMatch(f"Conv '{node_name(t.node)}' (kernel {t.geo['k']}, pads {t.geo['pads']}) does not align with "
                           f"'{node_name(target.node)}' (kernel {size}, pads {pads})")
@@ -249,9 +315,11 @@ def _merge_plan(group: list[Term]) -> tuple[Term, tuple, int]:
     return target, size, groups
 
 
-def _rewrite(ctx: Ctx, root, nodes: list, terms: list[Term], group: list[Term], target: Term, size: tuple, groups: int) -> Merged:
+def _merge_convs(ctx: Ctx, root, group: list[Term]):
+    """The one Conv for ``group`` (it keeps the target's name and attributes) and its record."""
     import onnx_ir as ir
 
+    target, size, groups = _merge_plan(group)
     n, dt = len(size), target.geo["w"].dtype
     parts = []
     for t in group:
@@ -262,33 +330,58 @@ def _rewrite(ctx: Ctx, root, nodes: list, terms: list[Term], group: list[Term], 
             s, sh = t.st if t.kind == "bn" else (f64(np.ones(target.geo["w"].shape[0])), None)
             parts.append((identity_kernel(s, n), sh, s.numel(), t.sign))
     w, b = merge_branches(parts, size, groups)
-    tnode, out = target.node, target.node.outputs[0]
+    tnode = target.node
     wv = ctx.new_const(value_name(tnode.inputs[1]), w.numpy().astype(dt), root)
     bv = ctx.new_const(node_name(tnode) + "_bias", b.numpy().astype(dt), root)
     attrs = [a for a in tnode.attributes.values() if a.name != "group"] + [ir.AttrInt64("group", groups)]
-    conv = ir.Node(tnode.domain, "Conv", [target.x, wv, bv], attrs, name=tnode.name, metadata_props=dict(tnode.metadata_props))
-    conv.outputs[0].name, conv.outputs[0].type, conv.outputs[0].shape = ctx.fresh(out.name or node_name(tnode)), out.type, out.shape
-    new, y = [conv], conv.outputs[0]
+    conv = ir.Node(tnode.domain, "Conv", [target.x, wv, bv], attrs, name=node_name(tnode), metadata_props=dict(tnode.metadata_props))
+    return conv, Merged(node_name(tnode), [node_name(t.node) for t in group if t.kind == "conv" and t is not target],
+                        [t.node for t in group if t.kind == "bn"], groups)
+
+
+def _merge_gemms(ctx: Ctx, root, group: list[Term]):
+    """The one Gemm for Gemms on the same input (transA = 0): op(B) = Σ ±α_i·op(B_i), C = Σ ±β_i·C_i."""
+    import onnx_ir as ir
+
+    shapes = {t.geo["b"].shape for t in group}
+    if len(shapes) != 1:
+        raise NoMatch(f"Gemms with B of shapes {sorted(shapes)}")
+    target = group[0]
+    dt = target.geo["b"].dtype
+    parts = [(f64(t.geo["b"]), None if t.geo["c"] is None else f64(t.geo["c"]), t.geo["alpha"], t.geo["beta"], t.sign) for t in group]
+    b, c = merge_linear_branches(parts)
+    tnode = target.node
+    bv = ctx.new_const(value_name(tnode.inputs[1]), b.numpy().astype(dt), root)
+    cv = ctx.new_const(node_name(tnode) + "_C", c.numpy().astype(dt), root)
+    gemm = ir.Node(tnode.domain, "Gemm", [target.x, bv, cv], name=node_name(tnode), metadata_props=dict(tnode.metadata_props))
+    return gemm, Merged(node_name(tnode), [node_name(t.node) for t in group[1:]], [], 1)
+
+
+def _rebuild(ctx: Ctx, root, nodes: list, terms: list[Term], group: list[Term], new) -> None:
+    """``new`` (computing the sum of ``group``) plus the tree's other terms replace the tree."""
+    import onnx_ir as ir
+
+    out = next(t.node.outputs[0] for t in group if t.node is not None and node_name(t.node) == new.name)
+    new.outputs[0].name, new.outputs[0].type, new.outputs[0].shape = ctx.fresh(out.name or node_name(new)), out.type, out.shape
+    added, y = [new], new.outputs[0]
     for t in terms:
         if any(t is m for m in group):
             continue
         add = ir.Node("", "Add" if t.sign > 0 else "Sub", [y, t.value], name=ctx.fresh(node_name(root)))
         add.outputs[0].name, add.outputs[0].type = ctx.fresh(value_name(root.outputs[0])), root.outputs[0].type
-        new.append(add)
+        added.append(add)
         y = add.outputs[0]
     old = nodes + [t.node for t in group if t.node is not None]
-    ir.convenience.replace_nodes_and_values(ctx.graph, root, old, new, [root.outputs[0]], [y])
-    return Merged(node_name(tnode), [node_name(t.node) for t in group if t.kind == "conv" and t is not target],
-                  [t.node for t in group if t.kind == "bn"], groups)
+    ir.convenience.replace_nodes_and_values(ctx.graph, root, old, added, [root.outputs[0]], [y])
 
 
 def restructure(ctx: Ctx) -> tuple[int, list[Merged], list[Unmerged]]:
-    """Zero adds dropped, then sums merged, until nothing changes: (zero adds dropped, merges done,
-    the groups that stay and why)."""
+    """Zero adds dropped, constant affine ops after convs folded, then sums merged, until nothing
+    changes: (nodes dropped, merges done, the groups that stay and why)."""
     zeros, merges = 0, []
     for _ in range(64):
         unmerged: list[Unmerged] = []
-        z = drop_zero_adds(ctx)
+        z = drop_zero_adds(ctx) + fold_affine_after(ctx)
         m = merge_sums(ctx, unmerged)
         zeros, merges = zeros + z, merges + m
         if not z and not m:

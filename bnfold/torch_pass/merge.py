@@ -87,7 +87,7 @@ def _merge_group(ctx: Context, group: list[ConvBranch], notes: list[str]) -> Non
 
 def _reaches(g, leaf, x, depth: int = 4) -> bool:
     """Whether the branch ``leaf`` reads ``x`` within ``depth`` nodes (a non-linear branch on x)."""
-    if leaf is x:
+    if strip_identity(g, leaf) is x:
         return False  # a plain skip: it stays, nothing to say
     frontier = [leaf]
     for _ in range(depth):
