@@ -253,6 +253,60 @@ agraph (float[2,1,3] x) => (float[2,4,3] y, float[2,1,3] z) {
     assert y.shape == (2, 4, 3) and np.array_equal(z, np.maximum(x, 0))
 
 
+def _text_model(sig: str, body: list[str], consts: dict):
+    import onnx.parser
+    from onnx import numpy_helper
+
+    m = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\n' + sig + " {\n  " + "\n  ".join(body) + "\n}\n")
+    for name, arr in consts.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+    return m
+
+
+def _fold_same(m, feeds):
+    before = ReferenceEvaluator(m).run(None, feeds)
+    plan = fold_onnx_proto(m)
+    onnx.checker.check_model(m)
+    for a, b in zip(ReferenceEvaluator(m).run(None, feeds), before):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    return plan, [n.op_type for n in m.graph.node]
+
+
+RNG = np.random.default_rng(3)
+
+
+def test_onnx_layer_scale_and_skip_become_one_conv():
+    """FastViT's RepMixer: x + γ·(mixer(x) − norm(x)), γ per channel: one depthwise Conv."""
+    body = ["m = Conv <group = 4, pads = [1, 1, 1, 1]> (x, wm, bm)", "n = BatchNormalization (x, g, b, mu, var)",
+            "d = Sub (m, n)", "s = Mul (d, gamma)", "y = Add (x, s)"]
+    consts = {"wm": RNG.standard_normal((4, 1, 3, 3)), "bm": RNG.standard_normal(4), "g": RNG.standard_normal(4) + 1,
+              "b": RNG.standard_normal(4), "mu": RNG.standard_normal(4), "var": RNG.random(4) + 0.5,
+              "gamma": RNG.standard_normal((4, 1, 1))}
+    m = _text_model("agraph (double[2,4,5,5] x) => (double[2,4,5,5] y)", body, consts)
+    plan, ops_left = _fold_same(m, {"x": RNG.standard_normal((2, 4, 5, 5))})
+    assert ops_left == ["Conv"], ops_left
+    assert [(f.rule, f.into) for f in plan.folded] == [("identity-branch", ["m"])] and not plan.unfolded
+
+
+def test_onnx_two_heads_on_one_input_become_one_gemm():
+    """RepViT's distillation head: (Gemm₁(x) + Gemm₂(x)) / 2 is one Gemm."""
+    body = ["a = Gemm <transB = 1, alpha = 0.5> (x, b1, c1)", "b = Gemm <beta = 2.0> (x, b2, c2)", "s = Add (a, b)", "y = Div (s, two)"]
+    consts = {"b1": RNG.standard_normal((3, 6)), "c1": RNG.standard_normal(3), "b2": RNG.standard_normal((6, 3)),
+              "c2": RNG.standard_normal((1, 3)), "two": np.array(2.0)}
+    m = _text_model("agraph (double[2,6] x) => (double[2,3] y)", body, consts)
+    _, ops_left = _fold_same(m, {"x": RNG.standard_normal((2, 6))})
+    assert ops_left == ["Gemm"], ops_left
+
+
+def test_onnx_constant_that_is_not_per_channel_stays():
+    """A Mul by a per-pixel constant, an Add that widens the output: not folded into the Conv."""
+    body = ["c = Conv (x, w)", "s = Mul (c, pix)", "y = Add (s, wide)"]
+    consts = {"w": RNG.standard_normal((4, 4, 1, 1)), "pix": RNG.standard_normal((1, 1, 5, 5)), "wide": RNG.standard_normal((3, 1, 1, 1))}
+    m = _text_model("agraph (double[1,4,5,5] x) => (double[3,4,5,5] y)", body, consts)
+    _, ops_left = _fold_same(m, {"x": RNG.standard_normal((1, 4, 5, 5))})
+    assert ops_left == ["Conv", "Mul", "Add"], ops_left
+
+
 # --------------------------------------------------------------------------------------- timm
 timm = pytest.importorskip("timm")
 
