@@ -137,10 +137,12 @@ def test_zero_branch_gives_the_branch_output_shape():
     assert not ZeroBranch(conv)(x).any() and ZeroBranch()(x).shape == x.shape
 
 
-def test_dynamic_batch_convert_removes_every_zero_chain(tmp_path):
-    """With a dynamic batch, the exporter writes the zeros as Shape → … → ConstantOfShape/Expand: gone too."""
+@pytest.mark.parametrize("opset,dynamic", [(None, True), (13, False)])
+def test_convert_removes_every_zero_chain(tmp_path, opset, dynamic):
+    """With a dynamic batch, the exporter writes the zeros as Shape → … → ConstantOfShape/Expand; the
+    TorchScript exporter (opset 13) as constants whose shapes only shape inference knows: gone too."""
     model = randomize_bn(Stem(RepBlock(n_kxk=2)), seed=1).eval()
-    rep = bnfold.convert(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", dynamic_batch=True)
+    rep = bnfold.convert(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", dynamic_batch=dynamic, opset=opset)
     assert rep.passed, rep.verification
     got = ops(onnx.load(tmp_path / "m.onnx"))
     assert got["Conv"] == 3 and not got["Add"] and not (ZERO_CHAIN & set(got)), got

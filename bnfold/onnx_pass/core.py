@@ -270,6 +270,12 @@ class Ctx:
             return len(v.shape)
         return self.ranks.get(v.name)
 
+    def shape(self, v) -> tuple | None:
+        """``v``'s dims (int, a symbol, None: unknown) from the IR, else from shape inference."""
+        if v.shape is not None:
+            return tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in v.shape)
+        return self.ranks.shape(v.name) if v.name else None
+
 
 # --------------------------------------------------------------------------------- the BN itself
 def bn_params(ctx: Ctx, bn):

@@ -118,8 +118,9 @@ def _graphs(graph, prefix: str):
                 yield from _graphs(sub, p)
 
 
-def _ranks(model) -> dict[str, int]:
-    """Ranks from ONNX shape inference on a copy (only needed for MatMul and Concat rules)."""
+def _shapes(model) -> dict[str, tuple]:
+    """Shapes from ONNX shape inference on a copy (dims: int, a symbol's name, or None), for the
+    MatMul and Concat rules' ranks and the zero adds' broadcasting."""
     import onnx
     import onnx_ir as ir
 
@@ -131,25 +132,29 @@ def _ranks(model) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception:
         return {}
-    ranks = {}
+    shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    return ranks
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim)
+    return shapes
 
 
-class _LazyRanks:
-    """Ranks for values whose IR shape is unknown, from shape inference run on first need only:
-    inference serialises the whole model (a copy of every weight), which a graph whose values carry
-    their shapes (the exporter's) never needs."""
+class _LazyShapes:
+    """Ranks and shapes for values whose IR shape is unknown, from shape inference run on first need
+    only: inference serialises the whole model (a copy of every weight), which a graph whose values
+    carry their shapes (the exporter's) never needs."""
 
     def __init__(self, model):
-        self.model, self._ranks = model, None
+        self.model, self._shapes = model, None
+
+    def shape(self, name) -> tuple | None:
+        if self._shapes is None:
+            self._shapes = _shapes(self.model)
+        return self._shapes.get(name)
 
     def get(self, name, default=None):
-        if self._ranks is None:
-            self._ranks = _ranks(self.model)
-        return self._ranks.get(name, default)
+        shape = self.shape(name)
+        return default if shape is None else len(shape)
 
 
 def fold_ir(model, record: dict | None = None) -> FoldPlan:
@@ -166,7 +171,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     plan = FoldPlan(tracer="onnx")
     names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
-    ranks = _LazyRanks(model)
+    ranks = _LazyShapes(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
     ctxs = [Ctx(model, model.graph, main=True, opset=opset)]
     ctxs += [Ctx(model, g, main=False, opset=opset, prefix=p) for g, p in _graphs(model.graph, "")]

@@ -46,25 +46,21 @@ def is_zero(ctx: Ctx, v, depth: int = 0) -> bool:
     return why is None and arr.size > 0 and arr.dtype.kind in "fiu" and not np.any(arr)
 
 
-def _known(d) -> bool:
-    return isinstance(d, int) or getattr(d, "value", None) is not None
-
-
 def _keeps_shape(ctx: Ctx, y, z) -> bool:
     """Whether broadcasting ``z`` against ``y`` gives ``y``'s shape (each z dim 1 or y's own)."""
-    zs = z.shape
+    zs = ctx.shape(z)
     if zs is None:
         arr, why = ctx.const(z)
         zs = None if why else arr.shape
     if zs is None:
         return False
-    zs = list(zs)
     rank = ctx.rank(y)
     if rank is not None and len(zs) <= rank and all(d == 1 for d in zs):
         return True
-    if y.shape is None or len(zs) > len(y.shape):
+    ys = ctx.shape(y)
+    if ys is None or len(zs) > len(ys):
         return False
-    return all(b == 1 or (_known(a) and a == b) for a, b in zip(reversed(list(y.shape)), reversed(zs)))
+    return all(b == 1 or (a is not None and a == b) for a, b in zip(reversed(ys), reversed(zs)))
 
 
 def _bypass(ctx: Ctx, node, keep) -> bool:
