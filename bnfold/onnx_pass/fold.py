@@ -54,8 +54,8 @@ def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan
     """Plan entries after merges: a BN absorbed as an identity branch folded into the target; a BN
     folded into a conv that merged away folded into the target (``backward`` → ``merged-branch``)."""
     for m in merges:
-        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c in m.convs}
-        plan.merges.append(Merge(target, tuple((c, 1) for c in sorted(gone)), m.groups))
+        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c, _ in m.convs}
+        plan.merges.append(Merge(target, tuple((ctx.prefix + c, sign) for c, sign in m.convs), m.groups))
         absorbed = {id(b) for b in m.bns}
         for e in entries.values():
             name, entry = e[1], e[2]

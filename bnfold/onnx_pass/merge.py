@@ -167,10 +167,11 @@ class Term:
 
 @dataclass
 class Merged:
-    """One merge done: the Conv that stays (``target``, its node name kept), the Convs and BNs it absorbed."""
+    """One merge done: the Conv (or Gemm) that stays (``target``, its node name kept), the nodes it
+    absorbed (``convs``: (name, sign relative to the target's)) and the BatchNormalization nodes."""
 
     target: str
-    convs: list[str]
+    convs: list[tuple[str, int]]
     bns: list[Any]
     groups: int
 
@@ -331,7 +332,7 @@ def _merge_convs(ctx: Ctx, root, group: list[Term]):
     bv = ctx.new_const(node_name(tnode) + "_bias", b.numpy().astype(dt), root)
     attrs = [a for a in tnode.attributes.values() if a.name != "group"] + [ir.AttrInt64("group", groups)]
     conv = ir.Node(tnode.domain, "Conv", [target.x, wv, bv], attrs, name=node_name(tnode), metadata_props=dict(tnode.metadata_props))
-    return conv, Merged(node_name(tnode), [node_name(t.node) for t in group if t.kind == "conv" and t is not target],
+    return conv, Merged(node_name(tnode), [(node_name(t.node), t.sign * target.sign) for t in group if t.kind == "conv" and t is not target],
                         [t.node for t in group if t.kind == "bn"], groups)
 
 
@@ -350,7 +351,7 @@ def _merge_gemms(ctx: Ctx, root, group: list[Term]):
     bv = ctx.new_const(value_name(tnode.inputs[1]), b.numpy().astype(dt), root)
     cv = ctx.new_const(node_name(tnode) + "_C", c.numpy().astype(dt), root)
     gemm = ir.Node(tnode.domain, "Gemm", [target.x, bv, cv], name=node_name(tnode), metadata_props=dict(tnode.metadata_props))
-    return gemm, Merged(node_name(tnode), [node_name(t.node) for t in group[1:]], [], 1)
+    return gemm, Merged(node_name(tnode), [(node_name(t.node), t.sign * target.sign) for t in group[1:]], [], 1)
 
 
 def _rebuild(ctx: Ctx, root, nodes: list, terms: list[Term], group: list[Term], new) -> None:
