@@ -185,3 +185,81 @@ def fold_gemm_forward(
     shift = float(alpha) * (t @ op_b)
     c_new = shift if c is None else float(beta) * c.to(torch.float64) + shift
     return (op_b_new.T if trans_b else op_b_new).contiguous(), c_new
+
+
+# ------------------------------------------------------------------ parallel branches → one conv
+def regroup_kernel(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """The same convolution written with ``new_groups`` groups (a divisor of ``groups``): weight
+    (out, in/groups, k…) becomes (out, in/new_groups, k…), zero outside each old group's inputs.
+
+    Output channel o of old group G = o // (out/groups) reads inputs G·(in/groups) + i; in the new
+    grouping it reads N·(in/new_groups) + j, N = o // (out/new_groups), so its taps move to
+    j = G·(in/groups) − N·(in/new_groups) + i (the old group lies inside the new one)."""
+    if new_groups == groups:
+        return weight
+    if new_groups < 1 or groups % new_groups:
+        raise ValueError(f"groups={groups} cannot be written with {new_groups} groups")
+    out, in_per = weight.shape[0], weight.shape[1]
+    cin = in_per * groups
+    new_in = cin // new_groups
+    w = weight.new_zeros((out, new_in) + tuple(weight.shape[2:]))
+    o = torch.arange(out, device=weight.device)
+    first = (o // (out // groups)) * in_per - (o // (out // new_groups)) * new_in  # column of tap i = 0
+    cols = first[:, None] + torch.arange(in_per, device=weight.device)[None, :]
+    w[o[:, None], cols] = weight
+    return w
+
+
+def pad_kernel(weight: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``weight`` (out, in/g, k…) zero-padded, centred, to the spatial ``size`` (each k ≤ size,
+    size − k even: a branch's taps sit at the centre of the larger kernel)."""
+    k = tuple(weight.shape[2:])
+    if len(k) != len(size) or any(a > b or (b - a) % 2 for a, b in zip(k, size)):
+        raise ValueError(f"kernel {k} cannot be centred in {tuple(size)}")
+    pad: list[int] = []
+    for a, b in reversed(list(zip(k, size))):  # F.pad: last dim first
+        pad += [(b - a) // 2, (b - a) // 2]
+    return torch.nn.functional.pad(weight, pad) if any(pad) else weight
+
+
+def identity_kernel(s: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """``s·x`` as a depthwise 1×…×1 kernel (C, 1, 1…), groups = C: the identity branch (a BN on x:
+    s its scale; a plain skip: s = 1) as a conv that ``merge_branches`` can add to any other."""
+    return s.to(torch.float64).reshape((-1, 1) + (1,) * spatial_dims)
+
+
+def merge_branches(parts: list, size: tuple[int, ...], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One conv for a sum of parallel branches on the same input (same stride and dilation, paddings
+    centred: pad_i = pad − (k − k_i)/2·dilation):
+
+        W = Σ sign_i · pad(regroup(W_i, groups_i → groups), size),   b = Σ sign_i · b_i
+
+    ``parts``: (weight (out, in/groups_i, k_i…), bias or None, groups_i, sign_i) in float64; each
+    groups_i a multiple of ``groups``. Returns float64 (W, b)."""
+    w_sum, b_sum = None, None
+    for w, b, g, sign in parts:
+        w = pad_kernel(regroup_kernel(w.to(torch.float64), int(g), int(groups)), size) * float(sign)
+        b = _bias64(b, w.shape[0], w) * float(sign)
+        w_sum = w if w_sum is None else w_sum + w
+        b_sum = b if b_sum is None else b_sum + b
+    if w_sum is None:
+        raise ValueError("no branch to merge")
+    return w_sum, b_sum
+
+
+def merge_linear_branches(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gemm (α = β = 1) for a sum of Gemms on the same input:
+
+        op(B) = Σ sign_i·α_i·op(B_i),   C = Σ sign_i·β_i·C_i   (C_i None is 0; a scalar C broadcasts)
+
+    ``parts``: (op(B_i) as (K, N), C_i or None, α_i, β_i, sign_i) in float64."""
+    b_sum, c_sum = None, None
+    for b, c, alpha, beta, sign in parts:
+        b = b.to(torch.float64) * (float(alpha) * float(sign))
+        n = b.shape[1]
+        c = torch.zeros(n, dtype=torch.float64) if c is None else c.to(torch.float64).reshape(-1).expand(n) * (float(beta) * float(sign))
+        b_sum = b if b_sum is None else b_sum + b
+        c_sum = c if c_sum is None else c_sum + c
+    if b_sum is None:
+        raise ValueError("no branch to merge")
+    return b_sum, c_sum

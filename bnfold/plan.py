@@ -13,13 +13,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 PASSES = ("pytorch", "onnx")
+IDENTITY_BRANCH = "identity-branch"  # a BN-only branch (BN(x) summed with a conv on x) joined that conv's centre tap
+MERGED_BRANCH = "merged-branch"  # a conv branch's BN whose conv merged into a parallel conv on the same input
 
 
 @dataclass
 class Folded:
     bn: str
     into: list[str]
-    rule: str  # backward | forward | concat | reshape | pool-head | ...
+    rule: str  # backward | forward | concat | reshape | pool-head | identity-branch | merged-branch | ...
     into_type: list[str]
     fold_pass: str = "pytorch"  # "pytorch" or "onnx"
 
@@ -50,6 +52,29 @@ class Edit:
     sign: int = 1  # −1: the BN branch is subtracted from the conv branch it joins
 
 
+@dataclass(frozen=True)
+class Merge:
+    """Parallel branches that sum into one tensor, re-parameterised as one conv: ``target`` (the
+    conv that stays) takes the kernels and biases of ``parts`` ((conv path, sign relative to the
+    target's), each after its own edits), all written with ``groups`` groups and the target's kernel
+    size; the part convs then contribute zeros."""
+
+    target: str
+    parts: tuple[tuple[str, int], ...]
+    groups: int
+
+
+@dataclass(frozen=True)
+class Unmerged:
+    """Parallel branches summed into one tensor that stay separate: ``branches`` and why."""
+
+    branches: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"branches": list(self.branches), "reason": self.reason}
+
+
 @dataclass
 class FoldPlan:
     """Every BN layer's fate. ``folded`` and ``unfolded`` together name each BN exactly once."""
@@ -59,6 +84,9 @@ class FoldPlan:
     tracer: str | None = None
     trace_error: str | None = None
     edits: list[Edit] = field(default_factory=list, repr=False, compare=False)
+    merges: list[Merge] = field(default_factory=list, repr=False, compare=False)
+    unmerged: list[Unmerged] = field(default_factory=list, repr=False, compare=False)
+    graph_edits: int = field(default=0, repr=False, compare=False)  # ONNX nodes the structural pass rewrote
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -259,9 +259,10 @@ class Rep(nn.Module):
 
 @pytest.mark.parametrize("groups,sub", [(1, False), (2, False), (4, True)])
 def test_identity_branch_into_centre_tap(groups, sub):
+    """The identity BN joins the k×k conv's centre tap; the 1×1 branch merges into the same conv."""
     folded, _ = check(Rep(groups=groups, sub=sub), X, {
-        "identity": ("kxk.0", "identity-branch"), "kxk.1": ("kxk.0", "backward"), "k1.1": ("k1.0", "backward")})
-    assert isinstance(folded.identity, ZeroBranch)
+        "identity": ("kxk.0", "identity-branch"), "kxk.1": ("kxk.0", "backward"), "k1.1": ("kxk.0", "merged-branch")})
+    assert isinstance(folded.identity, ZeroBranch) and isinstance(folded.k1[0], ZeroBranch)
 
 
 class Residual(nn.Module):

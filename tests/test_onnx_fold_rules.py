@@ -169,10 +169,21 @@ def test_concat_of_convs():
 
 
 def test_add_of_two_convs():
+    """Convs on two inputs: the BN after their Add folds into both (they cannot merge)."""
+    body = ["c1 = Conv (x, w1, b1)", "c2 = Conv <pads = [1, 1, 1, 1]> (x2, w2)", "a = Add (c1, c2)", bn("a", "y")]
+    consts = {"w1": w(3, 4, 1, 1), "b1": w(3), "w2": w(3, 4, 3, 3), **bn_params("bn", 3)}
+    m = text_model("agraph (double[2,4,5,5] x, double[2,4,5,5] x2) => (double[2,3,5,5] y)", body, consts)
+    folded, _ = fold_check(m, {**X4, "x2": RNG.standard_normal((2, 4, 5, 5))}, [("add-of-convs", ["Conv", "Conv"])])
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv", "Add"]
+
+
+def test_add_of_two_convs_on_one_input_merges_them():
+    """On the same input, the two convs become one (the 1×1 kernel at the 3×3 centre) and the BN folds into it."""
     body = ["c1 = Conv (x, w1, b1)", "c2 = Conv <pads = [1, 1, 1, 1]> (x, w2)", "a = Add (c1, c2)", bn("a", "y")]
     consts = {"w1": w(3, 4, 1, 1), "b1": w(3), "w2": w(3, 4, 3, 3), **bn_params("bn", 3)}
     m = text_model("agraph (double[2,4,5,5] x) => (double[2,3,5,5] y)", body, consts)
-    fold_check(m, X4, [("add-of-convs", ["Conv", "Conv"])])
+    folded, _ = fold_check(m, X4, [("add-of-convs", ["Conv"])])
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
 
 
 def test_bn_inside_if_branches_with_outer_weights():

@@ -46,19 +46,46 @@ def test_timm_model_folds_exactly(name, size, left, why, rules):
         assert rel_err(folded(x), model(x)) <= 1e-10
 
 
+# every timm family with reparameterize()/fuse() support: (model, input size, BN left in the file
+# (timm's own reparameterised export leaves them too, or they are no branch: see the reasons))
+REPARAM = [
+    ("repvgg_a0", 64, 0), ("mobileone_s0", 64, 0), ("repghostnet_050", 64, 0), ("fastvit_t8", 64, 0),
+    ("repvit_m1", 64, 0), ("ghostnetv3_050", 64, 0), ("lcnetv2_small", 64, 0), ("efficientvim_m1", 224, 0),
+]
+
+
 @pytest.mark.slow
-def test_identity_branches_match_timm_reparameterize_model():
-    """Folding RepVGG from the graph gives timm's own reparameterised network."""
+@pytest.mark.parametrize("name,size,left", REPARAM, ids=[m[0] for m in REPARAM])
+def test_reparameterisation_matches_timm_reparameterize_model(name, size, left):
+    """Folding from the graph gives timm's own reparameterised network: equal in float64, and the
+    exported file has as many Convs as timm's reparameterised export and no more nodes."""
     from timm.utils import reparameterize_model
 
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    for name in ("repvgg_a0",):
-        model = randomize_bn(timm.create_model(name, pretrained=False), seed=2).eval().double()
-        folded, plan = fold_with_plan(model, (x,))
-        assert not plan.unfolded
-        ref = reparameterize_model(copy.deepcopy(model))
-        with torch.no_grad():
-            assert rel_err(folded(x), ref(x)) <= 1e-12, name
+    from bnfold.onnx_pass.export import export_folded, export_proto
+
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name, pretrained=False), seed=2).eval()
+    x = torch.randn(1, 3, size, size)
+    m64, x64 = copy.deepcopy(model).double(), x.double()
+    folded, plan = fold_with_plan(m64, (x64,))
+    torch.set_default_dtype(torch.float64)  # timm's fuse() builds new layers in the default dtype
+    try:
+        ref = reparameterize_model(copy.deepcopy(m64))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        assert rel_err(folded(x64), ref(x64)) <= 1e-10, name
+    del m64, folded, ref
+    folded32, plan32 = fold_with_plan(model, (x,))
+    proto, plan_file, _ = export_folded(folded32, (x,), plan=plan32)
+    timm_proto = export_proto(reparameterize_model(copy.deepcopy(model)), (x,))
+
+    def count(p, op=None):
+        return sum(op is None or n.op_type == op for n in p.graph.node)
+
+    assert count(proto, "Conv") == count(timm_proto, "Conv"), name
+    assert count(proto) <= count(timm_proto), (name, count(proto), count(timm_proto))
+    assert len(plan_file.unfolded) == left and not plan_file.unmerged, (plan_file.unfolded, plan_file.unmerged)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 context (with the IR edits rules make), the BN's own (s, t). A value that is a graph input, even with
 an initializer, is overridable at run time and is never a constant; constant chains (Identity, Cast,
 CastLike, Reshape, (Un)Squeeze, Expand, Shape of a static shape, Concat) are evaluated, so
-deduplicated tensors and Expand-ed zero biases resolve."""
+deduplicated tensors and Expand-ed zero biases resolve; so is a parameter's own preprocessing
+(Gather, Sigmoid, Neg, Sqrt, Add, Sub, Mul, Div of constants: a gate sigmoid(α)[k])."""
 
 from __future__ import annotations
 
@@ -157,6 +158,33 @@ class Consts:
     def _op_Concat(self, node, *xs):
         return np.concatenate(xs, axis=attr(node, "axis"))
 
+    # a parameter's own preprocessing (a gate sigmoid(α)[k], a scale's square root): elementwise, in its dtype
+    def _op_Gather(self, node, x, idx):
+        return np.take(x, idx.astype(np.int64), axis=int(attr(node, "axis", 0)))
+
+    def _op_Sigmoid(self, node, x):
+        return (1 / (1 + np.exp(-x))).astype(x.dtype)
+
+    def _op_Neg(self, node, x):
+        return -x
+
+    def _op_Sqrt(self, node, x):
+        return np.sqrt(x)
+
+    def _op_Add(self, node, a, b):
+        return (a + b).astype(np.result_type(a, b))
+
+    def _op_Sub(self, node, a, b):
+        return (a - b).astype(np.result_type(a, b))
+
+    def _op_Mul(self, node, a, b):
+        return (a * b).astype(np.result_type(a, b))
+
+    def _op_Div(self, node, a, b):
+        if a.dtype.kind in "iu":
+            raise ValueError("integer division")
+        return (a / b).astype(np.result_type(a, b))
+
 
 # ----------------------------------------------------------------------------------- the context
 class Ctx:
@@ -241,6 +269,12 @@ class Ctx:
         if v.shape is not None:
             return len(v.shape)
         return self.ranks.get(v.name)
+
+    def shape(self, v) -> tuple | None:
+        """``v``'s dims (int, a symbol, None: unknown) from the IR, else from shape inference."""
+        if v.shape is not None:
+            return tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in v.shape)
+        return self.ranks.shape(v.name) if v.name else None
 
 
 # --------------------------------------------------------------------------------- the BN itself

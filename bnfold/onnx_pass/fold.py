@@ -20,18 +20,51 @@ from bnfold.errors import first_line
 from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name
 from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx
 from bnfold.onnx_pass.rules import RULES
-from bnfold.plan import Folded, FoldPlan, Unfolded, folded_entry
+from bnfold.onnx_pass.merge import Merged, restructure
+from bnfold.plan import IDENTITY_BRANCH, MERGED_BRANCH, Folded, FoldPlan, Merge, Unfolded, Unmerged, folded_entry
 from bnfold.rule import NoMatch, Outcome, Rule, try_rules
 
 
 def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
-    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given."""
+    """Fold every BN node of one graph-like; ``record[id(node)] = (node, entry)`` when given.
+
+    After the BN rules, the structural pass (``merge.restructure``) drops zero adds and merges sums
+    of linear maps of one input into one Conv; BN nodes left are then tried again (a BN after a sum
+    that became one Conv folds into it), until nothing changes."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
-    for bn in bns:
-        entry = _fold_one(ctx, bn, ctx.prefix + node_name(bn))
+    entries = {id(bn): [bn, ctx.prefix + node_name(bn), None] for bn in bns}
+    left, unmerged = list(entries.values()), []
+    for _ in range(8):
+        for e in left:
+            e[2] = _fold_one(ctx, e[0], e[1])
+        zeros, merges, unmerged = restructure(ctx)
+        plan.graph_edits += zeros + len(merges)
+        _record_merges(ctx, merges, entries, plan)
+        left = [e for e in entries.values() if isinstance(e[2], Unfolded)]
+        if not (zeros or merges) or not left:
+            break
+    plan.unmerged.extend(Unmerged(tuple(ctx.prefix + b for b in u.branches), u.reason) for u in unmerged)
+    for bn, _, entry in entries.values():
         (plan.folded if isinstance(entry, Folded) else plan.unfolded).append(entry)
         if record is not None:
             record[id(bn)] = (bn, entry)
+
+
+def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan) -> None:
+    """Plan entries after merges: a BN absorbed as an identity branch folded into the target; a BN
+    folded into a conv that merged away folded into the target (``backward`` → ``merged-branch``)."""
+    for m in merges:
+        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c, _ in m.convs}
+        plan.merges.append(Merge(target, tuple((ctx.prefix + c, sign) for c, sign in m.convs), m.groups))
+        absorbed = {id(b) for b in m.bns}
+        for e in entries.values():
+            name, entry = e[1], e[2]
+            if id(e[0]) in absorbed:
+                e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
+            elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
+                pairs = dict.fromkeys((target, "Conv") if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+                rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
+                e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 
 
 def _fold_one(ctx: Ctx, node, name: str):
@@ -85,8 +118,9 @@ def _graphs(graph, prefix: str):
                 yield from _graphs(sub, p)
 
 
-def _ranks(model) -> dict[str, int]:
-    """Ranks from ONNX shape inference on a copy (only needed for MatMul and Concat rules)."""
+def _shapes(model) -> dict[str, tuple]:
+    """Shapes from ONNX shape inference on a copy (dims: int, a symbol's name, or None), for the
+    MatMul and Concat rules' ranks and the zero adds' broadcasting."""
     import onnx
     import onnx_ir as ir
 
@@ -98,25 +132,29 @@ def _ranks(model) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception:
         return {}
-    ranks = {}
+    shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    return ranks
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim)
+    return shapes
 
 
-class _LazyRanks:
-    """Ranks for values whose IR shape is unknown, from shape inference run on first need only:
-    inference serialises the whole model (a copy of every weight), which a graph whose values carry
-    their shapes (the exporter's) never needs."""
+class _LazyShapes:
+    """Ranks and shapes for values whose IR shape is unknown, from shape inference run on first need
+    only: inference serialises the whole model (a copy of every weight), which a graph whose values
+    carry their shapes (the exporter's) never needs."""
 
     def __init__(self, model):
-        self.model, self._ranks = model, None
+        self.model, self._shapes = model, None
+
+    def shape(self, name) -> tuple | None:
+        if self._shapes is None:
+            self._shapes = _shapes(self.model)
+        return self._shapes.get(name)
 
     def get(self, name, default=None):
-        if self._ranks is None:
-            self._ranks = _ranks(self.model)
-        return self._ranks.get(name, default)
+        shape = self.shape(name)
+        return default if shape is None else len(shape)
 
 
 def fold_ir(model, record: dict | None = None) -> FoldPlan:
@@ -133,7 +171,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     plan = FoldPlan(tracer="onnx")
     names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
-    ranks = _LazyRanks(model)
+    ranks = _LazyShapes(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
     ctxs = [Ctx(model, model.graph, main=True, opset=opset)]
     ctxs += [Ctx(model, g, main=False, opset=opset, prefix=p) for g, p in _graphs(model.graph, "")]
@@ -144,7 +182,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     for ctx in ctxs:
         ctx.model_names, ctx.ranks = names, ranks
         fold_graph(ctx, plan, record)
-    if plan.folded:
+    if plan.folded or plan.graph_edits:
         RemoveUnusedNodesPass()(model)
     if listed_by_format:
         AddInitializersToInputsPass()(model)
@@ -169,7 +207,7 @@ def fold_onnx_proto(model) -> FoldPlan:
 
     m = ir.serde.deserialize_model(model)
     plan = fold_ir(m)
-    if plan.folded:
+    if plan.folded or plan.graph_edits:
         model.CopyFrom(ir.serde.serialize_model(m))
     return plan
 

@@ -91,7 +91,7 @@ class JoinOfConvs:
 
 
 # ------------------------------------------------------------------------------- rule helpers
-def _weights(ctx: Ctx, node, what: str = "weights") -> ConvWeights:
+def conv_weights(ctx: Ctx, node, what: str = "weights") -> ConvWeights:
     """A Conv-like node's weights, or NoMatch when they are not constant floating-point tensors."""
     w = ctx.need_const(node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} '{node_name(node)}' {what}")
     b = None
@@ -110,7 +110,7 @@ def _set_conv(ctx: Ctx, conv: ConvWeights, w2, b2) -> None:
     ctx.set_input(node, 2, value_name(node.inputs[2]) if has_bias else node_name(node) + "_bias", b2.numpy().astype(dt))
 
 
-def _conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
+def conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
     """W'[c] = W[c]·s[c], b' = b·s + t (ConvTranspose: per group on weight dim 1)."""
     node = conv.node
     w2, b2 = fold_backward(f64(conv.w), None if conv.b is None else f64(conv.b), s, t,
@@ -118,7 +118,7 @@ def _conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
     _set_conv(ctx, conv, w2, b2)
 
 
-def _producer(ctx: Ctx, x, ops: tuple[str, ...]):
+def producer(ctx: Ctx, x, ops: tuple[str, ...]):
     """The node producing ``x`` when its op is one of ``ops`` and ``x`` has one reader, else NoMatch."""
     prod = x.producer()
     if prod is None:
@@ -135,27 +135,27 @@ def _producer(ctx: Ctx, x, ops: tuple[str, ...]):
 
 def _conv_of(ctx: Ctx, node, c: int) -> ConvWeights:
     """The weights of Conv/ConvTranspose ``node``, which must give ``c`` output channels."""
-    conv = _weights(ctx, node)
+    conv = conv_weights(ctx, node)
     if conv.out_channels != c:
         raise NoMatch(f"{node.op_type} '{node_name(node)}' has {conv.out_channels} output channels, BN {c}")
     return conv
 
 
-def _gemm_producer(ctx: Ctx, x, c: int) -> GemmWeights:
-    """The Gemm producing ``x`` with ``c`` outputs, and its constant B and C."""
-    prod = _producer(ctx, x, ("Gemm",))
+def gemm_producer(ctx: Ctx, x, c: int | None) -> GemmWeights:
+    """The Gemm producing ``x`` with ``c`` outputs (None: any), and its constant B and C."""
+    prod = producer(ctx, x, ("Gemm",))
     bw = ctx.need_const(prod.inputs[1], f"Gemm '{node_name(prod)}' B")
     cw = None
     if len(prod.inputs) > 2 and prod.inputs[2] is not None:
         cw = ctx.need_const(prod.inputs[2], f"Gemm '{node_name(prod)}' C")
     trans_b = bool(attr(prod, "transB", 0))
     n = bw.shape[0] if trans_b else bw.shape[1]
-    if n != c:
+    if c is not None and n != c:
         raise NoMatch(f"Gemm '{node_name(prod)}' has {n} outputs, BN {c} channels")
     return GemmWeights(prod, bw, cw, trans_b)
 
 
-def _gemm_backward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
+def gemm_backward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
     """op(B)'[:,n] = op(B)[:,n]·s[n],  C' = β·C·s + t,  β' = 1."""
     g, dt = gemm.node, gemm.b.dtype
     b2, c2 = fold_gemm_backward(f64(gemm.b), None if gemm.c is None else f64(gemm.c), s, t,
@@ -167,7 +167,7 @@ def _gemm_backward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
 
 def _matmul_chain(ctx: Ctx, x, c: int, *, rank2: bool) -> MatMulChain:
     """MatMul(·, constant 2-D B) [+ Add(constant bias)] producing ``x``, N = c."""
-    prod = _producer(ctx, x, ("MatMul", "Add"))
+    prod = producer(ctx, x, ("MatMul", "Add"))
     chain = MatMulChain(prod, None)
     if prod.op_type == "Add":
         mms = [(k, i) for k, i in enumerate(prod.inputs) if i is not None and i.producer() is not None and i.producer().op_type == "MatMul"]
@@ -243,10 +243,10 @@ class BackwardConv(OnnxRule):
     name = "backward"
 
     def match(self, ctx: Ctx, bn: BN) -> ConvWeights:
-        return _conv_of(ctx, _producer(ctx, bn.node.inputs[0], ("Conv", "ConvTranspose")), bn.channels)
+        return _conv_of(ctx, producer(ctx, bn.node.inputs[0], ("Conv", "ConvTranspose")), bn.channels)
 
     def rewrite(self, ctx: Ctx, bn: BN, m: ConvWeights) -> None:
-        _conv_backward(ctx, m, bn.s, bn.t)
+        conv_backward(ctx, m, bn.s, bn.t)
         ctx.replace_bn(bn.node, m.node.outputs[0])
 
 
@@ -256,10 +256,10 @@ class BackwardGemm(OnnxRule):
     name = "backward"
 
     def match(self, ctx: Ctx, bn: BN) -> GemmWeights:
-        return _gemm_producer(ctx, bn.node.inputs[0], bn.channels)
+        return gemm_producer(ctx, bn.node.inputs[0], bn.channels)
 
     def rewrite(self, ctx: Ctx, bn: BN, m: GemmWeights) -> None:
-        _gemm_backward(ctx, m, bn.s, bn.t)
+        gemm_backward(ctx, m, bn.s, bn.t)
         ctx.replace_bn(bn.node, m.node.outputs[0])
 
 
@@ -284,7 +284,7 @@ class BackwardReshape(OnnxRule):
     name = "reshape"
 
     def match(self, ctx: Ctx, bn: BN) -> ReshapeOfProducer:
-        rs = _producer(ctx, bn.node.inputs[0], ("Reshape",))
+        rs = producer(ctx, bn.node.inputs[0], ("Reshape",))
         shape, why = ctx.const(rs.inputs[1])
         c = bn.channels
         if why or shape.ndim != 1 or len(shape) != 2 or int(shape[-1]) != c:
@@ -292,14 +292,14 @@ class BackwardReshape(OnnxRule):
         src = rs.inputs[0]
         try:
             if src.producer() is not None and src.producer().op_type == "Gemm":
-                return ReshapeOfProducer(_gemm_producer(ctx, src, c), rs)
+                return ReshapeOfProducer(gemm_producer(ctx, src, c), rs)
             return ReshapeOfProducer(_matmul_chain(ctx, src, c, rank2=False), rs)
         except NoMatch as nm:
             raise NoMatch(f"Reshape '{node_name(rs)}' input: {nm.reason}") from None
 
     def rewrite(self, ctx: Ctx, bn: BN, m: ReshapeOfProducer) -> None:
         if isinstance(m.producer, GemmWeights):
-            _gemm_backward(ctx, m.producer, bn.s, bn.t)
+            gemm_backward(ctx, m.producer, bn.s, bn.t)
             ctx.replace_bn(bn.node, m.reshape.outputs[0])
             return
         _matmul_fold(ctx, bn, m.producer, m.reshape)
@@ -312,7 +312,7 @@ class BackwardConcat(OnnxRule):
     name = "concat"
 
     def match(self, ctx: Ctx, bn: BN) -> JoinOfConvs:
-        cat = _producer(ctx, bn.node.inputs[0], ("Concat",))
+        cat = producer(ctx, bn.node.inputs[0], ("Concat",))
         axis = int(attr(cat, "axis", 1))
         rank = ctx.rank(cat.outputs[0])
         if axis != 1 and not (rank is not None and axis == 1 - rank):
@@ -320,13 +320,13 @@ class BackwardConcat(OnnxRule):
         parts, seen = [], set()
         for x in cat.inputs:
             try:
-                prod = _producer(ctx, x, ("Conv", "ConvTranspose"))
+                prod = producer(ctx, x, ("Conv", "ConvTranspose"))
             except NoMatch as nm:
                 raise NoMatch(f"Concat '{node_name(cat)}' input '{value_name(x)}': {nm.reason}") from None
             if id(prod) in seen:
                 raise NoMatch(f"Concat '{node_name(cat)}' reads '{value_name(x)}' twice")
             seen.add(id(prod))
-            parts.append(_weights(ctx, prod))
+            parts.append(conv_weights(ctx, prod))
         total = sum(p.out_channels for p in parts)
         if total != bn.channels:
             raise NoMatch(f"Concat '{node_name(cat)}' producers give {total} channels, BN {bn.channels}")
@@ -336,7 +336,7 @@ class BackwardConcat(OnnxRule):
         o = 0
         for conv in m.parts:
             c = conv.out_channels
-            _conv_backward(ctx, conv, bn.s[o:o + c], bn.t[o:o + c])
+            conv_backward(ctx, conv, bn.s[o:o + c], bn.t[o:o + c])
             o += c
         ctx.replace_bn(bn.node, m.join.outputs[0])
 
@@ -348,11 +348,11 @@ class AddOfConvs(OnnxRule):
     name = "add-of-convs"
 
     def match(self, ctx: Ctx, bn: BN) -> JoinOfConvs:
-        add = _producer(ctx, bn.node.inputs[0], ("Add",))
+        add = producer(ctx, bn.node.inputs[0], ("Add",))
         parts = []
         for x in add.inputs:
             try:
-                prod = _producer(ctx, x, ("Conv", "ConvTranspose"))
+                prod = producer(ctx, x, ("Conv", "ConvTranspose"))
             except NoMatch as nm:
                 raise NoMatch(f"Add '{node_name(add)}' input '{value_name(x)}': {nm.reason}", applies=nm.applies) from None
             parts.append(_conv_of(ctx, prod, bn.channels))
@@ -362,8 +362,8 @@ class AddOfConvs(OnnxRule):
 
     def rewrite(self, ctx: Ctx, bn: BN, m: JoinOfConvs) -> None:
         a, b = m.parts
-        _conv_backward(ctx, a, bn.s, bn.t)
-        _conv_backward(ctx, b, bn.s, bn.t * 0)
+        conv_backward(ctx, a, bn.s, bn.t)
+        conv_backward(ctx, b, bn.s, bn.t * 0)
         ctx.replace_bn(bn.node, m.join.outputs[0])
 
 
@@ -378,7 +378,7 @@ class ForwardConv(OnnxRule):
     def match(self, ctx: Ctx, bn: BN) -> ConvWeights:
         cons = _consumer(ctx, bn.node, ("Conv",))
         try:
-            conv = _weights(ctx, cons)
+            conv = conv_weights(ctx, cons)
         except NoMatch as nm:
             raise NoMatch("consumer " + nm.reason) from None
         pads = list(attr(cons, "pads", None) or [])

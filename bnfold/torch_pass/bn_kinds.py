@@ -38,6 +38,33 @@ class DropAct(nn.Module):
         return self.act(self.drop(x))
 
 
+class ZeroBranch(nn.Module):
+    """Stands where a branch of a sum was whose map now lives in a parallel conv (a BN-only branch:
+    rule "identity-branch"; a conv branch: a merge of parallel branches): it contributes zeros of
+    the branch's output shape. ``conv``: the conv it replaces (None: zeros shaped like the input).
+    The tracer keeps it as one call; the ONNX pass removes the zeros and the Add they enter."""
+
+    def __init__(self, conv: nn.Module | None = None):
+        super().__init__()
+        self.out_channels = None if conv is None else int(conv.out_channels)
+        if conv is not None:
+            k, d = tuple(conv.kernel_size), tuple(conv.dilation)
+            pad = conv.padding
+            if isinstance(pad, str):  # 'valid', or 'same' with odd extents (the merge checks)
+                pad = tuple(0 if pad == "valid" else di * (ki - 1) // 2 for ki, di in zip(k, d))
+            self.geometry = tuple(zip(k, tuple(conv.stride), tuple(pad), d))
+
+    def forward(self, x):
+        if self.out_channels is None:
+            return torch.zeros_like(x)
+        n = len(self.geometry)
+        sizes = [(x.shape[x.dim() - n + i] + 2 * p - d * (k - 1) - 1) // s + 1 for i, (k, s, p, d) in enumerate(self.geometry)]
+        return x.new_zeros(tuple(x.shape[: x.dim() - n - 1]) + (self.out_channels,) + tuple(sizes))
+
+    def extra_repr(self) -> str:
+        return "" if self.out_channels is None else f"out_channels={self.out_channels}, geometry={self.geometry}"
+
+
 def identity_remainder(bn: nn.Module) -> nn.Module:
     return nn.Identity()
 

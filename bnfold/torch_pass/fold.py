@@ -20,11 +20,12 @@ from torch import nn
 
 from bnfold import fold_math
 from bnfold.errors import ModelError
-from bnfold.plan import Edit, FoldPlan, Unfolded
+from bnfold.plan import Edit, FoldPlan, Merge, Unfolded
 from bnfold.rule import try_rules
 from bnfold.torch_pass import bn_kinds
-from bnfold.torch_pass.bn_kinds import is_batchnorm
+from bnfold.torch_pass.bn_kinds import ZeroBranch, is_batchnorm
 from bnfold.torch_pass.graph import trace
+from bnfold.torch_pass.merge import merge_parallel_branches
 from bnfold.torch_pass.rules import BN, LATE_RULES, RULES, Context, IdentityBranch
 
 
@@ -71,6 +72,8 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
         else:
             plan.unfolded.append(Unfolded(name, "; ".join(out.reasons())))
     _second_pass(ctx)
+    if ctx is not None:
+        merge_parallel_branches(ctx)
     return plan
 
 
@@ -107,14 +110,6 @@ def _second_pass(ctx: Context | None) -> None:
     plan.unfolded = still
 
 
-class ZeroBranch(nn.Module):
-    """Stands where a BN-only branch was: its s·x + t now lives in the centre tap and bias of a
-    parallel conv on the same input (rule "identity-branch"), so this branch contributes zeros."""
-
-    def forward(self, x):
-        return torch.zeros_like(x)
-
-
 # ---------------------------------------------------------------------------------------- apply
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
@@ -127,7 +122,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
 
     Module by module: a float64 copy of its weight and bias takes every edit aimed at it (a forward
     and a backward fold compose in either order), is cast back once, and is freed before the next
-    module, so at most one module's float64 copy exists at a time.
+    module, so at most one module's float64 copy exists at a time. A merge of parallel branches
+    folds each branch's convs in float64, sums them into the target, and casts once.
     """
     by_target: dict[str, list[Edit]] = {}
     order = {"forward": 0, "backward": 1, "identity": 2}  # the identity branch adds after the conv's own BN
@@ -147,36 +143,64 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             s, t = s.repeat_interleave(e.repeat), t.repeat_interleave(e.repeat)
         return s.to(device), t.to(device)
 
+    merged = {m.target for m in plan.merges} | {p for m in plan.merges for p, _ in m.parts}
     for path, edits in by_target.items():
-        mod = model.get_submodule(path)
-        like = mod.weight
-        groups = getattr(mod, "groups", 1)
-        transposed = bn_kinds.is_transposed(mod)
-        rows = _row_block(like, groups, transposed)
-        with torch.no_grad():
-            if rows is None:  # the whole weight at once
-                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
-                mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-                mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
-                del w, b
-            else:  # a large weight: blocks of whole groups of output rows, written into the module's own tensors
-                per_group = like.shape[0] // groups
-                bias = mod.bias if mod.bias is not None else nn.Parameter(torch.zeros(like.shape[0], dtype=like.dtype, device=like.device),
-                                                                         requires_grad=like.requires_grad)
-                for r0 in range(0, like.shape[0], rows):
-                    r1 = min(r0 + rows, like.shape[0])
-                    w, b = _fold_rows(like, bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
-                    like.data[r0:r1] = fold_math.cast_like(w, like)
-                    bias.data[r0:r1] = fold_math.cast_like(b, like)
-                    del w, b
-                mod.bias = bias
-        del like
+        if path not in merged:
+            _fold_module(model.get_submodule(path), edits, scale_shift)
+    for m in plan.merges:
+        _apply_merge(model, m, by_target, scale_shift)
     for f in plan.folded:
         if f.fold_pass != "pytorch":
             continue
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
         _set_submodule(model, f.bn, ZeroBranch() if f.rule == IdentityBranch.name else kind.remainder(bn))
+
+
+def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift) -> None:
+    """Every edit aimed at ``mod``, in float64, cast back once (in blocks of rows when large)."""
+    like = mod.weight
+    groups = getattr(mod, "groups", 1)
+    transposed = bn_kinds.is_transposed(mod)
+    rows = _row_block(like, groups, transposed)
+    with torch.no_grad():
+        if rows is None:  # the whole weight at once
+            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
+            mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
+            mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+            del w, b
+        else:  # a large weight: blocks of whole groups of output rows, written into the module's own tensors
+            per_group = like.shape[0] // groups
+            bias = mod.bias if mod.bias is not None else nn.Parameter(torch.zeros(like.shape[0], dtype=like.dtype, device=like.device),
+                                                                     requires_grad=like.requires_grad)
+            for r0 in range(0, like.shape[0], rows):
+                r1 = min(r0 + rows, like.shape[0])
+                w, b = _fold_rows(like, bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+                like.data[r0:r1] = fold_math.cast_like(w, like)
+                bias.data[r0:r1] = fold_math.cast_like(b, like)
+                del w, b
+            mod.bias = bias
+
+
+def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> None:
+    """The target conv of ``m`` becomes the sum of every branch (each after its own edits, float64,
+    cast once); the other branch convs become ``ZeroBranch``es."""
+    target = model.get_submodule(m.target)
+    parts = []
+    for path, sign in ((m.target, 1),) + m.parts:
+        conv = model.get_submodule(path)
+        w = conv.weight
+        parts.append(_fold_rows(w, conv.bias, by_target.get(path, []), scale_shift, False, conv.groups, 0, w.shape[0], conv.groups)
+                     + (conv.groups, sign))
+    like = target.weight
+    with torch.no_grad():
+        w, b = fold_math.merge_branches(parts, tuple(like.shape[2:]), m.groups)
+        target.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
+        target.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+    target.groups = m.groups
+    del parts, w, b
+    for path, _ in m.parts:
+        _set_submodule(model, path, ZeroBranch(model.get_submodule(path)))
 
 
 FOLD_BLOCK_BYTES = 256 << 20  # float64 working copy above which a weight is folded in blocks of rows

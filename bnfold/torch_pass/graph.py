@@ -19,10 +19,11 @@ from bnfold.torch_pass import bn_kinds
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps every BN kind and producer (registered or subclassed) as one call."""
+    """fx tracer that keeps every BN kind and producer (registered or subclassed), and a folded
+    branch's ``ZeroBranch``, as one call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if bn_kinds.is_batchnorm(m) or bn_kinds.is_producer_like(m):
+        if bn_kinds.is_batchnorm(m) or bn_kinds.is_producer_like(m) or isinstance(m, bn_kinds.ZeroBranch):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bnfold.plan import Edit, Folded, FoldPlan
+from bnfold.plan import IDENTITY_BRANCH, Edit, Folded, FoldPlan
 from bnfold.rule import NoMatch, Rule
 from bnfold.torch_pass import bn_kinds
 from bnfold.torch_pass.graph import Call, Graph
@@ -374,7 +374,7 @@ def _has_padding(conv: nn.Module) -> bool:
 _ADDS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
 
 
-def _is_sum(g: Graph, n) -> bool:
+def is_sum(g: Graph, n) -> bool:
     """A plain sum of tensors (x + y, x += y, torch.add without alpha) or an eval-time identity."""
     mod = g.module_of(n)
     if mod is not None:
@@ -384,27 +384,35 @@ def _is_sum(g: Graph, n) -> bool:
     return g.owner(n) is None
 
 
-def _strip_identity(g: Graph, n):
+def strip_identity(g: Graph, n):
     """The value behind eval-time identity modules (nn.Identity, Dropout)."""
     while isinstance(g.module_of(n), (nn.Identity, nn.modules.dropout._DropoutNd)) and n.all_input_nodes:
         n = n.all_input_nodes[0]
     return n
 
 
-def _sum_leaves(g: Graph, o) -> list[tuple]:
-    """The terms of the sum that ``o`` enters, as (node, ±1): the sum is Σ sign·leaf. The sum runs
-    up through nodes that only add (or subtract) into the next one."""
-    root = g.data_users(o)[0]
+def sum_root(g: Graph, n):
+    """The last node of the sum that node ``n`` (a sum) belongs to: the sum runs up through nodes
+    that only add (or subtract) into the next one."""
     while True:
-        up = g.data_users(root)
-        if len(up) == 1 and _is_sum(g, up[0]):
-            root = up[0]
+        up = g.data_users(n)
+        if len(up) == 1 and is_sum(g, up[0]):
+            n = up[0]
             continue
-        break
+        return n
+
+
+def _sum_leaves(g: Graph, o) -> list[tuple]:
+    """The terms of the sum that ``o`` enters, as (node, ±1): the sum is Σ sign·leaf."""
+    return sum_terms(g, sum_root(g, g.data_users(o)[0]))
+
+
+def sum_terms(g: Graph, root) -> list[tuple]:
+    """The terms of the sum ending at ``root``, as (node, ±1): the sum is Σ sign·leaf."""
     leaves: list = []
 
     def expand(n, sign):
-        if n is not root and (not _is_sum(g, n) or len(g.data_users(n)) != 1):
+        if n is not root and (not is_sum(g, n) or len(g.data_users(n)) != 1):
             leaves.append((n, sign))
             return
         if g.op_name(n) in ("sub", "isub", "sub_"):
@@ -428,15 +436,15 @@ class IdentityBranch(Rule):
     in = out channels). Runs after the first pass: the conv's own BN must already fold into it
     (``ctx.plan``); the BN becomes a zero branch."""
 
-    name = "identity-branch"
+    name = IDENTITY_BRANCH
 
     def match(self, ctx: Context, bn: BN) -> Match:
         g, call = ctx.g, bn.call
         if len(call.inputs) != 1 or len(call.outputs) != 1:
             raise NoMatch("the BN is not one value in, one out", applies=False)
-        x, o = _strip_identity(g, call.inputs[0]), call.outputs[0]  # RepGhost: bn(Identity()(x1)) is a branch on x1
+        x, o = strip_identity(g, call.inputs[0]), call.outputs[0]  # RepGhost: bn(Identity()(x1)) is a branch on x1
         users = g.data_users(o)
-        if len(users) != 1 or not _is_sum(g, users[0]) or g.module_of(users[0]) is not None:
+        if len(users) != 1 or not is_sum(g, users[0]) or g.module_of(users[0]) is not None:
             raise NoMatch("the BN's output is not summed", applies=False)
         kind, _ = bn_kinds.bn_kind(ctx.module(bn.path))
         if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn.path))):
@@ -489,7 +497,7 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}` ({type(mod).__name__}) is not a plain Conv")
         calls = g.calls[path]
         cin = next(iter(calls.values())).inputs
-        if len(calls) != 1 or len(cin) != 1 or _strip_identity(g, cin[0]) is not x:
+        if len(calls) != 1 or len(cin) != 1 or strip_identity(g, cin[0]) is not x:
             raise NoMatch(f"branch `{path}` does not read the BN's input alone")
         c = ctx.channels(bn)
         if mod.in_channels != c or mod.out_channels != c:
