@@ -52,6 +52,16 @@ class ConvertReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def explain(self) -> dict | None:
+        """Where the ONNX file first leaves the reference (``verification["explanation"]``, see
+        bnfold/verification/explain.py); computed now when the run did not (it passed without
+        ``explain``). None when verification was skipped."""
+        if not self.verification:
+            return None
+        if self.verification.get("explanation") is None and getattr(self, "_explain_later", None) is not None:
+            self._explain_later()
+        return self.verification.get("explanation")
+
 
 @dataclass
 class CheckReport:
@@ -75,6 +85,13 @@ class CheckReport:
 
     def failures(self):
         return self.verification.failures()
+
+    def explain(self) -> dict | None:
+        """Where the ONNX file first leaves the reference (``verification.explanation``); computed now
+        when the check did not (it passed without ``explain``)."""
+        if self.verification.explanation is None and getattr(self, "_explain_later", None) is not None:
+            self._explain_later()
+        return self.verification.explanation
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
