@@ -61,9 +61,11 @@ def first(rep) -> dict:
 
 
 # ------------------------------------------------------------------------- corrupted folds, named
-def test_small_cnn_scaled_weight_is_named(monkeypatch, tmp_path):
+@pytest.mark.parametrize("opset", [None, 13])  # the dynamo exporter (names from a fresh export), TorchScript (node names)
+def test_small_cnn_scaled_weight_is_named(monkeypatch, tmp_path, opset):
     corrupt_after_fold(monkeypatch, "3", scale_weight)
-    rep = bnfold.convert(small_cnn(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", providers=["cpu"])
+    rep = bnfold.convert(small_cnn(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", providers=["cpu"], opset=opset)
+    assert rep.export["exporter"] == ("dynamo" if opset is None else "torchscript")
     assert not rep.passed and not (tmp_path / "m.onnx").exists()
     f = first(rep)
     assert f["module"] == "3" and f["folded"] == ["4"] and f["op_type"] == "Conv"
