@@ -71,10 +71,30 @@ def test_small_cnn_scaled_weight_is_named(monkeypatch, tmp_path, opset):
     assert f["module"] == "3" and f["folded"] == ["4"] and f["op_type"] == "Conv"
     assert f["max_abs_error_float64"] > f["limit"] > 0
     exp = rep.explain()
-    assert exp["message"].startswith("diverges first at `3` (ONNX node `") and "everything before it matches" in exp["message"]
+    assert exp["message"].startswith("diverges first at `3` (ONNX node `")
+    assert "everything before it matches (2 places compared before it" in exp["message"]
     before = exp["points"][: exp["points"].index(exp["first"])]
     assert before and not any(p["diverged"] for p in before) and [p["module"] for p in before][:2] == ["0", "2"]
     assert "explain" in rep.timings
+
+
+def test_the_explanation_and_agreement_are_shown(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from bnfold.report import render_convert, render_verify
+
+    corrupt_after_fold(monkeypatch, "6", shift_bias)
+    model, x = small_cnn(), torch.randn(2, 3, 16, 16)
+    rep = bnfold.convert(model, x, tmp_path / "m.onnx", providers=["cpu"], keep_failed=True)
+    assert first(rep)["module"] == "6"
+    console = Console(record=True, width=400, no_color=True)
+    render_convert(rep.to_dict(), console)
+    text = console.export_text()
+    assert "top-1/5" in text and "explanation: diverges first at `6` (ONNX node `" in text
+    check = bnfold.check_artifact(model, tmp_path / "m.onnx", x, providers=["cpu"])
+    console = Console(record=True, width=400, no_color=True)
+    render_verify(check.to_dict(), console)
+    assert "explanation: diverges first at `6` (ONNX node `" in console.export_text()
 
 
 def test_resnet18_wrong_bias_in_the_file_is_named(tmp_path):

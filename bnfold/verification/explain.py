@@ -113,8 +113,7 @@ class Explanation:
         return self.message
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Explanation":
@@ -167,7 +166,8 @@ def _message(points: list[Point], first: Point | None, floor: str) -> tuple[str,
     what = "floor" if floor == "float64" else "tolerance"
     size = first.noise_floor if floor == "float64" else first.limit
     err = first.max_abs_error_float64 if floor == "float64" and first.max_abs_error_float64 is not None else first.max_abs_error
-    tail = f"everything before it matches ({before} of {len(points)} places)" if before else "it is the first place compared"
+    tail = (f"everything before it matches ({before} place{'s' if before != 1 else ''} compared before it, {len(points)} in all)"
+            if before else f"it is the first of the {len(points)} places compared")
     return "diverged", f"diverges first at {first.where()}: max abs {_g(err)} vs {what} {_g(size)} (limit {_g(first.limit)}); {tail}"
 
 
@@ -187,7 +187,7 @@ def _judge(points: list[Point], ref: dict, cand: dict, ref64: dict | None, keys:
             t64 = None
         if not np.isfinite(want).all():
             continue
-        d = divergence(want, got, t64, k) if ref64 is None or t64 is not None else divergence(want, got, None, k)
+        d = divergence(want, got, t64, k)
         p.max_abs_error, p.max_abs_error_float64, p.noise_floor, p.limit = (d["max_abs_error"], d["max_abs_error_float64"],
                                                                               d["noise_floor"], d["limit"])
         p.diverged = bool(d["beyond"])
