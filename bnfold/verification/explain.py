@@ -152,6 +152,8 @@ def explain_report(report: VerifyReport, reference, onnx_path: str | Path, input
         keywords.setdefault("provider", run.provider)
         keywords.setdefault("inputs_name", run.inputs)
     exp = explain(reference, onnx_path, inputs, **keywords)
+    if exp.status == "matches" and run is not None and not run.passed:
+        exp.message += ": the difference arises after the last of them, or in the outputs themselves"
     report.explanation = exp.to_dict()
     return exp
 
@@ -161,7 +163,7 @@ def _message(points: list[Point], first: Point | None, floor: str) -> tuple[str,
         return "unavailable", "no explanation: no place of the reference could be matched with a value of the ONNX file"
     if first is None:
         return "matches", (f"no compared place leaves the reference beyond its {'float32 noise floor' if floor == 'float64' else 'tolerance'} "
-                           f"({len(points)} places compared): a difference arises only after the last of them or in the outputs themselves")
+                           f"({len(points)} places compared)")
     before = points.index(first)
     what = "floor" if floor == "float64" else "tolerance"
     size = first.noise_floor if floor == "float64" else first.limit
