@@ -114,6 +114,8 @@ Opset = Annotated[Optional[str], _opt("opset", "N")]
 DynamicBatch = Annotated[Optional[bool], _opt("dynamic_batch", "")]
 Atol = Annotated[Optional[List[str]], _opt("atol", "[OUTPUT=]TOL")]
 Rtol = Annotated[Optional[List[str]], _opt("rtol", "[OUTPUT=]TOL")]
+MinTop1 = Annotated[Optional[List[str]], _opt("min_top1", "[OUTPUT=]SHARE")]
+Explain = Annotated[Optional[bool], _opt("explain", "")]
 Providers = Annotated[Optional[str], _opt("providers", "cpu,cuda")]
 RequireProviders = Annotated[Optional[str], _opt("require_providers", "cpu,cuda")]
 VerifyFlag = Annotated[Optional[bool], _opt("verify", "")]
@@ -165,6 +167,8 @@ def convert(
     dynamic_batch: DynamicBatch = None,
     atol: Atol = None,
     rtol: Rtol = None,
+    min_top1: MinTop1 = None,
+    explain: Explain = None,
     providers: Providers = None,
     require_providers: RequireProviders = None,
     report: Report = None,
@@ -184,7 +188,7 @@ def convert(
     STATE["quiet"] = STATE["quiet"] or quiet
     STATE["json"] = json_out
     values = dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size, estimator=estimator,
-                  opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, providers=providers,
+                  opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, min_top1=min_top1, explain=explain, providers=providers,
                   require_providers=require_providers, trust_pickle=trust_pickle, verify=verify,
                   overwrite=overwrite, keep_failed=keep_failed, seed=seed, allow_tf32=allow_tf32)
 
@@ -376,6 +380,8 @@ def verify(
     dynamic_batch: DynamicBatch = None,
     atol: Atol = None,
     rtol: Rtol = None,
+    min_top1: MinTop1 = None,
+    explain: Explain = None,
     providers: Providers = None,
     require_providers: RequireProviders = None,
     report: Report = None,
@@ -391,7 +397,7 @@ def verify(
 
         opts = _build("verify", dict(weights=weights, input_shape=input_shape, calib=calib, batch_size=batch_size,
                                      estimator=estimator, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
-                                     providers=providers, require_providers=require_providers, report=report,
+                                     min_top1=min_top1, explain=explain, providers=providers, require_providers=require_providers, report=report,
                                      trust_pickle=trust_pickle, seed=seed, allow_tf32=allow_tf32))
         _note_weights(model, opts)
         check = check_artifact(model, onnx_file, options=opts)

@@ -292,3 +292,24 @@ def test_min_top1_through_convert_and_json(tmp_path):
     assert all(o["top1"] == 1.0 and o["top5"] == 1.0 and o["min_top1"] == 0.75 and o["verdict"] == "agreement" for o in outs)
     with pytest.raises(BadInputError):
         bnfold.convert(model, x, tmp_path / "n.onnx", providers=["cpu"], min_top1=2)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_cli_verify_explain_and_min_top1(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnfold_cli.app import app
+    from conftest import SAMPLE, SAMPLE_SPEC
+
+    weights, out = str(SAMPLE / "weights.pt"), tmp_path / "digits.onnx"
+    common = ["--weights", weights, "--input-shape", "2,1,8,8", "--providers", "cpu"]
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", SAMPLE_SPEC, *common, "--min-top1", "0.999", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    outs = [o for run in json.loads(r.stdout)["verification"]["runs"] for o in run["outputs"]]
+    assert all(o["min_top1"] == 0.999 and o["top1"] == 1.0 and o["verdict"] == "agreement" for o in outs)
+    r = runner.invoke(app, ["verify", SAMPLE_SPEC, str(out), *common, "--explain", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["verification"]["explanation"]["status"] == "matches"
+    r = runner.invoke(app, ["verify", SAMPLE_SPEC, str(out), *common, "--min-top1", "1.5"])
+    assert r.exit_code == 2 and "--min-top1" in r.output and "between 0 and 1" in r.output
