@@ -230,6 +230,15 @@ def _p_tolerance(v, via, key):
     return out["*"] if list(out) == ["*"] else out
 
 
+def _p_share(v, via, key):
+    """A tolerance form whose values are shares (0..1): 0.999 | 'logits=0.999' | {'*': 0.99}."""
+    out = _p_tolerance(v, via, key)
+    for x in (out.values() if isinstance(out, dict) else [out]):
+        if x > 1:
+            raise OptionError(via, key, f"{x:g} is not a share between 0 and 1", "use e.g. 0.999 or OUTPUT=0.999")
+    return out
+
+
 def _p_calib(v, via, key):
     if isinstance(v, (str, Path)):
         if not str(v).strip():
@@ -285,6 +294,8 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Export with a dynamic first dimension; verify at batch 1 and 4.", _CV),
     _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
     _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
+    _o("min_top1", "--min-top1", _p_share, None, "Judge logits-shaped outputs (batch x classes) on top-1 agreement instead of atol: pass when at least this share of argmaxes agree (0.999, or per output logits=0.999); repeatable.", _CV, metavar="[OUTPUT=]SHARE", repeat=True),
+    _o("explain", "--explain", _p_bool, False, "Name the first layer where the ONNX file leaves the reference beyond its float32 noise (done anyway when verification fails).", _CV),
     _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV, metavar="cpu,cuda"),
     _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV, metavar="cpu,cuda"),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
@@ -396,7 +407,7 @@ class ConvertOptions:
                 raise OptionError(via, "require_providers", f"names {', '.join(map(str, extra))}, which providers leaves out",
                                   "add it to providers too")
         if parsed.get("verify") is False:
-            for key in ("atol", "rtol", "providers", "require_providers", "keep_failed"):
+            for key in ("atol", "rtol", "min_top1", "explain", "providers", "require_providers", "keep_failed"):
                 if key in parsed:
                     raise OptionError(via, key, "has no effect when verification is off, so it would be ignored", "drop one of them")
         return cls(**parsed, given=frozenset(parsed), via=via)

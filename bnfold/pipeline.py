@@ -31,7 +31,8 @@ from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
 from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
-from bnfold.verification.verify import check_folded, reference_outputs, verify
+from bnfold.verification.explain import Explanation, explain_report
+from bnfold.verification.verify import VerifyReport, check_folded, reference_outputs, verify
 from bnfold.onnx_pass.fold import fold_onnx_proto
 
 PROVENANCE_PREFIX = "bnfold."
@@ -262,7 +263,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             # one copy of the caller's module, which is never changed
             held = [copy.deepcopy(obj) if obj is model else obj]
             del obj
-            _convert_torch(rep, held, example, staged, opts)
+            _convert_torch(rep, held, example, staged, opts, _rebuilder(model, opts))
         if rep.passed or opts.keep_failed:
             rep.export["path"] = str(output)
         else:
@@ -298,7 +299,7 @@ def write_report(rep, path: str | Path) -> None:
 
 def _verify_keywords(opts: ConvertOptions) -> dict[str, Any]:
     """The options' tolerance and providers, as the keywords of ``verify``."""
-    return {"atol": opts.atol, "rtol": opts.rtol, "providers": [str(p) for p in opts.providers],
+    return {"atol": opts.atol, "rtol": opts.rtol, "min_top1": opts.min_top1, "providers": [str(p) for p in opts.providers],
             "require_providers": [str(p) for p in opts.require_providers]}
 
 
@@ -355,7 +356,7 @@ def _calibrate(rep, model, source, example: tuple, opts: ConvertOptions) -> None
         rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
 
 
-def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions):
+def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebuild):
     """On a module bnfold owns (built from a spec, or one copy of the caller's): (calibrate →) reference
     outputs → fold in place → check the folded module → export → release → verify the file against the
     stored references. One copy of the weights; none left while the onnxruntime sessions exist."""
@@ -368,6 +369,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions):
         _calibrate(rep, model, source, example, opts)
     sets = references = None
     fold_runs: list = []
+    kept = [copy.deepcopy(model)] if opts.explain and opts.verify else []  # the reference explain compares with (asked for)
     if opts.verify:
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
         with _stage(rep, "reference"):  # before the fold changes the module
@@ -376,7 +378,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions):
     with _stage(rep, "fold"):
         model, plan = fold_with_plan(model, example, inplace=True)
         if opts.verify:  # checked now, so that it can be released as soon as it is exported
-            fold_runs = check_folded(model, sets, references, atol=opts.atol, rtol=opts.rtol)
+            fold_runs = check_folded(model, sets, references, atol=opts.atol, rtol=opts.rtol, min_top1=opts.min_top1)
         return_freed_memory()  # the fold's float64 working copies
     _record_plan(rep, plan)
     if plan.bn_count == 0:
@@ -410,6 +412,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions):
             check_onnx_file(staged)  # a file onnx.checker rejects is the export's fault (exit 3), not the input's
             raise
     vr.runs[:0] = fold_runs
+    _explain_hook(rep, vr, kept.pop if kept else rebuild, staged, sets, opts)
     _record_verification(rep, vr)
 
 
@@ -463,6 +466,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))
+    _explain_hook(rep, vr, lambda: str(src), staged, sets, opts)
     _record_verification(rep, vr)
 
 
@@ -525,7 +529,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         load_onnx(obj)
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
-        check.verification = verify(str(obj), onnx_path, sets, **_verify_keywords(opts))
+        reference = str(obj)
+        check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
     else:
         example = _example(kind, obj, example_inputs, opts)
         check_onnx_sample(onnx_inputs(artifact), example, what="the model's example input (--input-shape)", with_batch=not opts.dynamic_batch)
@@ -536,12 +541,68 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
                                            allow_tf32=opts.allow_tf32)
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
         check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
+    _explain_check(check, reference, model, onnx_path, sets, opts)
     check.options = opts.to_dict()
     if not check.passed:
         check.differences = _differences(prov, opts, source)
     if opts.report is not None:
         write_report(check, opts.report)
     return check
+
+
+# ------------------------------------------------------------------------------ explanations
+def _rebuilder(model, opts: ConvertOptions):
+    """A function that builds the reference again from ``model`` as the caller gave it (its spec, its
+    module, its weights, calibrated again with ``calib``): an explanation after the fold has changed
+    bnfold's own copy costs nothing until it is needed."""
+
+    def rebuild():
+        kind, obj, _ = resolve_model(model, opts)
+        if kind == "onnx":
+            return str(obj)
+        source = _source(opts)
+        if source is not None:
+            obj, _ = run_calibration(obj, source, estimator=opts.estimator.value, allow_tf32=opts.allow_tf32)
+        return obj
+
+    return rebuild
+
+
+def _explain_into(vr: VerifyReport, rebuild, onnx_path, sets, opts: ConvertOptions) -> dict:
+    """``vr.explanation`` (explain.py) for ``onnx_path`` against the reference ``rebuild()`` returns."""
+    try:
+        reference = rebuild()
+    except Exception as err:  # noqa: BLE001 — an explanation never changes the verdict
+        vr.explanation = Explanation("unavailable", f"no explanation: the reference could not be built again ({type(err).__name__}: "
+                                     f"{first_line(err)[:200]}); run again with {opts.via.key('explain').strip()}").to_dict()
+        return vr.explanation
+    explain_report(vr, reference, onnx_path, sets)
+    return vr.explanation
+
+
+def _explain_hook(rep: ConvertReport, vr: VerifyReport, rebuild, staged, sets, opts: ConvertOptions) -> None:
+    """convert: explain now when asked or when verification failed (the staged file is still there);
+    otherwise ``rep.explain()`` does it later, on the written file."""
+    if opts.explain or not vr.passed:
+        with _stage(rep, "explain"):
+            _explain_into(vr, rebuild, staged, sets, opts)
+        return
+
+    def later() -> dict:
+        again = VerifyReport.from_dict(rep.verification)
+        rep.verification["explanation"] = _explain_into(again, rebuild, Path(rep.export["path"]), sets, opts)
+        return rep.verification["explanation"]
+
+    rep._explain_later = later
+
+
+def _explain_check(check: CheckReport, reference, model, onnx_path, sets, opts: ConvertOptions) -> None:
+    """bnfold verify: explain now when asked or when verification failed; otherwise ``check.explain()``
+    does it later, with the reference built again (the report does not hold the model)."""
+    if opts.explain or not check.passed:
+        _explain_into(check.verification, lambda: reference, onnx_path, sets, opts)
+    else:
+        check._explain_later = lambda: _explain_into(check.verification, _rebuilder(model, opts), onnx_path, sets, opts)
 
 
 def _differences(prov: dict[str, str], opts: ConvertOptions, source) -> list[str]:

@@ -53,6 +53,16 @@ class ConvertReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def explain(self) -> dict | None:
+        """Where the ONNX file first leaves the reference (``verification["explanation"]``, see
+        bnfold/verification/explain.py); computed now when the run did not (it passed without
+        ``explain``). None when verification was skipped."""
+        if not self.verification:
+            return None
+        if self.verification.get("explanation") is None and getattr(self, "_explain_later", None) is not None:
+            self._explain_later()
+        return self.verification.get("explanation")
+
 
 @dataclass
 class CheckReport:
@@ -80,6 +90,13 @@ class CheckReport:
 
     def failures(self):
         return self.verification.failures()
+
+    def explain(self) -> dict | None:
+        """Where the ONNX file first leaves the reference (``verification.explanation``); computed now
+        when the check did not (it passed without ``explain``)."""
+        if self.verification.explanation is None and getattr(self, "_explain_later", None) is not None:
+            self._explain_later()
+        return self.verification.explanation
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
@@ -128,7 +145,10 @@ def verification_table(verification: dict[str, Any]):
     from rich.table import Table
 
     t = Table(title="Verification", title_justify="left")
-    for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", "max rel", "cosine", "needs atol", "fp32 noise", "result"):
+    # top-1/top-5 agreement beside max abs, when an output is shaped like logits (batch × classes)
+    agree = any(o.get("top1") is not None for run in verification.get("runs", []) for o in run["outputs"])
+    for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", *(("top-1/5",) if agree else ()),
+                "max rel", "cosine", "needs atol", "fp32 noise", "result"):
         t.add_column(col, overflow="fold")
     for run in verification.get("runs", []):
         for o in run["outputs"]:
@@ -136,10 +156,22 @@ def verification_table(verification: dict[str, Any]):
             result = _status(o["passed"])
             if o.get("problem") and not o["passed"]:
                 result += f"\n{o['problem']}"
+            top = (_agreement(o),) if agree else ()
             t.add_row(run["target"], run["provider"], LEVEL_NAMES.get(run["graph_optimization"], run["graph_optimization"]),
-                      run["inputs"], o["name"], _fmt(o.get("max_abs_error")), _fmt(o.get("max_rel_error")), cos,
+                      run["inputs"], o["name"], _fmt(o.get("max_abs_error")), *top, _fmt(o.get("max_rel_error")), cos,
                       _fmt(o.get("required_atol")), _fmt(o.get("noise_floor")), result)
     return t
+
+
+def _agreement(o: dict[str, Any]) -> str:
+    if o.get("top1") is None:
+        return "-"
+    return f"{o['top1']:.3f}/" + ("-" if o.get("top5") is None else f"{o['top5']:.3f}")
+
+
+def _explanation_line(verification: dict[str, Any] | None) -> str | None:
+    exp = (verification or {}).get("explanation")
+    return None if not exp else f"explanation: {exp['message']}"
 
 
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
@@ -162,6 +194,8 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
         console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
     for note in rep.get("notes", []):
         console.print(f"note: {note}")
+    if _explanation_line(rep.get("verification")):
+        console.print(_explanation_line(rep.get("verification")), markup=False)
     exp = rep.get("export") or {}
     summary = f"{bn_folded(rep)} BatchNorm folded"
     if exp.get("path"):
@@ -180,6 +214,8 @@ def render_verify(check: dict[str, Any], console) -> None:
         console.print(f"note: {note}")
     for diff in check.get("differences", []):
         console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
+    if _explanation_line(vr):
+        console.print(_explanation_line(vr), markup=False)
     console.print(f"{_status(check['passed'])} {check.get('onnx', '')}")
 
 

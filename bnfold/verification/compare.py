@@ -23,6 +23,14 @@ Pass rule for one output (all must hold):
    a wrong fold moves the output by more than rounding does and fails. The max-based floor is used
    because elementwise, two equally good float32 runs differ by more than 4× in ~15% of elements.
 
+Agreement (for outputs shaped like logits: 2-D, batch × classes): ``top1`` is the share of rows
+whose candidate argmax is the reference's argmax, ``top5`` the share whose reference argmax is among
+the candidate's five largest (top-k accuracy with the reference's class as the label); None for
+other outputs (and ``top5`` for fewer than 5 classes). ``min_top1`` (a number, or per output like
+atol) judges an output on agreement instead of atol: it passes when top1 ≥ min_top1 (verdict
+"agreement"), fails below, whatever the atol figures say; outputs it does not name are judged as above.
+Without ``min_top1`` the verdict is unchanged.
+
 When the floor itself exceeds the tolerance (``ill_conditioned``) no float32 artifact could meet the
 tolerance against the float32 reference: the report says "the model is ill-conditioned in float32"
 with the figures, and judges the candidate against the float64 run instead (trust rule "PASSED means compared",
@@ -80,7 +88,11 @@ class OutputComparison:
     noise_k: float | None = None
     ill_conditioned: bool = False  # the noise floor alone exceeds the tolerance
     tolerance_given: bool = False  # atol/rtol set by the user for this output: used as given
-    verdict: str | None = None  # "tolerance" | "noise-floor" (passed by which rule) | None (failed)
+    # agreement, for logits-shaped outputs (2-D: batch × classes); None elsewhere
+    top1: float | None = None  # share of rows whose argmax agrees
+    top5: float | None = None  # share of rows whose reference argmax is in the candidate's top 5
+    min_top1: float | None = None  # judged on agreement: passes when top1 ≥ min_top1
+    verdict: str | None = None  # "tolerance" | "noise-floor" | "agreement" (passed by which rule) | None (failed)
     problem: str | None = None
 
     def __bool__(self) -> bool:
@@ -125,6 +137,18 @@ def check_tolerance(value, what: str) -> None:
             raise BadInputError(f"{what} {v} is negative or not finite", f"pass a non-negative number, e.g. --{what} 1e-4")
 
 
+def check_agreement(value) -> None:
+    """``min_top1``: a share between 0 and 1 (or per output, like atol)."""
+    vals = value.values() if isinstance(value, Mapping) else ([] if value is None else [value])
+    for v in vals:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not 0.0 <= f <= 1.0:
+            raise BadInputError(f"min_top1 {v!r} is not a share between 0 and 1", "pass e.g. --min-top1 0.999")
+
+
 def check_tolerance_keys(value, what: str, output_names: Iterable[str]) -> None:
     """Per-output tolerance keys must name an output (or be "*"): a typo must not pass silently."""
     if not isinstance(value, Mapping):
@@ -146,20 +170,24 @@ class Tolerance:
     atol: Any = None
     rtol: Any = None
     noise_k: float = NOISE_K
+    min_top1: Any = None  # judge logits-shaped outputs on top-1 agreement instead (a share, or per output)
 
     def __post_init__(self) -> None:
         check_tolerance(self.atol, "atol")
         check_tolerance(self.rtol, "rtol")
+        check_agreement(self.min_top1)
 
     def check_names(self, output_names: Iterable[str]) -> None:
         """Per-output keys must name one of ``output_names`` (or be "*")."""
         names = list(output_names)
         check_tolerance_keys(self.atol, "atol", names)
         check_tolerance_keys(self.rtol, "rtol", names)
+        check_tolerance_keys(self.min_top1, "min-top1", names)
 
     def compare(self, reference: list, candidate: list, reference64: list | None = None) -> list[OutputComparison]:
         """``compare_outputs`` with this tolerance."""
-        return compare_outputs(reference, candidate, self.atol, self.rtol, reference64=reference64, k=self.noise_k)
+        return compare_outputs(reference, candidate, self.atol, self.rtol, reference64=reference64, k=self.noise_k,
+                               min_top1=self.min_top1)
 
 
 # ---------------------------------------------------------------------------------- comparator
@@ -167,8 +195,52 @@ def _dtype_name(a: np.ndarray) -> str:
     return str(a.dtype) if a.dtype != np.dtype("V2") else "bfloat16"
 
 
-def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K) -> OutputComparison:
-    """Compare one output. ``reference64``: the same output from a float64 run of the reference."""
+def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K,
+            min_top1=None) -> OutputComparison:
+    """Compare one output. ``reference64``: the same output from a float64 run of the reference;
+    ``min_top1``: judge it on top-1 agreement instead of atol (a share, or per output)."""
+    res = _compare_values(name, reference, candidate, atol, rtol, reference64=reference64, k=k)
+    _agreement(res, np.asarray(reference), np.asarray(candidate), tolerance_for(min_top1, name, None) if min_top1 is not None else None,
+               named=isinstance(min_top1, Mapping) and name in min_top1)
+    return res
+
+
+def topk_agreement(reference, candidate) -> tuple[float | None, float | None]:
+    """(top1, top5) for a logits-shaped pair (2-D, batch × classes; finite): the share of rows whose
+    candidate argmax is the reference's, and whose reference argmax is among the candidate's five
+    largest; (None, None) for other shapes, top5 None below 5 classes."""
+    ref, got = np.asarray(reference), np.asarray(candidate)
+    if ref.ndim != 2 or ref.shape != got.shape or ref.shape[0] == 0 or ref.shape[1] < 2 or ref.dtype.kind != "f" \
+            or got.dtype.kind != "f" or not (np.isfinite(ref).all() and np.isfinite(got).all()):
+        return None, None
+    label = ref.argmax(axis=1)
+    top1 = float((got.argmax(axis=1) == label).mean())
+    if ref.shape[1] < 5:
+        return top1, None
+    top = np.argpartition(-got.astype(np.float64), 4, axis=1)[:, :5]
+    return top1, float((top == label[:, None]).any(axis=1).mean())
+
+
+def _agreement(res: OutputComparison, ref: np.ndarray, got: np.ndarray, min_top1: float | None, named: bool) -> None:
+    """Top-1/top-5 agreement into ``res``; with ``min_top1``, the verdict on agreement."""
+    if res.problem and res.max_abs_error is None:  # shape or dtype differ: nothing to agree on
+        return
+    res.top1, res.top5 = topk_agreement(ref, got)
+    if min_top1 is None or res.nonfinite_reference or res.nonfinite_candidate:
+        return
+    res.min_top1 = float(min_top1)
+    if res.top1 is None:
+        if named:  # asked for this output by name: it must be logits-shaped
+            res.passed, res.verdict = False, None
+            res.problem = f"min_top1 is given for output '{res.name}', which is not shaped (batch, classes): {res.shape}"
+        return
+    res.passed = res.top1 >= res.min_top1
+    res.verdict = "agreement" if res.passed else None
+    res.problem = None if res.passed else (f"top-1 agreement {res.top1:.4g} is below min_top1 {res.min_top1:g} "
+                                           f"(max abs error {res.max_abs_error:.3g})")
+
+
+def _compare_values(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K) -> OutputComparison:
     ref = np.asarray(reference)
     got = np.asarray(candidate)
     dtype = _dtype_name(ref)
@@ -247,10 +319,40 @@ def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference6
 
 
 def compare_outputs(reference: list, candidate: list, atol=None, rtol=None, *, reference64: list | None = None,
-                    k: float = NOISE_K) -> list[OutputComparison]:
+                    k: float = NOISE_K, min_top1=None) -> list[OutputComparison]:
     """Pairwise by position; names come from the reference. ``reference64`` pairs with ``reference``."""
     if len(reference) != len(candidate):
         return [OutputComparison(name="outputs", passed=False, shape=None, dtype=None, atol=0, rtol=0,
                                  problem=f"candidate has {len(candidate)} outputs, reference {len(reference)}")]
     r64 = [o for _, o in reference64] if reference64 is not None and len(reference64) == len(reference) else [None] * len(reference)
-    return [compare(n, r, g, atol, rtol, reference64=t, k=k) for (n, r), (_, g), t in zip(reference, candidate, r64)]
+    return [compare(n, r, g, atol, rtol, reference64=t, k=k, min_top1=min_top1) for (n, r), (_, g), t in zip(reference, candidate, r64)]
+
+
+# ------------------------------------------------------------------------ one intermediate value
+def divergence(reference, candidate, reference64=None, k: float = NOISE_K) -> dict[str, Any]:
+    """How far ``candidate`` is from ``reference`` at one intermediate value (``explain``'s test).
+
+    With ``reference64`` (the same value from a float64 run): the place's own noise floor is
+    max |reference − reference64|, and the candidate is beyond it when
+    max |candidate − reference64| > K·floor + K·eps32·max|reference64| (the last term: float32's
+    resolution at this magnitude, so that a value the float32 run gets exactly still has room for
+    one rounding). Without it: the comparator's default tolerance for the dtype (``compare``).
+    Returns {max_abs_error, max_abs_error_float64, noise_floor, limit, beyond}."""
+    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    out: dict[str, Any] = {"max_abs_error": None, "max_abs_error_float64": None, "noise_floor": None, "limit": None, "beyond": True}
+    if ref.shape != got.shape:
+        return out
+    if not np.isfinite(got).all():
+        out["max_abs_error"] = float("inf")
+        return out
+    out["max_abs_error"] = float(np.abs(got - ref).max()) if ref.size else 0.0
+    if reference64 is not None:
+        t64 = np.asarray(reference64, dtype=np.float64)
+        floor = float(np.abs(ref - t64).max()) if t64.size else 0.0
+        err = float(np.abs(got - t64).max()) if t64.size else 0.0
+        limit = k * floor + k * float(np.finfo(np.float32).eps) * (float(np.abs(t64).max()) if t64.size else 0.0)
+        out.update(max_abs_error_float64=err, noise_floor=floor, limit=limit, beyond=err > limit)
+        return out
+    res = _compare_values("value", np.asarray(reference), np.asarray(candidate))
+    out.update(limit=res.atol, beyond=not res.passed)
+    return out

@@ -82,6 +82,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     float64_reference: str | None = None  # "ran", or why there was no float64 run
     noise_k: float = NOISE_K
+    explanation: dict | None = None  # where the candidate first left the reference (explain.py), when asked or on failure
 
     @property
     def passed(self) -> bool:
@@ -107,6 +108,7 @@ class VerifyReport:
             "noise_k": self.noise_k,
             "notes": list(self.notes),
             "runs": [r.to_dict() for r in self.runs],
+            "explanation": self.explanation,
         }
 
     @classmethod
@@ -114,7 +116,8 @@ class VerifyReport:
         return cls(runs=[Run.from_dict(r) for r in d.get("runs", [])],
                    providers_unavailable=[dict(u) for u in d.get("providers_unavailable", [])],
                    providers_run=list(d.get("providers_run", [])), notes=list(d.get("notes", [])),
-                   float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K))
+                   float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K),
+                   explanation=d.get("explanation"))
 
 
 # --------------------------------------------------------------------- backwards-compatible helpers
