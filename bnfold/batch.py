@@ -21,7 +21,8 @@ from bnfold.options import ALIASES, ConfigVia, CONVERT, ConvertOptions, ENTRY_KE
 from bnfold.edges.load import parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION
-from bnfold.edges.usercode import as_error, worker_died, worker_init
+from bnfold.edges.isolate import death_error, supervise, Task, warm_up
+from bnfold.edges.usercode import as_error
 from bnfold.edges.paths import check_config_paths, spec_files
 
 REQUIRED = ("model", "output")
@@ -247,6 +248,34 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
     return result
 
 
+def _outputs(entry: dict[str, Any]) -> tuple:
+    out = entry["output"]
+    return (out, out + ".data", str(manifest_path(out))) + ((str(entry["options"].report),) if entry["options"].report else ())
+
+
+def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool) -> None:
+    """Each conversion in its own supervised child process, ``jobs`` at once (bnfold.edges.isolate):
+    one that dies fails alone, with its own line; SIGINT/SIGTERM starts nothing new and raises
+    KeyboardInterrupt once the running ones have unwound."""
+    n = min(jobs, len(todo)) or 1
+    threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
+    if len(todo) > 1:
+        warm_up()  # imported once here, not once per child
+    tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_outputs(entries[i])) for i in todo}
+    finished = supervise(list(tasks.values()), jobs=n)
+    for i, task in tasks.items():
+        if task.status == "ok":
+            results[i] = task.result
+        elif task.status == "died":
+            err = death_error(task)
+            results[i] = _result(entries[i], exit_code=err.exit_code, error=f"the worker process running this conversion ended: {err}",
+                                 detail=str(err))
+        elif task.status == "error":
+            results[i] = _result(entries[i], exit_code=EXIT_MODEL, error=f"unexpected {task.result}", detail=f"unexpected {task.result}")
+    if not finished:
+        raise KeyboardInterrupt
+
+
 def _make_parent(path) -> None:
     parent = Path(path).parent
     if not parent.exists():
@@ -285,19 +314,7 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
             results[i] = _result(e, detail="unchanged since the run its manifest records", report=previous_report(e), skipped=True)
         else:
             todo.append(i)
-    if jobs == 1 or len(todo) <= 1:
-        for i in todo:
-            results[i] = run_one(entries[i], debug)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
-            futures = {i: pool.submit(run_one, entries[i], debug, threads) for i in todo}
-            for i, fut in futures.items():
-                results[i] = worker_died(fut, entries[i])
+    _run_isolated(entries, todo, results, jobs, debug)
     codes = [r["exit_code"] for r in results if r]
     summary = {"schema_version": SCHEMA_VERSION, "config": str(config), "exit_code": max(codes) if codes else EXIT_BAD_INPUT,
                "conversions": results, "versions": versions()}

@@ -21,10 +21,11 @@ import typer
 
 import bnfold
 from bnfold._version import __version__
+from bnfold.edges import isolate
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import append_text_or_warn, begin_run, written_message
 from bnfold.edges.usercode import as_error, stdout, stdout_to_stderr
-from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line
+from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line, ModelError
 from bnfold.options import CLI, ConvertOptions, OPTIONS
 from bnfold.report import calibration_table, config_table, markdown_summary, render_convert, render_inspect, render_verify
 
@@ -39,7 +40,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: no markup eats "[[conversion]]", flags show no "<bool>"
 )
 
-STATE = {"quiet": False, "verbose": False, "debug": False, "json": False}
+STATE = {"quiet": False, "verbose": False, "debug": False, "json": False, "isolate": False}
 
 
 def _console(stderr: bool = False):
@@ -58,9 +59,40 @@ def _fail(err: BaseException, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _guard(fn):
-    """Run ``fn``; render bnfold errors as one line with their exit code."""
+def _guard(fn, outputs=(), isolated: bool = True):
+    """Run ``fn``; render bnfold errors as one line with their exit code. From the entry point
+    (``main``) it runs in a supervised child process (bnfold.edges.isolate), unless ``isolated`` is
+    False: user code or a runtime that kills its process becomes a one-line error, exit 3."""
     begin_run()
+    if isolated and STATE.get("isolate"):
+        _supervised(fn, [p for p in outputs if p])
+    _run_guarded(fn)
+
+
+def _exit_code_of(fn) -> int:
+    """In the child: the guarded command's exit code."""
+    try:
+        _run_guarded(fn)
+    except typer.Exit as done:
+        return done.exit_code
+    return 0
+
+
+def _supervised(fn, outputs: list) -> None:
+    """Run the command in a child; its death is this process's one-line error (always raises typer.Exit)."""
+    task = isolate.Task(_exit_code_of, (fn,), outputs=tuple(outputs) + tuple(f"{p}.data" for p in outputs))
+    stopped = not isolate.supervise([task])
+    if task.status == "ok":
+        raise typer.Exit(task.result)
+    if stopped or task.status == "interrupted":
+        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if task.status == "error":
+        _fail(ModelError(f"unexpected error in the process running bnfold: {task.result}", "rerun with --debug and report it"), EXIT_MODEL)
+    _fail(isolate.death_error(task), EXIT_MODEL)
+
+
+def _run_guarded(fn):
     try:
         with stdout_to_stderr():  # stdout carries only bnfold's result (usercode.stdout())
             return fn()
@@ -195,7 +227,7 @@ def convert(
             render_convert(rep.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
         raise typer.Exit(rep.exit_code)
 
-    _guard(work)
+    _guard(work, (output, values["report"]), isolated=config is None)  # --config isolates each conversion
 
 
 def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_unchanged: bool, json_out: bool):
@@ -240,7 +272,7 @@ def calibrate(
             _console().print(calibration_table(summary.to_dict()))
             _console().print(f"wrote {output}")
 
-    _guard(work)
+    _guard(work, (output, values.get("report")))
 
 
 # ------------------------------------------------------------------------------------- verify
@@ -266,7 +298,7 @@ def verify(
             render_verify(check.to_dict(), _console())
         raise typer.Exit(check.exit_code)
 
-    _guard(work)
+    _guard(work, (values.get("report"),))
 
 
 # ------------------------------------------------------------------------------------ inspect
@@ -300,6 +332,8 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    STATE["isolate"] = True  # each command runs in a supervised child (bnfold.edges.isolate)
+    isolate.enable()
     app(prog_name="bnfold")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bnfold.errors import DataError, first_line
+from bnfold.edges.isolate import running
 from bnfold.edges.usercode import guard_iter, run_user
 from bnfold.edges.load import DATA_SUFFIXES, parse_model_spec, resolve_factory, tensor_to_numpy
 from bnfold.options import parse_option
@@ -379,4 +380,5 @@ def call_model(model, batch: Batch):
     limit = _max_positional(model)
     if limit is not None and len(args) > limit and limit > 0:
         args = args[:limit]
-    return model(*args, **batch.kwargs)
+    with running("the model's forward"):  # a death inside is named (edges.isolate)
+        return model(*args, **batch.kwargs)

@@ -11,6 +11,10 @@ Trust rules "exit codes are bnfold's" and "stdout carries only what was asked fo
   DataLoader or dataset.
 * ``stdout_to_stderr()`` is the same redirection for a whole command (``--json``: stdout carries only
   the JSON); ``stdout()`` is the real stdout to print the result on while it is active.
+
+What a guard cannot catch — ``os._exit``, a segfault — is for the supervised child process the CLI
+runs user code in (``bnfold.edges.isolate``): every guarded block is marked there as running
+``what``, so that a death inside it is named.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
-from bnfold.errors import BnfoldError, DataError, EXIT_MODEL, first_line, ModelSpecError
-from bnfold.edges.files import sweep_stale_staging
+from bnfold.errors import BnfoldError, DataError, first_line, ModelSpecError
+from bnfold.edges.isolate import running
 
 __all__ = ["run_user", "user_code", "guard_iter", "as_error", "stdout_to_stderr", "stdout"]
 
@@ -100,7 +104,7 @@ def _fileno(stream) -> int | None:
 @contextlib.contextmanager
 def user_code(what: str, error: type[BnfoldError] = ModelSpecError) -> Iterator[None]:
     """Run the block as user code: stdout → stderr, any escape except KeyboardInterrupt → ``error``."""
-    with stdout_to_stderr():
+    with stdout_to_stderr(), running(what):  # a death inside is named after ``what`` (edges.isolate)
         try:
             yield
         except (KeyboardInterrupt, BnfoldError):
@@ -126,34 +130,3 @@ def guard_iter(iterable: Iterable[Any], what: str, error: type[BnfoldError] = Da
             except StopIteration:
                 return
         yield item
-
-
-# ------------------------------------------------------------------ worker processes (batch --jobs)
-def _sigterm_to_interrupt(signum, frame):  # pragma: no cover - runs in a worker
-    raise KeyboardInterrupt
-
-
-def worker_init() -> None:
-    """Initializer of bnfold's worker processes: SIGTERM (what a broken pool or a CI runner sends)
-    unwinds like Ctrl-C, so staged files are removed instead of left behind."""
-    import signal
-
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-
-
-def worker_died(future, entry: dict) -> dict:
-    """``future.result()``, or the conversion's error entry when its worker process died (user code
-    that called ``os._exit``, a crash in a native library, the OOM killer)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        for key in ("output", "report"):  # what the dead worker had staged
-            if entry.get(key):
-                sweep_stale_staging(os.path.dirname(os.path.abspath(entry[key])))
-        return {"name": entry.get("name"), "model": entry.get("model"), "output": entry.get("output"),
-                "exit_code": EXIT_MODEL, "report": None, "skipped": False,
-                "error": "the worker process running this conversion died (user code calling os._exit, a crash in a "
-                         "native library, or out of memory); nothing was written for it"}

@@ -32,6 +32,7 @@ import numpy as np
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device
+from bnfold.edges.isolate import runtime
 from bnfold.verification.providers import get_provider, unavailable_reason
 from bnfold.edges.load import onnx_error
 
@@ -331,7 +332,7 @@ class OrtRunner(Released):
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
-            with _captured_stderr(self.messages, enabled=not verbose):
+            with _captured_stderr(self.messages, enabled=not verbose), self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
             text = first_line(err)
@@ -365,7 +366,8 @@ class OrtRunner(Released):
     def infer(self, feeds) -> Outputs:
         feed = self.feed_dict(feeds)
         try:
-            got = self.session.run(None, feed)
+            with self._running():
+                got = self.session.run(None, feed)
         except Exception as err:  # onnxruntime's own errors: the file does not fit these inputs
             text = " ".join(str(err).split())[:300] or type(err).__name__
             shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
@@ -374,6 +376,11 @@ class OrtRunner(Released):
         if len(got) == 1:
             return [("output", got[0])]
         return [(f"output.{i}", g) for i, g in enumerate(got)]
+
+    def _running(self):
+        """A crash of onnxruntime inside the block is named: runtime, provider, level, file (edges.isolate)."""
+        level = "ORT_DISABLE_ALL" if self.level == "disable_all" else "ORT_ENABLE_ALL"
+        return runtime("onnxruntime", self.spec.ort_name, level, self.path)
 
     def close(self) -> None:
         self.session = None
