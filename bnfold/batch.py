@@ -21,7 +21,7 @@ from bnfold.options import ALIASES, ConfigVia, CONVERT, ConvertOptions, ENTRY_KE
 from bnfold.edges.load import parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION
-from bnfold.edges.isolate import death_error, supervise, Task, warm_up
+from bnfold.edges.isolate import can_fork, death_error, supervise, Task, warm_up
 from bnfold.edges.usercode import as_error
 from bnfold.edges.paths import check_config_paths, spec_files
 
@@ -256,8 +256,13 @@ def _outputs(entry: dict[str, Any]) -> tuple:
 def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool) -> None:
     """Each conversion in its own supervised child process, ``jobs`` at once (bnfold.edges.isolate):
     one that dies fails alone, with its own line; SIGINT/SIGTERM starts nothing new and raises
-    KeyboardInterrupt once the running ones have unwound."""
+    KeyboardInterrupt once the running ones have unwound. One job in a process that already ran
+    torch (the API in a user's program) runs in this process."""
     n = min(jobs, len(todo)) or 1
+    if n == 1 and not can_fork():  # the API in a process that already ran torch: in this process
+        for i in todo:
+            results[i] = run_one(entries[i], debug)
+        return
     threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
     if len(todo) > 1:
         warm_up()  # imported once here, not once per child

@@ -25,7 +25,7 @@ from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F4
 from bnfold._version import __version__
 from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, stage
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
-from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dtype_device
+from bnfold.edges.data import _max_positional, as_source, Batch, call_model, eval_mode, model_dtype_device
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
@@ -135,6 +135,10 @@ def _example(kind: str, model, example_inputs, opts: ConvertOptions):
                 raise BadInputError("no --input-shape given", "pass one --input-shape per model input, e.g. --input-shape 1,3,224,224")
             fix = "add input_shape" if via.name == "config" else "pass example_inputs (a tensor or tuple of tensors) or input_shape=[1, 3, 224, 224]"
             raise _err(via, None, "no example inputs", fix)
+        limit = _max_positional(model)  # a usage error, before torch.onnx.export fails on it
+        if limit is not None and len(opts.input_shape) > limit:
+            raise _err(via, "input_shape", f"is given {len(opts.input_shape)} times, but the model's forward() takes {limit} input"
+                       f"{'' if limit == 1 else 's'}", "give one shape per input of forward()")
         example = random_inputs(opts.input_shape, dtype, opts.seed)
     else:
         example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

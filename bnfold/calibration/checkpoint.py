@@ -43,6 +43,10 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
                     {"-o": output, "--report": opts.report}, no_overwrite=[] if opts.overwrite else ["-o"])
     m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
     batches = load_batches(opts.calib, opts.batch_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(batches) < world:  # every rank says so, before joining: no rank waits in a collective for the others
+        raise BadInputError(f"fewer batches ({len(batches)}) than ranks ({world}) under torchrun: a rank would get no data",
+                            "use a smaller --batch-size, more calibration data, or fewer processes (--nproc-per-node)")
     rank, world = _join_torchrun()
     try:
         calibrated, summary = run_calibration(m, batches[rank::world], estimator=opts.estimator.value, inplace=True,

@@ -16,8 +16,9 @@ message and the cleanup:
 
 The child is forked: by the CLI before torch is imported (nearly free), by ``--config`` from a
 parent that imported torch but never ran it (``warm_up``). A process that may have run torch
-(OpenMP's thread pool does not survive a fork) forks its children from multiprocessing's fork server
-instead. The Python API (``bnfold.convert`` in the user's own process) is not isolated.
+(OpenMP's thread pool does not survive a fork: ``can_fork``) forks its children from
+multiprocessing's fork server instead. The Python API (``bnfold.convert``, and ``run_config`` with
+one job, in a process that already uses torch) runs in the caller's process, as before.
 
 Test hook (private, for bnfold's own tests only): ``BNFOLD_TEST_CRASH=<text>`` makes a supervised
 child kill itself with SIGSEGV when it enters a ``running`` block whose description contains
@@ -40,7 +41,7 @@ from typing import Any
 from bnfold.edges.files import sweep_stale_staging, watch
 from bnfold.errors import ModelError, first_line
 
-__all__ = ["Task", "death_error", "enable", "running", "runtime", "supervise", "warm_up"]
+__all__ = ["Task", "can_fork", "death_error", "enable", "running", "runtime", "supervise", "warm_up"]
 
 _CHANNEL: list[Any] = []  # in a supervised child: the connection to the parent
 _STAGES: list[tuple] = []  # in a supervised child: what runs now, innermost last
@@ -161,10 +162,15 @@ def warm_up(modules=("torch", "onnx", "onnxruntime")) -> None:
                 importlib.import_module(name)
 
 
+def can_fork() -> bool:
+    """Whether children may be forked from this process: the CLI, or a process without torch yet."""
+    return hasattr(os, "fork") and (_STATE["fork_safe"] or "torch" not in sys.modules)
+
+
 def _context():
     import multiprocessing as mp
 
-    if hasattr(os, "fork") and (_STATE["fork_safe"] or "torch" not in sys.modules):
+    if can_fork():
         return mp.get_context("fork")
     methods = mp.get_all_start_methods()
     if "forkserver" in methods:
@@ -225,12 +231,15 @@ def supervise(tasks: list[Task], jobs: int = 1, on_done: Callable[[Task], None] 
             if stop.when is not None:
                 stop.forward(signal.SIGTERM if time.monotonic() - stop.when < GRACE_S else signal.SIGKILL)
             ready = wait([c for c, _ in live.values()] + [p.sentinel for p in live], timeout=0.5)
-            _collect(live, ready, on_done)
+            if _collect(live, ready, on_done) and stop.when is None:
+                stop._handle(signal.SIGINT, None)  # a child was interrupted (Ctrl-C reached it): stop them all
     return stop.when is None
 
 
-def _collect(live: dict, ready: list, on_done) -> None:
-    """Read the children that sent something; finish those whose pipe closed or that ended."""
+def _collect(live: dict, ready: list, on_done) -> bool:
+    """Read the children that sent something; finish those whose pipe closed or that ended. True
+    when one of them was interrupted."""
+    stopped = False
     for proc in list(live):
         conn, task = live[proc]
         if conn not in ready and proc.sentinel not in ready:
@@ -238,6 +247,8 @@ def _collect(live: dict, ready: list, on_done) -> None:
         if _pump(conn, task) or (proc.sentinel in ready and not conn.poll()):
             conn.close()  # a pipe a grandchild still holds open is not waited for
             _finish(proc, live.pop(proc)[1], on_done)
+            stopped = stopped or task.status == "interrupted"
+    return stopped
 
 
 def _start(ctx, task: Task, live: dict) -> None:
