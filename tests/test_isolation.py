@@ -122,23 +122,26 @@ def test_config_deaths_fail_their_own_conversion_and_siblings_tell_the_truth(ws,
     assert not _hidden(ws)
 
 
-def test_sigterm_to_a_batch_starts_nothing_new(ws):
-    """--jobs 2 with three slow conversions: SIGTERM while two run; the third never starts, the two
-    running unwind, exit 130 and a true message."""
-    body = '[defaults]\nproviders = "cpu"\ninput_shape = "1,1,8,8"\n' + "".join(
-        f'[[conversion]]\nmodel = "{ws / "u.py"}:slow"\noutput = "{n}.onnx"\n' for n in "abc")
+def test_sigterm_to_a_batch_starts_nothing_new_and_names_what_was_written(ws):
+    """--jobs 2 over a quick conversion and three slow ones: SIGTERM once two slow ones run (the quick
+    one is written by then); the third slow one never starts, the running ones unwind, exit 130, and
+    the message lists exactly the quick conversion's files."""
+    body = '[defaults]\nproviders = "cpu"\ninput_shape = "1,1,8,8"\n'
+    body += f'[[conversion]]\nmodel = "{SAMPLE / "model.py"}:build"\nweights = "{SAMPLE / "weights.pt"}"\noutput = "good.onnx"\n'
+    body += "".join(f'[[conversion]]\nmodel = "{ws / "u.py"}:slow"\noutput = "{n}.onnx"\n' for n in "abc")
     (ws / "c.toml").write_text(body)
     marker = ws / "started-"
     p = _bnfold("convert", "--config", ws / "c.toml", "--jobs", 2, env={"BNFOLD_TEST_MARKER": str(marker)}, wait=False)
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while len(list(ws.glob("started-*"))) < 2 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert "bnfold: interrupted; no output was written" in err
+    msg = next(ln for ln in err.splitlines() if ln.startswith("bnfold: interrupted"))
+    assert f"written before the interruption: {ws / 'good.onnx'}, {ws / 'good.onnx.manifest.json'}; nothing else" in msg, msg
     assert len(list(ws.glob("started-*"))) == 2  # the queued conversion never started
-    assert not list(ws.glob("*.onnx")) and not _hidden(ws)
+    assert sorted(p.name for p in ws.glob("*.onnx")) == ["good.onnx"] and not _hidden(ws)
 
 
 @pytest.mark.parametrize("exitcode, stage, text", [
