@@ -4,9 +4,9 @@ Trust rule "a death is not a verdict" (docs/trust.md). The CLI runs each command
 each conversion, in a supervised child process (``supervise``). The parent owns the exit code, the
 message and the cleanup:
 
-* The child reports what it is running now — a model factory, a data function, the model's
-  ``forward``, an onnxruntime session — with ``running(what)`` blocks (a no-op, costing nothing,
-  outside a supervised child), and at the end its result, over a pipe.
+* The child marks what it is running now — a model factory, a data function, the model's
+  ``forward``, an onnxruntime session — with ``running(what)`` blocks, in a slot of shared memory
+  (no system call; a no-op outside a supervised child), and sends its result over a pipe at the end.
 * A child that ends without sending its result (``os._exit(n)`` of any ``n``, SIGKILL, a segfault in
   onnxruntime) becomes ONE line naming what died and while doing what
   (``onnxruntime crashed (SIGSEGV) running m.onnx on CPUExecutionProvider at ORT_ENABLE_ALL``),
@@ -46,7 +46,7 @@ __all__ = ["Task", "can_fork", "death_error", "enable", "running", "runtime", "s
 _CHANNEL: list[Any] = []  # in a supervised child: [connection to the parent, shared stage slot]
 _SLOT = 4096  # bytes of shared memory holding the child's current stage
 _SEP = "\x1f"
-_STAGES: list[tuple] = []  # in a supervised child: what runs now, innermost last
+_STAGES: list[bytes] = []  # in a supervised child: what runs now, innermost last (encoded)
 _STATE = {"fork_safe": False}  # the CLI parent: never runs torch, so children may be forked from it
 GRACE_S = 20.0  # how long interrupted children may take to unwind before SIGKILL
 _HOOK = "BNFOLD_TEST_CRASH"
