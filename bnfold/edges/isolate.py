@@ -106,6 +106,17 @@ def _stop_child(signum, frame):
     raise KeyboardInterrupt
 
 
+def _end_with_parent() -> None:
+    """Linux: SIGTERM to this child when its parent dies (even by SIGKILL), so that no orphan goes on
+    writing outputs that nobody reports."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def _child_main(conn, slot, fn: Callable, args: tuple, cwd: str, env: dict) -> None:
     if os.getcwd() != cwd:  # a fork server's child starts in the server's folder and environment
         os.chdir(cwd)
@@ -115,6 +126,7 @@ def _child_main(conn, slot, fn: Callable, args: tuple, cwd: str, env: dict) -> N
     _CHANNEL[:] = [conn, slot]
     signal.signal(signal.SIGINT, _stop_child)
     signal.signal(signal.SIGTERM, _stop_child)
+    _end_with_parent()
     try:
         payload = ("ok", fn(*args))
     except KeyboardInterrupt:
@@ -124,11 +136,12 @@ def _child_main(conn, slot, fn: Callable, args: tuple, cwd: str, env: dict) -> N
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    try:
-        conn.send_bytes(b"R" + pickle.dumps(payload))
-    except (pickle.PicklingError, TypeError, AttributeError) as err:
-        conn.send_bytes(b"R" + pickle.dumps(("error", f"the result could not be sent: {first_line(err)}")))
-    conn.close()
+    with contextlib.suppress(OSError):  # OSError: the parent is gone, nobody to tell
+        try:
+            conn.send_bytes(b"R" + pickle.dumps(payload))
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            conn.send_bytes(b"R" + pickle.dumps(("error", f"the result could not be sent: {first_line(err)}")))
+        conn.close()
 
 
 # ------------------------------------------------------------------------ the parent's side
