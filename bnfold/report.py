@@ -240,7 +240,7 @@ def _effect_line(cal: dict[str, Any]) -> str | None:
     if not eff:
         return None
     if eff.get("problem"):
-        return f"output effect not measured: {eff['problem']}"
+        return f"output effect: {eff['problem']}"
     line = f"outputs on {eff['samples']} calibration samples, running → population statistics: max abs change {_fmt(eff['max_abs'])}"
     line += f" (largest |output| {_fmt(eff['scale'])})" if eff.get("scale") is not None else ""
     return line + (f", top-1 agreement {eff['top1_agreement']:.3f}" if eff.get("top1_agreement") is not None else "")

@@ -156,6 +156,23 @@ def test_output_effect_caps_the_kept_batches_and_skips_non_logits():
     assert plain.output_effect is None  # only when asked (convert and calibrate ask)
 
 
+def test_output_effect_never_fails_the_calibration():
+    class Flaky(nn.Module):  # accepts the calibration pass (2 batches), then fails
+        def __init__(self):
+            super().__init__()
+            self.c, self.b, self.calls = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 2:
+                raise RuntimeError("gone")
+            return self.b(self.c(x))
+
+    work, summary = run_calibration(Flaky().eval(), _data(128), batch_size=64, effect=True)
+    assert summary.output_effect["problem"] == "not measured: RuntimeError: gone" and summary.output_effect["max_abs"] is None
+    assert summary.batches == 2 and torch.isfinite(work.b.running_var).all() and work.b.num_batches_tracked == 2
+
+
 def test_table_and_verbose_convert_list_layers_by_drift(tmp_path):
     m = _stale()
     out = tmp_path / "m.onnx"

@@ -455,7 +455,7 @@ def _output_effect(run: _Run, kept: list) -> dict[str, Any]:
                         hits[0], hits[1] = hits[0] + top1 * a.shape[0], hits[1] + a.shape[0]
     except Exception as err:  # noqa: BLE001 — a measurement: it never fails the calibration
         return {"batches": len(kept), "samples": sum(b.size for b in kept), "max_abs": None, "scale": None, "top1_agreement": None,
-                "problem": f"{type(err).__name__}: {first_line(err)}"}
+                "problem": f"not measured: {type(err).__name__}: {first_line(err)}"}
     finally:
         _set_state(run.bns, population)
     worst = torch.stack(diffs).amax(0).tolist() if diffs else [None, None, 0.0]
