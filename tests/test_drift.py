@@ -358,3 +358,21 @@ def test_nan_stored_statistics_through_the_cli(tmp_path):
     report = bnfold_json.loads_strict(onnx_rep.read_text())
     assert report["passed"] and report["calibration"]["drift_order"][:2] == ["1", "5"]
     assert "not finite" in report["calibration"]["output_effect"]["problem"]
+
+
+def test_config_plot_never_lands_on_another_conversions_input(tmp_path):
+    if not HAS_MPL:
+        pytest.skip("matplotlib is not installed: pip install 'bnfold[plot]'")
+    from bnfold.batch import run_config
+    from bnfold.errors import ConfigError
+
+    shutil.copy(SAMPLE / "weights.pt", tmp_path / "w.png")  # an input with a plot's name
+    before = file_hash(tmp_path / "w.png")
+    entry = ('[[conversion]]\nmodel = "{m}"\nweights = "{w}"\ninput_shape = "1,1,8,8"\ncalib = "{c}"\noutput = "{o}"\n{extra}')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(entry.format(m=SAMPLE_SPEC, w=tmp_path / "w.png", c=SAMPLE / "calib.npz", o=tmp_path / "a.onnx", extra="")
+                   + entry.format(m=SAMPLE_SPEC, w=SAMPLE / "weights.pt", c=SAMPLE / "calib.npz", o=tmp_path / "b.onnx",
+                                  extra=f'plot = "{tmp_path / "w.png"}"\n'))
+    with pytest.raises(ConfigError, match="plot.*same file as.*weights|weights.*same file as.*plot"):
+        run_config(cfg)
+    assert file_hash(tmp_path / "w.png") == before and not (tmp_path / "a.onnx").exists()
