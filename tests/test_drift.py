@@ -165,11 +165,14 @@ def test_output_effect_never_fails_the_calibration():
         def forward(self, x):
             self.calls += 1
             if self.calls > 2:
-                raise RuntimeError("gone")
+                raise RuntimeError("gone [bold]now")
             return self.b(self.c(x))
 
     work, summary = run_calibration(Flaky().eval(), _data(128), batch_size=64, effect=True)
-    assert summary.output_effect["problem"] == "not measured: RuntimeError: gone" and summary.output_effect["max_abs"] is None
+    assert summary.output_effect["problem"] == "not measured: RuntimeError: gone [bold]now" and summary.output_effect["max_abs"] is None
+    buf = io.StringIO()
+    Console(file=buf, width=200, no_color=True).print(calibration_table(summary.to_dict()))
+    assert "output effect: not measured: RuntimeError: gone [bold]now" in buf.getvalue()  # as text, not rich markup
     assert summary.batches == 2 and torch.isfinite(work.b.running_var).all() and work.b.num_batches_tracked == 2
 
 
