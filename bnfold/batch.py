@@ -249,8 +249,9 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
 
 
 def _outputs(entry: dict[str, Any]) -> tuple:
-    out = entry["output"]
-    return (out, out + ".data", str(manifest_path(out))) + ((str(entry["options"].report),) if entry["options"].report else ())
+    """The files a conversion may write (its ONNX file, external data, manifest, report, plot)."""
+    out, opts = entry["output"], entry["options"]
+    return (out, out + ".data", str(manifest_path(out))) + tuple(str(p) for p in (opts.report, opts.plot) if p)
 
 
 def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool) -> None:

@@ -227,7 +227,7 @@ def convert(
             render_convert(rep.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
         raise typer.Exit(rep.exit_code)
 
-    _guard(work, (output, values["report"]), isolated=config is None)  # --config isolates each conversion
+    _guard(work, (output, values["report"], values.get("plot")), isolated=config is None)  # --config isolates each conversion
 
 
 def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_unchanged: bool, json_out: bool):
@@ -272,7 +272,7 @@ def calibrate(
             _console().print(calibration_table(summary.to_dict()))
             _console().print(f"wrote {output}")
 
-    _guard(work, (output, values.get("report")))
+    _guard(work, (output, values.get("report"), values.get("plot")))
 
 
 # ------------------------------------------------------------------------------------- verify
