@@ -15,11 +15,11 @@ import textwrap
 import time
 
 import pytest
-from typer.testing import CliRunner
-
-from bnfold.edges.isolate import death_error, Task
 from bnfold_cli.app import app
 from conftest import SAMPLE
+from typer.testing import CliRunner
+
+from bnfold.edges.isolate import Task, death_error
 
 USER = textwrap.dedent("""
     import os, time
