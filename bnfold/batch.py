@@ -22,7 +22,7 @@ from bnfold.edges.load import parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION
 from bnfold.edges.usercode import as_error, worker_died, worker_init
-from bnfold.edges.paths import check_config_paths, RunReads, spec_files
+from bnfold.edges.paths import check_config_paths, module_source, RunReads, spec_files
 
 REQUIRED = ("model", "output")
 MANIFEST_SUFFIX = ".manifest.json"
@@ -132,6 +132,10 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
         entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
     if spec.kind != "onnx" and not opts.input_shape:
         raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
+    for key, parts in (("model", spec), ("calib", spec_kind(opts.calib) if isinstance(opts.calib, (str, Path)) else None)):
+        if parts is not None and parts.kind == "module" and not _module_exists(parts.target):
+            raise ConfigError(f"{via.where()}, key '{key}': module '{parts.target}' not found",
+                              "install it, or use path/to/file.py:fn (relative to the config file's folder)")
     files = {"weights": opts.weights}
     calib = spec_kind(opts.calib) if opts.calib is not None else None
     if calib is not None and calib.kind in ("data", "file"):
@@ -144,6 +148,17 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
     entry.setdefault("name", Path(entry["output"]).stem)
     entry["options"] = opts
     return entry
+
+
+def _module_exists(name: str) -> bool:
+    """Whether ``pkg.mod`` can be imported, judged without importing it (so a config is checked whole
+    before any user code runs): its source along sys.path, or an importable top-level package."""
+    import importlib.util
+
+    try:
+        return module_source(name) is not None or importlib.util.find_spec(name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:

@@ -119,7 +119,8 @@ def _p_int(minimum: int, maximum: int | None = None):
         if v < minimum:
             raise OptionError(via, key, f"is {v}, not positive" if minimum == 1 else f"is {v}, negative", f"use {minimum} or more")
         if maximum is not None and v > maximum:
-            raise OptionError(via, key, f"is {v}, beyond {maximum}", f"use {minimum} to {maximum}")
+            top = "2**63-1" if maximum == INT64_MAX else str(maximum)
+            raise OptionError(via, key, f"{v} is outside {minimum}..{top}", f"pass an integer from {minimum} to {top}")
         return v
     return p
 

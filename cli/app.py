@@ -114,7 +114,8 @@ HELP_ORDER = ("weights", "input_shape", "calib", "batch_size", "estimator", "all
 
 def _option_parameter(key: str) -> Parameter:
     o = OPTIONS[key]
-    kind = bool if isinstance(o.default, bool) else List[str]  # every value kept: a repeat is judged, not last-wins
+    # every value kept, so that a repeat is judged, not last-wins (an on-only flag cannot conflict)
+    kind = (List[bool] if "/" in o.flag else bool) if isinstance(o.default, bool) else List[str]
     decls = [o.flag] + ([o.short] if o.short else [])
     info = typer.Option(*decls, help=o.help, metavar=o.metavar, show_default=False)
     return Parameter(key, Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[kind], info])
@@ -151,7 +152,9 @@ def _once(key: str, given):
         return given
     distinct = list(dict.fromkeys(given))
     if len(distinct) > 1:
-        raise BadInputError(f"{CLI.key(key)} is given {len(given)} times with different values ({', '.join(distinct)})",
+        flags = OPTIONS[key].flag.split("/")
+        said = [(flags[0] if v else flags[-1]) if isinstance(v, bool) else v for v in distinct]
+        raise BadInputError(f"{CLI.key(key)} is given {len(given)} times with different values ({', '.join(said)})",
                             "give it once")
     return distinct[0] if distinct else None
 

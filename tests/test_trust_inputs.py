@@ -212,13 +212,16 @@ def test_skip_unchanged_sees_imported_modules_read_files_and_outputs(ws):
 
 
 # ------------------------------------------------------------- §7 one validation, before any work
-@pytest.mark.parametrize("key, value, needle", [("seed", "9223372036854775808", "key 'seed' is 9223372036854775808"),
-                                                ("opset", "99", "key 'opset' 99 is outside")])
+@pytest.mark.parametrize("key, value, needle", [("seed", "9223372036854775808", "key 'seed' 9223372036854775808 is outside 0..2**63-1"),
+                                                ("opset", "99", "key 'opset' 99 is outside"),
+                                                ("model", '"no_such_module_h17:build"', "key 'model': module 'no_such_module_h17' not found"),
+                                                ("input_shape", '"[1, 1, 0, 8]"', "key 'input_shape' '[1, 1, 0, 8]' has a zero dimension")])
 def test_a_config_is_validated_whole_before_the_first_conversion(key, value, needle, ws):
     cfg = ws / "cfg.toml"
-    cfg.write_text('[defaults]\ninput_shape = "1,1,8,8"\nproviders = "cpu"\n'
-                   '[[conversion]]\nmodel = "m.py:plain"\noutput = "a.onnx"\n'
-                   f'[[conversion]]\nmodel = "m.py:plain"\noutput = "b.onnx"\n{key} = {value}\n')
+    second = {"model": '"m.py:plain"', "input_shape": '"1,1,8,8"', key: value}
+    cfg.write_text('[defaults]\nproviders = "cpu"\n'
+                   '[[conversion]]\nmodel = "m.py:plain"\ninput_shape = "[1, 1, 8, 8]"\noutput = "a.onnx"\n'
+                   '[[conversion]]\noutput = "b.onnx"\n' + "".join(f"{k} = {v}\n" for k, v in second.items()))
     msg = refused(["convert", "--config", str(cfg)], ws, needle)
     assert f"{cfg}: conversion #2" in msg
 
@@ -228,6 +231,7 @@ def test_a_config_is_validated_whole_before_the_first_conversion(key, value, nee
     (["--batch-size", "4", "--calib", "d.npz"], "--batch-size has no meaning for an ONNX model"),
     (["--atol", "y=1e-3", "--atol", "y=1e-2"], "--atol gives output 'y' two values"),
     (["--providers", "cpu", "--providers", "cuda"], "--providers is given 2 times"),
+    (["--verify", "--no-verify"], "--verify is given 2 times with different values (--verify, --no-verify)"),
 ])
 def test_an_option_without_effect_or_a_conflicting_repeat_is_refused(extra, needle, ws):
     (ws / "x.onnx").write_bytes(b"not read: the options are refused first")
