@@ -17,7 +17,7 @@ from typing import Any
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
-from bnfold.options import ALIASES, applies, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
+from bnfold.options import ALIASES, applies, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS, reword
 from bnfold.edges.load import parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION
@@ -293,14 +293,15 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     # a CI run on a fresh clone: the folders the config writes into are created (after validation)
     for i, e in enumerate(entries):
         rpath = e["options"].report
-        for key, target in (("output", e["output"]), ("report", rpath)):
+        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", rpath)):
             if target is None:
                 continue
             try:
                 _make_parent(target)
-                check_output_path(target, force=e["options"].overwrite, what=key)  # --no-overwrite protects every output
+                check_output_path(target, force=e["options"].overwrite, what=key)  # overwrite = false protects every output
             except BnfoldError as err:
-                raise ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix) from err
+                # options named as a config spells them (overwrite = false, not --no-overwrite)
+                raise reword(ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix), ConfigVia(str(config), i)) from err
     if report is not None:
         _make_parent(report)
 

@@ -145,6 +145,10 @@ def test_no_overwrite_protects_the_report_too(ws):
     (ws / "r.json").write_text("{}")
     refused(["convert", "m.py:plain", "-s", "1,1,8,8", "-o", "new.onnx", "--report", "r.json", "--no-overwrite"], ws, "--report 'r.json' already exists")
     refused(["calibrate", "m.py:plain", "--calib", "d.npz", "-o", "new.pt", "--report", "r.json", "--no-overwrite"], ws, "already exists")
+    cfg = ws / "cfg.toml"
+    cfg.write_text('[[conversion]]\nmodel = "m.py:plain"\ninput_shape = "1,1,8,8"\noutput = "a.onnx"\nreport = "r.json"\noverwrite = false\n')
+    msg = refused(["convert", "--config", str(cfg)], ws, "key 'report'")
+    assert "already exists and overwrite = false is set" in msg and "--no-overwrite" not in msg
 
 
 def test_step_summary_is_never_appended_to_an_input(ws):
