@@ -223,8 +223,10 @@ def _system_file(real: str) -> bool:
     parts = real.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts or real.startswith(_SYSTEM_FOLDERS):
         return True
-    own = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the bnfold package
-    prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, own)}
+    own = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # the bnfold package, and its CLI
+    cli = getattr(sys.modules.get("bnfold_cli"), "__file__", None)
+    own += [os.path.dirname(cli)] if isinstance(cli, str) else []
+    prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *own)}
     return real.startswith(tuple(prefixes)) or any(p.startswith(".bnfold-") for p in parts)
 
 
