@@ -88,8 +88,10 @@ def refused(args, ws, needle: str, code: int = 2, env=None) -> str:
 
 
 # ------------------------------------------------------------- §2 the data goes where the user meant
-def test_a_label_that_could_bind_an_optional_input_is_refused(ws):
-    msg = refused(["calibrate", "m.py:scaled", "--calib", "data.py:pairs", "-o", "cal.pt"], ws, "could be a label or the optional input 'scale'")
+@pytest.mark.parametrize("calib", ["data.py:pairs", "data:pairs", "xy.npz"])
+def test_a_label_that_could_bind_an_optional_input_is_refused(calib, ws):
+    np.savez(ws / "xy.npz", x=np.zeros((8, 1, 8, 8), "float32"), y=np.ones((8, 4, 1, 1), "float32"))
+    msg = refused(["calibrate", "m.py:scaled", "--calib", calib, "-o", "cal.pt"], ws, "could be a label or the optional input 'scale'")
     assert "dicts of named inputs" in msg
 
 
