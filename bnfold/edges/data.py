@@ -3,7 +3,8 @@
 Accepted: ``.npz`` (one array per model input, in file order; first axis = samples), ``.npy`` (one
 input), ``.pt`` (a tensor, a tuple/list of tensors, or a dict of named tensors; read with
 ``weights_only=True``), or ``module:fn`` / ``file.py:fn`` returning an iterable of batches. A batch is a
-tensor, a tuple/list of tensors (positional inputs) or a dict (keyword inputs).
+tensor, a tuple/list of tensors (positional inputs, possibly followed by labels) or a dict (keyword
+inputs); ``model_inputs`` decides, in one place, which items of a batch are the model's inputs.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class DataSource:
     Accepts every form (files, ``module:fn``/``file.py:fn``, a tensor or array, a list or tuple of
     batches, (input, label) pairs, dicts of named inputs, DataLoaders, IterableDatasets, one-shot
     generators and iterators). A one-shot source is read exactly once: the samples verification
-    needs (``head``) and the content fingerprint are taken during that single pass. ``labels``
-    drops the items of a batch beyond the model's ``inputs`` positional inputs.
+    needs (``head``) and the content fingerprint are taken during that single pass. Which items of a
+    batch reach the model (inputs, labels) is ``model_inputs``'s decision, made where it is fed.
     """
 
     def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib",
