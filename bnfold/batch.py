@@ -177,8 +177,9 @@ def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _outputs(entry: dict[str, Any]) -> list[str]:
-    report = entry["options"].report
-    return [str(entry["output"])] + ([str(report)] if report is not None else [])
+    """Every file a conversion is asked to write (the ONNX file, the report, the plot)."""
+    opts = entry["options"]
+    return [str(entry["output"])] + [str(p) for p in (opts.report, opts.plot) if p is not None]
 
 
 def _read_hashes(reads: RunReads, entry: dict[str, Any]) -> dict[str, str]:
@@ -293,7 +294,7 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     # a CI run on a fresh clone: the folders the config writes into are created (after validation)
     for i, e in enumerate(entries):
         rpath = e["options"].report
-        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", rpath)):
+        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", rpath), ("plot", e["options"].plot)):
             if target is None:
                 continue
             try:

@@ -359,7 +359,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output (default) or skip it (the report says so).", (CONVERT,)),
     _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
     _o("plot", "--plot", _p_plot, None, "Draw the BatchNorm layers whose stored running statistics drifted most from the population statistics "
-       "as a bar chart (.png or .svg; needs matplotlib: pip install 'bnfold[plot]').", (CONVERT, CALIBRATE), needs_calib=True, path=True, metavar="FILE"),
+       "as a bar chart (.png or .svg; needs matplotlib: pip install 'bnfold[plot]').", (CONVERT, CALIBRATE), needs_calib=True, path=True, metavar="FILE", models=TORCH),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (default, atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
     _o("seed", "--seed", _p_int(0, INT64_MAX), 0, "Seed of the random verification inputs.", _CV, metavar="N"),
