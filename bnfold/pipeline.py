@@ -232,8 +232,9 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     ``example_inputs``: a tensor or tuple of tensors, or None with ``input_shape=``.
     Keywords are the options of ``bnfold convert`` (see ``bnfold.options.OPTIONS``): ``calib`` takes
     every data form (a path, ``module:fn``, a tensor, a list, (input, label) pairs, dicts, a
-    DataLoader, an IterableDataset, a generator). Returns a ConvertReport (truthy when verification
-    passed); the JSON report is written to ``report`` when given.
+    DataLoader, an IterableDataset, a generator). Returns a ConvertReport (falsy only when verification
+    failed; with ``verify=False`` its ``passed`` is None: written, not verified); the JSON report is
+    written to ``report`` when given.
     """
     opts = ConvertOptions.resolve(options, kw, CONVERT)
     if output is None:
@@ -497,8 +498,9 @@ def _convert_opset(proto, opts: ConvertOptions):
 def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options: ConvertOptions | None = None, **kw) -> CheckReport:
     """Verify an existing ONNX artifact against its source (an nn.Module, a model spec or the original .onnx).
 
-    Options the artifact records (estimator, batch size, tolerances, seed, dynamic batch: its
-    ``bnfold.*`` metadata) are the defaults; given options win. With ``calib``, the PyTorch
+    Options the artifact records that say how to rebuild its inputs (estimator, batch size, seed,
+    dynamic batch: its ``bnfold.*`` metadata) are the defaults, given options win, and ``from_file``
+    names the ones taken; the tolerance it records is never used (bnfold's defaults or the caller's). With ``calib``, the PyTorch
     reference is calibrated as ``convert`` did and samples of the data join the random inputs. When
     verification fails, every difference from how the artifact was made is named in ``differences``.
     Returns a CheckReport (truthy when it passed).
