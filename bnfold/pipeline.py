@@ -500,8 +500,9 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
 
     Options the artifact records that say how to rebuild its inputs (estimator, batch size, seed,
     dynamic batch: its ``bnfold.*`` metadata) are the defaults, given options win, and ``from_file``
-    names the ones taken; the tolerance it records is never used (bnfold's defaults or the caller's). With ``calib``, the PyTorch
-    reference is calibrated as ``convert`` did and samples of the data join the random inputs. When
+    names the ones taken; the tolerance it records is never used (bnfold's defaults or the caller's).
+    With ``calib``, the PyTorch reference is calibrated as ``convert`` did and samples of the data
+    join the random inputs. When
     verification fails, every difference from how the artifact was made is named in ``differences``.
     Returns a CheckReport (truthy when it passed).
     """

@@ -274,7 +274,7 @@ def config_table(summary: dict[str, Any], config: Any):
     for e in summary["conversions"]:
         rep = e.get("report") or {}
         res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
-        if e["exit_code"] == 0 and rep and rep.get("passed", True) is None:
+        if e["exit_code"] == 0 and not e.get("skipped") and rep and rep.get("passed", True) is None:
             res = UNVERIFIED
         t.add_row(e["name"], e["model"], e["output"], res, bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
     return t
