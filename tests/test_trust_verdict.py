@@ -194,8 +194,8 @@ def test_qdq_is_compared_like_with_like(ws):
 
 
 # ------------------------------------------------------------------ §3 one traversal, subgraphs and functions
-def _bn(prefix, x, y, var=None, const_nodes=False):
-    arrays = {"s": np.ones(2, np.float32) * 2, "b": np.ones(2, np.float32), "m": np.full(2, 0.5, np.float32),
+def _bn(prefix, x, y, var=None, const_nodes=False, mean=None):
+    arrays = {"s": np.ones(2, np.float32) * 2, "b": np.ones(2, np.float32), "m": np.full(2, 0.5, np.float32) if mean is None else mean,
               "v": np.ones(2, np.float32) if var is None else var}
     if const_nodes:  # a function has no initializers: its constants are Constant nodes
         nodes = [h.make_node("Constant", [], [prefix + k], value=nh.from_array(a, prefix + k)) for k, a in arrays.items()]
@@ -206,12 +206,12 @@ def _bn(prefix, x, y, var=None, const_nodes=False):
     return nodes, inits
 
 
-def _hostile_onnx(path, *, then_var=None, fn_var=None):
+def _hostile_onnx(path, *, then_var=None, fn_var=None, else_mean=None):
     """A main graph with an If whose two branches hold a BN each, and a call of a model-local function
     that holds a BN: 3 BatchNormalization nodes, none in the main graph."""
     vi = lambda n: h.make_tensor_value_info(n, T.FLOAT, [1, 2, 4, 4])
     nt, it = _bn("t", "X", "yt", then_var)
-    ne, ie = _bn("e", "X", "ye")
+    ne, ie = _bn("e", "X", "ye", mean=else_mean)
     then_g, else_g = h.make_graph(nt, "then", [], [vi("yt")], it), h.make_graph(ne, "else", [], [vi("ye")], ie)
     fnodes, _ = _bn("f", "fx", "fy", fn_var, const_nodes=True)
     fn = h.make_function("local", "BnFn", ["fx"], ["fy"], fnodes, [h.make_opsetid("", 17)])
@@ -242,15 +242,16 @@ def test_report_counts_what_the_file_holds(ws):
     assert d["export"]["batchnorm_nodes"] == 3 - len(d["folded"])
 
 
-@pytest.mark.parametrize("where", ["then_var", "fn_var"])
-@pytest.mark.parametrize("bad", [-1.0, float("nan")])
-def test_statistics_checked_in_subgraphs_and_functions(ws, where, bad):
+@pytest.mark.parametrize(("where", "bad", "node"), [("then_var", -1.0, "if/then_branch/tbn"), ("then_var", np.nan, "if/then_branch/tbn"),
+                                                    ("fn_var", -1.0, "BnFn:fbn"), ("fn_var", np.inf, "BnFn:fbn"),
+                                                    ("else_mean", np.nan, "if/else_branch/ebn")])
+def test_statistics_checked_in_subgraphs_and_functions(ws, where, bad, node):
     _hostile_onnx(ws / "h.onnx", **{where: np.array([bad, 1], np.float32)})
     before = snapshot(ws)
     res = runner.invoke(app, ["convert", "h.onnx", "-o", "o.onnx"])
     assert res.exit_code == 2, res.output
     line = one_error(res.stderr)
-    assert "invalid statistics" in line and ("if/then_branch/tbn" if where == "then_var" else "BnFn:fbn") in line
+    assert "invalid statistics" in line and f"'{node}'" in line
     assert snapshot(ws) == before
 
 

@@ -164,7 +164,8 @@ def check_statistics(reference) -> None:
 
 
 def _check_onnx_statistics(path: Path) -> None:
-    """Every BatchNormalization node of every graph-like (``io.walk``: subgraphs and functions too)."""
+    """Every BatchNormalization node of every graph-like (``io.walk``: subgraphs and functions too):
+    a negative epsilon, a negative or non-finite variance, a non-finite mean is bad input (exit 2)."""
     import onnx
     from onnx import numpy_helper
 
@@ -176,16 +177,18 @@ def _check_onnx_statistics(path: Path) -> None:
         label = where.prefix + node_label(node)
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         problem = f"epsilon is negative ({eps:g})" if eps < 0 else None
-        t = _initializer(where, node.input[4]) if len(node.input) > 4 else None
-        if problem is None and t is not None and t.data_location != onnx.TensorProto.EXTERNAL:
-            var = numpy_helper.to_array(t).astype(np.float64)
-            if not np.isfinite(var).all():
-                problem = f"its variance has {int((~np.isfinite(var)).sum())} NaN/Inf values"
-            elif (var < 0).any():
-                problem = f"its variance has {int((var < 0).sum())} negative values (min {var.min():.3g})"
+        for k, what in ((4, "variance"), (3, "mean")):
+            t = _initializer(where, node.input[k]) if len(node.input) > k else None
+            if problem is not None or t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            arr = numpy_helper.to_array(t).astype(np.float64)
+            if not np.isfinite(arr).all():
+                problem = f"its {what} has {int((~np.isfinite(arr)).sum())} NaN/Inf values"
+            elif what == "variance" and (arr < 0).any():
+                problem = f"its variance has {int((arr < 0).sum())} negative values (min {arr.min():.3g})"
         if problem:
             raise BadInputError(f"BatchNormalization '{label}' in {path.name} has invalid statistics: {problem}",
-                                "fix the model's statistics (running variance ≥ 0, epsilon ≥ 0)")
+                                "fix the model's statistics (finite mean, running variance ≥ 0, epsilon ≥ 0)")
 
 
 def _initializer(where, name: str):
