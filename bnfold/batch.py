@@ -276,10 +276,10 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
     return result
 
 
-def _outputs(entry: dict[str, Any]) -> tuple:
-    """The files a conversion may write (its ONNX file, external data, manifest, report, plot)."""
-    out, opts = entry["output"], entry["options"]
-    return (out, out + ".data", str(manifest_path(out))) + tuple(str(p) for p in (opts.report, opts.plot) if p)
+def _supervised_outputs(entry: dict[str, Any]) -> tuple:
+    """``_outputs`` and the files beside the ONNX file: its external data and its manifest."""
+    out = str(entry["output"])
+    return (*_outputs(entry), out + ".data", str(manifest_path(out)))
 
 
 def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool) -> None:
@@ -295,7 +295,7 @@ def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debu
     threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
     if len(todo) > 1:
         warm_up()  # imported once here, not once per child
-    tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_outputs(entries[i])) for i in todo}
+    tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}
     finished = supervise(list(tasks.values()), jobs=n)
     for i, task in tasks.items():
         if task.status == "ok":
