@@ -26,6 +26,7 @@ from bnfold.edges.files import append_text_or_warn, begin_run, written_message
 from bnfold.edges.usercode import as_error, stdout, stdout_to_stderr
 from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line
 from bnfold.options import CLI, ConvertOptions, OPTIONS
+from bnfold.progress import reporting
 from bnfold.report import calibration_table, config_table, markdown_summary, render_convert, render_inspect, render_verify
 
 app = typer.Typer(
@@ -62,7 +63,9 @@ def _guard(fn):
     """Run ``fn``; render bnfold errors as one line with their exit code."""
     begin_run()
     try:
-        with stdout_to_stderr():  # stdout carries only bnfold's result (usercode.stdout())
+        # stdout carries only bnfold's result (usercode.stdout()); progress lines go to stderr unless -q
+        with stdout_to_stderr(), reporting(not STATE["quiet"]) as lines:
+            lines.step("start", "importing torch, onnx, onnxruntime")
             return fn()
     except typer.Exit:
         raise
@@ -142,11 +145,8 @@ def _build(command: str, values: dict, model: str) -> ConvertOptions:
     """The command's flags as one validated ConvertOptions (errors name the flags)."""
     values = dict(values)
     if command in OPTIONS["progress"].commands:
-        values["progress"] = (not STATE["quiet"] and sys.stderr.isatty()) or None
-    opts = ConvertOptions.build(values, via=CLI, command=command)
-    if opts.weights is None and not model.lower().endswith(".onnx") and not STATE["quiet"] and not STATE["json"]:
-        _console(stderr=True).print("note: no --weights given: using the weights the factory creates")
-    return opts
+        values["progress"] = (not STATE["quiet"]) or None  # bnfold.progress: lines on stderr, plain where it is not a terminal
+    return ConvertOptions.build(values, via=CLI, command=command)
 
 
 def _print_json(obj) -> None:

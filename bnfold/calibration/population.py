@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from bnfold import progress as progress_lines
 from bnfold.edges.data import as_batch, as_source, call_model, model_dtype_device, prepare
 from bnfold.errors import CalibrationError, DataError, first_line
 from bnfold.verification.runners import tf32
@@ -273,14 +274,12 @@ class _Run:
 
 
 def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None) -> None:
-    """One forward pass per batch, counted in ``summary``."""
-    from rich.progress import Progress
-
-    total = len(batches) if hasattr(batches, "__len__") else None
+    """One forward pass per batch, counted in ``summary`` (and as n/N on the progress lines)."""
+    total = batches.length() if hasattr(batches, "length") else len(batches) if hasattr(batches, "__len__") else None
     # TF32 policy (CUDA only; see calibrate's docstring): False (default) = true fp32,
     # True = TF32 convolutions and matmuls, None = torch's own flags as the caller set them.
-    with Progress(disable=not progress, transient=True) as bar, torch.no_grad(), tf32(allow_tf32):
-        task = bar.add_task("calibrating", total=total)
+    with progress_lines.reporting(progress) as lines, torch.no_grad(), tf32(allow_tf32):
+        count = lines.count("calibrate", total, "batches")
         for i, raw in enumerate(batches):
             batch = prepare(as_batch(raw), run.dtype, run.device)
             try:
@@ -295,7 +294,8 @@ def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: b
                 ) from err
             summary.batches += 1
             summary.samples += batch.size
-            bar.advance(task)
+            count.advance()
+        count.done()
 
 
 def run_calibration(
