@@ -64,7 +64,8 @@ def _guard(fn):
     begin_run()
     try:
         # stdout carries only bnfold's result (usercode.stdout()); progress lines go to stderr unless -q
-        with stdout_to_stderr(), reporting(not STATE["quiet"]) as lines:
+        shown = not STATE["quiet"] and os.environ.get("RANK", "0") == "0"  # one torchrun process reports
+        with stdout_to_stderr(), reporting(shown) as lines:
             lines.step("start", "importing torch, onnx, onnxruntime")
             return fn()
     except typer.Exit:
