@@ -19,7 +19,7 @@ from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
 from bnfold.options import ALIASES, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
-from bnfold.edges.load import parse_model_spec, spec_kind
+from bnfold.edges.load import cwd_on_path, parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION, conversion_result
 from bnfold.edges.usercode import as_error, worker_died, worker_init
@@ -151,6 +151,7 @@ def _model_source(model: str) -> str | None:
         return spec.target
     import importlib.util
 
+    cwd_on_path()  # found where the conversion will import it from
     try:
         found = importlib.util.find_spec(spec.target)
     except (ImportError, ValueError):

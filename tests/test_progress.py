@@ -193,3 +193,19 @@ def test_a_module_spec_resolves_from_the_current_folder(tmp_path):
     res = runner.invoke(app, ["convert", "nomodel:build", "--input-shape", "1,3,8,8", "-o", str(tmp_path / "n.onnx")])
     assert res.exit_code == 2 and "module 'nomodel' not found" in res.stderr, res.stderr
     assert "no weights given" not in res.stderr
+
+
+def test_a_module_spec_from_the_current_folder_in_a_config_is_skipped_when_unchanged(tmp_path, monkeypatch):
+    """--skip-unchanged finds the module's source where the conversion imports it from (the current folder)."""
+    (tmp_path / "cwdmodel_cfg.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n")
+    (tmp_path / "c.toml").write_text('[[conversion]]\nmodel = "cwdmodel_cfg:build"\ninput_shape = "1,3,8,8"\nproviders = "cpu"\noutput = "m.onnx"\n')
+    monkeypatch.chdir(tmp_path)
+    script_path = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != str(tmp_path)]  # as the bnfold script has it
+    monkeypatch.setattr(sys, "path", list(script_path))
+    res = runner.invoke(app, ["convert", "--config", "c.toml", "--skip-unchanged"])
+    assert res.exit_code == 0 and "[1/1] m PASSED" in res.stderr, res.stderr
+    monkeypatch.setattr(sys, "path", list(script_path))  # a new run
+    monkeypatch.delitem(sys.modules, "cwdmodel_cfg")
+    res = runner.invoke(app, ["convert", "--config", "c.toml", "--skip-unchanged"])
+    assert res.exit_code == 0 and "[1/1] m skipped (unchanged)" in res.stderr, res.stderr
+    monkeypatch.delitem(sys.modules, "cwdmodel_cfg", raising=False)

@@ -115,7 +115,7 @@ def _import_file(path: Path):
     return module
 
 
-def _cwd_on_path() -> None:
+def cwd_on_path() -> None:
     """The current folder first on ``sys.path``, as ``python -m`` puts it, for the rest of the run: a
     ``module:fn`` spec resolves from where the command runs, and a factory's own (lazy) imports of
     its neighbours work too. The ``bnfold`` script itself has only its bin folder there."""
@@ -130,7 +130,7 @@ def resolve_factory(spec: ModelSpec):
     if spec.kind == "file":
         module = _import_file(Path(spec.target))
     elif spec.kind == "module":
-        _cwd_on_path()
+        cwd_on_path()
         with user_code(f"importing module '{spec.target}'"):
             try:
                 module = importlib.import_module(spec.target)
