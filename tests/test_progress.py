@@ -117,14 +117,16 @@ def test_a_failing_convert_with_json_shows_each_stage_on_stderr_only(tmp_path):
     rep = json.loads(res.stdout)  # stdout is the JSON and nothing else
     assert rep["passed"] is False
     err = res.stderr
-    levels = [f"verify {p} {lv}" for p in default_providers() for lv in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")]
-    assert _stages(err) == ["start", "load", "note:", "check", "calibrate", *["calibrate"] * 6, "reference", "fold", "export",
-                            *["verify"] * len(levels), "explain", "done"], err
+    ver = rep["verification"]
+    levels = [f"verify {p} {lv}" for p in ver["providers_run"] for lv in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")]
+    head = ["start", "load", "note:", "check", "calibrate", *["calibrate"] * 6, "reference", "fold", "export"]
+    stages = _stages(err)
+    assert stages[:len(head)] == head and set(stages[len(head):-2]) == {"verify"} and stages[-2:] == ["explain", "done"], err
     assert "calibrate 6/6 batches" in err and all(lv in err for lv in levels) and "note: no weights given" in err
     assert "\r" not in err and all(len(ln) < 80 for ln in err.splitlines())
-    ver = rep["verification"]
-    assert ver["providers_run"] == default_providers() and ver["providers_available"] == available_providers()
-    assert ver["providers_unavailable"] == [] and "not run" not in err
+    gone = [u["provider"] for u in ver["providers_unavailable"]]  # onnxruntime-gpu on a machine without a GPU: cuda
+    assert "cpu" in ver["providers_run"] and sorted(ver["providers_run"] + gone) == sorted(default_providers())
+    assert ver["providers_available"] == available_providers() and "not run" not in err
 
 
 def test_quiet_prints_no_progress():
