@@ -33,7 +33,7 @@ def _seconds(s: float) -> str:
     if s < 60:
         return f"{s:.1f}s"
     m, s = divmod(round(s), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m{s:02d}s"
 
 
 class Reporter:

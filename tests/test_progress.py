@@ -20,7 +20,7 @@ from bnfold.progress import SILENT, Reporter, current, reporting
 
 runner = CliRunner()
 W, CALIB = str(SAMPLE / "weights.pt"), str(SAMPLE / "calib.npz")
-LINE = r"^ +\d+(\.\d)?s  \S"  # "   1.2s  stage detail": the elapsed time, then the stage
+LINE = r"^ *(\d+h)?(\d+m)?\d+(\.\d)?s  \S"  # "   1.2s  stage detail", "  1m02s  …": the elapsed time, then the stage
 
 
 class Clock:
