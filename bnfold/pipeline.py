@@ -29,7 +29,7 @@ from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dty
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
-from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, ort_blockers, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
 from bnfold.verification.explain import Explanation, explain_report
 from bnfold.verification.verify import VerifyReport, check_folded, reference_outputs, verify
@@ -445,10 +445,13 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
 
 def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     with _stage(rep, "fold"):
-        proto = load_onnx(src)
+        repairs: list[str] = []
+        proto = load_onnx(src, repairs)
+        blockers = ort_blockers(proto)  # of the original, which verification runs in onnxruntime
         if opts.opset is not None and opset_of(proto) != opts.opset:
             proto = _convert_opset(proto, opts)
         plan = fold_onnx_proto(proto)
+        rep.notes.extend(repairs + plan.repairs)
         source = _source(opts)
         add_provenance(proto, provenance(opts, source, opset_of(proto), False))
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
@@ -463,6 +466,9 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
+    if blockers:  # never hand onnxruntime a file it crashes on
+        raise BadInputError(f"cannot verify against '{src}': {blockers[0]}",
+                            "re-export the original, or skip verification (--no-verify / verify=False)")
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))

@@ -87,6 +87,7 @@ class FoldPlan:
     merges: list[Merge] = field(default_factory=list, repr=False, compare=False)
     unmerged: list[Unmerged] = field(default_factory=list, repr=False, compare=False)
     graph_edits: int = field(default=0, repr=False, compare=False)  # ONNX nodes the structural pass rewrote
+    repairs: list[str] = field(default_factory=list, repr=False, compare=False)  # what the ONNX pass repaired, one line each
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
 import bnfold
+from bnfold.errors import BadInputError
+from bnfold.onnx_pass.fold import fold_onnx_proto
+from bnfold.onnx_pass.io import bn_count
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,3 +80,96 @@ def test_convert_under_frozen_backend_flags(tmp_path):
         torch.backends.__allow_nonbracketed_mutation_flag = True  # what disable_global_flags switched off
     assert rep.passed
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic) == before
+
+
+# ------------------------------------------------------------------- §3 ONNX files the peers fold
+RNG = np.random.default_rng(22)
+
+
+def _bn_inits(c: int, p: str = "bn") -> list:
+    vals = {"g": RNG.standard_normal(c) * 0.5 + 1, "b": RNG.standard_normal(c) * 0.5, "m": RNG.standard_normal(c) * 0.5,
+            "v": RNG.random(c) + 0.5}
+    return [numpy_helper.from_array(v.astype(np.float32), f"{p}_{k}") for k, v in vals.items()]
+
+
+def conv_bn_model(bn_outputs: list[str], *, opset: int = 7, ir_version: int = 4, shuffle: bool = False) -> onnx.ModelProto:
+    """x → Conv(3→4, 3×3) → BatchNormalization(outputs) → Relu → y, float32."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"), *_bn_inits(4)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"], bn_outputs, name="bn", epsilon=1e-3),
+             helper.make_node("Relu", [bn_outputs[0]], ["y"], name="relu")]
+    if shuffle:
+        nodes = nodes[::-1]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def run_ort(model_or_path, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+X = {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("outputs", [["y0", "", "", "", ""], ["y0", "mean", "", "", ""], ["y0", "mean", "var", "", ""]])
+def test_bn7_with_empty_or_unused_optional_outputs_folds(tmp_path, outputs):
+    """onnx_ir drops trailing empty outputs, which left a BN-7 with 2 outputs (onnx.checker: 'not in
+    allowed output sizes'; onnxruntime crashes on it): an inference BN's unused outputs are dropped."""
+    src = conv_bn_model(outputs)
+    plan = bnfold.fold_onnx(src, tmp_path / "f.onnx")
+    assert [f.into for f in plan.folded] == [["conv"]] and not plan.unfolded
+    folded = onnx.load(str(tmp_path / "f.onnx"))
+    assert bn_count(folded) == 0
+    reference = conv_bn_model(["y0"])  # the same BN with no optional output: what the file means
+    reference.graph.CopyFrom(src.graph)
+    del reference.graph.node[1].output[1:]
+    np.testing.assert_allclose(run_ort(folded, X)[0], run_ort(reference, X)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bn7_kept_bn_loses_its_unused_outputs(tmp_path):
+    """A BN-7 that stays (a graph input feeds it) is written with one output, which runtimes load."""
+    model = conv_bn_model(["y0", "mean", "", "", ""])
+    model.graph.node[1].input[0] = "x2"
+    model.graph.input.append(helper.make_tensor_value_info("x2", onnx.TensorProto.FLOAT, [1, 4, 6, 6]))
+    plan = bnfold.fold_onnx(model, tmp_path / "f.onnx")
+    assert not plan.folded and any("dropped the unused optional outputs" in r for r in plan.repairs)
+    bn = next(n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "BatchNormalization")
+    assert list(bn.output) == ["y0"]
+
+
+def test_bn7_in_training_mode_is_refused_with_the_reason():
+    model = conv_bn_model(["y0", "m1", "v1", "sm", "sv"])
+    plan = fold_onnx_proto(model)
+    assert not plan.folded and "with 5 outputs runs in training mode (all five named" in plan.unfolded[0].reason
+
+
+def test_convert_never_hands_onnxruntime_a_file_it_crashes_on(tmp_path):
+    """onnxruntime segfaults on a BN-7 with 2 outputs: convert says so (exit 2) instead of verifying;
+    without verification it folds."""
+    onnx.save(conv_bn_model(["y0", "mean", "", "", ""]), str(tmp_path / "m.onnx"))
+    with pytest.raises(BadInputError, match=r"cannot verify against .*has 2 outputs .*onnxruntime crashes"):
+        bnfold.convert(str(tmp_path / "m.onnx"), None, tmp_path / "f.onnx", providers="cpu")
+    rep = bnfold.convert(str(tmp_path / "m.onnx"), None, tmp_path / "f.onnx", verify=False)
+    assert rep.passed and rep.export["batchnorm_nodes"] == 0
+
+
+@pytest.mark.parametrize("ir_version, shuffle", [(3, False), (4, True), (3, True)])
+def test_files_onnx_checker_rejects_but_onnxruntime_runs_are_repaired_and_folded(tmp_path, ir_version, shuffle):
+    """IR < 4 with initializers not listed as inputs, nodes out of topological order: onnxruntime
+    loads and optimises them, so bnfold repairs (sort, list), says so, folds, and verifies."""
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(["y0"], ir_version=ir_version, shuffle=shuffle), str(path))
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(onnx.load(str(path)))
+    rep = bnfold.convert(str(path), None, tmp_path / "f.onnx", providers="cpu")
+    assert rep.passed and rep.export["batchnorm_nodes"] == 0, rep.notes
+    assert any("out of topological order" in n for n in rep.notes) == shuffle
+    assert any("lists every initializer as a graph input" in n for n in rep.notes) == (ir_version < 4)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "f.onnx")))
+    np.testing.assert_allclose(run_ort(tmp_path / "f.onnx", X)[0], run_ort(path, X)[0], rtol=1e-5, atol=1e-5)
