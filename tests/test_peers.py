@@ -173,3 +173,52 @@ def test_files_onnx_checker_rejects_but_onnxruntime_runs_are_repaired_and_folded
     assert any("lists every initializer as a graph input" in n for n in rep.notes) == (ir_version < 4)
     onnx.checker.check_model(onnx.load(str(tmp_path / "f.onnx")))
     np.testing.assert_allclose(run_ort(tmp_path / "f.onnx", X)[0], run_ort(path, X)[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- §3 PyTorch: several heads, same-math subclasses
+class DistilledHeads(nn.Module):
+    """EfficientFormerV2 / SwiftFormer: conv → BN → pool → classifier and distillation heads."""
+
+    def __init__(self, linear=nn.Linear, pool: str = "mean", heads: int = 2):
+        super().__init__()
+        self.conv, self.norm, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), pool
+        self.act = nn.ReLU()
+        self.heads = nn.ModuleList(linear(6, 5) for _ in range(heads))
+
+    def forward(self, x):
+        x = self.norm(self.act(self.conv(x)))
+        x = x.flatten(2).mean(-1) if self.pool == "mean" else nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        outs = [h(x) for h in self.heads]
+        return sum(outs) / len(outs)
+
+
+@pytest.mark.parametrize("pool, heads", [("mean", 2), ("adaptive", 3), ("adaptive", 1)])
+def test_bn_before_pool_folds_into_every_head(pool, heads):
+    model = randomise_bn(DistilledHeads(pool=pool, heads=heads)).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    folded, plan = bnfold.fold_with_plan(model, (x,))
+    assert [(f.bn, f.rule, f.into) for f in plan.folded] == [("norm", "pool-head", [f"heads.{k}" for k in range(heads)])]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_head_that_is_not_linear_keeps_the_bn():
+    class HeadAndSkip(DistilledHeads):
+        def forward(self, x):
+            x = self.norm(self.act(self.conv(x))).mean((2, 3))
+            return self.heads[0](x) + x.sum(1, keepdim=True)
+
+    plan = bnfold.inspect(randomise_bn(HeadAndSkip()), (torch.randn(2, 3, 5, 5),))
+    assert not plan.folded and "has 2 consumers (`sum` is not a Conv/Linear module)" in plan.unfolded[0].reason
+
+
+def test_timm_linear_is_a_producer_like_nn_linear():
+    """timm.layers.Linear overrides forward() with its parent's math (plus a TorchScript-only cast):
+    registered as data, it folds like nn.Linear."""
+    layers = pytest.importorskip("timm.layers")
+    model = randomise_bn(DistilledHeads(linear=layers.Linear)).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    folded, plan = bnfold.fold_with_plan(model, (x,))
+    assert [f.into_type for f in plan.folded] == [["Linear", "Linear"]] and not plan.unfolded
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)

@@ -276,6 +276,9 @@ def _flatten(g: Graph, u, x, rank, repeat, start, end):
     if ins is None:
         raise NoMatch("flatten after the BN: needs example inputs to know the spatial size")
     end = end + len(ins) if end < 0 else end
+    start = start + len(ins) if start < 0 else start
+    if 2 <= start <= end:  # spatial axes merged (x.flatten(2).mean(-1)): the channel axis stays
+        return ("flatten", len(ins) - (end - start), repeat)
     if start != 1 or end != len(ins) - 1:
         raise NoMatch(f"flatten({start}, {end}) does not keep the batch axis and channels first")
     return ("pool", 2, repeat * math.prod(ins[2:]))
@@ -296,15 +299,17 @@ class Forward(Rule):
             raise NoMatch(f"{type(mod).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
         if len(bn.call.outputs) != 1:
             raise NoMatch("BN output is not a single value")
-        cpath, node, rank, repeat, crossed = _walk_to_consumer(ctx.g, bn.call)
-        _check_consumer(ctx, bn, cpath, node, rank, repeat)
+        cpaths, node, rank, repeat, crossed = _walk_to_consumer(ctx.g, bn.call)
+        for cpath in cpaths:  # several heads (a distillation head beside the classifier): each takes the fold
+            _check_consumer(ctx, bn, cpath, node, rank, repeat)
         rule = "pool-head" if any(k == "pool" for k, _ in crossed) else None
-        return Match([cpath], [Edit(cpath, "forward", bn.path, None, repeat)], rule)
+        return Match(list(cpaths), [Edit(c, "forward", bn.path, None, repeat) for c in cpaths], rule)
 
 
 def _walk_to_consumer(g: Graph, call: Call):
-    """From the BN's output through pass-through nodes to the one module call reading it:
-    (its path, the node it reads, that node's rank, each channel's repeat, the nodes crossed)."""
+    """From the BN's output through pass-through nodes to the module calls reading it: (their paths,
+    the node they read, that node's rank, each channel's repeat, the nodes crossed). Several
+    readers are fine when every one is a module call (pool → classifier and distillation heads)."""
     node = call.outputs[0]
     own = g.owner(node)
     rank = g.rank(node) if g.rank(node) is not None else call.rank_in
@@ -313,10 +318,15 @@ def _walk_to_consumer(g: Graph, call: Call):
         users = g.data_users(node, own)
         if len(users) != 1:
             where = "BN output" if not crossed else f"the `{crossed[-1][1]}` after the BN"
-            raise NoMatch(f"{where} has {len(users)} consumers")
+            others = [g.what(u) for u in users if g.owner(u) is None]
+            paths = [g.owner(u)[0] for u in users if g.owner(u) is not None]
+            if not users or others or len(set(paths)) != len(paths):
+                why = f" ({others[0]} is not a Conv/Linear module)" if others else " (one module reads it twice)" if users else ""
+                raise NoMatch(f"{where} has {len(users)} consumers{why}")
+            return paths, node, rank, repeat, crossed
         u = users[0]
         if g.owner(u) is not None:
-            return g.owner(u)[0], node, rank, repeat, crossed
+            return [g.owner(u)[0]], node, rank, repeat, crossed
         step = _passthrough(g, u, node, rank, repeat)
         if step is None:
             raise NoMatch(f"BN output goes to {g.what(u)}, not to a Conv/Linear module")
