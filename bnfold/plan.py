@@ -50,6 +50,7 @@ class Edit:
     sl: tuple[int, int] | None = None
     repeat: int = 1
     sign: int = 1  # −1: the BN branch is subtracted from the conv branch it joins
+    affine: str = "st"  # which map: "st" (s, t); "s" (s, 0): a further branch of a sum; "s-1" (s − 1, 0): a kept skip
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,153 @@ def test_timm_linear_is_a_producer_like_nn_linear():
     assert [f.into_type for f in plan.folded] == [["Linear", "Linear"]] and not plan.unfolded
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class RepVggDw(nn.Module):
+    """timm's RepViT token mixer (the variants after repvit_m1): bn(conv_bn(x) + conv1(x) + x)."""
+
+    def __init__(self, c: int = 4, skip: bool = True):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.conv1 = nn.Conv2d(c, c, 1, 1, 0, groups=c)
+        self.bn, self.skip = nn.BatchNorm2d(c), skip
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x if self.skip else self.conv(x) + self.conv1(x))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_bn_after_a_sum_of_branches_folds_into_them(skip):
+    """The BN after the sum folds into the branches ((s, t) into one, (s, 0) into the other, s − 1 at
+    the centre tap for the skip that stays), then the branches merge into one conv."""
+    model = randomise_bn(RepVggDw(skip=skip)).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    folded, plan = bnfold.fold_with_plan(model, (x,))
+    assert not plan.unfolded and {f.bn: f.rule for f in plan.folded}["bn"] == "sum"
+    assert remaining_bn(folded) == [] and [m.target for m in plan.merges] == ["conv.0"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_bn_after_a_sum_with_a_term_of_another_input_stays():
+    class OtherTerm(RepVggDw):
+        def forward(self, x, y):
+            return self.bn(self.conv(x) + self.conv1(x) + y)
+
+    x = torch.randn(1, 4, 6, 6)
+    plan = bnfold.inspect(randomise_bn(OtherTerm()), (x, x))
+    assert "the model input in the sum is not a conv branch" in next(u.reason for u in plan.unfolded if u.bn == "bn")
+
+
+# ---------------------------------------------------------------------- §3 ONNX: the pool-head rule
+def _f64(name: str, arr) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float64), name)
+
+
+def _bn_inits64(c: int, p: str = "bn") -> list:
+    return [_f64(t.name, numpy_helper.to_array(t)) for t in _bn_inits(c, p)]
+
+
+def pool_heads_model(pool: str, heads: list[str], opset: int = 17) -> onnx.ModelProto:
+    """x → Conv → Relu → BN → pool → Flatten → heads (Gemm/MatMul, 6 → 5 features) → Concat → y, float64."""
+    D = onnx.TensorProto.DOUBLE
+    inits = [_f64("w", RNG.standard_normal((6, 3, 3, 3))), *_bn_inits64(6)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c0"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["c"], name="relu"),
+             helper.make_node("BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"], ["n"], name="bn", epsilon=1e-3)]
+    if pool == "gap":
+        nodes.append(helper.make_node("GlobalAveragePool", ["n"], ["p"], name="pool"))
+    elif opset < 18:
+        nodes.append(helper.make_node("ReduceMean", ["n"], ["p"], name="pool", axes=[-2, -1]))
+    else:
+        inits.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"))
+        nodes.append(helper.make_node("ReduceMean", ["n", "axes"], ["p"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["p"], ["f"], name="flat"))
+    for k, op in enumerate(heads):
+        inits.append(_f64(f"hw{k}", RNG.standard_normal((5, 6) if op == "Gemm" else (6, 5))))
+        if op == "Gemm":
+            inits.append(_f64(f"hb{k}", RNG.standard_normal(5)))
+            nodes.append(helper.make_node("Gemm", ["f", f"hw{k}", f"hb{k}"], [f"h{k}"], name=f"head{k}", transB=1, alpha=0.5, beta=2.0))
+        else:
+            nodes.append(helper.make_node("MatMul", ["f", f"hw{k}"], [f"h{k}"], name=f"head{k}"))
+    nodes.append(helper.make_node("Concat", [f"h{k}" for k in range(len(heads))], ["y"], name="cat", axis=1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", D, [2, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", D, [2, 5 * len(heads)])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("pool, heads, opset", [("gap", ["Gemm"], 17), ("gap", ["Gemm", "MatMul"], 17),
+                                                ("mean", ["MatMul", "Gemm", "Gemm"], 17), ("mean", ["Gemm", "Gemm"], 18)])
+def test_onnx_pool_head_folds_into_every_head(pool, heads, opset):
+    from onnx.reference import ReferenceEvaluator
+
+    model = pool_heads_model(pool, heads, opset)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    plan = fold_onnx_proto(folded)
+    assert [(f.rule, f.into) for f in plan.folded] == [("pool-head", [f"head{k}" for k in range(len(heads))])]
+    assert bn_count(folded) == 0
+    onnx.checker.check_model(folded)
+    x = {"x": RNG.standard_normal((2, 3, 5, 5))}
+    np.testing.assert_allclose(ReferenceEvaluator(folded).run(None, x)[0], ReferenceEvaluator(model).run(None, x)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_onnx_pool_head_refuses_a_head_that_is_not_linear():
+    model = pool_heads_model("gap", ["Gemm", "Gemm"])
+    model.graph.node[-2].op_type = "Relu"  # the second head becomes a Relu of the pooled value
+    del model.graph.node[-2].input[1:], model.graph.node[-2].attribute[:]
+    model.graph.node[-1].input[1] = "h1"
+    plan = fold_onnx_proto(model)
+    assert not plan.folded and "the pooled value goes to Relu 'head1' (input 0), not to a Gemm/MatMul head" in plan.unfolded[0].reason
+
+
+# ------------------------------------------------------- §3 ONNX: MatMul → Reshape → Transpose → BN
+def layout_model(producer: str, layout: list[tuple], x_shape: list[int], c: int) -> onnx.ModelProto:
+    """x → MatMul (B: K×c) [+ bias] or Gemm → layout nodes ("Reshape", shape) / ("Transpose", perm) → BN(c) → y."""
+    D = onnx.TensorProto.DOUBLE
+    k = x_shape[-1]
+    inits = [_f64("B", RNG.standard_normal((k, c))), _f64("bias", RNG.standard_normal(c)), *_bn_inits64(c)]
+    if producer == "Gemm":
+        nodes = [helper.make_node("Gemm", ["x", "B", "bias"], ["p"], name="mm", beta=0.5)]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "B"], ["p0" if producer == "MatMul+Add" else "p"], name="mm")]
+        if producer == "MatMul+Add":
+            nodes.append(helper.make_node("Add", ["bias", "p0"], ["p"], name="add"))
+    v = "p"
+    for i, (op, arg) in enumerate(layout):
+        if op == "Reshape":
+            inits.append(numpy_helper.from_array(np.asarray(arg, dtype=np.int64), f"shape{i}"))
+            nodes.append(helper.make_node("Reshape", [v, f"shape{i}"], [f"l{i}"], name=f"reshape{i}"))
+        else:
+            nodes.append(helper.make_node("Transpose", [v], [f"l{i}"], name=f"transpose{i}", perm=arg))
+        v = f"l{i}"
+    nodes.append(helper.make_node("BatchNormalization", [v, "bn_g", "bn_b", "bn_m", "bn_v"], ["y"], name="bn", epsilon=1e-3))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", D, x_shape)], [helper.make_tensor_value_info("y", D, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("producer, layout, x_shape", [
+    ("MatMul", [("Reshape", [2, 3, 6]), ("Transpose", [0, 2, 1])], [6, 8]),  # onnxruntime's matmul_bn_fusion case
+    ("MatMul+Add", [("Transpose", [0, 2, 1])], [2, 3, 8]),
+    ("Gemm", [("Reshape", [2, 3, 6]), ("Transpose", [0, 2, 1]), ("Reshape", [2, 6, 3, 1])], [6, 8]),
+    ("MatMul", [("Transpose", [2, 0, 1]), ("Transpose", [1, 0, 2])], [2, 3, 8]),
+])
+def test_matmul_reshape_transpose_bn_folds_when_the_columns_reach_the_channel_axis(producer, layout, x_shape):
+    from onnx.reference import ReferenceEvaluator
+
+    model = layout_model(producer, layout, x_shape, 6)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    plan = fold_onnx_proto(folded)
+    assert [(f.rule, f.into) for f in plan.folded] == [("reshape-transpose", ["mm"] + (["add"] if producer == "MatMul+Add" else []))], plan
+    assert bn_count(folded) == 0
+    x = {"x": RNG.standard_normal(x_shape)}
+    np.testing.assert_allclose(ReferenceEvaluator(folded).run(None, x)[0], ReferenceEvaluator(model).run(None, x)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout, x_shape, why", [
+    ([("Transpose", [0, 1, 2])], [2, 4, 8], "the MatMul's columns land on axis 2 after Transpose, not on the BN's channel axis 1"),
+    ([("Reshape", [2, 4, 2, 2]), ("Transpose", [0, 2, 1, 3])], [2, 4, 8], "does not keep the MatMul's columns on one axis"),
+])
+def test_matmul_layouts_the_algebra_does_not_allow_are_refused(layout, x_shape, why):
+    plan = fold_onnx_proto(layout_model("MatMul", layout, x_shape, 4))
+    assert not plan.folded and why in plan.unfolded[0].reason

@@ -67,7 +67,7 @@ def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan
             if id(e[0]) in absorbed:
                 e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
             elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
-                pairs = dict.fromkeys((target, "Conv") if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+                pairs = dict.fromkeys((target, ty) if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
                 rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
                 e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 
@@ -95,8 +95,8 @@ def _unreadable(rule: Rule, err: Exception) -> str:
     return f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {first_line(err, 120, empty='')})"
 
 
-_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul or Gemm/Concat of convs/Add of convs",
-            "forward": "an unpadded Conv, Gemm or MatMul"}
+_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape or Transpose of MatMul or Gemm/Concat of convs/Add of convs",
+            "forward": "an unpadded Conv, Gemm or MatMul, or a pool before Gemm/MatMul heads"}
 
 
 def _reason(out: Outcome) -> str:

@@ -138,6 +138,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
         s, t = st_cache[e.bn]
         if e.sl is not None:
             s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
+        if e.affine != "st":  # a BN after a sum: the shift goes to one branch only; a kept skip takes s − 1
+            s, t = (s - 1 if e.affine == "s-1" else s), torch.zeros_like(t)
         if e.sign != 1:
             s, t = s * e.sign, t * e.sign
         if e.repeat != 1:

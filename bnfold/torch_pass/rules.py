@@ -525,7 +525,75 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}`: {tied}")
 
 
+class SumOfBranches(Rule):
+    """BN after a sum of conv branches on one input x, with at most one plain skip (RepViT's
+    ``bn(conv(x) + conv1(x) + x)``): s·(Σ convᵢ(x) + x) + t = (s·conv₁(x) + t) + Σ s·convᵢ(x) + x
+    + (s − 1)·x. The first conv takes (s, t), the others (s, 0), and the skip, which stays in the
+    module's forward, adds (s − 1)·x to a conv reading x alone at its centre tap (the identity-branch
+    conditions). A branch's own BN folds into its conv first. Runs after the first pass."""
+
+    name = "sum"
+
+    def match(self, ctx: Context, bn: BN) -> Match:
+        g, call = ctx.g, bn.call
+        if len(call.inputs) != 1 or not is_sum(g, call.inputs[0]) or g.module_of(call.inputs[0]) is not None:
+            raise NoMatch("the BN's input is no sum", applies=False)
+        root = call.inputs[0]
+        if len(g.data_users(root)) != 1:
+            raise NoMatch(f"the sum has {len(g.data_users(root))} consumers")
+        convs, others = [], []
+        for leaf, sign in sum_terms(g, root):
+            if sign != 1:
+                raise NoMatch("the sum subtracts a branch")
+            try:
+                convs.append(self._branch(ctx, leaf, bn))
+            except NoMatch as nm:
+                others.append((strip_identity(g, leaf), nm.reason))
+        inputs = {strip_identity(g, i) for p in convs for c in g.calls[p].values() for i in c.inputs}
+        bad = [why for x, why in others if x not in inputs]  # a term that is neither a conv branch nor a skip
+        if bad or not convs or len(others) > 1:
+            raise NoMatch(bad[0] if bad else f"the sum has {len(convs)} conv branches and {len(others)} skips (at most one)")
+        skips = [x for x, _ in others]
+        edits = [Edit(p, "backward", bn.path, affine="st" if k == 0 else "s") for k, p in enumerate(convs)]
+        if skips:
+            target = next((p for p in convs if self._reads_alone(ctx, p, skips[0], bn)), None)
+            if target is None:
+                raise NoMatch("no conv branch reads the skip's input alone with stride 1 and centred padding")
+            edits.append(Edit(target, "identity", bn.path, affine="s-1"))
+        return Match(list(dict.fromkeys(convs)), edits)
+
+    @staticmethod
+    def _branch(ctx: Context, leaf, bn: BN) -> str:
+        """The conv of sum term ``leaf``: the producer itself, or the conv its own BN folded into."""
+        g = ctx.g
+        if g.owner(leaf) is None:
+            raise NoMatch(f"{g.what(leaf)} in the sum is not a conv branch")
+        path = g.owner(leaf)[0]
+        mod = ctx.module(path)
+        if bn_kinds.is_batchnorm(mod):
+            kind, _ = bn_kinds.bn_kind(mod)
+            into = [e.target for e in ctx.plan.edits if e.bn == path and e.op == "backward" and e.sl is None and e.affine == "st"]
+            if kind is None or not bn_kinds.remainder_is_identity(kind.remainder(mod)) or len(into) != 1:
+                raise NoMatch(f"branch BN `{path}` is not folded into the conv of its branch")
+            if len(g.data_users(leaf, g.owner(leaf))) != 1:
+                raise NoMatch(f"branch `{path}`'s output is used outside the sum")
+            path = into[0]
+        else:
+            path = ctx.producer(leaf, role="branch")
+        if bn_kinds.out_channels(ctx.module(path)) != ctx.channels(bn.path):
+            raise NoMatch(f"branch `{path}` has {bn_kinds.out_channels(ctx.module(path))} output channels, BN has {ctx.channels(bn.path)}")
+        return path
+
+    @staticmethod
+    def _reads_alone(ctx: Context, path: str, x, bn: BN) -> bool:
+        try:
+            IdentityBranch._check_conv(ctx, path, ctx.module(path), x, bn.path)
+        except NoMatch:
+            return False
+        return True
+
+
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
 RULES = [Backward(), Concat(), Reshape(), Forward()]
 # Rules that read the first pass's folds.
-LATE_RULES = [IdentityBranch()]
+LATE_RULES = [IdentityBranch(), SumOfBranches()]
