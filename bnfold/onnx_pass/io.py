@@ -50,6 +50,8 @@ def repaired(model, repairs: list[str]):
     None when the file still fails (or nothing could be repaired)."""
     import onnx
 
+    if model.ByteSize() >= PROTO_LIMIT:  # the checker needs one serialised message
+        return None
     fixed, notes = onnx.ModelProto(), []
     fixed.CopyFrom(model)
     moved = sum(_sort_graph(g) for g in _all_graphs(fixed.graph)) + sum(_sort_graph(f) for f in fixed.functions)
