@@ -17,6 +17,7 @@ import bnfold
 from bnfold.errors import BadInputError
 from bnfold.onnx_pass.fold import fold_onnx_proto
 from bnfold.onnx_pass.io import bn_count
+from bnfold.verification.runners import TorchRunner
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -68,17 +69,22 @@ def test_fold_warns_about_hooks_on_a_folded_bn():
         bnfold.fold(randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
 
 
-def test_convert_under_frozen_backend_flags(tmp_path):
-    """PyTorch's test harness calls torch.backends.disable_global_flags(): convert sets cuDNN's
-    TF32 flag through its context manager, and leaves every flag as it was."""
+def test_calibration_and_verification_run_under_frozen_backend_flags():
+    """PyTorch's test harness calls torch.backends.disable_global_flags(): calibration and the
+    verification runners (what convert runs) set cuDNN's TF32 flag through its context manager, and
+    leave every flag as it was."""
     model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    x = torch.randn(4, 3, 8, 8)
     before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic)
     torch.backends.disable_global_flags()
     try:
-        rep = bnfold.convert(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", providers="cpu")
+        calibrated = bnfold.calibrate(model, [x])
+        with TorchRunner(calibrated) as runner:
+            out = runner.infer((x,))
     finally:
         torch.backends.__allow_nonbracketed_mutation_flag = True  # what disable_global_flags switched off
-    assert rep.passed
+    with torch.no_grad():
+        np.testing.assert_allclose(out[0][1], calibrated(x).numpy(), rtol=1e-6, atol=1e-6)
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic) == before
 
 
