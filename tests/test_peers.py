@@ -283,6 +283,10 @@ def pool_heads_model(pool: str, heads: list[str], opset: int = 17) -> onnx.Model
              helper.make_node("BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"], ["n"], name="bn", epsilon=1e-3)]
     if pool == "gap":
         nodes.append(helper.make_node("GlobalAveragePool", ["n"], ["p"], name="pool"))
+    elif pool == "flatten-mean":  # x.flatten(2).mean(-1), as torch.onnx writes it
+        inits.append(numpy_helper.from_array(np.array([2, 6, -1], dtype=np.int64), "nc_"))
+        nodes += [helper.make_node("Reshape", ["n", "nc_"], ["n2"], name="flatten2"),
+                  helper.make_node("ReduceMean", ["n2"], ["p"], name="pool", axes=[-1], keepdims=0)]
     elif opset < 18:
         nodes.append(helper.make_node("ReduceMean", ["n"], ["p"], name="pool", axes=[-2, -1]))
     else:
@@ -303,7 +307,8 @@ def pool_heads_model(pool: str, heads: list[str], opset: int = 17) -> onnx.Model
 
 
 @pytest.mark.parametrize("pool, heads, opset", [("gap", ["Gemm"], 17), ("gap", ["Gemm", "MatMul"], 17),
-                                                ("mean", ["MatMul", "Gemm", "Gemm"], 17), ("mean", ["Gemm", "Gemm"], 18)])
+                                                ("mean", ["MatMul", "Gemm", "Gemm"], 17), ("mean", ["Gemm", "Gemm"], 18),
+                                                ("flatten-mean", ["Gemm", "Gemm"], 17)])
 def test_onnx_pool_head_folds_into_every_head(pool, heads, opset):
     from onnx.reference import ReferenceEvaluator
 

@@ -555,8 +555,17 @@ class PoolHead(OnnxRule):
     side = "forward"
 
     def match(self, ctx: Ctx, bn: BN) -> PoolHeads:
-        pool = _consumer(ctx, bn.node, ("GlobalAveragePool", "ReduceMean"))
-        rank = ctx.rank(bn.node.outputs[0])
+        pool = _consumer(ctx, bn.node, ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten"))
+        while pool.op_type in ("Reshape", "Flatten"):  # x.flatten(2).mean(-1): spatial axes merged, (N, C) kept
+            ins, outs = ctx.shape(pool.inputs[0]), ctx.shape(pool.outputs[0])
+            if not (ins and outs and len(outs) >= 3 and all(isinstance(d, int) for d in ins[:2]) and tuple(ins[:2]) == tuple(outs[:2])):
+                raise NoMatch(f"BN output goes to {pool.op_type} '{node_name(pool)}', not to an average pool", applies=False)
+            users = list(pool.outputs[0].uses())
+            if pool.outputs[0].is_graph_output() or len(users) != 1 or users[0][1] != 0 or users[0][0].op_type not in (
+                    "GlobalAveragePool", "ReduceMean", "Reshape", "Flatten") or users[0][0].domain not in ONNX_DOMAINS:
+                raise NoMatch(f"{pool.op_type} '{node_name(pool)}' after the BN does not go to an average pool alone", applies=False)
+            pool = users[0][0]
+        rank = ctx.rank(pool.inputs[0])
         if pool.op_type == "ReduceMean":
             axes = attr(pool, "axes", None)
             if axes is None and len(pool.inputs) > 1 and pool.inputs[1] is not None:
