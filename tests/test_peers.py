@@ -179,6 +179,8 @@ def test_files_onnx_checker_rejects_but_onnxruntime_runs_are_repaired_and_folded
     assert any("lists every initializer as a graph input" in n for n in rep.notes) == (ir_version < 4)
     onnx.checker.check_model(onnx.load(str(tmp_path / "f.onnx")))
     np.testing.assert_allclose(run_ort(tmp_path / "f.onnx", X)[0], run_ort(path, X)[0], rtol=1e-5, atol=1e-5)
+    plan = bnfold.inspect_spec(str(path))  # inspect repairs what convert repairs
+    assert len(plan.folded) == 1 and len(plan.repairs) == (ir_version < 4) + shuffle
 
 
 # ------------------------------------------------------- §3 PyTorch: several heads, same-math subclasses
