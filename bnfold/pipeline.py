@@ -443,6 +443,12 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
     return sets
 
 
+def check_runnable(blockers: list[str], src, fix: str) -> None:
+    """BadInputError before onnxruntime is handed an original it crashes on (``ort_blockers``)."""
+    if blockers:
+        raise BadInputError(f"cannot verify against '{src}': {blockers[0]}", fix)
+
+
 def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     with _stage(rep, "fold"):
         repairs: list[str] = []
@@ -466,9 +472,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         rep.passed = True
         rep.notes.append("verification skipped (verify off)")
         return
-    if blockers:  # never hand onnxruntime a file it crashes on
-        raise BadInputError(f"cannot verify against '{src}': {blockers[0]}",
-                            "re-export the original, or skip verification (--no-verify / verify=False)")
+    check_runnable(blockers, src, "re-export the original, or skip verification (--no-verify / verify=False)")
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))
@@ -532,7 +536,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         if "dynamic_batch" in opts.given:
             raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
-        load_onnx(obj)
+        check_runnable(ort_blockers(load_onnx(obj, [])), obj, "re-export the original")  # repairs onnxruntime makes itself pass
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
         reference = str(obj)

@@ -385,3 +385,10 @@ def test_matmul_reshape_transpose_bn_folds_when_the_columns_reach_the_channel_ax
 def test_matmul_layouts_the_algebra_does_not_allow_are_refused(layout, x_shape, why):
     plan = fold_onnx_proto(layout_model("MatMul", layout, x_shape, 4))
     assert not plan.folded and why in plan.unfolded[0].reason
+
+
+def test_verify_against_an_original_onnxruntime_crashes_on_says_so(tmp_path):
+    onnx.save(conv_bn_model(["y0", "mean", "", "", ""]), str(tmp_path / "m.onnx"))
+    bnfold.convert(str(tmp_path / "m.onnx"), None, tmp_path / "f.onnx", verify=False)
+    with pytest.raises(BadInputError, match=r"cannot verify against .*has 2 outputs"):
+        bnfold.check_artifact(str(tmp_path / "m.onnx"), tmp_path / "f.onnx", providers="cpu")
