@@ -22,12 +22,15 @@ class ConvertReport:
     """What ``convert`` did. One schema: ``to_dict`` writes it, ``from_dict`` reads it back.
 
     ``verification`` is ``VerifyReport.to_dict()`` (the same schema ``bnfold verify --report``
-    writes), or None when verification was skipped.
+    writes), or None when verification was skipped. Three states: verified and passed (``passed``
+    True), verified and failed (False), written, not verified (``verify=False``: ``passed`` None,
+    ``verified`` False, exit 0). Truthy unless verification failed.
     """
 
     model: str
     output: str | None
-    passed: bool = False
+    passed: bool | None = False  # None: not verified (never PASSED, never FAILED)
+    verified: bool = True
     exit_code: int = EXIT_OK
     folded: list = field(default_factory=list)
     unfolded: list = field(default_factory=list)
@@ -44,7 +47,12 @@ class ConvertReport:
     versions: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return self.passed
+        return self.passed is not False
+
+    def mark_unverified(self) -> None:
+        """Written, not verified: its own state, neither PASSED nor FAILED."""
+        self.passed, self.verified = None, False
+        self.notes.append("written, not verified (verification was switched off)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -79,6 +87,7 @@ class CheckReport:
     differences: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     versions: dict = field(default_factory=dict)
+    from_file: dict = field(default_factory=dict)  # settings taken from the file's provenance (how to rebuild inputs)
 
     @property
     def passed(self) -> bool:
@@ -104,7 +113,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
                 "verification": self.verification.to_dict(), "provenance": self.provenance, "options": self.options,
-                "differences": self.differences, "notes": self.notes, "versions": self.versions}
+                "differences": self.differences, "notes": self.notes, "versions": self.versions, "from_file": self.from_file}
 
 
 LEVEL_NAMES = {"disable_all": "ORT_DISABLE_ALL", "default": "ORT_ENABLE_ALL", None: "-"}
@@ -118,8 +127,18 @@ def _fmt(x: float | None) -> str:
     return f"{x:.2e}"
 
 
-def _status(ok: bool) -> str:
+UNVERIFIED = "written, not verified"
+
+
+def _status(ok: bool | None) -> str:
+    """PASSED, FAILED, or for a report whose ``passed`` is None (``--no-verify``) its own state."""
+    if ok is None:
+        return f"[yellow]{UNVERIFIED.upper()}[/]"
     return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
+
+
+def _plain_status(ok: bool | None) -> str:
+    return UNVERIFIED.upper() if ok is None else "PASSED" if ok else "FAILED"
 
 
 def bn_folded(rep: dict[str, Any]) -> str:
@@ -179,7 +198,7 @@ def _explanation_line(verification: dict[str, Any] | None) -> str | None:
 
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{'PASSED' if rep['passed'] else 'FAILED'} {rep.get('model')}: {bn_folded(rep)} BatchNorm folded")
+        console.print(f"{_plain_status(rep['passed'])} {rep.get('model')}: {bn_folded(rep)} BatchNorm folded")
         return
     folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
     if folded or unfolded:
@@ -219,6 +238,9 @@ def render_verify(check: dict[str, Any], console) -> None:
     notes += [n for n in check.get("notes", []) if n not in notes]
     for note in notes:
         console.print(f"note: {note}")
+    if check.get("from_file"):
+        taken = ", ".join(f"{k} {v}" for k, v in check["from_file"].items())
+        console.print(f"from the file's provenance: {taken} (how the inputs are rebuilt; never the tolerance)", markup=False)
     for diff in check.get("differences", []):
         console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
     if _explanation_line(vr):
@@ -330,6 +352,8 @@ def config_table(summary: dict[str, Any], config: Any):
     for e in summary["conversions"]:
         rep = e.get("report") or {}
         res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
+        if e["exit_code"] == 0 and not e.get("skipped") and rep and rep.get("passed", True) is None:
+            res = UNVERIFIED
         t.add_row(e["name"], e["model"], e["output"], res, bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
     return t
 
@@ -345,6 +369,8 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
         result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
+        if e.get("exit_code") == 0 and rep and rep.get("passed", True) is None:
+            result = UNVERIFIED
         if e.get("skipped"):
             result = "unchanged (skipped)"
         note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")
