@@ -30,7 +30,7 @@ from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dty
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
-from bnfold.onnx_pass.io import bn_count, check_onnx_file, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.io import bn_count, check_onnx_file, load_onnx, opset_of, ort_blockers, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
 from bnfold.verification.explain import Explanation, explain_report
 from bnfold.verification.verify import VerifyReport, check_folded, reference_outputs, verify
@@ -461,12 +461,21 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
     return sets
 
 
+def check_runnable(blockers: list[str], src, fix: str) -> None:
+    """BadInputError before onnxruntime is handed an original it crashes on (``ort_blockers``)."""
+    if blockers:
+        raise BadInputError(f"cannot verify against '{src}': {blockers[0]}", fix)
+
+
 def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     with _stage(rep, "fold"):
-        proto = load_onnx(src)
+        repairs: list[str] = []
+        proto = load_onnx(src, repairs)
+        blockers = ort_blockers(proto)  # of the original, which verification runs in onnxruntime
         if opts.opset is not None and opset_of(proto) != opts.opset:
             proto = _convert_opset(proto, opts)
         plan = fold_onnx_proto(proto)
+        rep.notes.extend(repairs + plan.repairs)
         source = _source(opts)
         add_provenance(proto, provenance(opts, source, opset_of(proto), False))
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
@@ -480,6 +489,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     if not opts.verify:
         rep.mark_unverified()
         return
+    check_runnable(blockers, src, "re-export the original, or skip verification (--no-verify / verify=False)")
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))
@@ -547,7 +557,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         if "dynamic_batch" in opts.given:
             raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
-        load_onnx(obj)
+        check_runnable(ort_blockers(load_onnx(obj, [])), obj, "re-export the original")  # repairs onnxruntime makes itself pass
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
         reference = str(obj)
