@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bnfold import progress as progress_lines
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
 from bnfold.options import ALIASES, applies, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS, reword
-from bnfold.edges.load import parse_model_spec, spec_kind
+from bnfold.edges.load import cwd_on_path, parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
-from bnfold.report import SCHEMA_VERSION
+from bnfold.report import SCHEMA_VERSION, conversion_result
 from bnfold.edges.isolate import can_fork, death_error, supervise, Task, warm_up
 from bnfold.edges.usercode import as_error
 from bnfold.edges.paths import check_config_paths, module_source, RunReads, spec_files
@@ -156,6 +157,7 @@ def _module_exists(name: str) -> bool:
     before any user code runs): its source along sys.path, or an importable top-level package."""
     import importlib.util
 
+    cwd_on_path()  # found where the conversion will import it from
     try:
         return module_source(name) is not None or importlib.util.find_spec(name.split(".")[0]) is not None
     except (ImportError, ValueError):
@@ -282,32 +284,44 @@ def _supervised_outputs(entry: dict[str, Any]) -> tuple:
     return (*_outputs(entry), out + ".data", str(manifest_path(out)))
 
 
-def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool) -> None:
+def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debug: bool, done) -> None:
     """Each conversion in its own supervised child process, ``jobs`` at once (bnfold.edges.isolate):
     one that dies fails alone, with its own line; SIGINT/SIGTERM starts nothing new and raises
     KeyboardInterrupt once the running ones have unwound. One job in a process that already ran
-    torch (the API in a user's program) runs in this process."""
+    torch (the API in a user's program) runs in this process. ``done(result)`` as each one finishes."""
     n = min(jobs, len(todo)) or 1
     if n == 1 and not can_fork():  # the API in a process that already ran torch: in this process
         for i in todo:
             results[i] = run_one(entries[i], debug)
+            done(results[i])
         return
     threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
     if len(todo) > 1:
         warm_up()  # imported once here, not once per child
     tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}
-    finished = supervise(list(tasks.values()), jobs=n)
-    for i, task in tasks.items():
-        if task.status == "ok":
-            results[i] = task.result
-        elif task.status == "died":
-            err = death_error(task)
-            results[i] = _result(entries[i], exit_code=err.exit_code, error=f"the worker process running this conversion ended: {err}",
-                                 detail=str(err))
-        elif task.status == "error":
-            results[i] = _result(entries[i], exit_code=EXIT_MODEL, error=f"unexpected {task.result}", detail=f"unexpected {task.result}")
-    if not finished:
+    index = {id(t): i for i, t in tasks.items()}
+
+    def finished_one(task: Task) -> None:
+        i = index[id(task)]
+        results[i] = _task_result(entries[i], task)
+        if results[i] is not None:
+            done(results[i])
+
+    if not supervise(list(tasks.values()), jobs=n, on_done=finished_one):
         raise KeyboardInterrupt
+
+
+def _task_result(entry: dict[str, Any], task: Task) -> dict[str, Any] | None:
+    """A supervised conversion's line: its own result, or the error of a child that died or failed
+    (None when it was interrupted)."""
+    if task.status == "ok":
+        return task.result
+    if task.status == "died":
+        err = death_error(task)
+        return _result(entry, exit_code=err.exit_code, error=f"the worker process running this conversion ended: {err}", detail=str(err))
+    if task.status == "error":
+        return _result(entry, exit_code=EXIT_MODEL, error=f"unexpected {task.result}", detail=f"unexpected {task.result}")
+    return None
 
 
 def _make_parent(path) -> None:
@@ -319,9 +333,22 @@ def _make_parent(path) -> None:
             raise ConfigError(f"cannot create folder '{parent}': {err.strerror}", "choose a writable output folder") from err
 
 
+def _finished(lines, results: list, result: dict[str, Any]) -> None:
+    """The progress line of a conversion as it finishes: [k/N] name RESULT (why)."""
+    done = sum(r is not None for r in results)
+    why = "" if result.get("skipped") or result["exit_code"] == 0 else f" ({result.get('error') or result.get('detail') or ''})"
+    lines.step(f"[{done}/{len(results)}]", f"{result['name']} {conversion_result(result)}{why}")
+
+
 def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = False, report: str | Path | None = None,
                debug: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Validate ``config``, run every conversion, return (and optionally write) the summary."""
+    """Validate ``config``, run every conversion, return (and optionally write) the summary.
+    ``progress``: a line on stderr as each conversion finishes (bnfold.progress)."""
+    with progress_lines.reporting(progress) as lines:
+        return _run_config(config, jobs, skip_unchanged, report, debug, lines)
+
+
+def _run_config(config, jobs: int, skip_unchanged: bool, report, debug: bool, lines) -> dict[str, Any]:
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs {jobs!r} is not a positive integer", "run 1 or more jobs")
@@ -347,9 +374,12 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     for i, e in enumerate(entries):
         if skip_unchanged and is_unchanged(e):
             results[i] = _result(e, detail="unchanged since the run its manifest records", report=previous_report(e), skipped=True)
+            _finished(lines, results, results[i])
         else:
             todo.append(i)
-    _run_isolated(entries, todo, results, jobs, debug)
+    if todo:
+        lines.step("convert", f"{len(todo)} of {len(entries)} conversions" + (f", {min(jobs, len(todo))} jobs" if jobs > 1 else ""))
+    _run_isolated(entries, todo, results, jobs, debug, lambda r: _finished(lines, results, r))
     codes = [r["exit_code"] for r in results if r]
     summary = {"schema_version": SCHEMA_VERSION, "config": str(config), "exit_code": max(codes) if codes else EXIT_BAD_INPUT,
                "conversions": results, "versions": versions()}

@@ -196,6 +196,14 @@ def _explanation_line(verification: dict[str, Any] | None) -> str | None:
     return None if not exp else f"explanation: {exp['message']}"
 
 
+def not_run_lines(unavailable: list[dict[str, Any]], options: dict[str, Any] | None) -> list[str]:
+    """The warning for each provider the user asked for (providers, require_providers) that did not run;
+    a default one that did not (onnxruntime lists CUDA where its libraries are missing) is in the report only."""
+    options = options or {}
+    asked = set(options.get("providers") or ()) | set(options.get("require_providers") or ())
+    return [f"[yellow]provider {u['provider']} not run[/]: {u['reason']}" for u in unavailable if u["provider"] in asked]
+
+
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
         console.print(f"{_plain_status(rep['passed'])} {rep.get('model')}: {bn_folded(rep)} BatchNorm folded")
@@ -216,8 +224,8 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
             console.print(_effect_line(cal), markup=False)
     if rep.get("verification"):
         console.print(verification_table(rep["verification"]))
-    for u in rep.get("providers_unavailable", []):
-        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for line in not_run_lines(rep.get("providers_unavailable", []), rep.get("options")):
+        console.print(line)
     for note in rep.get("notes", []):
         console.print(f"note: {note}")
     if _explanation_line(rep.get("verification")):
@@ -232,8 +240,8 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
 def render_verify(check: dict[str, Any], console) -> None:
     vr = check["verification"]
     console.print(verification_table(vr))
-    for u in vr.get("providers_unavailable", []):
-        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for line in not_run_lines(vr.get("providers_unavailable", []), check.get("options")):
+        console.print(line)
     notes = list(vr.get("notes", []))
     notes += [n for n in check.get("notes", []) if n not in notes]
     for note in notes:
@@ -298,6 +306,16 @@ def calibration_table(cal: dict[str, Any]):
     return t
 
 
+def conversion_result(e: dict[str, Any]) -> str:
+    """A ``run_config`` conversion's result word: PASSED, FAILED, ERROR <exit code>, skipped (unchanged), or
+    UNVERIFIED ("written, not verified": verification was off)."""
+    rep = e.get("report") or {}
+    res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
+    if e["exit_code"] == 0 and not e.get("skipped") and rep and rep.get("passed", True) is None:
+        res = UNVERIFIED
+    return res
+
+
 PLOT_FORMATS = (".png", ".svg")
 PLOT_TOP = 20  # layers in the drift plot
 
@@ -351,10 +369,7 @@ def config_table(summary: dict[str, Any], config: Any):
         t.add_column(col, overflow="fold")
     for e in summary["conversions"]:
         rep = e.get("report") or {}
-        res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
-        if e["exit_code"] == 0 and not e.get("skipped") and rep and rep.get("passed", True) is None:
-            res = UNVERIFIED
-        t.add_row(e["name"], e["model"], e["output"], res, bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
+        t.add_row(e["name"], e["model"], e["output"], conversion_result(e), bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
     return t
 
 
