@@ -247,16 +247,18 @@ def compact_verification_table(verification: dict[str, Any]):
 
     runs = verification.get("runs", [])
     names = {o["name"] for run in runs for o in run["outputs"]}
+    agree = any(o.get("top1") is not None for run in runs for o in run["outputs"])  # logits-shaped outputs
     t = Table(title="Verification", title_justify="left", **LIGHT)
-    for col in ("checked", "on", *(("output",) if len(names) > 1 else ()), "max abs", "needs / atol", "result"):
+    for col in ("checked", "on", *(("output",) if len(names) > 1 else ()), "max abs", *(("top-1",) if agree else ()), "needs / atol", "result"):
         t.add_column(col, overflow="fold")
     float64 = False
     for run in runs:
         for o in run["outputs"]:
             against, vs64 = _against(o)
             float64 |= vs64
+            top1 = ("-" if o.get("top1") is None else f"{o['top1']:.3f}",) if agree else ()
             t.add_row(_checked(run), run["inputs"], *((o["name"],) if len(names) > 1 else ()), _fmt(o.get("max_abs_error")),
-                      against, _status(o["passed"]))
+                      *top1, against, _status(o["passed"]))
     if float64:
         t.caption = f"* against the float64 run: atol + {runs and _noise_k(runs)} x the model's own float32 error"
         t.caption_justify = "left"
