@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bnfold.errors import BadInputError, BnfoldError, ProviderError
+from bnfold.report import PLOT_FORMATS, need_matplotlib
 from bnfold.verification.providers import parse_providers, PROVIDERS
 from bnfold.edges.load import parse_shape, relocate_spec
 
@@ -127,6 +128,15 @@ def _p_out_path(v, via, key):
     if isinstance(v, str) and v.strip() and v.endswith(("/", os.sep)):
         raise OptionError(via, key, f"'{v}' names a folder (it ends with '/')", "give a file name, e.g. report.json")
     return _p_path(v, via, key)
+
+
+def _p_plot(v, via, key):
+    """The drift plot's path: .png or .svg, and matplotlib installed (checked here: before any work)."""
+    path = _p_out_path(v, via, key)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise OptionError(via, key, f"'{path}' is not a .png or .svg file", "name the plot e.g. drift.png or drift.svg")
+    need_matplotlib()
+    return path
 
 
 def _p_path(v, via, key):
@@ -300,6 +310,8 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV, metavar="cpu,cuda"),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output or skip it (the report says so).", (CONVERT,)),
     _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
+    _o("plot", "--plot", _p_plot, None, "Draw the BatchNorm layers whose stored running statistics drifted most from the population statistics "
+       "as a bar chart (.png or .svg; needs matplotlib: pip install 'bnfold[plot]').", (CONVERT, CALIBRATE), needs_calib=True, path=True, metavar="FILE"),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
     _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV, metavar="N"),

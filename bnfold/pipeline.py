@@ -21,7 +21,7 @@ from bnfold.edges.files import OutputSet, not_written_note, write_text_atomic
 from bnfold.edges import jsonio as json
 from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED, first_line
 from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
-from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport  # noqa: F401  (ConvertReport is public here too)
+from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport, write_drift_plot  # noqa: F401  (ConvertReport is public here too)
 from bnfold._version import __version__
 from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, stage
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
@@ -108,7 +108,7 @@ def resolve_model(model, opts: ConvertOptions):
     if isinstance(model, (str, Path)):
         spec = parse_model_spec(str(model))
         if spec.kind == "onnx":
-            for key in ("weights", "trust_pickle", "estimator"):
+            for key in ("weights", "trust_pickle", "estimator", "plot"):
                 if key in opts.given:
                     raise _err(via, key, "has no meaning for an ONNX model", "drop it, or pass the PyTorch model spec")
             return "onnx", Path(spec.target), str(model)
@@ -254,7 +254,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     output = check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None,
                               "--weights": None if opts.weights is None else str(opts.weights),
                               "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
-                             {"output": output, "--report": opts.report}, no_overwrite=[] if opts.overwrite else ["output"],
+                             {"output": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=[] if opts.overwrite else ["output"],
                              sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
@@ -284,6 +284,8 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
 
         peak = process_peak_rss_mb()
         rep.resources["peak_rss_mb"] = None if peak is None else round(peak, 1)
+        if opts.plot is not None and rep.calibration:  # how stale the statistics were: an output like the report
+            write_drift_plot(rep.calibration, opts.plot)
         if opts.report is not None:
             write_report(rep, opts.report)
     return rep
@@ -361,7 +363,7 @@ def _calibrate(rep, model, source, example: tuple, opts: ConvertOptions) -> None
     source.want_head(_sample_count(example, opts.dynamic_batch))
     with _stage(rep, "calibrate"):
         _, summary = run_calibration(model, source, estimator=opts.estimator.value, inplace=True, progress=opts.progress,
-                                     allow_tf32=opts.allow_tf32)
+                                     allow_tf32=opts.allow_tf32, effect=True)  # output_effect: on the batches of this pass
         rep.calibration = {**summary.to_dict(), "data_sha256": source.fingerprint}
 
 

@@ -6,10 +6,13 @@ conversions run in worker processes) render the same way.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterable
 
-from bnfold.errors import EXIT_OK, EXIT_VERIFY_FAILED
+from bnfold.edges.files import atomic_path
+from bnfold.errors import EXIT_OK, EXIT_VERIFY_FAILED, BadInputError
 
 SCHEMA_VERSION = 1
 
@@ -327,8 +330,12 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
             console.print(plan_table([], unfolded, title=f"BatchNorm layers left ({len(folded)} folded, not listed; --verbose lists them)"))
     cal = rep.get("calibration")
     if cal:
+        if verbose:
+            console.print(calibration_table(cal))
         console.print(f"calibration: {cal['estimator']} estimator, {cal['batches']} batches, {cal['samples']} samples"
                       + (f", {cal['world_size']} processes" if cal.get("world_size", 1) > 1 else ""))
+        if not verbose and _effect_line(cal):
+            console.print(_effect_line(cal), markup=False)
     if batch_warning(cal, rep.get("options")):
         console.print(f"[yellow]{batch_warning(cal, rep.get('options'))}[/]")
     if rep.get("verification"):
@@ -423,19 +430,90 @@ def render_inspect(plan: dict[str, Any], console, *, quiet: bool = False) -> Non
     console.print(f"{bn_folded(plan)} BatchNorm layers foldable (tracer: {plan['tracer']})")
 
 
-def calibration_table(cal: dict[str, Any]):
-    """``CalibrationSummary.to_dict()``: one row per BatchNorm layer."""
-    from rich.table import Table
+def _effect_line(cal: dict[str, Any]) -> str | None:
+    """How far the outputs moved between the running and the population statistics (``output_effect``)."""
+    eff = cal.get("output_effect")
+    if not eff:
+        return None
+    if eff.get("problem"):
+        return f"output effect: {eff['problem']}"
+    line = f"outputs on {eff['samples']} calibration samples, running → population statistics: max abs change {_fmt(eff['max_abs'])}"
+    line += f" (largest |output| {_fmt(eff['scale'])})" if eff.get("scale") is not None else ""
+    return line + (f", top-1 agreement {eff['top1_agreement']:.3f}" if eff.get("top1_agreement") is not None else "")
 
-    t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left", **LIGHT)
-    for col in ("BatchNorm", "values/channel", "mean change", "var change"):
+
+def by_drift(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers sorted by ``drift``, largest first: those whose stored statistics were unusable (``stored_problem``:
+    NaN, a negative variance) before all, those without a drift (not reached, no running statistics) last."""
+    def key(layer):
+        if layer.get("stored_problem"):
+            return (0, 0.0)
+        return (1, -layer["drift"]) if layer.get("drift") is not None else (2, 0.0)
+    return sorted(layers, key=key)
+
+
+def calibration_table(cal: dict[str, Any]):
+    """``CalibrationSummary.to_dict()``: one row per BatchNorm layer, the most drifted first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    effect = _effect_line(cal)  # plain text: an error message in it may hold [brackets]
+    t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left",
+              caption=None if effect is None else Text(effect), caption_justify="left", **LIGHT)
+    for col in ("BatchNorm", "values/channel", "mean change", "var change", "mean shift/σ", "var ratio", "drift"):
         t.add_column(col)
     fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-    for layer in cal["layers"]:
+    for layer in by_drift(cal["layers"]):
         vpc = layer.get("values_per_channel") or ["-"]
+        problem = layer.get("stored_problem")
         t.add_row(layer["name"], "not reached" if not layer["reached"] else f"{vpc[0]}–{vpc[1]}",
-                  fmt(layer.get("mean_change")), fmt(layer.get("var_change")))
+                  fmt(layer.get("mean_change")), fmt(layer.get("var_change")), fmt(layer.get("mean_shift_std")),
+                  fmt(layer.get("var_ratio")), f"∞ (stored: {problem})" if problem else fmt(layer.get("drift")))
     return t
+
+
+PLOT_FORMATS = (".png", ".svg")
+PLOT_TOP = 20  # layers in the drift plot
+
+
+def need_matplotlib() -> None:
+    """The drift plot's one dependency, checked before any work (``--plot``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadInputError("the plot needs matplotlib: pip install 'bnfold[plot]'") from None
+
+
+def write_drift_plot(cal: dict[str, Any], path: str | Path, top: int = PLOT_TOP) -> Path:
+    """A horizontal bar chart of the ``top`` most drifted BatchNorm layers of ``CalibrationSummary.to_dict()``
+    (drift, labelled with the mean shift and the variance ratio), written atomically to ``path`` (.png or .svg;
+    inside an open OutputSet it commits with the run's other outputs)."""
+    need_matplotlib()
+    from matplotlib.figure import Figure
+
+    layers = [layer for layer in by_drift(cal["layers"]) if layer.get("drift") is not None or layer.get("stored_problem")][:top][::-1]
+    fig = Figure(figsize=(8, 1.2 + 0.32 * max(len(layers), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    # the most drifted at the top; unusable stored statistics (infinitely stale) as a full-length hatched red bar
+    longest = max((layer["drift"] for layer in layers if layer.get("drift") is not None), default=1.0) or 1.0
+    bars = ax.barh([layer["name"] for layer in layers], [longest if layer.get("stored_problem") else layer["drift"] for layer in layers],
+                   color=["tab:red" if layer.get("stored_problem") else "tab:orange" for layer in layers])
+    for bar, layer in zip(bars, layers):
+        bar.set_hatch("//" if layer.get("stored_problem") else None)
+    g = lambda x, spec: "-" if x is None else format(x, spec)
+    labels = [f" ∞: stored {layer['stored_problem']}" if layer.get("stored_problem")
+              else f" shift {g(layer['mean_shift_std'], '.2g')}σ, var ×{g(layer['var_ratio'], '.3g')}" for layer in layers]
+    ax.bar_label(bars, labels, fontsize=8)
+    ax.margins(x=0.35)
+    ax.set_xlabel("drift: RMS change of the normalised activation (max over channels)")
+    title = f"BatchNorm drift, running vs population statistics ({cal['estimator']}, {cal['samples']} samples)"
+    if not layers:
+        ax.text(0.5, 0.5, "no layer had running statistics to compare", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(textwrap.fill(title + (f"; {_effect_line(cal)}" if _effect_line(cal) else ""), 110), fontsize=9, loc="left")
+    fmt = Path(path).suffix.lower().lstrip(".")
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return Path(path)
 
 
 def _config_result(e: dict[str, Any]) -> str:

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "digits"
 SAMPLE_SPEC = f"{SAMPLE / 'model.py'}:build"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (README's test command: -n auto) the cores are shared by the workers.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

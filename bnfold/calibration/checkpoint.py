@@ -16,12 +16,13 @@ from bnfold.edges.load import load_model, parse_model_spec
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.errors import BadInputError, BnfoldError
 from bnfold.options import CALIBRATE, ConvertOptions, reword
+from bnfold.report import write_drift_plot
 
 
 def calibrate_checkpoint(model: str, output: str | Path, *, options: ConvertOptions | None = None, **kw) -> CalibrationSummary | None:
     """Build ``model`` (a spec: ``file.py:fn`` or ``pkg.mod:fn``, loaded with ``weights=``), calibrate
-    it on ``calib`` and write its state_dict to ``output`` and, with ``report=``, a JSON report: both
-    land or neither. Keywords are the ``calibrate`` options of ``bnfold.options.OPTIONS`` (or pass one
+    it on ``calib`` and write its state_dict to ``output`` and, with ``report=``, a JSON report (and with ``plot=`` the drift plot): all
+    land or none. Keywords are the ``calibrate`` options of ``bnfold.options.OPTIONS`` (or pass one
     ``ConvertOptions``). Returns the summary.
 
     Under torchrun (WORLD_SIZE > 1) each process takes every N-th batch and the statistics are
@@ -40,13 +41,13 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     if parse_model_spec(model).kind == "onnx":
         raise BadInputError("calibration needs the PyTorch model", "pass path/file.py:factory, not a .onnx file")
     check_run_paths({"model": spec_files(model), "--weights": opts.weights, "--calib": spec_files(opts.calib)},
-                    {"-o": output, "--report": opts.report}, no_overwrite=[] if opts.overwrite else ["-o"])
+                    {"-o": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=[] if opts.overwrite else ["-o"])
     m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
     batches = load_batches(opts.calib, opts.batch_size)
     rank, world = _join_torchrun()
     try:
         calibrated, summary = run_calibration(m, batches[rank::world], estimator=opts.estimator.value, inplace=True,
-                                              progress=opts.progress and rank == 0, allow_tf32=opts.allow_tf32)
+                                              progress=opts.progress and rank == 0, allow_tf32=opts.allow_tf32, effect=True)
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -58,6 +59,8 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     torch.save(calibrated.state_dict(), buf)
     with OutputSet():  # the state_dict and the report land together or not at all
         write_bytes_atomic(output, buf.getvalue())
+        if opts.plot is not None:
+            write_drift_plot(summary.to_dict(), opts.plot)
         if opts.report is not None:
             write_text_atomic(opts.report, json.dumps({"calibration": summary.to_dict(), "output": str(output)}, indent=2) + "\n")
     return summary

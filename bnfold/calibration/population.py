@@ -13,22 +13,48 @@ leaves exactly μ_b and the unbiased m_b/(m_b−1)·σ²_b of the batch in ``run
 a forward hook adds those (C values per layer) into float64 accumulators. With torch.distributed
 initialised the accumulated sums and counts are all-reduced, so N ranks over disjoint shards give
 the statistics of one process over all batches.
+
+How stale the stored statistics were (per layer, in the summary; ``eps`` is the layer's own):
+
+* ``mean_shift_std``: max over channels of |μ_running − μ_pop| / sqrt(σ²_pop + eps) (``mean_shift_std_mean``: the mean)
+* ``var_ratio``: max over channels of max(r, 1/r), r = (σ²_running + eps) / (σ²_pop + eps): 1 when they agree
+  (``var_ratio_gmean``: the geometric mean of max(r, 1/r))
+* ``drift``: max over channels of the RMS change of the normalised activation x̂ = (x − μ)/sqrt(σ² + eps)
+  when the running statistics replace the population ones, for x with the population's mean and variance:
+  sqrt( ((μ_pop − μ_running)/s_running)² + σ²_pop·(1/s_running − 1/s_pop)² ), s = sqrt(σ² + eps).
+  In units of x̂'s std (1 for σ² ≫ eps): 0.1 means BN's output moves by a tenth of its spread.
+  ``drift_order`` names the layers, largest drift first.
+* ``stored_problem``: what made the stored statistics unusable (NaN/Inf, a negative variance), else None.
+  Such a layer is infinitely stale: it comes first in ``drift_order``; its drift fields that cannot be
+  computed are None (JSON null). Calibration itself never reads the stored statistics (it resets the
+  buffers before the first batch): a NaN ``running_mean`` is replaced like any other.
+
+``output_effect`` (``run_calibration(effect=True)``): on the first calibration batches (kept from the one
+pass, at most EFFECT_BATCHES batches and about EFFECT_SAMPLES samples), how far the model's outputs move in
+eval mode between the running statistics it came with and the population statistics.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from bnfold.edges.data import as_batch, as_source, call_model, model_dtype_device, prepare
+from bnfold.edges.data import as_batch, as_source, call_model, eval_mode, model_dtype_device, prepare
 from bnfold.errors import CalibrationError, DataError, first_line
-from bnfold.verification.runners import tf32
+from bnfold.report import by_drift
+from bnfold.verification.compare import topk_agreement
+from bnfold.verification.runners import flatten_outputs, tf32
 
 ESTIMATORS = ("paper", "pooled")
+EFFECT_BATCHES, EFFECT_SAMPLES = 4, 256  # calibration batches kept for output_effect
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_DRIFT = ("mean_shift_std", "mean_shift_std_mean", "var_ratio", "var_ratio_gmean", "drift")
+_NO_DRIFT = {**dict.fromkeys(_DRIFT), "stored_problem": None}  # a layer without stored statistics, or not reached
 
 
 @dataclass
@@ -38,6 +64,8 @@ class CalibrationSummary:
     samples: int = 0
     world_size: int = 1
     layers: list[dict[str, Any]] = field(default_factory=list)
+    drift_order: list[str] = field(default_factory=list)  # layers with a drift, largest first
+    output_effect: dict[str, Any] | None = None  # {batches, samples, max_abs, scale, top1_agreement}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,8 +146,40 @@ def _bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     return [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _host_table(names: list[str], results: dict, saved: dict) -> list[list]:
-    """[finite, ‖Δmean‖, ‖old mean‖, ‖Δvar‖, ‖old var‖] per layer, with a single device→host copy."""
+def _drift(mean: torch.Tensor, var: torch.Tensor, old_m: torch.Tensor, old_v: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    """[mean_shift_std, its mean, var_ratio, its geometric mean, drift] of one layer (module docstring), float64 on the device."""
+    m, v = mean.to(torch.float64), var.to(torch.float64).clamp_min(0)
+    om, ov = old_m.to(device=m.device, dtype=torch.float64), old_v.to(device=m.device, dtype=torch.float64).clamp_min(0)
+    s_pop, s_run = (v + eps).sqrt(), (ov + eps).sqrt()
+    shift = (om - m).abs() / s_pop
+    log_ratio = ((ov + eps).log() - (v + eps).log()).abs()  # |log r|: max(r, 1/r) = exp(|log r|)
+    drift = (((m - om) / s_run).square() + v * (1 / s_run - 1 / s_pop).square()).sqrt()
+    # what was wrong with the stored statistics, as bits (_stored_problem): reported, never a crash
+    bad = ((~torch.isfinite(om).all()).double() + 2 * (~torch.isfinite(ov).all()).double()
+           + 4 * (old_v.to(device=m.device, dtype=torch.float64) < 0).any().double())
+    return [shift.max(), shift.mean(), log_ratio.max().exp(), log_ratio.mean().exp(), drift.max(), bad]
+
+
+def _stored_problem(bits: int) -> str | None:
+    """What made a layer's stored statistics unusable (``_drift``'s bits), None when they were usable."""
+    words = [w for b, w in ((1, "NaN/Inf in running_mean"), (2, "NaN/Inf in running_var"), (4, "negative running_var")) if bits & b]
+    return ", ".join(words) or None
+
+
+def _drift_fields(values: list[float | None]) -> dict[str, Any]:
+    """The summary's drift fields from ``_drift``'s host values: None where a value is not finite, and the
+    variance-based ones None too when the stored variances were unusable (a negative one is clamped above)."""
+    *fields, bits = values
+    out = dict(zip(_DRIFT, (x if x is not None and math.isfinite(x) else None for x in fields)))
+    problem = _stored_problem(int(bits or 0))
+    if problem is not None and int(bits) & 6:
+        out.update(var_ratio=None, var_ratio_gmean=None, drift=None)
+    return {**out, "stored_problem": problem}
+
+
+def _host_table(names: list[str], results: dict, saved: dict, eps: dict) -> list[list]:
+    """[finite, ‖Δmean‖, ‖old mean‖, ‖Δvar‖, ‖old var‖, *_drift] per layer, with a single device→host copy
+    (the drift entries are NaN for a layer that had no running statistics)."""
     rows = []
     target = results[names[0]][0].device
     for n in names:
@@ -133,9 +193,11 @@ def _host_table(names: list[str], results: dict, saved: dict) -> list[list]:
             else:
                 o = old.to(device=new.device, dtype=torch.float64)
                 row += [torch.linalg.vector_norm(new.to(torch.float64) - o), torch.linalg.vector_norm(o)]
+        nan = mean.new_full((), float("nan"), dtype=torch.float64)
+        row += [nan] * len(_DRIFT) + [nan.new_zeros(())] if old_m is None else _drift(mean, var, old_m, old_v, eps[n])
         rows.append(torch.stack(row).to(target))
     table = torch.stack(rows).tolist()
-    return [[bool(r[0]), *r[1:]] for r in table]
+    return [[bool(r[0]), *r[1:5], _drift_fields(r[5:])] for r in table]
 
 
 def _ratio(diff: float, denom: float) -> float | None:
@@ -194,6 +256,11 @@ class _Run:
                 bn.register_buffer("running_mean", torch.zeros(bn.num_features, dtype=self.dtype, device=self.device))
                 bn.register_buffer("running_var", torch.ones(bn.num_features, dtype=self.dtype, device=self.device))
                 bn.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=self.device))
+            else:  # calibration replaces statistics, it never reads the old ones: with momentum 1, torch still
+                # computes 0·old, and a NaN/Inf stored statistic would survive it (saved above for the drift report)
+                with torch.no_grad():
+                    bn.running_mean.zero_()
+                    bn.running_var.fill_(1)
             bn.track_running_stats = True
             bn.momentum = 1.0
             bn.train()
@@ -234,20 +301,21 @@ class _Run:
             _restore(bn, self.saved[name])
 
     def statistics(self) -> tuple[dict, dict]:
-        """Every reached layer's (mean, var) and its (mean change, var change), checked finite.
+        """Every reached layer's (mean, var) and its (mean change, var change, drift fields), checked finite.
 
         One host transfer for the whole run (no sync per batch or per layer): finiteness of every
         layer's statistics and the norms of their changes, computed on the device, then .tolist()."""
         reached = self.order + [n for n, _ in self.bns if self.accs[n].calls and n not in self.order]  # forward order first
         results = {n: self.accs[n].result() for n in reached}
-        table = _host_table(reached, results, self.saved) if reached else []
-        for n, (ok, dm, m0, dv, v0) in zip(reached, table):
+        eps = {name: float(bn.eps) for name, bn in self.bns}
+        table = _host_table(reached, results, self.saved, eps) if reached else []
+        for n, (ok, *_) in zip(reached, table):
             if not ok:
                 raise CalibrationError(
                     f"non-finite activations reach BN layer '{n}' during calibration",
                     "check the data for extreme values and the layers before it",
                 )
-        return results, {n: (_ratio(dm, m0), _ratio(dv, v0)) for n, (ok, dm, m0, dv, v0) in zip(reached, table)}
+        return results, {n: (_ratio(dm, m0), _ratio(dv, v0), drift) for n, (ok, dm, m0, dv, v0, drift) in zip(reached, table)}
 
     def install(self, summary: CalibrationSummary) -> None:
         """Write the population statistics into the BN layers (an unreached one keeps its own)."""
@@ -256,7 +324,7 @@ class _Run:
             acc, old = self.accs[name], self.saved[name]
             if acc.calls == 0:
                 _restore(bn, old)
-                summary.layers.append({"name": name, "reached": False, "mean_change": None, "var_change": None})
+                summary.layers.append({"name": name, "reached": False, "mean_change": None, "var_change": None, **_NO_DRIFT})
                 continue
             mean, var = results[name]
             with torch.no_grad():
@@ -267,13 +335,15 @@ class _Run:
                 else:
                     bn.num_batches_tracked.fill_(acc.calls)
             bn.momentum = old["momentum"]
-            mean_change, var_change = changes[name] if old["mean"] is not None else (None, None)
+            mean_change, var_change, drift = changes[name] if old["mean"] is not None else (None, None, _NO_DRIFT)
             summary.layers.append({"name": name, "reached": True, "batch_statistics": acc.calls,
-                                   "values_per_channel": [acc.m_min, acc.m_max], "mean_change": mean_change, "var_change": var_change})
+                                   "values_per_channel": [acc.m_min, acc.m_max], "mean_change": mean_change, "var_change": var_change, **drift})
+        summary.drift_order = [layer["name"] for layer in by_drift(summary.layers) if layer["drift"] is not None or layer["stored_problem"]]
 
 
-def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None) -> None:
-    """One forward pass per batch, counted in ``summary``."""
+def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None,
+          kept: list | None = None) -> None:
+    """One forward pass per batch, counted in ``summary``; the first batches into ``kept`` (output_effect)."""
     from rich.progress import Progress
 
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -293,6 +363,8 @@ def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: b
                     f"the model rejected calibration batch {i}: {type(err).__name__}: {first_line(err)}",
                     "check that the data matches the model's inputs (shape, dtype, number of inputs)",
                 ) from err
+            if kept is not None and len(kept) < EFFECT_BATCHES and sum(b.size for b in kept) < EFFECT_SAMPLES:
+                kept.append(batch)
             summary.batches += 1
             summary.samples += batch.size
             bar.advance(task)
@@ -307,8 +379,10 @@ def run_calibration(
     batch_size: int | None = None,
     progress: bool = False,
     allow_tf32: bool | None = False,
+    effect: bool = False,
 ) -> tuple[nn.Module, CalibrationSummary]:
-    """Calibrate and return (model with population statistics, summary)."""
+    """Calibrate and return (model with population statistics, summary). ``effect``: also measure how far
+    the outputs move on the first calibration batches (``summary.output_effect``, module docstring)."""
     if estimator not in ESTIMATORS:
         raise DataError(f"unknown estimator '{estimator}'", f"use one of {', '.join(ESTIMATORS)}")
     if not isinstance(model, nn.Module):
@@ -320,9 +394,10 @@ def run_calibration(
     batches: Iterable = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
     run = _Run(work, estimator)  # saves everything it touches, so that it can be restored (on success and on failure)
     flags = {m: m.training for m in work.modules()}
+    kept: list | None = [] if effect else None
     try:
         run.attach()
-        _feed(run, batches, summary, progress, allow_tf32)
+        _feed(run, batches, summary, progress, allow_tf32, kept)
         if summary.world_size > 1:
             summary.batches, summary.samples = _all_reduce(list(run.accs.values()), summary.batches, summary.samples)
         if summary.batches == 0:
@@ -336,7 +411,60 @@ def run_calibration(
             h.remove()
         for m, flag in flags.items():
             m.training = flag
+    if kept:
+        with tf32(allow_tf32):
+            summary.output_effect = _output_effect(run, kept)
     return work, summary
+
+
+def _bn_state(bn) -> tuple:
+    return (bn.track_running_stats, *(getattr(bn, b, None) for b in _BUFFERS))
+
+
+def _set_state(bns: list, states: dict) -> None:
+    """Swap whole buffers in (no copy): the running statistics of ``states`` become the layers' own."""
+    for name, bn in bns:
+        bn.track_running_stats, *buffers = states[name]
+        for b, t in zip(_BUFFERS, buffers):
+            if t is not None or b in bn._buffers:
+                bn.register_buffer(b, t)
+
+
+def _output_effect(run: _Run, kept: list) -> dict[str, Any]:
+    """Outputs in eval mode with the running statistics the model came with against the population ones, batch
+    by batch on ``kept``: the largest absolute change (``scale``: the largest |output|, for reference) and, for
+    outputs shaped like logits, the share of rows whose argmax stays (the worst output's; None without one)."""
+    population = {name: _bn_state(bn) for name, bn in run.bns}
+    running = {name: (s["track"], s["mean"], s["var"], s["nbt"]) for name, s in run.saved.items()}
+    diffs, agree = [], {}  # device scalars, one host copy at the end; name -> [agreeing rows, rows]
+    try:
+        with torch.no_grad(), eval_mode(run.work):
+            for batch in kept:
+                _set_state(run.bns, running)
+                before = flatten_outputs(call_model(run.work, batch))
+                _set_state(run.bns, population)
+                after = flatten_outputs(call_model(run.work, batch))
+                for (name, a), (_, b) in zip(before, after):
+                    if not (a.is_floating_point() and b.is_floating_point() and a.shape == b.shape and a.numel()):
+                        continue
+                    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+                    diffs.append(torch.stack([(a64 - b64).abs().max(), b64.abs().max(), (~torch.isfinite(a64).all()).double()]).cpu())
+                    top1, _ = topk_agreement(a64.cpu().numpy(), b64.cpu().numpy()) if a.dim() == 2 else (None, None)
+                    if top1 is not None:
+                        hits = agree.setdefault(name, [0.0, 0])
+                        hits[0], hits[1] = hits[0] + top1 * a.shape[0], hits[1] + a.shape[0]
+    except Exception as err:  # noqa: BLE001 — a measurement: it never fails the calibration
+        return {"batches": len(kept), "samples": sum(b.size for b in kept), "max_abs": None, "scale": None, "top1_agreement": None,
+                "problem": f"not measured: {type(err).__name__}: {first_line(err)}"}
+    finally:
+        _set_state(run.bns, population)
+    worst = torch.stack(diffs).amax(0).tolist() if diffs else [None, None, 0.0]
+    finite = lambda x: x if x is None or math.isfinite(x) else None
+    effect = {"batches": len(kept), "samples": sum(b.size for b in kept), "max_abs": finite(worst[0]), "scale": finite(worst[1]),
+              "top1_agreement": min((h / n for h, n in agree.values()), default=None)}
+    if worst[2]:  # unusable stored statistics (stored_problem): the model's own outputs were not finite
+        effect.update(max_abs=None, top1_agreement=None, problem="the outputs with the stored running statistics are not finite (NaN/Inf)")
+    return effect
 
 
 def _restore(bn, old) -> None:

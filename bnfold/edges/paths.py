@@ -138,7 +138,7 @@ def check_run_paths(
 
 def check_config_paths(config: PathLike, entries: list[dict], report: PathLike | None = None) -> None:
     """``check_run_paths`` for a whole batch: every entry's inputs and outputs (ONNX file, its external
-    data, report, manifest), the config file and the summary report, checked against each other."""
+    data, report, manifest, plot), the config file and the summary report, checked against each other."""
 
     inputs: dict[str, object] = {"the config file": config}
     outputs: dict[str, object] = {}
@@ -146,7 +146,7 @@ def check_config_paths(config: PathLike, entries: list[dict], report: PathLike |
     for i, e in enumerate(entries):
         tag, opts = f"conversion #{i + 1} ({e['name']})", e["options"]
         inputs.update({f"{tag} model": spec_files(e["model"]), f"{tag} weights": opts.weights, f"{tag} calib": spec_files(opts.calib)})
-        outputs.update({f"{tag} output": e["output"], f"{tag} report": opts.report})
+        outputs.update({f"{tag} output": e["output"], f"{tag} report": opts.report, f"{tag} plot": opts.plot})
         sidecars[f"{tag} output"] = [".data", ".manifest.json"]
     outputs["--report"] = report
     try:
