@@ -459,7 +459,7 @@ def calibration_table(cal: dict[str, Any]):
 
     effect = _effect_line(cal)  # plain text: an error message in it may hold [brackets]
     t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left",
-              caption=None if effect is None else Text(effect), caption_justify="left", **LIGHT)
+              caption=None if effect is None else Text(effect), caption_justify="left")
     for col in ("BatchNorm", "values/channel", "mean change", "var change", "mean shift/σ", "var ratio", "drift"):
         t.add_column(col)
     fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
