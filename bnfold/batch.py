@@ -205,7 +205,7 @@ def _failure_detail(rep) -> str | None:
             if not o.get("passed"):
                 return (f"verification failed: {run['target']} {run['provider']} {run.get('graph_optimization') or ''} "
                         f"{run['inputs']} {o['name']}: {o.get('problem') or 'not within tolerance'}").replace("  ", " ")
-    return "verification failed" if not rep.passed else None
+    return "verification failed" if rep.passed is False else None
 
 
 def _result(entry: dict[str, Any], **kw) -> dict[str, Any]:
@@ -226,7 +226,7 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
         with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
             rep = convert(entry["model"], None, entry["output"], options=entry["options"])
             result.update(report=rep.to_dict(), exit_code=rep.exit_code, detail=_failure_detail(rep))
-            if rep.passed and rep.export.get("path"):
+            if rep and rep.export.get("path"):  # passed, or written, not verified
                 manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
                 write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
         return result

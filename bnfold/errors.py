@@ -106,3 +106,12 @@ class ModelError(BnfoldError):
 class ExportError(ModelError):
     """torch.onnx.export or onnx.checker failed (exit 3)."""
 
+
+def inputs_rejected(inputs, err: BaseException, what: str = "inputs", fix: str | None = None) -> BadInputError:
+    """The one error for a model that refuses the inputs it was given (its forward raised on them):
+    bad input (exit 2) naming their shapes and the model's own first line, for ``convert``, ``inspect``
+    and the API's ``verify`` alike. ``inputs``: the tensors (anything with ``.shape``)."""
+    shapes = ", ".join(str(list(t.shape)) for t in inputs if hasattr(t, "shape")) or "(none)"
+    return BadInputError(f"the model rejected {what} of shape {shapes}: {first_line(err)[:200]}",
+                         fix or "pass inputs the model accepts (rank, channels, size)")
+

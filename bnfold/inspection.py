@@ -8,7 +8,7 @@ from bnfold.errors import BnfoldError
 from bnfold.onnx_pass.fold import fold_onnx_proto
 from bnfold.onnx_pass.io import load_onnx
 from bnfold.options import INSPECT, ConvertOptions, OptionError, reword
-from bnfold.pipeline import random_inputs
+from bnfold.pipeline import check_example, random_inputs
 from bnfold.plan import FoldPlan
 from bnfold.torch_pass.fold import inspect
 
@@ -29,6 +29,8 @@ def inspect_spec(model: str, *, options: ConvertOptions | None = None, **kw) -> 
             return fold_onnx_proto(load_onnx(spec.target))
         m = load_model(spec, opts.weights, trust_pickle=opts.trust_pickle)
         example = random_inputs(opts.input_shape, model_dtype_device(m)[0]) if opts.input_shape else None
+        if example is not None:  # a shape the model rejects is bad input (exit 2), as in convert
+            check_example(m, example, opts)
         return inspect(m, example)
     except BnfoldError as err:  # options named as the caller spells them (--weights, weights=)
         raise reword(err, opts.via)

@@ -19,7 +19,7 @@ from typing import Any
 
 from bnfold.edges.files import OutputSet, not_written_note, write_text_atomic
 from bnfold.edges import jsonio as json
-from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED, first_line
+from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILED, first_line, inputs_rejected
 from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
 from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport, write_drift_plot  # noqa: F401  (ConvertReport is public here too)
 from bnfold._version import __version__
@@ -29,7 +29,7 @@ from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dty
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
-from bnfold.onnx_pass.io import check_onnx_file, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.io import bn_count, check_onnx_file, load_onnx, opset_of, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
 from bnfold.verification.explain import Explanation, explain_report
 from bnfold.verification.verify import VerifyReport, check_folded, reference_outputs, verify
@@ -76,7 +76,7 @@ def weight_bytes(model) -> int:
 
 
 def _graph_counts(proto) -> dict[str, int]:
-    return {"nodes": len(proto.graph.node), "batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node)}
+    return {"nodes": len(proto.graph.node), "batchnorm_nodes": bn_count(proto)}
 
 
 def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
@@ -200,16 +200,16 @@ def read_provenance(path: str | Path) -> dict[str, str]:
 
 
 def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
-    """Option values an artifact was made with, as ConvertOptions fields (for ``bnfold verify``)."""
+    """Option values an artifact was made with that say how to rebuild its inputs (estimator, batch size,
+    dynamic batch, seed), as ConvertOptions fields (for ``bnfold verify``). Never the tolerance: the
+    pass criterion comes from bnfold's defaults or the caller, not from the file being checked (trust
+    rule "PASSED means compared", docs/trust.md)."""
     out: dict[str, Any] = {}
     with contextlib.suppress(ValueError, KeyError, TypeError):
         if prov.get("estimator"):
             out["estimator"] = Estimator(prov["estimator"])
         if prov.get("batch_size"):
             out["batch_size"] = int(prov["batch_size"])
-        for k in ("atol", "rtol"):
-            if prov.get(k) not in (None, "", "null"):
-                out[k] = json.loads(prov[k])
         if prov.get("dynamic_batch"):
             out["dynamic_batch"] = prov["dynamic_batch"] == "true"
         if prov.get("seed"):
@@ -241,8 +241,9 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     ``example_inputs``: a tensor or tuple of tensors, or None with ``input_shape=``.
     Keywords are the options of ``bnfold convert`` (see ``bnfold.options.OPTIONS``): ``calib`` takes
     every data form (a path, ``module:fn``, a tensor, a list, (input, label) pairs, dicts, a
-    DataLoader, an IterableDataset, a generator). Returns a ConvertReport (truthy when verification
-    passed); the JSON report is written to ``report`` when given.
+    DataLoader, an IterableDataset, a generator). Returns a ConvertReport (falsy only when verification
+    failed; with ``verify=False`` its ``passed`` is None: written, not verified); the JSON report is
+    written to ``report`` when given.
     """
     opts = ConvertOptions.resolve(options, kw, CONVERT)
     if output is None:
@@ -273,14 +274,14 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             held = [copy.deepcopy(obj) if obj is model else obj]
             del obj
             _convert_torch(rep, held, example, staged, opts, _rebuilder(model, opts))
-        if rep.passed or opts.keep_failed:
+        if rep or opts.keep_failed:  # passed, or written, not verified
             rep.export["path"] = str(output)
         else:
             rep.export["path"] = None
             data = rep.export.get("external_data")
             outs.discard(output, *([output.parent / data] if data else []))
             rep.notes.append(not_written_note(output))
-        rep.exit_code = EXIT_OK if rep.passed else EXIT_VERIFY_FAILED
+        rep.exit_code = EXIT_OK if rep else EXIT_VERIFY_FAILED
 
         peak = process_peak_rss_mb()
         rep.resources["peak_rss_mb"] = None if peak is None else round(peak, 1)
@@ -345,17 +346,20 @@ def _check_opset(opts: ConvertOptions) -> None:
 
 
 def _check_inputs(rep, model, example: tuple, opts: ConvertOptions) -> None:
+    with _stage(rep, "check_inputs"):
+        check_example(model, example, opts)
+
+
+def check_example(model, example: tuple, opts: ConvertOptions) -> None:
+    """The model runs on its example inputs, or bad input (exit 2) naming their shapes and the option
+    (``convert`` and ``inspect`` alike)."""
     import torch
 
-    with _stage(rep, "check_inputs"):
-        try:
-            with torch.no_grad(), eval_mode(model):
-                call_model(model, Batch(example, {}))
-        except Exception as err:
-            shapes = ", ".join(str(list(t.shape)) for t in example)
-            first = first_line(err)
-            raise BadInputError(f"the model rejected example inputs of shape {shapes}: {first[:200]}",
-                                f"check {opts.via.key('input_shape').strip()} (rank, channels, size)") from err
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, Batch(example, {}))
+    except Exception as err:
+        raise inputs_rejected(example, err, "example inputs", f"check {opts.via.key('input_shape').strip()} (rank, channels, size)") from err
 
 
 def _calibrate(rep, model, source, example: tuple, opts: ConvertOptions) -> None:
@@ -405,7 +409,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
         _record_plan(rep, plan)
         got = opset_of(proto)  # the asked-for opset: _export_ir refuses any other
         add_provenance(proto, provenance(opts, source, got, source is not None))
-        counts = {"batchnorm_nodes": sum(n.op_type == "BatchNormalization" for n in proto.graph.node), "nodes": len(proto.graph.node)}
+        counts = _graph_counts(proto)
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data", check=False)
         del proto
         if not opts.verify:  # otherwise onnxruntime loads (and checks) the file in verify
@@ -413,8 +417,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
     rep.export = {"path": None, "opset": got, "exporter": exporter, "sha256": info["sha256"], "bytes": info["bytes"],
                   "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts, "before": before}
     if not opts.verify:
-        rep.passed = True
-        rep.notes.append("verification skipped (verify off)")
+        rep.mark_unverified()
         return
     with _stage(rep, "verify"):
         return_freed_memory()  # the proto and the module are gone: sessions start lower
@@ -472,8 +475,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNormalization node: written and verified as it is")
     if not opts.verify:
-        rep.passed = True
-        rep.notes.append("verification skipped (verify off)")
+        rep.mark_unverified()
         return
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
@@ -508,9 +510,11 @@ def _convert_opset(proto, opts: ConvertOptions):
 def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options: ConvertOptions | None = None, **kw) -> CheckReport:
     """Verify an existing ONNX artifact against its source (an nn.Module, a model spec or the original .onnx).
 
-    Options the artifact records (estimator, batch size, tolerances, seed, dynamic batch: its
-    ``bnfold.*`` metadata) are the defaults; given options win. With ``calib``, the PyTorch
-    reference is calibrated as ``convert`` did and samples of the data join the random inputs. When
+    Options the artifact records that say how to rebuild its inputs (estimator, batch size, seed,
+    dynamic batch: its ``bnfold.*`` metadata) are the defaults, given options win, and ``from_file``
+    names the ones taken; the tolerance it records is never used (bnfold's defaults or the caller's).
+    With ``calib``, the PyTorch reference is calibrated as ``convert`` did and samples of the data
+    join the random inputs. When
     verification fails, every difference from how the artifact was made is named in ``differences``.
     Returns a CheckReport (truthy when it passed).
     """
@@ -526,14 +530,16 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     prov = read_provenance(onnx_path)
     made = provenance_defaults(prov)
-    if prov.get("calibrated") == "true" and opts.calib is not None:
-        # batch size only for data that bnfold cuts into batches (files); a DataLoader has its own
-        keys = ("estimator", "batch_size") if isinstance(opts.calib, (str, Path)) else ("estimator",)
-        opts = opts.with_defaults({k: v for k, v in made.items() if k in keys})
-    opts = opts.with_defaults({k: v for k, v in made.items() if k not in ("estimator", "batch_size")})
+    # batch size only for data that bnfold cuts into batches (files); a DataLoader has its own
+    keys = ("estimator", "batch_size") if isinstance(opts.calib, (str, Path)) else ("estimator",)
+    taken = {k: v for k, v in made.items() if k not in opts.given
+             and (k not in ("estimator", "batch_size") or (k in keys and prov.get("calibrated") == "true" and opts.calib is not None))}
+    opts = opts.with_defaults(taken)
     kind, obj, name = resolve_model(model, opts)
     source = _source(opts)
-    check = CheckReport(model=name, onnx=str(onnx_path), verification=None, provenance=prov, versions=versions())
+    check = CheckReport(model=name, onnx=str(onnx_path), verification=None, provenance=prov, versions=versions(),
+                        from_file={k: opts.to_dict()[k] for k in taken})
+    check.notes += _tolerance_notes(prov, opts)
     if kind == "onnx":
         if "dynamic_batch" in opts.given:
             raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
@@ -560,6 +566,17 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     if opts.report is not None:
         write_report(check, opts.report)
     return check
+
+
+def _tolerance_notes(prov: dict[str, str], opts: ConvertOptions) -> list[str]:
+    """Where this check's pass criterion came from, when the file records another one."""
+    recorded = {k: prov[k] for k in ("atol", "rtol") if prov.get(k) not in (None, "", "null")}
+    if not recorded:
+        return []
+    used = ", ".join(f"{k} {json.dumps(getattr(opts, k))} (given)" for k in ("atol", "rtol") if k in opts.given) or "bnfold's default tolerance"
+    note = (f"the file records {', '.join(f'{k} {v}' for k, v in recorded.items())} from when it was made: not used, "
+            f"the pass criterion comes from bnfold or the caller, never from the file checked; used: {used}")
+    return [note]
 
 
 # ------------------------------------------------------------------------------ explanations

@@ -22,12 +22,15 @@ class ConvertReport:
     """What ``convert`` did. One schema: ``to_dict`` writes it, ``from_dict`` reads it back.
 
     ``verification`` is ``VerifyReport.to_dict()`` (the same schema ``bnfold verify --report``
-    writes), or None when verification was skipped.
+    writes), or None when verification was skipped. Three states: verified and passed (``passed``
+    True), verified and failed (False), written, not verified (``verify=False``: ``passed`` None,
+    ``verified`` False, exit 0). Truthy unless verification failed.
     """
 
     model: str
     output: str | None
-    passed: bool = False
+    passed: bool | None = False  # None: not verified (never PASSED, never FAILED)
+    verified: bool = True
     exit_code: int = EXIT_OK
     folded: list = field(default_factory=list)
     unfolded: list = field(default_factory=list)
@@ -44,7 +47,12 @@ class ConvertReport:
     versions: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return self.passed
+        return self.passed is not False
+
+    def mark_unverified(self) -> None:
+        """Written, not verified: its own state, neither PASSED nor FAILED."""
+        self.passed, self.verified = None, False
+        self.notes.append("written, not verified (verification was switched off)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -59,7 +67,7 @@ class ConvertReport:
     def __repr__(self) -> str:
         out = relative(self.export.get("path") or self.output)
         worst = _worst_error(self.to_dict())
-        return (f"<ConvertReport {'PASSED' if self.passed else 'FAILED'} {relative(self.model)} → {out}: "
+        return (f"<ConvertReport {_plain_status(self.passed)} {relative(self.model)} → {out}: "
                 f"{bn_folded(self.to_dict())} BatchNorm folded{f', max abs {_fmt(worst)}' if worst is not None else ''}>")
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
@@ -93,6 +101,7 @@ class CheckReport:
     differences: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     versions: dict = field(default_factory=dict)
+    from_file: dict = field(default_factory=dict)  # settings taken from the file's provenance (how to rebuild inputs)
 
     @property
     def passed(self) -> bool:
@@ -116,7 +125,7 @@ class CheckReport:
         return self.verification.explanation
 
     def __repr__(self) -> str:
-        return f"<CheckReport {'PASSED' if self.passed else 'FAILED'} {relative(self.onnx)} against {relative(self.model)}>"
+        return f"<CheckReport {_plain_status(self.passed)} {relative(self.onnx)} against {relative(self.model)}>"
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
         """Print what ``bnfold verify`` prints (``verbose``: as with -v) on ``file`` (default stdout)."""
@@ -128,7 +137,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
                 "verification": self.verification.to_dict(), "provenance": self.provenance, "options": self.options,
-                "differences": self.differences, "notes": self.notes, "versions": self.versions}
+                "differences": self.differences, "notes": self.notes, "versions": self.versions, "from_file": self.from_file}
 
 
 # the tables' style: no frame (narrow, and copies cleanly into docs and logs)
@@ -144,8 +153,18 @@ def _fmt(x: float | None) -> str:
     return f"{x:.2e}"
 
 
-def _status(ok: bool) -> str:
+UNVERIFIED = "written, not verified"
+
+
+def _status(ok: bool | None) -> str:
+    """PASSED, FAILED, or for a report whose ``passed`` is None (``--no-verify``) its own state."""
+    if ok is None:
+        return f"[yellow]{UNVERIFIED.upper()}[/]"
     return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
+
+
+def _plain_status(ok: bool | None) -> str:
+    return UNVERIFIED.upper() if ok is None else "PASSED" if ok else "FAILED"
 
 
 def bn_folded(rep: dict[str, Any]) -> str:
@@ -320,7 +339,7 @@ def batch_warning(cal: dict[str, Any] | None, options: dict[str, Any] | None) ->
 
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{'PASSED' if rep['passed'] else 'FAILED'} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
+        console.print(f"{_plain_status(rep['passed'])} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
         return
     folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
     if folded or unfolded:
@@ -369,7 +388,7 @@ def _print_verification(vr: dict[str, Any], console, verbose: bool) -> None:
 
 def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{'PASSED' if check['passed'] else 'FAILED'} {relative(check.get('onnx', ''))}")
+        console.print(f"{_plain_status(check['passed'])} {relative(check.get('onnx', ''))}")
         return
     vr = check["verification"]
     _print_verification(vr, console, verbose)
@@ -379,6 +398,9 @@ def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quie
     notes += [n for n in check.get("notes", []) if n not in notes]
     for note in notes:
         console.print(f"note: {note}", markup=False)
+    if check.get("from_file"):
+        taken = ", ".join(f"{k} {v}" for k, v in check["from_file"].items())
+        console.print(f"from the file's provenance: {taken} (how the inputs are rebuilt; never the tolerance)", markup=False)
     for diff in check.get("differences", []):
         console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
     if _explanation_line(vr):
@@ -516,7 +538,14 @@ def write_drift_plot(cal: dict[str, Any], path: str | Path, top: int = PLOT_TOP)
     return Path(path)
 
 
+def _unverified(e: dict[str, Any]) -> bool:
+    rep = e.get("report") or {}
+    return e["exit_code"] == 0 and not e.get("skipped") and bool(rep) and rep.get("passed", True) is None
+
+
 def _config_result(e: dict[str, Any]) -> str:
+    if _unverified(e):
+        return UNVERIFIED
     return "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
 
 
@@ -551,8 +580,10 @@ def config_result_line(summary: dict[str, Any]) -> str:
     """'PASSED 3 conversions' or 'FAILED 1 of 3 conversions (digits-strict)': what ``-q`` prints."""
     entries = summary["conversions"]
     bad = [e["name"] for e in entries if e["exit_code"] != 0 and not e.get("skipped")]
+    unverified = [e["name"] for e in entries if _unverified(e)]
     if not bad:
-        return f"PASSED {len(entries)} conversion{'s' * (len(entries) != 1)}"
+        return f"PASSED {len(entries)} conversion{'s' * (len(entries) != 1)}" + (
+            f" ({len(unverified)} {UNVERIFIED}: {', '.join(unverified)})" if unverified else "")
     return f"FAILED {len(bad)} of {len(entries)} conversions ({', '.join(bad)})"
 
 
@@ -567,6 +598,8 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
         result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
+        if e.get("exit_code") == 0 and rep and rep.get("passed", True) is None:
+            result = UNVERIFIED
         if e.get("skipped"):
             result = "unchanged (skipped)"
         note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")

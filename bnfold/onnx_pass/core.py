@@ -15,6 +15,7 @@ import numpy as np
 
 from bnfold.fold_math import bn_scale_shift
 from bnfold.onnx_pass.io import ONNX_DOMAINS
+from bnfold.onnx_pass.io import node_label as node_name
 from bnfold.rule import NoMatch, Rule
 
 
@@ -41,10 +42,6 @@ class OnnxRule(Rule):
 
     def rewrite(self, ctx: Ctx, bn: BN, m) -> None:
         raise NotImplementedError
-
-
-def node_name(node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
 
 
 def value_name(v) -> str:

@@ -3,8 +3,8 @@
 The rules live in ``bnfold.onnx_pass.rules`` (one class per pattern, ``RULES``, on the protocol of
 ``bnfold.rule``): ``match`` returns the rule's match (the nodes) or raises ``NoMatch`` (why);
 ``rewrite`` applies ``fold_math`` in float64 and casts once to each weight's dtype. This module runs
-them over every BatchNormalization node of the main graph, of If/Loop/Scan bodies and of model-local
-functions (each gets exactly one plan entry), removes what ends up unused, and reads/writes files.
+them over every BatchNormalization node of every graph-like the one traversal (``io.walk``) visits:
+the main graph, If/Loop/Scan bodies and model-local functions (each node gets exactly one plan entry), removes what ends up unused, and reads/writes files.
 New weights are new tensors: a tensor shared with other nodes is never edited. Graph input/output
 names and opsets are kept.
 """
@@ -18,7 +18,7 @@ from bnfold.edges.files import OutputSet
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.errors import first_line
 from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name
-from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx, walk
 from bnfold.onnx_pass.rules import RULES
 from bnfold.onnx_pass.merge import Merged, restructure
 from bnfold.plan import IDENTITY_BRANCH, MERGED_BRANCH, Folded, FoldPlan, Merge, Unfolded, Unmerged, folded_entry
@@ -105,19 +105,6 @@ def _reason(out: Outcome) -> str:
     return "; ".join(parts)
 
 
-def _graphs(graph, prefix: str):
-    """(graph, name prefix) of every subgraph of If/Loop/Scan (and custom ops) below ``graph``."""
-    import onnx_ir as ir
-
-    for node in graph:
-        for attr in node.attributes.values():
-            subs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-            for k, sub in enumerate(subs):
-                p = f"{prefix}{node_name(node)}/{attr.name}{'' if len(subs) == 1 else k}/"
-                yield sub, p
-                yield from _graphs(sub, p)
-
-
 def _shapes(model) -> dict[str, tuple]:
     """Shapes from ONNX shape inference on a copy (dims: int, a symbol's name, or None), for the
     MatMul and Concat rules' ranks and the zero adds' broadcasting."""
@@ -173,12 +160,8 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
     ranks = _LazyShapes(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
-    ctxs = [Ctx(model, model.graph, main=True, opset=opset)]
-    ctxs += [Ctx(model, g, main=False, opset=opset, prefix=p) for g, p in _graphs(model.graph, "")]
-    for fn in model.functions.values():
-        fopset = fn.opset_imports.get("", opset)
-        ctxs.append(Ctx(model, fn, main=False, opset=fopset, prefix=f"{fn.name}:"))
-        ctxs += [Ctx(model, g, main=False, opset=fopset, prefix=p) for g, p in _graphs(fn, f"{fn.name}:")]
+    ctxs = [Ctx(model, w.graph, main=w.graph is model.graph, prefix=w.prefix,
+                opset=opset if w.function is None else w.function.opset_imports.get("", opset)) for w in walk(model)]
     for ctx in ctxs:
         ctx.model_names, ctx.ranks = names, ranks
         fold_graph(ctx, plan, record)

@@ -1,9 +1,11 @@
 """ONNX files in and out: load and check, write atomically with deterministic bytes (streamed, one
-initializer at a time; external data above the 2 GB protobuf limit), strip exporter metadata, count
-BatchNormalization nodes in every graph and function."""
+initializer at a time; external data above the 2 GB protobuf limit), strip exporter metadata; the one traversal (``walk``) every walk of a graph goes through: counting
+BatchNormalization nodes, validating their statistics, folding."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,36 +38,104 @@ def load_onnx(path: str | Path):
 
 
 def strip_metadata(proto) -> None:
-    """Remove exporter metadata (stack traces, paths, names of Python files) in place."""
+    """Remove exporter metadata (stack traces, paths, names of Python files) in place, in every graph
+    and function (``walk``)."""
 
-    def graph_strip(g):
-        del g.metadata_props[:]
-        g.doc_string = ""
+    def clear(x) -> None:
+        del x.metadata_props[:]
+        x.doc_string = ""
+
+    clear(proto)
+    for where in walk(proto):
+        g = where.graph
+        if where.function is None:  # a GraphProto; a FunctionProto has only its nodes to clear
+            for coll in (g.input, g.output, g.value_info, g.initializer):
+                for v in coll:
+                    clear(v)
+        clear(g)
         for n in g.node:
-            del n.metadata_props[:]
-            n.doc_string = ""
-            for a in n.attribute:
-                if a.g is not None and a.HasField("g"):
-                    graph_strip(a.g)
-                for sub in a.graphs:
-                    graph_strip(sub)
-        for coll in (g.input, g.output, g.value_info):
-            for v in coll:
-                del v.metadata_props[:]
-                v.doc_string = ""
-        for init in g.initializer:
-            del init.metadata_props[:]
-            init.doc_string = ""
+            clear(n)
 
-    del proto.metadata_props[:]
-    proto.doc_string = ""
-    graph_strip(proto.graph)
-    for f in proto.functions:
-        del f.metadata_props[:]
-        f.doc_string = ""
-        for n in f.node:
-            del n.metadata_props[:]
-            n.doc_string = ""
+
+# ------------------------------------------------------------------------------ the one traversal
+@dataclass
+class Where:
+    """One graph-like of a model: the main graph, an If/Loop/Scan body (any depth) or a model-local
+    function (or a body inside one). ``prefix`` names its nodes uniquely in a plan
+    ("if/then_branch/", "MyFn:"); ``parents`` are the graphs around it (innermost last), whose
+    values it may read; ``function`` is the function it belongs to, None in the main graph."""
+
+    graph: Any
+    prefix: str
+    parents: tuple = ()
+    function: Any = None
+
+
+def _is_ir(x) -> bool:
+    return not hasattr(x, "SerializeToString")
+
+
+def graph_nodes(graph) -> list:
+    """The nodes of a graph-like, ONNX proto or onnx_ir."""
+    return list(graph) if _is_ir(graph) else list(graph.node)
+
+
+def _subgraphs(node) -> Iterator[tuple[str, list]]:
+    """(attribute name, [graphs]) of a node's graph-valued attributes, ONNX proto or onnx_ir."""
+    if _is_ir(node):
+        import onnx_ir as ir
+
+        for a in node.attributes.values():
+            if a.type == ir.AttributeType.GRAPH:
+                yield a.name, [a.value]
+            elif a.type == ir.AttributeType.GRAPHS:
+                yield a.name, list(a.value)
+        return
+    for a in node.attribute:
+        subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+        if subs:
+            yield a.name, subs
+
+
+def node_label(node) -> str:
+    """A node's name in plans and messages: its name, else its first output, else its op type."""
+    if _is_ir(node):
+        return node.name or (node.outputs[0].name if node.outputs and node.outputs[0] is not None else node.op_type)
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _below(where: Where) -> Iterator[Where]:
+    for node in graph_nodes(where.graph):
+        for name, subs in _subgraphs(node):
+            for k, sub in enumerate(subs):
+                inner = Where(sub, f"{where.prefix}{node_label(node)}/{name}{'' if len(subs) == 1 else k}/",
+                              where.parents + (where.graph,), where.function)
+                yield inner
+                yield from _below(inner)
+
+
+def walk(model) -> Iterator[Where]:
+    """Every graph-like of ``model`` (an ``onnx.ModelProto`` or an ``onnx_ir.Model``): the main graph,
+    the bodies of If/Loop/Scan (and any graph attribute) at every depth, the model-local functions and
+    the bodies inside them. The one traversal: counting, validating statistics and folding all use it
+    (trust rule "every walk includes subgraphs", docs/trust.md)."""
+    main = Where(model.graph, "")
+    yield main
+    yield from _below(main)
+    functions = model.functions.values() if _is_ir(model) else model.functions
+    for fn in functions:
+        top = Where(fn, f"{fn.name}:", (), fn)
+        yield top
+        yield from _below(top)
+
+
+def walk_nodes(model, op_type: str | None = None) -> Iterator[tuple[Any, Where]]:
+    """(node, where) for every node of every graph-like (``walk``), only ``op_type`` nodes of the ONNX
+    domain when given."""
+    for where in walk(model):
+        for node in graph_nodes(where.graph):
+            if op_type is None or (node.op_type == op_type and node.domain in ONNX_DOMAINS):
+                yield node, where
 
 
 def _varint(n: int) -> bytes:
@@ -191,15 +261,6 @@ def opset_of(proto) -> int | None:
     return None
 
 
-def bn_count(proto) -> int:
-    """BatchNormalization nodes in the main graph, subgraphs and functions of a ModelProto."""
-
-    def graph(g) -> int:
-        n = 0
-        for node in g.node:
-            n += node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
-            for a in node.attribute:
-                n += sum(graph(sub) for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs))
-        return n
-
-    return graph(proto.graph) + sum(graph(f) for f in proto.functions)
+def bn_count(model) -> int:
+    """BatchNormalization nodes in every graph-like of a model (``walk``): main graph, subgraphs, functions."""
+    return sum(1 for _ in walk_nodes(model, "BatchNormalization"))

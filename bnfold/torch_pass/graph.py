@@ -7,6 +7,8 @@ and who consumes its output (reads of ``.shape``/``.size()``/``.dim()`` are meta
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -125,7 +127,8 @@ def _fx_graph(model: nn.Module, example_inputs: tuple | None, interest: set[str]
     graph = tracer.trace(model)
     if example_inputs is not None:
         gm = torch.fx.GraphModule(model, graph)
-        with torch.no_grad():
+        # ShapeProp prints a traceback itself before raising (the caller records the error): not on stderr
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
 
     def owner(node):

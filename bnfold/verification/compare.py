@@ -31,6 +31,9 @@ atol) judges an output on agreement instead of atol: it passes when top1 ≥ min
 "agreement"), fails below, whatever the atol figures say; outputs it does not name are judged as above.
 Without ``min_top1`` the verdict is unchanged.
 
+Zero values compared is not a pass (``nothing_compared``): a run whose outputs are all empty (``x[:, :0]``),
+or that has no outputs, fails with that reason; an empty output beside others passes as "empty".
+
 When the floor itself exceeds the tolerance (``ill_conditioned``) no float32 artifact could meet the
 tolerance against the float32 reference: the report says "the model is ill-conditioned in float32"
 with the figures, and judges the candidate against the float64 run instead (trust rule "PASSED means compared",
@@ -93,7 +96,7 @@ class OutputComparison:
     top1: float | None = None  # share of rows whose argmax agrees
     top5: float | None = None  # share of rows whose reference argmax is in the candidate's top 5
     min_top1: float | None = None  # judged on agreement: passes when top1 ≥ min_top1
-    verdict: str | None = None  # "tolerance" | "noise-floor" | "agreement" (passed by which rule) | None (failed)
+    verdict: str | None = None  # "tolerance" | "noise-floor" | "agreement" | "empty" (passed by which rule) | None (failed)
     problem: str | None = None
 
     def __bool__(self) -> bool:
@@ -258,8 +261,8 @@ def _compare_values(name: str, reference, candidate, atol=None, rtol=None, *, re
     if ref.dtype != got.dtype:
         res.problem = f"dtype {got.dtype} != reference {ref.dtype}"
         return res
-    if ref.size == 0:
-        res.passed, res.verdict = True, "tolerance"
+    if ref.size == 0:  # nothing to compare here; a run must compare something elsewhere (compare_outputs)
+        res.passed, res.verdict = True, "empty"
         return res
     r64, g64 = ref.astype(np.float64), got.astype(np.float64)
     fin_r, fin_g = np.isfinite(r64), np.isfinite(g64)
@@ -330,7 +333,23 @@ def compare_outputs(reference: list, candidate: list, atol=None, rtol=None, *, r
         return [OutputComparison(name="outputs", passed=False, shape=None, dtype=None, atol=0, rtol=0,
                                  problem=f"candidate has {len(candidate)} outputs, reference {len(reference)}")]
     r64 = [o for _, o in reference64] if reference64 is not None and len(reference64) == len(reference) else [None] * len(reference)
-    return [compare(n, r, g, atol, rtol, reference64=t, k=k, min_top1=min_top1) for (n, r), (_, g), t in zip(reference, candidate, r64)]
+    out = [compare(n, r, g, atol, rtol, reference64=t, k=k, min_top1=min_top1) for (n, r), (_, g), t in zip(reference, candidate, r64)]
+    return nothing_compared(out)
+
+
+def nothing_compared(outs: list[OutputComparison]) -> list[OutputComparison]:
+    """A run that compared zero values is not a pass (trust rule "PASSED means compared"): no outputs at
+    all, or every output empty, fails with that reason. An empty output beside compared ones passes
+    ("empty"): the run compared the others."""
+    if not outs:
+        return [OutputComparison(name="outputs", passed=False, shape=None, dtype=None, atol=0, rtol=0,
+                                 problem="the model has no outputs: nothing was compared, so nothing is verified")]
+    if all(o.verdict == "empty" for o in outs):
+        for o in outs:
+            o.passed, o.verdict = False, None
+            o.problem = (f"output '{o.name}' is empty (shape {o.shape}) like every output: zero values were compared, "
+                         "so nothing is verified")
+    return outs
 
 
 # ------------------------------------------------------------------------ one intermediate value

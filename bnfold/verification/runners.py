@@ -30,7 +30,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from bnfold.errors import BadInputError, first_line
+from bnfold.errors import BadInputError, BnfoldError, first_line, inputs_rejected
 from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device
 from bnfold.verification.providers import get_provider, unavailable_reason
 from bnfold.edges.load import onnx_error
@@ -191,8 +191,13 @@ class TorchRunner(Released):
 
 
         batch = self._prepare(feeds)
-        with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
-            out = call_model(self.model, batch)
+        try:
+            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+                out = call_model(self.model, batch)
+        except BnfoldError:
+            raise
+        except Exception as err:  # the model refuses these inputs: bad input (exit 2), never a bare RuntimeError
+            raise inputs_rejected([*batch.args, *batch.kwargs.values()], err) from err
         return [(n, to_numpy(t)) for n, t in flatten_outputs(out)]
 
     def first_nonfinite_module(self, feeds) -> str | None:
@@ -293,11 +298,17 @@ def _captured_stderr(lines: list[str], enabled: bool = True):
             lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+def ort_severity(verbose: bool = False) -> int:
+    """onnxruntime's log severity: WARNING (2) with --verbose, else FATAL (4) only: its own coloured
+    ``[E:onnxruntime:…]`` lines never precede bnfold's one-line error (bnfold reports the error itself)."""
+    return 2 if verbose else 4
+
+
 def quiet_onnxruntime(verbose: bool = False) -> None:
-    """Default logger at ERROR (3) unless verbose (WARNING, 2): set once, before any session."""
+    """The default logger at ``ort_severity``: set before any session."""
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(2 if verbose else 3)
+    ort.set_default_logger_severity(ort_severity(verbose))
 
 
 class OrtRunner(Released):
@@ -327,7 +338,9 @@ class OrtRunner(Released):
 
         quiet_onnxruntime(verbose)
         so = ort.SessionOptions()
-        so.log_severity_level = 2 if verbose else 3
+        so.log_severity_level = ort_severity(verbose)
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = ort_severity(verbose)
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
@@ -365,7 +378,7 @@ class OrtRunner(Released):
     def infer(self, feeds) -> Outputs:
         feed = self.feed_dict(feeds)
         try:
-            got = self.session.run(None, feed)
+            got = self.session.run(None, feed, self.run_options)
         except Exception as err:  # onnxruntime's own errors: the file does not fit these inputs
             text = " ".join(str(err).split())[:300] or type(err).__name__
             shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())

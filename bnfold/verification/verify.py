@@ -3,7 +3,9 @@
 per input set (``References``) and judged with one ``Tolerance``.
 
 * the reference: the original PyTorch model in eval mode (on its own device; for a GPU provider also
-  on the GPU, TF32 off), or for ONNX-in folding the original ONNX file on CPU at ``ORT_DISABLE_ALL``;
+  on the GPU, TF32 off), or for ONNX-in folding the original ONNX file on CPU at every optimisation
+  level a candidate runs at: each candidate is compared with the reference run at its own level (like
+  with like: a QDQ model that onnxruntime fuses at ``ORT_ENABLE_ALL`` is compared fused with fused);
   plus, for a floating PyTorch reference that fits (float64 parameters ≤ 1.5 GB), one float64 run per
   input set: the comparator then knows each output's float32 noise floor (see compare.py);
 * the folded PyTorch module (when given);
@@ -30,7 +32,8 @@ import numpy as np
 
 from bnfold.edges.data import Batch, model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
-from bnfold.report import html, render_verification, show
+from bnfold.onnx_pass.io import node_label, walk_nodes
+from bnfold.report import _plain_status, html, render_verification, show
 from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
 from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers, unavailable_reason
 from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
@@ -99,7 +102,7 @@ class VerifyReport:
     def __repr__(self) -> str:
         errs = [r.max_abs_error for r in self.runs if r.max_abs_error is not None]
         worst = f", max abs {max(errs):.2e}" if errs else ""
-        return (f"<VerifyReport {'PASSED' if self.passed else 'FAILED'}: {len(self.runs)} runs on "
+        return (f"<VerifyReport {_plain_status(self.passed)}: {len(self.runs)} runs on "
                 f"{', '.join(self.providers_run) or 'no provider'}, {len(self.failures())} failed{worst}>")
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
@@ -175,6 +178,8 @@ def check_statistics(reference) -> None:
 
 
 def _check_onnx_statistics(path: Path) -> None:
+    """Every BatchNormalization node of every graph-like (``io.walk``: subgraphs and functions too):
+    a negative epsilon, a negative or non-finite variance, a non-finite mean is bad input (exit 2)."""
     import onnx
     from onnx import numpy_helper
 
@@ -182,24 +187,35 @@ def _check_onnx_statistics(path: Path) -> None:
         m = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 — an unreadable file is reported by the runner that loads it
         return
-    inits = {i.name: i for i in m.graph.initializer}
-    for node in m.graph.node:
-        if node.op_type != "BatchNormalization":
-            continue
-        label = node.name or (node.output[0] if node.output else "?")
+    for node, where in walk_nodes(m, "BatchNormalization"):
+        label = where.prefix + node_label(node)
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         problem = f"epsilon is negative ({eps:g})" if eps < 0 else None
-        if problem is None and len(node.input) > 4 and node.input[4] in inits:
-            t = inits[node.input[4]]
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                var = numpy_helper.to_array(t).astype(np.float64)
-                if not np.isfinite(var).all():
-                    problem = f"its variance has {int((~np.isfinite(var)).sum())} NaN/Inf values"
-                elif (var < 0).any():
-                    problem = f"its variance has {int((var < 0).sum())} negative values (min {var.min():.3g})"
+        for k, what in ((4, "variance"), (3, "mean")):
+            t = _initializer(where, node.input[k]) if len(node.input) > k else None
+            if problem is not None or t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            arr = numpy_helper.to_array(t).astype(np.float64)
+            if not np.isfinite(arr).all():
+                problem = f"its {what} has {int((~np.isfinite(arr)).sum())} NaN/Inf values"
+            elif what == "variance" and (arr < 0).any():
+                problem = f"its variance has {int((arr < 0).sum())} negative values (min {arr.min():.3g})"
         if problem:
             raise BadInputError(f"BatchNormalization '{label}' in {path.name} has invalid statistics: {problem}",
-                                "fix the model's statistics (running variance ≥ 0, epsilon ≥ 0)")
+                                "fix the model's statistics (finite mean, running variance ≥ 0, epsilon ≥ 0)")
+
+
+def _initializer(where, name: str):
+    """The constant ``name`` as the graph-like ``where`` sees it (an initializer or a Constant node's
+    tensor): its own, else the nearest enclosing graph's; None when it is computed or an input."""
+    for g in (where.graph, *reversed(where.parents)):
+        for t in getattr(g, "initializer", ()):
+            if t.name == name:
+                return t
+        for n in g.node:
+            if n.op_type == "Constant" and list(n.output) == [name]:
+                return next((a.t for a in n.attribute if a.name == "value" and a.HasField("t")), None)
+    return None
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -282,6 +298,7 @@ class References:
     float64_reference: str | None = None
     by_device: dict = field(default_factory=dict)  # torch device -> refs (the GPU reference)
     notes: list = field(default_factory=list)
+    by_level: dict = field(default_factory=dict)  # onnxruntime level -> refs (an ONNX reference, run at each level)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -290,10 +307,14 @@ class References:
     def output_names(self) -> list[str]:
         return [n for outs in self.refs.values() for n, _ in outs]
 
-    def against(self, device) -> tuple[dict, str]:
-        """(outputs, device) a candidate running on ``device`` is compared with: a GPU candidate with
-        the reference that ran on a GPU when there is one (same hardware, TF32 off), others with the
+    def against(self, device, level: str | None = None) -> tuple[dict, str]:
+        """(outputs, device) a candidate running on ``device`` at onnxruntime ``level`` is compared with:
+        like with like. An ONNX reference ran at every level, and a candidate is compared with the run at
+        its own level (so a difference is bnfold's, never onnxruntime's optimiser's); a GPU candidate with
+        the reference that ran on a GPU when there is one (same hardware, TF32 off); others with the
         reference on its own device."""
+        if level in self.by_level:
+            return self.by_level[level], self.device
         if str(device).startswith("cuda"):
             for dev, refs in {self.device: self.refs, **self.by_device}.items():
                 if dev.startswith("cuda"):
@@ -317,10 +338,12 @@ def reference_outputs(reference, inputs, *, providers=DEFAULT_PROVIDERS, float64
 def _take_references(reference, sets: dict, settings: VerifySettings, borrow: bool = False) -> References:
     """The reference (a module, or the path of an ONNX file run on CPU at ORT_DISABLE_ALL) on every
     input set: float32, float64 for the noise floor, and the GPU run; each runner released at once."""
-    if isinstance(reference, (str, Path)):
-        with OrtRunner(reference, "cpu", "disable_all", verbose=settings.verbose, target="reference") as runner:
-            out = References({s: runner.infer(f) for s, f in sets.items()}, runner.device,
-                             float64_reference="not run for an ONNX reference")
+    if isinstance(reference, (str, Path)):  # on CPU at every level a candidate runs at: like with like
+        by_level = {}
+        for level in dict.fromkeys(("disable_all", *settings.levels)):
+            with OrtRunner(reference, "cpu", level, verbose=settings.verbose, target="reference") as runner:
+                by_level[level] = {s: runner.infer(f) for s, f in sets.items()}
+        out = References(by_level["disable_all"], "cpu", float64_reference="not run for an ONNX reference", by_level=by_level)
         _nonfinite_notes(out, sets, None)
         return out
     with TorchRunner(reference, allow_tf32=False) as runner:  # the module itself (same device and dtype)
@@ -410,7 +433,7 @@ def _compare_into(report: VerifyReport, references: References, candidates: Iter
     """The comparator loop: every candidate runner on every input set against the reference outputs for
     its device (and the float64 ones, for the noise floor)."""
     for c in candidates:
-        against, device = references.against(c.device)
+        against, device = references.against(c.device, c.level)
         for s, f in sets.items():
             outs = tolerance.compare(against[s], c.infer(f), references.refs64.get(s))
             report.runs.append(Run(c.target, c.provider, c.level, s, all(outs), outs, device=c.device, reference_device=device))
