@@ -17,12 +17,12 @@ from typing import Any
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
-from bnfold.options import ALIASES, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS
+from bnfold.options import ALIASES, applies, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS, reword
 from bnfold.edges.load import parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION
 from bnfold.edges.usercode import as_error, worker_died, worker_init
-from bnfold.edges.paths import check_config_paths, spec_files
+from bnfold.edges.paths import check_config_paths, module_source, RunReads, spec_files
 
 REQUIRED = ("model", "output")
 MANIFEST_SUFFIX = ".manifest.json"
@@ -105,6 +105,8 @@ def _load_config(path: Path) -> list[dict[str, Any]]:
         given = {**d_opts, **r_opts}
         if given.get("verify") is False:  # [defaults]' verification settings do not apply to a table that turns it off
             given = {k: v for k, v in given.items() if k in r_opts or k not in ("atol", "rtol", "providers", "require_providers", "keep_failed")}
+        model = {**d_entry, **r_entry}.get("model")
+        given = {k: v for k, v in given.items() if k in r_opts or applies(k, model)}  # nor those for another kind of model
         entry = _entry({**d_entry, **r_entry}, given, via, base)
         if entry["output"] in outputs:
             raise ConfigError(f"{via.where()}, key 'output': '{entry['output']}' is also written by conversion #{outputs[entry['output']] + 1}", "give each conversion its own output")
@@ -118,7 +120,7 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
     for k in REQUIRED:
         if k not in entry:
             raise ConfigError(f"{via.where()} has no '{k}'", f"add {k} = \"...\"")
-    opts = ConvertOptions.build(given, via=via, base=base)
+    opts = ConvertOptions.build(given, via=via, base=base, model=entry["model"])
     try:
         spec = parse_model_spec(entry["model"])
     except BnfoldError as err:
@@ -130,6 +132,10 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
         entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
     if spec.kind != "onnx" and not opts.input_shape:
         raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
+    for key, parts in (("model", spec), ("calib", spec_kind(opts.calib) if isinstance(opts.calib, (str, Path)) else None)):
+        if parts is not None and parts.kind == "module" and not _module_exists(parts.target):
+            raise ConfigError(f"{via.where()}, key '{key}': module '{parts.target}' not found",
+                              "install it, or use path/to/file.py:fn (relative to the config file's folder)")
     files = {"weights": opts.weights}
     calib = spec_kind(opts.calib) if opts.calib is not None else None
     if calib is not None and calib.kind in ("data", "file"):
@@ -144,33 +150,43 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
     return entry
 
 
-def _model_source(model: str) -> str | None:
-    spec = parse_model_spec(model)
-    if spec.kind in ("file", "onnx"):
-        return spec.target
+def _module_exists(name: str) -> bool:
+    """Whether ``pkg.mod`` can be imported, judged without importing it (so a config is checked whole
+    before any user code runs): its source along sys.path, or an importable top-level package."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec(spec.target)
+        return module_source(name) is not None or importlib.util.find_spec(name.split(".")[0]) is not None
     except (ImportError, ValueError):
-        return None
-    return found.origin if found and found.origin and os.path.isfile(found.origin) else None
+        return False
 
 
 def fingerprint(entry: dict[str, Any]) -> dict[str, Any]:
-    """What decides a conversion's result: input file hashes, options, versions."""
+    """What decides a conversion's result and is known before it runs: the hashes of the files its
+    specs name (model source, weights, calibration data or its function's module), every option
+    (the report path included), the outputs it writes, versions. What the run read besides
+    (``RunReads``) is recorded in the manifest's ``reads``."""
 
     opts = entry["options"]
     files = {}
-    src = _model_source(entry["model"])
-    files["model_source"] = sha256_file(src) if src else None
-    for key in ("weights", "calib"):
-        value = getattr(opts, key)
+    for key, value in (("model_source", entry["model"]), ("weights", opts.weights), ("calib", opts.calib)):
         target = next(iter(spec_files(value)), None) if isinstance(value, (str, Path)) else None
-        if target and Path(target).is_file():
-            files[key] = sha256_file(target)
-    options = {k: v for k, v in sorted(opts.to_dict().items()) if k != "report"}
-    return {"inputs": files, "options": {"model": entry["model"], **options}, "versions": versions()}
+        files[key] = sha256_file(target) if target and Path(target).is_file() else None
+    options = dict(sorted(opts.to_dict().items()))
+    return {"inputs": files, "options": {"model": entry["model"], **options}, "outputs": _outputs(entry), "versions": versions()}
+
+
+def _outputs(entry: dict[str, Any]) -> list[str]:
+    """Every file a conversion is asked to write (the ONNX file, the report, the plot)."""
+    opts = entry["options"]
+    return [str(entry["output"])] + [str(p) for p in (opts.report, opts.plot) if p is not None]
+
+
+def _read_hashes(reads: RunReads, entry: dict[str, Any]) -> dict[str, str]:
+    """The files a conversion read (``RunReads``) and the local modules of its specs, hashed; its own
+    outputs and their manifest left out."""
+    own = {os.path.realpath(p) for p in _outputs(entry) + [str(manifest_path(entry["output"]))]}
+    return {f: sha256_file(f) for f in reads.files() if f not in own}
 
 
 def manifest_path(output: str | Path) -> Path:
@@ -178,15 +194,25 @@ def manifest_path(output: str | Path) -> Path:
 
 
 def is_unchanged(entry: dict[str, Any]) -> bool:
+    """Skip only when everything that can change the result is unchanged (docs/ci.md): the fingerprint,
+    every file the recorded run read, and every requested output is there. When in doubt, run."""
     mpath, out = manifest_path(entry["output"]), Path(entry["output"])
-    if not (mpath.is_file() and out.is_file()):
+    if not mpath.is_file() or not all(Path(p).is_file() for p in _outputs(entry)):
         return False
     try:
         old = json.loads(mpath.read_text())
     except (OSError, ValueError):
         return False
     now = json.loads(json.dumps(fingerprint(entry), default=str))
-    return all(old.get(k) == now[k] for k in now) and old.get("onnx_sha256") == sha256_file(out)
+    if not all(old.get(k) == now[k] for k in now) or old.get("onnx_sha256") != sha256_file(out):
+        return False
+    reads = old.get("reads")
+    if not isinstance(reads, dict):  # a manifest from before reads were recorded
+        return False
+    try:
+        return all(Path(f).is_file() and sha256_file(f) == h for f, h in reads.items())
+    except OSError:
+        return False
 
 
 def previous_report(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -224,10 +250,12 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             torch.set_num_threads(threads)
 
         with OutputSet():  # the ONNX file, its data, its report and its manifest: together or not at all
-            rep = convert(entry["model"], None, entry["output"], options=entry["options"])
+            with RunReads() as reads:  # what the conversion reads decides whether a later run may skip it
+                rep = convert(entry["model"], None, entry["output"], options=entry["options"])
             result.update(report=rep.to_dict(), exit_code=rep.exit_code, detail=_failure_detail(rep))
             if rep and rep.export.get("path"):  # passed, or written, not verified
-                manifest = {**fingerprint(entry), "onnx_sha256": rep.export.get("sha256"), "output": entry["output"], "report": result["report"]}
+                manifest = {**fingerprint(entry), "reads": _read_hashes(reads, entry), "onnx_sha256": rep.export.get("sha256"),
+                            "output": entry["output"], "report": result["report"]}
                 write_text_atomic(manifest_path(entry["output"]), json.dumps(manifest, indent=2, default=str) + "\n")
         return result
     except BnfoldError as err:
@@ -266,14 +294,15 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     # a CI run on a fresh clone: the folders the config writes into are created (after validation)
     for i, e in enumerate(entries):
         rpath = e["options"].report
-        for key, target in (("output", e["output"]), ("report", rpath)):
+        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", rpath), ("plot", e["options"].plot)):
             if target is None:
                 continue
             try:
                 _make_parent(target)
-                check_output_path(target, force=e["options"].overwrite if key == "output" else True, what=key)
+                check_output_path(target, force=e["options"].overwrite, what=key)  # overwrite = false protects every output
             except BnfoldError as err:
-                raise ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix) from err
+                # options named as a config spells them (overwrite = false, not --no-overwrite)
+                raise reword(ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix), ConfigVia(str(config), i)) from err
     if report is not None:
         _make_parent(report)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from bnfold.errors import BadInputError, BnfoldError, ProviderError
 from bnfold.report import PLOT_FORMATS, need_matplotlib
 from bnfold.verification.providers import parse_providers, PROVIDERS
-from bnfold.edges.load import parse_shape, relocate_spec
+from bnfold.edges.load import INT64_MAX, parse_shape, relocate_spec, spec_kind
 
 
 class _Choice(str, Enum):
@@ -110,7 +110,7 @@ def _p_bool(v, via, key):
     raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not true/false", None)
 
 
-def _p_int(minimum: int):
+def _p_int(minimum: int, maximum: int | None = None):
     def p(v, via, key):
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, str) and via.name == "cli" and re.fullmatch(r"\s*[+-]?\d+\s*", v):
@@ -119,8 +119,29 @@ def _p_int(minimum: int):
                 raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not an integer", None)
         if v < minimum:
             raise OptionError(via, key, f"is {v}, not positive" if minimum == 1 else f"is {v}, negative", f"use {minimum} or more")
+        if maximum is not None and v > maximum:
+            top = "2**63-1" if maximum == INT64_MAX else str(maximum)
+            raise OptionError(via, key, f"{v} is outside {minimum}..{top}", f"pass an integer from {minimum} to {top}")
         return v
     return p
+
+
+OPSET_MIN = 7  # the lowest opset torch's TorchScript exporter writes
+
+
+def opset_range() -> tuple[int, int]:
+    """(lowest, highest) opset bnfold writes: from the TorchScript exporter's lowest to onnx's highest."""
+    import onnx
+
+    return OPSET_MIN, int(onnx.defs.onnx_opset_version())
+
+
+def _p_opset(v, via, key):
+    v = _p_int(1)(v, via, key)
+    lo, hi = opset_range()
+    if not lo <= v <= hi:
+        raise OptionError(via, key, f"{v} is outside the opsets bnfold writes ({lo}..{hi})", f"pass an opset from {lo} to {hi}")
+    return v
 
 
 def _p_out_path(v, via, key):
@@ -234,10 +255,18 @@ def _p_tolerance(v, via, key):
                 name, _, num = item.rpartition("=")
                 if not name.strip():
                     raise OptionError(via, key, f"{item!r} names no output", "use OUTPUT=number, e.g. output.logits=1e-3")
-                out[name.strip()] = _number(num, via, key)
+                _set_once(out, name.strip(), _number(num, via, key), via, key)
             else:
-                out["*"] = _number(item, via, key)
+                _set_once(out, "*", _number(item, via, key), via, key)
     return out["*"] if list(out) == ["*"] else out
+
+
+def _set_once(out: dict, name: str, value: float, via, key) -> None:
+    """A repeated option may say the same thing twice, never two things (no last-wins)."""
+    if name in out and out[name] != value:
+        what = "the global value" if name == "*" else f"output '{name}'"
+        raise OptionError(via, key, f"gives {what} two values ({out[name]:g} and {value:g})", "give each output one value")
+    out[name] = value
 
 
 def _p_share(v, via, key):
@@ -283,25 +312,44 @@ class Option:
     metavar: str = ""  # the value's name in --help ("" for an on/off flag)
     repeat: bool = False  # the CLI flag may be given more than once
     config: bool = True  # a TOML key
-    needs_calib: bool = False  # only meaningful with calib (an error without it)
+    needs: tuple = ()  # "an option that has no effect is an error": the options it is meaningless without
     path: bool = False  # relative to the config file's folder
+    models: frozenset = frozenset({"torch", "onnx"})  # the kinds of model it has an effect on
+
+    @property
+    def needs_calib(self) -> bool:
+        return "calib" in self.needs
 
 
-def _o(key, flag, parse, default, help, commands, **kw):
+TORCH = frozenset({"torch"})  # an option of the PyTorch model: no effect on an ONNX one
+
+
+def _o(key, flag, parse, default, help, commands, needs_calib=False, **kw):
+    if needs_calib:
+        kw["needs"] = ("calib",) + tuple(kw.get("needs", ()))
     return Option(key, flag, parse, default, help, frozenset(commands), **kw)
+
+
+def model_kind(model: Any) -> str | None:
+    """"onnx" or "torch" for a model as any interface passes it (spec, path, module); None: unknown."""
+    if model is None:
+        return None
+    if isinstance(model, (str, Path)):
+        return "onnx" if spec_kind(str(model)).kind == "onnx" else "torch"
+    return "torch"
 
 
 _ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)
 _CV = (CONVERT, VERIFY)
 OPTIONS: dict[str, Option] = {o.key: o for o in (
-    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True, metavar="FILE"),
-    _o("trust_pickle", "--trust-pickle", _p_bool, False, "Allow unpickling a checkpoint that holds Python objects (runs code: only for files you trust).", _ALL),
+    _o("weights", "--weights", _p_path, None, "state_dict checkpoint, read with torch.load(weights_only=True).", _ALL, short="-w", path=True, metavar="FILE", models=TORCH),
+    _o("trust_pickle", "--trust-pickle", _p_bool, False, "Allow unpickling a checkpoint that holds Python objects (runs code: only for files you trust).", _ALL, needs=("weights",), models=TORCH),
     _o("input_shape", "--input-shape", _p_shapes, (), "Shape of one model input, e.g. 1,3,224,224; once per input.", (CONVERT, VERIFY, INSPECT), short="-s", metavar="SHAPE", repeat=True),
     _o("calib", "--calib", _p_calib, None, "Calibration data: .npz/.npy/.pt, module:fn or file.py:fn returning batches. BN statistics are recomputed from it (convert and verify also check the first samples).", (CONVERT, VERIFY, CALIBRATE), metavar="DATA"),
-    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch). Without it a whole array is one batch (a warning says so); module:fn data yields its own batches.", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True, metavar="N"),
-    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (the BN paper's, over batches) or pooled (over all samples).", (CONVERT, VERIFY, CALIBRATE), needs_calib=True, metavar="paper|pooled"),
-    _o("opset", "--opset", _p_int(1), None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,), metavar="N"),
-    _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Dynamic first (batch) dimension: convert exports the file so; convert and verify check it at batch 1 and 4.", _CV),
+    _o("batch_size", "--batch-size", _p_int(1), None, "Cut calibration arrays into batches of this many samples (the paper's batch). Without it a whole array is one batch (a warning says so); module:fn data yields its own batches.", (CONVERT, VERIFY, CALIBRATE), short="-b", needs_calib=True, metavar="N", models=TORCH),
+    _o("estimator", "--estimator", _p_enum(Estimator), Estimator.PAPER, "Population statistics: paper (the BN paper's, over batches) or pooled (over all samples).", (CONVERT, VERIFY, CALIBRATE), needs_calib=True, metavar="paper|pooled", models=TORCH),
+    _o("opset", "--opset", _p_opset, None, "ONNX opset of the output, 7 to onnx's newest (default: the exporter's; for an .onnx input, its own); below 18 via the TorchScript exporter when dynamo cannot convert down.", (CONVERT,), metavar="N"),
+    _o("dynamic_batch", "--dynamic-batch", _p_bool, False, "Dynamic first (batch) dimension: convert exports the file so; convert and verify check it at batch 1 and 4.", _CV, models=TORCH),
     _o("atol", "--atol", _p_tolerance, None, "Absolute tolerance: global (1e-4) or per output (output.logits=1e-3); repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
     _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
     _o("min_top1", "--min-top1", _p_share, None, "Judge logits-shaped outputs (batch x classes) on top-1 agreement instead of atol: pass when at least this share of argmaxes agree (0.999, or per output logits=0.999); repeatable.", _CV, metavar="[OUTPUT=]SHARE", repeat=True),
@@ -311,15 +359,15 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output or skip it (the report says so).", (CONVERT,)),
     _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
     _o("plot", "--plot", _p_plot, None, "Draw the BatchNorm layers whose stored running statistics drifted most from the population statistics "
-       "as a bar chart (.png or .svg; needs matplotlib: pip install 'bnfold[plot]').", (CONVERT, CALIBRATE), needs_calib=True, path=True, metavar="FILE"),
+       "as a bar chart (.png or .svg; needs matplotlib: pip install 'bnfold[plot]').", (CONVERT, CALIBRATE), needs_calib=True, path=True, metavar="FILE", models=TORCH),
     _o("overwrite", "--overwrite/--no-overwrite", _p_bool, True, "Replace an existing output (atomically) or refuse.", (CONVERT, CALIBRATE)),
     _o("keep_failed", "--keep-failed", _p_bool, False, "Write the output even when verification fails.", (CONVERT,)),
-    _o("seed", "--seed", _p_int(0), 0, "Seed of the random verification inputs.", _CV, metavar="N"),
+    _o("seed", "--seed", _p_int(0, INT64_MAX), 0, "Seed of the random verification inputs.", _CV, metavar="N"),
     _o("allow_tf32", "--allow-tf32", _p_bool, False,
        "On CUDA, let calibration use TF32 convolutions and matmuls (about 1.6x faster on an H200 for ResNet-50). "
        "Statistics then move by ~1e-4 relative, about 100x less than their sampling noise; the default keeps exact "
        "fp32 so GPU and CPU calibrations agree to ~1e-7. Verification always runs in true fp32.",
-       (CONVERT, VERIFY, CALIBRATE), needs_calib=True),
+       (CONVERT, VERIFY, CALIBRATE), needs_calib=True, models=TORCH),
     _o("progress", None, _p_bool, False, "Show a progress bar on stderr while calibrating.", (CONVERT, VERIFY, CALIBRATE), config=False),
 )}
 # config-only keys of a [[conversion]] table (positional arguments elsewhere)
@@ -384,11 +432,13 @@ class ConvertOptions:
     ``OPTIONS`` (``opts.batch_size``, ``opts.allow_tf32``, ...), with the table's default."""
 
     @classmethod
-    def build(cls, values: Mapping[str, Any], *, via: Via = API, command: str = CONVERT, base: Path | None = None) -> "ConvertOptions":
+    def build(cls, values: Mapping[str, Any], *, via: Via = API, command: str = CONVERT, base: Path | None = None,
+              model: Any = None) -> "ConvertOptions":
         """The one validation of options: unknown, misplaced, ill-typed or ignored options are errors.
 
         ``values``: key -> value for the options that were given (None means "not given").
-        ``base``: the folder relative paths resolve against (config files).
+        ``base``: the folder relative paths resolve against (config files). ``model``: the model the
+        options are for (a spec, a path or a module), when known: options without effect on it are errors.
         """
         parsed: dict[str, Any] = {}
         for key, value in values.items():
@@ -408,11 +458,8 @@ class ConvertOptions:
             parsed[key] = v
         if "calib" in parsed and base is not None:
             parsed["calib"] = relocate_spec(parsed["calib"], base)
-        if "calib" not in parsed:
-            for key in (k for k, o in OPTIONS.items() if o.needs_calib):
-                if key in parsed:
-                    raise OptionError(via, key, "is given without calibration data, so it would be ignored",
-                                      f"add {via.key('calib').strip()} DATA or drop it" if via.name == "cli" else "add calib or drop it")
+        if not (isinstance(via, ConfigVia) and via.table == "defaults"):  # [defaults] are checked with each table
+            _check_effect(parsed, via, model_kind(model))
         if "require_providers" in parsed:
             extra = [p for p in parsed["require_providers"] if p not in parsed.get("providers", OPTIONS["providers"].default)]
             if extra and "providers" in parsed:
@@ -425,14 +472,15 @@ class ConvertOptions:
         return cls(**parsed, given=frozenset(parsed), via=via)
 
     @classmethod
-    def resolve(cls, options: "ConvertOptions | None", kw: Mapping[str, Any], command: str) -> "ConvertOptions":
+    def resolve(cls, options: "ConvertOptions | None", kw: Mapping[str, Any], command: str, model: Any = None) -> "ConvertOptions":
         """A public function's options: one ConvertOptions (``options=``) or its keywords, not both."""
         if options is not None and kw:
             raise BadInputError(f"options= and keywords ({', '.join(kw)}) were both given", "pass one ConvertOptions or keywords, not both")
         if options is None:
-            return cls.build(kw, via=API, command=command)
+            return cls.build(kw, via=API, command=command, model=model)
         if not isinstance(options, cls):
             raise BadInputError(f"options= is a {type(options).__name__}", "pass a bnfold.ConvertOptions or keywords")
+        _check_effect({k: getattr(options, k) for k in options.given}, options.via, model_kind(model))
         return options
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> "ConvertOptions":
@@ -443,6 +491,28 @@ class ConvertOptions:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly values of every option but ``progress`` (enums and paths as strings)."""
         return {key: _plain(getattr(self, key)) for key in OPTIONS if key != "progress"}
+
+
+def applies(key: str, model: Any) -> bool:
+    """Whether option ``key`` has an effect on ``model`` (a spec, path or module; None: unknown)."""
+    kind = model_kind(model)
+    return kind is None or kind in OPTIONS[key].models
+
+
+def _check_effect(parsed: Mapping[str, Any], via: Via, kind: str | None) -> None:
+    """"An option that has no effect is an error" (docs/trust.md), from the table's data: an option
+    for another kind of model (``models``), or one given without the option it needs (``needs``)."""
+    for key in parsed:
+        opt = OPTIONS[key]
+        if kind is not None and kind not in opt.models:
+            raise OptionError(via, key, "has no meaning for an ONNX model, so it would be ignored", "drop it, or pass the PyTorch model spec")
+        missing = next((n for n in opt.needs if n not in parsed), None)
+        if missing == "calib":
+            raise OptionError(via, key, "is given without calibration data, so it would be ignored",
+                              f"add {via.key('calib').strip()} DATA or drop it" if via.name == "cli" else "add calib or drop it")
+        if missing is not None:
+            named = via.key(missing).strip()
+            raise OptionError(via, key, f"is given without {named}, so it would be ignored", f"add {named} or drop it")
 
 
 def _plain(v):

@@ -245,7 +245,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
     failed; with ``verify=False`` its ``passed`` is None: written, not verified); the JSON report is
     written to ``report`` when given.
     """
-    opts = ConvertOptions.resolve(options, kw, CONVERT)
+    opts = ConvertOptions.resolve(options, kw, CONVERT, model)
     if output is None:
         raise BadInputError("no output path", "pass output, e.g. 'model.onnx'")
 
@@ -521,7 +521,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
 
 
 
-    opts = ConvertOptions.resolve(options, kw, VERIFY)
+    opts = ConvertOptions.resolve(options, kw, VERIFY, model)
     check_seed(opts.seed)
     check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None, "the ONNX file": str(onnx_path),
                      "--weights": None if opts.weights is None else str(opts.weights),

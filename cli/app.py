@@ -23,6 +23,7 @@ import bnfold
 from bnfold._version import __version__
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import append_text_or_warn, begin_run, written_message
+from bnfold.edges.paths import check_appendable
 from bnfold.edges.usercode import as_error, stdout, stdout_to_stderr
 from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line
 from bnfold.options import CLI, ConvertOptions, OPTIONS
@@ -160,7 +161,8 @@ def _default_text(o) -> str | None:
 
 def _option_parameter(key: str) -> Parameter:
     o = OPTIONS[key]
-    kind = bool if isinstance(o.default, bool) else List[str] if o.repeat else str
+    # every value kept, so that a repeat is judged, not last-wins (an on-only flag cannot conflict)
+    kind = (List[bool] if "/" in o.flag else bool) if isinstance(o.default, bool) else List[str]
     decls = [o.flag] + ([o.short] if o.short else [])
     default = _default_text(o)
     info = typer.Option(*decls, help=o.help + (f"  [default: {default}]" if default else ""), metavar=o.metavar, show_default=False)
@@ -181,7 +183,13 @@ def _table_options(command: str, first: tuple = ()):
         def typer_command(**kw):
             for flag in GLOBAL_FLAGS:  # given before or after the command
                 STATE[flag] = kw.pop(flag) or STATE[flag]
-            return fn({k: kw.pop(k) for k in keys}, **kw)
+            STATE["json"] = bool(kw.get("json_out"))  # an error below is one JSON object too
+            values = {k: kw.pop(k) for k in keys}
+            try:
+                values = {k: _once(k, v) for k, v in values.items()}
+            except BadInputError as err:
+                _fail(err, err.exit_code)
+            return fn(values, **kw)
 
         flags = [Parameter(k, Parameter.KEYWORD_ONLY, default=False, annotation=a) for k, a in GLOBAL_FLAGS.items()]
         typer_command.__signature__ = Signature(own[:at] + [_option_parameter(k) for k in shown] + own[at:] + flags)
@@ -189,12 +197,26 @@ def _table_options(command: str, first: tuple = ()):
     return decorate
 
 
+def _once(key: str, given):
+    """A flag given several times: repeatable ones keep every value (their parser judges conflicts);
+    the others may repeat the same value, never two different ones (no last-wins)."""
+    if not isinstance(given, list) or OPTIONS[key].repeat:
+        return given
+    distinct = list(dict.fromkeys(given))
+    if len(distinct) > 1:
+        flags = OPTIONS[key].flag.split("/")
+        said = [(flags[0] if v else flags[-1]) if isinstance(v, bool) else v for v in distinct]
+        raise BadInputError(f"{CLI.key(key)} is given {len(given)} times with different values ({', '.join(said)})",
+                            "give it once")
+    return distinct[0] if distinct else None
+
+
 def _build(command: str, values: dict, model: str) -> ConvertOptions:
     """The command's flags as one validated ConvertOptions (errors name the flags)."""
     values = dict(values)
     if command in OPTIONS["progress"].commands:
         values["progress"] = (not STATE["quiet"] and sys.stderr.isatty()) or None
-    opts = ConvertOptions.build(values, via=CLI, command=command)
+    opts = ConvertOptions.build(values, via=CLI, command=command, model=model)
     if opts.weights is None and not model.lower().endswith(".onnx") and not STATE["quiet"] and not STATE["json"]:
         _console(stderr=True).print("note: no --weights given: using the weights the factory creates")
     return opts
@@ -271,7 +293,7 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
         for line in config_lines(summary):
             _console().print(line, markup=False)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step:
+    if step and check_appendable(step, "GITHUB_STEP_SUMMARY"):  # never appended to an input (the config)
         append_text_or_warn(step, markdown_summary(summary["conversions"]), "GITHUB_STEP_SUMMARY")
     raise typer.Exit(summary["exit_code"])
 

@@ -559,14 +559,21 @@ def test_strict_json():
 
 
 def test_staging_left_by_a_killed_process_is_swept(tmp_path):
+    # liveness is the staging folder's lock (tests/test_trust_inputs.py kills a real owner): a lock
+    # file nobody holds is what a killed process leaves; a held one is a live owner's, whatever its pid
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / (_io._staging_prefix(dead.pid) + "abc")
-    alive = tmp_path / (_io._staging_prefix(os.getppid()) + "abc")
+    alive = tmp_path / (_io._staging_prefix(dead.pid) + "def")
     for d in (stale, alive):
         d.mkdir()
         (d / "m.onnx").write_bytes(b"staged by a process that was killed")
-    with _io.OutputSet():
-        _io.write_text_atomic(tmp_path / "r.json", "{}")
-    assert not stale.exists() and alive.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "r.json"])
+    (stale / _io.STAGING_LOCK).touch()
+    held = _io._hold_lock(alive)
+    try:
+        with _io.OutputSet():
+            _io.write_text_atomic(tmp_path / "r.json", "{}")
+        assert not stale.exists() and alive.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "r.json"])
+    finally:
+        os.close(held)

@@ -355,7 +355,7 @@ def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: b
             batch = prepare(as_batch(raw), run.dtype, run.device)
             try:
                 call_model(run.work, batch)
-            except CalibrationError:
+            except DataError:  # a CalibrationError, or data that cannot be bound to forward()
                 raise
             except Exception as err:
                 run.diagnose(batch)  # raises CalibrationError when a BN sees a single value per channel

@@ -3,7 +3,8 @@
 Accepted: ``.npz`` (one array per model input, in file order; first axis = samples), ``.npy`` (one
 input), ``.pt`` (a tensor, a tuple/list of tensors, or a dict of named tensors; read with
 ``weights_only=True``), or ``module:fn`` / ``file.py:fn`` returning an iterable of batches. A batch is a
-tensor, a tuple/list of tensors (positional inputs) or a dict (keyword inputs).
+tensor, a tuple/list of tensors (positional inputs, possibly followed by labels) or a dict (keyword
+inputs); ``model_inputs`` decides, in one place, which items of a batch are the model's inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FORMS = ".npz, .npy, .pt, or module:fn returning batches"
 class Batch:
     args: tuple
     kwargs: dict
+    data: bool = False  # read from the user's data: its items are bound to forward() by ``model_inputs``
 
     @property
     def size(self) -> int:
@@ -49,11 +51,11 @@ def as_batch(item: Any) -> Batch:
     if isinstance(item, Batch):
         return item
     if isinstance(item, (torch.Tensor, np.ndarray)):
-        return Batch((tens(item),), {})
+        return Batch((tens(item),), {}, data=True)
     if isinstance(item, (tuple, list)):
-        return Batch(tuple(tens(x) for x in item), {})
+        return Batch(tuple(tens(x) for x in item), {}, data=True)
     if isinstance(item, dict):
-        return Batch((), {k: tens(v) for k, v in item.items()})
+        return Batch((), {k: tens(v) for k, v in item.items()}, data=True)
     raise DataError(f"a batch is a {type(item).__name__}", "yield tensors, tuples of tensors or dicts of tensors")
 
 
@@ -137,7 +139,7 @@ def split_arrays(arrays: list, batch_size: int | None, names: list | None = None
     batches = []
     for start in range(0, n, bs):
         parts = [torch.from_numpy(np.ascontiguousarray(a[start:start + bs])) for a in arrays]
-        batches.append(Batch((), dict(zip(names, parts))) if names else Batch(tuple(parts), {}))
+        batches.append(Batch((), dict(zip(names, parts)), data=True) if names else Batch(tuple(parts), {}, data=True))
     return batches
 
 
@@ -158,8 +160,8 @@ class DataSource:
     Accepts every form (files, ``module:fn``/``file.py:fn``, a tensor or array, a list or tuple of
     batches, (input, label) pairs, dicts of named inputs, DataLoaders, IterableDatasets, one-shot
     generators and iterators). A one-shot source is read exactly once: the samples verification
-    needs (``head``) and the content fingerprint are taken during that single pass. ``labels``
-    drops the items of a batch beyond the model's ``inputs`` positional inputs.
+    needs (``head``) and the content fingerprint are taken during that single pass. Which items of a
+    batch reach the model (inputs, labels) is ``model_inputs``'s decision, made where it is fed.
     """
 
     def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib",
@@ -299,7 +301,7 @@ def _slice(b: Batch, n: int) -> Batch:
     import torch
 
     cut = lambda v: v[:n] if isinstance(v, torch.Tensor) and v.dim() else v  # noqa: E731
-    return Batch(tuple(cut(v) for v in b.args), {k: cut(v) for k, v in b.kwargs.items()})
+    return Batch(tuple(cut(v) for v in b.args), {k: cut(v) for k, v in b.kwargs.items()}, b.data)
 
 
 def _concat_head(kept: list[Batch], n: int) -> Batch:
@@ -318,7 +320,7 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
     if not same:
         return _slice(first, n)
     return Batch(tuple(cat([b.args[i] for b in kept]) for i in range(len(first.args))),
-                 {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs})
+                 {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs}, first.data)
 
 
 def as_source(data: Any, batch_size: int | None = None, *, what: str = "the calibration data",
@@ -346,7 +348,7 @@ def prepare(batch: Batch, dtype, device) -> Batch:
             return x.to(dtype) if x.is_floating_point() else x
         return x
 
-    return Batch(tuple(conv(a) for a in batch.args), {k: conv(v) for k, v in batch.kwargs.items()})
+    return Batch(tuple(conv(a) for a in batch.args), {k: conv(v) for k, v in batch.kwargs.items()}, batch.data)
 
 
 @contextlib.contextmanager
@@ -361,22 +363,45 @@ def eval_mode(model):
             m.training = flag
 
 
-def _max_positional(model) -> int | None:
+def _positional(model) -> tuple[list[str], int, bool] | None:
+    """forward()'s positional parameters: (names, how many are required, whether it takes *args);
+    None when the signature cannot be read."""
     import inspect
 
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in pos)
+    return [p.name for p in pos], required, any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def model_inputs(model, batch: Batch) -> tuple:
+    """Which items of a data batch are the model's inputs ("the data goes where the user meant",
+    docs/trust.md): decided here, once, for every way data arrives.
+
+    A batch's first ``required`` items (forward's positional parameters without a default, at least
+    one) are inputs. Items beyond every positional parameter are labels, and dropped. An item that
+    could bind an *optional* parameter (``forward(x, scale=None)`` fed ``(x, label)``) is ambiguous:
+    refused (exit 2), never guessed: optional inputs are fed by name (a dict batch)."""
+    args = batch.args
+    sig = _positional(model) if batch.data else None
+    if sig is None:
+        return args
+    names, required, var = sig
+    need = max(required, 1)
+    if len(args) <= need:
+        return args
+    if not var and len(names) <= need:  # no parameter can take the extra items: labels
+        return args[:need]
+    optional = names[need] if need < len(names) else "*args"
+    raise DataError(f"a data batch holds {len(args)} items but forward({', '.join(names) or '*args'}) requires {need}: "
+                    f"item {need + 1} could be a label or the optional input '{optional}', and bnfold does not guess",
+                    f"yield only the model's inputs (drop the label), or dicts of named inputs to feed '{optional}' "
+                    f"(e.g. {{'{names[0] if names else 'x'}': x, '{optional.lstrip('*')}': v}})")
 
 
 def call_model(model, batch: Batch):
-    """model(*args, **kwargs); (inputs, labels) pairs lose the items forward() has no parameter for."""
-    args = batch.args
-    limit = _max_positional(model)
-    if limit is not None and len(args) > limit and limit > 0:
-        args = args[:limit]
-    return model(*args, **batch.kwargs)
+    """model(*inputs, **kwargs): a data batch's inputs as ``model_inputs`` decides; an example's as given."""
+    return model(*model_inputs(model, batch), **batch.kwargs)

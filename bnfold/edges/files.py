@@ -54,6 +54,7 @@ _NAME_MAX = 255
 _COMMITTED: list[Path] = []  # final paths renamed into place by this process, in order
 _WATCHED: dict[str, tuple | None] = {}  # a run's output (real path) -> its identity before the run (None: absent)
 _OPEN_SETS: list["OutputSet"] = []
+_INPUTS: dict[str, tuple[str, tuple | None]] = {}  # every input of this command's runs: real path -> (label, (dev, inode))
 
 
 def env_error(err: OSError, path: str | Path, what: str = "") -> OutputPathError:
@@ -111,6 +112,9 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
         st = None
     except OSError as err:
         raise env_error(err, p, what) from err
+    if os.path.islink(p):  # bnfold renames a new file onto its target: that would replace the link itself
+        raise OutputPathError(f"{what} path '{p}' is a symbolic link (-> {os.path.realpath(p)}), not a regular file",
+                              "pass the path of a regular file (bnfold never stages in, or renames onto, a link or a special file)")
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise OutputPathError(f"{what} path '{p}' is a folder", "pass a file name inside it")
@@ -157,6 +161,7 @@ class OutputSet:
         self._discarded: set[Path] = set()
         self.committed: list[Path] = []
         self._parent: OutputSet | None = None
+        self._locks: list[int] = []  # one held lock per staging folder: it says "alive" to other runs
 
     # --- context
     def __enter__(self) -> "OutputSet":
@@ -185,6 +190,11 @@ class OutputSet:
         try:
             d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder if str(folder) else ".")
         except OSError as err:
+            raise env_error(err, folder, "a staging folder in") from err
+        try:
+            self._locks.append(_hold_lock(d))
+        except OSError as err:
+            shutil.rmtree(d, ignore_errors=True)
             raise env_error(err, folder, "a staging folder in") from err
         staging = folder / os.path.basename(d)
         self._dirs.append((folder, staging))
@@ -224,6 +234,8 @@ class OutputSet:
     def _adopt(self, child: "OutputSet") -> None:
         """A nested set ended well: its files commit with this one."""
         self._dirs.extend(child._dirs)
+        self._locks.extend(child._locks)
+        child._locks = []
         for final, staged in child._staged.items():
             self._staged.pop(final, None)
             self._staged[final] = staged
@@ -270,6 +282,11 @@ class OutputSet:
         for _, d in self._dirs:
             shutil.rmtree(d, ignore_errors=True)
         self._dirs.clear()
+        for fd in self._locks:  # after the folders are gone: never "dead" while they exist
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._locks.clear()
 
     def _rename_in_error(self, exc: BaseException) -> None:
         """Errors name the final paths the user gave, never staging names."""
@@ -305,31 +322,67 @@ def _host_tag() -> str:
 
 
 def _staging_prefix(pid: int | None = None) -> str:
-    """``.bnfold-<host>-<pid>-``: lets a later run on this host remove what a killed process left."""
+    """``.bnfold-<host>-<pid>-``: names a staging folder for people; liveness is its lock (``_hold_lock``)."""
     return f".bnfold-{_host_tag()}-{os.getpid() if pid is None else pid}-"
 
 
+STAGING_LOCK = ".lock"
+
+
+def _hold_lock(folder: str | Path) -> int:
+    """"A staging folder's owner holds its lock" (docs/trust.md): an exclusive ``flock`` on
+    ``<folder>/.lock``, held (the fd stays open) for the folder's whole life. The kernel releases it
+    when the owner exits however it dies (SIGKILL, ``os._exit``, the OOM killer), whatever its pid
+    namespace or host: a lock that can be taken is the only proof that the owner is gone."""
+    import fcntl
+
+    # locked under a private name, then renamed: no other run ever sees the lock file unlocked
+    private = os.path.join(folder, f"{STAGING_LOCK}.{secrets.token_hex(4)}")
+    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (_errno.ENOLCK, _errno.EOPNOTSUPP, _errno.ENOSYS):  # no locks here: the folder is
+            return -1  # never provably dead to another run, so only this one removes it
+        raise
+    try:
+        os.rename(private, os.path.join(folder, STAGING_LOCK))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owner_gone(folder: str) -> bool:
+    """True only when the folder's lock can be taken (its owner is provably gone). A folder without a
+    lock file (being created, or made by something else) or whose lock is held is left alone."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(folder, STAGING_LOCK), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def sweep_stale_staging(folder: str | Path) -> list[Path]:
-    """Remove staging folders left in ``folder`` by bnfold processes of this host that no longer run
-    (killed by SIGKILL, ``os._exit`` in user code, the OOM killer). Returns what was removed."""
+    """Remove staging folders in ``folder`` whose owner is provably gone (its lock can be taken: a bnfold
+    process killed by SIGKILL, ``os._exit`` in user code, the OOM killer, on any host or pid namespace
+    sharing the folder). A live owner's folder is never touched. Returns what was removed."""
     removed = []
-    head = f".bnfold-{_host_tag()}-"
     try:
         entries = list(os.scandir(folder if str(folder) else "."))
     except OSError:
         return removed
     for e in entries:
-        if not e.name.startswith(head) or not e.is_dir(follow_symlinks=False):
-            continue
-        pid_text = e.name[len(head):].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # still running (or not ours to judge)
-        except ProcessLookupError:
-            pass
-        except OSError:
+        if not e.name.startswith(".bnfold-") or not e.is_dir(follow_symlinks=False) or not _owner_gone(e.path):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         removed.append(Path(e.path))
@@ -349,6 +402,20 @@ def begin_run() -> None:
     """Forget earlier runs of this process (the CLI calls it once per command)."""
     _WATCHED.clear()
     _COMMITTED.clear()
+    _INPUTS.clear()
+
+
+def note_inputs(inputs: dict[str, tuple[str, tuple | None]]) -> None:
+    """Remember inputs of this command (``paths.check_run_paths`` collects them): what it appends to
+    at the end (``paths.check_appendable``) is checked against every one of them."""
+    for real, info in inputs.items():
+        _INPUTS.setdefault(real, info)
+
+
+def run_inputs() -> dict[str, tuple[str, tuple | None]]:
+    """This command's inputs, and its outputs (``watch``): real path -> (label, (dev, inode))."""
+    outputs = {real: (f"the output '{real}'", before[:2] if before else None) for real, before in _WATCHED.items()}
+    return {**outputs, **_INPUTS}
 
 
 def watch(real: str) -> None:

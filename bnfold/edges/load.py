@@ -301,7 +301,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     fix = "write it as comma-separated positive integers, e.g. --input-shape 1,3,224,224"
     if not isinstance(text, str) or not text.strip():
         raise BadInputError("empty input shape", fix)
-    parts = [p.strip() for p in re.split(r"[,x×]", text.strip())]
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):  # the documented bracket form, [1, 3, 224, 224], everywhere
+        body = body[1:-1]
+    parts = [p.strip() for p in re.split(r"[,x×]", body)]
     dims = []
     for p in parts:
         if not re.fullmatch(r"[+-]?\d+", p):

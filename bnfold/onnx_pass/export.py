@@ -28,16 +28,9 @@ from bnfold.onnx_pass.fold import fold_ir
 from bnfold.onnx_pass import io as onnx_io
 from bnfold.onnx_pass.io import save_onnx, strip_metadata
 from bnfold.plan import merge_plans
+from bnfold.options import OPSET_MIN, opset_range  # noqa: F401  (the one definition; used here and re-exported)
 
 OPSET_NATIVE_MIN = 18  # torch's dynamo exporter writes opsets from 18 natively; below, it converts
-OPSET_MIN = 7  # the lowest opset torch's TorchScript exporter writes
-
-
-def opset_range() -> tuple[int, int]:
-    """(lowest, highest) opset bnfold writes: from the TorchScript exporter's lowest to onnx's highest."""
-    import onnx
-
-    return OPSET_MIN, int(onnx.defs.onnx_opset_version())
 
 
 def opset_problem(opset) -> tuple[str, str] | None:
