@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bnfold import progress as progress_lines
 from bnfold.edges import jsonio as json
 from bnfold.edges.files import check_output_path, OutputSet, sha256_file, write_text_atomic
 from bnfold.errors import BnfoldError, ConfigError, EXIT_BAD_INPUT, EXIT_MODEL, first_line
 from bnfold.options import ALIASES, applies, ConfigVia, CONVERT, ConvertOptions, ENTRY_KEYS, OptionError, OPTIONS, reword
-from bnfold.edges.load import parse_model_spec, spec_kind
+from bnfold.edges.load import cwd_on_path, parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
-from bnfold.report import SCHEMA_VERSION
+from bnfold.report import SCHEMA_VERSION, conversion_result
 from bnfold.edges.usercode import as_error, worker_died, worker_init
 from bnfold.edges.paths import check_config_paths, module_source, RunReads, spec_files
 
@@ -155,6 +156,7 @@ def _module_exists(name: str) -> bool:
     before any user code runs): its source along sys.path, or an importable top-level package."""
     import importlib.util
 
+    cwd_on_path()  # found where the conversion will import it from
     try:
         return module_source(name) is not None or importlib.util.find_spec(name.split(".")[0]) is not None
     except (ImportError, ValueError):
@@ -284,9 +286,22 @@ def _make_parent(path) -> None:
             raise ConfigError(f"cannot create folder '{parent}': {err.strerror}", "choose a writable output folder") from err
 
 
+def _finished(lines, results: list, result: dict[str, Any]) -> None:
+    """The progress line of a conversion as it finishes: [k/N] name RESULT (why)."""
+    done = sum(r is not None for r in results)
+    why = "" if result.get("skipped") or result["exit_code"] == 0 else f" ({result.get('error') or result.get('detail') or ''})"
+    lines.step(f"[{done}/{len(results)}]", f"{result['name']} {conversion_result(result)}{why}")
+
+
 def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = False, report: str | Path | None = None,
                debug: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Validate ``config``, run every conversion, return (and optionally write) the summary."""
+    """Validate ``config``, run every conversion, return (and optionally write) the summary.
+    ``progress``: a line on stderr as each conversion finishes (bnfold.progress)."""
+    with progress_lines.reporting(progress) as lines:
+        return _run_config(config, jobs, skip_unchanged, report, debug, lines)
+
+
+def _run_config(config, jobs: int, skip_unchanged: bool, report, debug: bool, lines) -> dict[str, Any]:
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs {jobs!r} is not a positive integer", "run 1 or more jobs")
@@ -312,21 +327,27 @@ def run_config(config: str | Path, *, jobs: int = 1, skip_unchanged: bool = Fals
     for i, e in enumerate(entries):
         if skip_unchanged and is_unchanged(e):
             results[i] = _result(e, detail="unchanged since the run its manifest records", report=previous_report(e), skipped=True)
+            _finished(lines, results, results[i])
         else:
             todo.append(i)
+    if todo:
+        lines.step("convert", f"{len(todo)} of {len(entries)} conversions" + (f", {min(jobs, len(todo))} jobs" if jobs > 1 else ""))
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
             results[i] = run_one(entries[i], debug)
+            _finished(lines, results, results[i])
     else:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
-            futures = {i: pool.submit(run_one, entries[i], debug, threads) for i in todo}
-            for i, fut in futures.items():
+            futures = {pool.submit(run_one, entries[i], debug, threads): i for i in todo}
+            for fut in as_completed(futures):  # in the order they finish: each one's line as it does
+                i = futures[fut]
                 results[i] = worker_died(fut, entries[i])
+                _finished(lines, results, results[i])
     codes = [r["exit_code"] for r in results if r]
     summary = {"schema_version": SCHEMA_VERSION, "config": str(config), "exit_code": max(codes) if codes else EXIT_BAD_INPUT,
                "conversions": results, "versions": versions()}

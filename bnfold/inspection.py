@@ -26,7 +26,10 @@ def inspect_spec(model: str, *, options: ConvertOptions | None = None, **kw) -> 
             for key in ("weights", "trust_pickle", "input_shape"):
                 if key in opts.given:
                     raise OptionError(opts.via, key, "has no meaning for an ONNX model", "drop it")
-            return fold_onnx_proto(load_onnx(spec.target))
+            repairs: list[str] = []  # what convert repairs (and says) before folding, inspect repairs too
+            plan = fold_onnx_proto(load_onnx(spec.target, repairs))
+            plan.repairs[:0] = repairs
+            return plan
         m = load_model(spec, opts.weights, trust_pickle=opts.trust_pickle)
         example = random_inputs(opts.input_shape, model_dtype_device(m)[0]) if opts.input_shape else None
         if example is not None:  # a shape the model rejects is bad input (exit 2), as in convert

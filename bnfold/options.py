@@ -354,7 +354,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     _o("rtol", "--rtol", _p_tolerance, None, "Relative tolerance: global or per output; repeatable.", _CV, metavar="[OUTPUT=]TOL", repeat=True),
     _o("min_top1", "--min-top1", _p_share, None, "Judge logits-shaped outputs (batch x classes) on top-1 agreement instead of atol: pass when at least this share of argmaxes agree (0.999, or per output logits=0.999); repeatable.", _CV, metavar="[OUTPUT=]SHARE", repeat=True),
     _o("explain", "--explain", _p_bool, False, "Name the first layer where the ONNX file leaves the reference beyond its float32 noise (done anyway when verification fails).", _CV),
-    _o("providers", "--providers", _p_providers, (Provider.CPU, Provider.CUDA), "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (bnfold.providers; those that cannot run here are reported).", _CV, metavar="cpu,cuda"),
+    _o("providers", "--providers", _p_providers, None, "onnxruntime providers to verify on: cpu, cuda, tensorrt, rocm, migraphx, openvino, dml, coreml (default: those this onnxruntime build has; one asked for that cannot run here is reported).", _CV, metavar="cpu,cuda"),
     _o("require_providers", "--require-providers", _p_providers, (), "Providers that must really run (e.g. cuda), else exit 2.", _CV, metavar="cpu,cuda"),
     _o("verify", "--verify/--no-verify", _p_bool, True, "Verify the output or skip it (the report says so).", (CONVERT,)),
     _o("report", "--report", _p_out_path, None, "Write the JSON report here.", (CONVERT, VERIFY, CALIBRATE), short="-r", path=True, metavar="FILE"),
@@ -368,7 +368,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
        "Statistics then move by ~1e-4 relative, about 100x less than their sampling noise; the default keeps exact "
        "fp32 so GPU and CPU calibrations agree to ~1e-7. Verification always runs in true fp32.",
        (CONVERT, VERIFY, CALIBRATE), needs_calib=True, models=TORCH),
-    _o("progress", None, _p_bool, False, "Show a progress bar on stderr while calibrating.", (CONVERT, VERIFY, CALIBRATE), config=False),
+    _o("progress", None, _p_bool, False, "Show what each stage is doing on stderr (bnfold.progress): load, calibrate n/N, fold, export, verify.", (CONVERT, VERIFY, CALIBRATE), config=False),
 )}
 # config-only keys of a [[conversion]] table (positional arguments elsewhere)
 ENTRY_KEYS = {"name": _p_str, "model": _p_str, "output": _p_str}
@@ -461,7 +461,7 @@ class ConvertOptions:
         if not (isinstance(via, ConfigVia) and via.table == "defaults"):  # [defaults] are checked with each table
             _check_effect(parsed, via, model_kind(model))
         if "require_providers" in parsed:
-            extra = [p for p in parsed["require_providers"] if p not in parsed.get("providers", OPTIONS["providers"].default)]
+            extra = [p for p in parsed["require_providers"] if p not in (parsed.get("providers") or ())]
             if extra and "providers" in parsed:
                 raise OptionError(via, "require_providers", f"names {', '.join(map(str, extra))}, which providers leaves out",
                                   "add it to providers too")

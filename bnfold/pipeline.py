@@ -24,12 +24,13 @@ from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, Opti
 from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport, write_drift_plot  # noqa: F401  (ConvertReport is public here too)
 from bnfold._version import __version__
 from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, stage
+from bnfold import progress
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
 from bnfold.edges.data import as_source, Batch, call_model, eval_mode, model_dtype_device
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.onnx_pass.export import export_folded, opset_problem
 from bnfold.calibration.population import run_calibration
-from bnfold.onnx_pass.io import bn_count, check_onnx_file, load_onnx, opset_of, save_onnx
+from bnfold.onnx_pass.io import bn_count, check_onnx_file, load_onnx, opset_of, ort_blockers, save_onnx
 from bnfold.torch_pass.fold import fold_with_plan
 from bnfold.verification.explain import Explanation, explain_report
 from bnfold.verification.verify import VerifyReport, check_folded, reference_outputs, verify
@@ -62,10 +63,17 @@ def versions() -> dict[str, str | None]:
     }
 
 
-@contextlib.contextmanager
-def _stage(rep, name: str):
-    """Time, end RSS and peak RSS of one stage: rep.timings[name], rep.resources["stages"][name]."""
+# the progress line a stage begins with (calibrate counts its batches, verify names each provider and level)
+STAGE_LINES = {"check_inputs": "check inputs", "reference": "reference outputs", "fold": "fold", "export": "export", "explain": "explain"}
 
+
+@contextlib.contextmanager
+def _stage(rep, name: str, detail: str = ""):
+    """Time, end RSS and peak RSS of one stage: rep.timings[name], rep.resources["stages"][name]; its
+    progress line (bnfold.progress) as it begins."""
+
+    if name in STAGE_LINES:
+        progress.current().step(STAGE_LINES[name], detail)
     with stage(name, rep.timings, rep.resources["stages"]):
         yield
 
@@ -225,8 +233,12 @@ def _worded(fn):
     @functools.wraps(fn)
     def wrapper(*args, options: ConvertOptions | None = None, **kw):
         via = options.via if isinstance(options, ConvertOptions) else API
+        shown = options.progress if isinstance(options, ConvertOptions) else kw.get("progress")
         try:
-            return fn(*args, options=options, **kw)
+            with progress.reporting(shown) as lines:  # the stages' lines on stderr (progress=True)
+                result = fn(*args, options=options, **kw)
+                lines.step("done")
+                return result
         except BnfoldError as err:
             raise reword(err, via)
     return wrapper
@@ -310,8 +322,9 @@ def write_report(rep, path: str | Path) -> None:
 
 
 def _verify_keywords(opts: ConvertOptions) -> dict[str, Any]:
-    """The options' tolerance and providers, as the keywords of ``verify``."""
-    return {"atol": opts.atol, "rtol": opts.rtol, "min_top1": opts.min_top1, "providers": [str(p) for p in opts.providers],
+    """The options' tolerance and providers, as the keywords of ``verify`` (providers None: those this onnxruntime has)."""
+    providers = None if opts.providers is None else [str(p) for p in opts.providers]
+    return {"atol": opts.atol, "rtol": opts.rtol, "min_top1": opts.min_top1, "providers": providers,
             "require_providers": [str(p) for p in opts.require_providers]}
 
 
@@ -402,7 +415,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
     export_example = example
     if opts.dynamic_batch and example[0].shape[0] < 2:  # torch.export specialises a batch of 1
         export_example = random_inputs([(2,) + tuple(t.shape[1:]) for t in example], dtype, opts.seed)
-    with _stage(rep, "export"):
+    with _stage(rep, "export", f"opset {opts.opset}" if opts.opset is not None else ""):
         proto, plan, exporter = export_folded(model, export_example, opset=opts.opset, dynamic_batch=opts.dynamic_batch, plan=plan,
                                               external_data=(staged.parent, Path(rep.output).name + ".data"))
         model = None  # the proto is the one copy of the weights from here on
@@ -458,13 +471,22 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
     return sets
 
 
+def check_runnable(blockers: list[str], src, fix: str) -> None:
+    """BadInputError before onnxruntime is handed an original it crashes on (``ort_blockers``)."""
+    if blockers:
+        raise BadInputError(f"cannot verify against '{src}': {blockers[0]}", fix)
+
+
 def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     with _stage(rep, "fold"):
-        proto = load_onnx(src)
+        repairs: list[str] = []
+        proto = load_onnx(src, repairs)
+        blockers = ort_blockers(proto)  # of the original, which verification runs in onnxruntime
         before = {**_graph_counts(proto), "opset": opset_of(proto), "bytes": src.stat().st_size}
         if opts.opset is not None and opset_of(proto) != opts.opset:
             proto = _convert_opset(proto, opts)
         plan = fold_onnx_proto(proto)
+        rep.notes.extend(repairs + plan.repairs)
         source = _source(opts)
         add_provenance(proto, provenance(opts, source, opset_of(proto), False))
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
@@ -477,6 +499,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
     if not opts.verify:
         rep.mark_unverified()
         return
+    check_runnable(blockers, src, "re-export the original, or skip verification (--no-verify / verify=False)")
     sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))
@@ -544,7 +567,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
         if "dynamic_batch" in opts.given:
             raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
-        load_onnx(obj)
+        check_runnable(ort_blockers(load_onnx(obj, [])), obj, "re-export the original")  # repairs onnxruntime makes itself pass
         sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
         reference = str(obj)
@@ -586,13 +609,14 @@ def _rebuilder(model, opts: ConvertOptions):
     bnfold's own copy costs nothing until it is needed."""
 
     def rebuild():
-        kind, obj, _ = resolve_model(model, opts)
-        if kind == "onnx":
-            return str(obj)
-        source = _source(opts)
-        if source is not None:
-            obj, _ = run_calibration(obj, source, estimator=opts.estimator.value, allow_tf32=opts.allow_tf32)
-        return obj
+        with progress.reporting(False):  # the "explain" line says what happens: no second "load" line
+            kind, obj, _ = resolve_model(model, opts)
+            if kind == "onnx":
+                return str(obj)
+            source = _source(opts)
+            if source is not None:
+                obj, _ = run_calibration(obj, source, estimator=opts.estimator.value, allow_tf32=opts.allow_tf32)
+            return obj
 
     return rebuild
 

@@ -50,6 +50,7 @@ class Edit:
     sl: tuple[int, int] | None = None
     repeat: int = 1
     sign: int = 1  # −1: the BN branch is subtracted from the conv branch it joins
+    affine: str = "st"  # which map: "st" (s, t); "s" (s, 0): a further branch of a sum; "s-1" (s − 1, 0): a kept skip
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class FoldPlan:
     merges: list[Merge] = field(default_factory=list, repr=False, compare=False)
     unmerged: list[Unmerged] = field(default_factory=list, repr=False, compare=False)
     graph_edits: int = field(default=0, repr=False, compare=False)  # ONNX nodes the structural pass rewrote
+    repairs: list[str] = field(default_factory=list, repr=False, compare=False)  # what the ONNX pass repaired, one line each
 
     def to_dict(self) -> dict[str, Any]:
         return {

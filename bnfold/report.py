@@ -337,6 +337,14 @@ def batch_warning(cal: dict[str, Any] | None, options: dict[str, Any] | None) ->
             "pass --batch-size N for the paper's estimator over batches of N")
 
 
+def not_run_lines(unavailable: list[dict[str, Any]], options: dict[str, Any] | None) -> list[str]:
+    """The warning for each provider the user asked for (providers, require_providers) that did not run;
+    a default one that did not (onnxruntime lists CUDA where its libraries are missing) is in the report only."""
+    options = options or {}
+    asked = set(options.get("providers") or ()) | set(options.get("require_providers") or ())
+    return [f"[yellow]provider {u['provider']} not run[/]: {u['reason']}" for u in unavailable if u["provider"] in asked]
+
+
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
         console.print(f"{_plain_status(rep['passed'])} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
@@ -359,8 +367,8 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
         console.print(f"[yellow]{batch_warning(cal, rep.get('options'))}[/]")
     if rep.get("verification"):
         _print_verification(rep["verification"], console, verbose)
-    for u in rep.get("providers_unavailable", []):
-        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for line in not_run_lines(rep.get("providers_unavailable", []), rep.get("options")):
+        console.print(line)
     for note in rep.get("notes", []):
         console.print(f"note: {note}", markup=False)
     if _explanation_line(rep.get("verification")):
@@ -392,8 +400,8 @@ def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quie
         return
     vr = check["verification"]
     _print_verification(vr, console, verbose)
-    for u in vr.get("providers_unavailable", []):
-        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for line in not_run_lines(vr.get("providers_unavailable", []), check.get("options")):
+        console.print(line)
     notes = list(vr.get("notes", []))
     notes += [n for n in check.get("notes", []) if n not in notes]
     for note in notes:
@@ -494,6 +502,16 @@ def calibration_table(cal: dict[str, Any]):
     return t
 
 
+def conversion_result(e: dict[str, Any]) -> str:
+    """A ``run_config`` conversion's result word: PASSED, FAILED, ERROR <exit code>, skipped (unchanged), or
+    UNVERIFIED ("written, not verified": verification was off)."""
+    rep = e.get("report") or {}
+    res = "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
+    if e["exit_code"] == 0 and not e.get("skipped") and rep and rep.get("passed", True) is None:
+        res = UNVERIFIED
+    return res
+
+
 PLOT_FORMATS = (".png", ".svg")
 PLOT_TOP = 20  # layers in the drift plot
 
@@ -538,17 +556,6 @@ def write_drift_plot(cal: dict[str, Any], path: str | Path, top: int = PLOT_TOP)
     return Path(path)
 
 
-def _unverified(e: dict[str, Any]) -> bool:
-    rep = e.get("report") or {}
-    return e["exit_code"] == 0 and not e.get("skipped") and bool(rep) and rep.get("passed", True) is None
-
-
-def _config_result(e: dict[str, Any]) -> str:
-    if _unverified(e):
-        return UNVERIFIED
-    return "skipped (unchanged)" if e.get("skipped") else {0: "PASSED", 1: "FAILED"}.get(e["exit_code"], f"ERROR {e['exit_code']}")
-
-
 def _worst_error(rep: dict[str, Any]) -> float | None:
     errs = [r.get("max_abs_error") for r in (rep.get("verification") or {}).get("runs", []) if r.get("max_abs_error") is not None]
     return max(errs) if errs else None
@@ -565,7 +572,7 @@ def config_table(summary: dict[str, Any], config: Any, *, verbose: bool = False)
         t.add_column(col, overflow="fold")
     for e in summary["conversions"]:
         rep = e.get("report") or {}
-        t.add_row(e["name"], *((relative(e["model"]),) if verbose else ()), relative(e["output"]), _config_result(e),
+        t.add_row(e["name"], *((relative(e["model"]),) if verbose else ()), relative(e["output"]), conversion_result(e),
                   bn_folded(rep) if rep else "-", _fmt(_worst_error(rep)), *((e.get("error") or e.get("detail") or "",) if verbose else ()))
     return t
 
@@ -580,7 +587,7 @@ def config_result_line(summary: dict[str, Any]) -> str:
     """'PASSED 3 conversions' or 'FAILED 1 of 3 conversions (digits-strict)': what ``-q`` prints."""
     entries = summary["conversions"]
     bad = [e["name"] for e in entries if e["exit_code"] != 0 and not e.get("skipped")]
-    unverified = [e["name"] for e in entries if _unverified(e)]
+    unverified = [e["name"] for e in entries if conversion_result(e) == UNVERIFIED]
     if not bad:
         return f"PASSED {len(entries)} conversion{'s' * (len(entries) != 1)}" + (
             f" ({len(unverified)} {UNVERIFIED}: {', '.join(unverified)})" if unverified else "")

@@ -27,6 +27,7 @@ from bnfold.edges.paths import check_appendable
 from bnfold.edges.usercode import as_error, stdout, stdout_to_stderr
 from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line
 from bnfold.options import CLI, ConvertOptions, OPTIONS
+from bnfold.progress import reporting
 from bnfold.report import batch_warning, calibration_table, config_lines, config_result_line, config_table, markdown_summary, relative, render_convert, render_inspect, render_verify
 
 app = typer.Typer(
@@ -90,7 +91,10 @@ def _guard(fn):
     """Run ``fn``; render bnfold errors as one line with their exit code."""
     begin_run()
     try:
-        with stdout_to_stderr():  # stdout carries only bnfold's result (usercode.stdout())
+        # stdout carries only bnfold's result (usercode.stdout()); progress lines go to stderr unless -q
+        shown = not STATE["quiet"] and os.environ.get("RANK", "0") == "0"  # one torchrun process reports
+        with stdout_to_stderr(), reporting(shown) as lines:
+            lines.step("start", "importing torch, onnx, onnxruntime")
             return fn()
     except typer.Exit:
         raise
@@ -215,11 +219,8 @@ def _build(command: str, values: dict, model: str) -> ConvertOptions:
     """The command's flags as one validated ConvertOptions (errors name the flags)."""
     values = dict(values)
     if command in OPTIONS["progress"].commands:
-        values["progress"] = (not STATE["quiet"] and sys.stderr.isatty()) or None
-    opts = ConvertOptions.build(values, via=CLI, command=command, model=model)
-    if opts.weights is None and not model.lower().endswith(".onnx") and not STATE["quiet"] and not STATE["json"]:
-        _console(stderr=True).print("note: no --weights given: using the weights the factory creates")
-    return opts
+        values["progress"] = (not STATE["quiet"]) or None  # bnfold.progress: lines on stderr, plain where it is not a terminal
+    return ConvertOptions.build(values, via=CLI, command=command, model=model)
 
 
 def _examples(*lines: str) -> str:

@@ -44,6 +44,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from bnfold import progress as progress_lines
 from bnfold.edges.data import as_batch, as_source, call_model, eval_mode, model_dtype_device, prepare
 from bnfold.errors import CalibrationError, DataError, first_line
 from bnfold.report import by_drift
@@ -343,14 +344,13 @@ class _Run:
 
 def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None,
           kept: list | None = None) -> None:
-    """One forward pass per batch, counted in ``summary``; the first batches into ``kept`` (output_effect)."""
-    from rich.progress import Progress
-
-    total = len(batches) if hasattr(batches, "__len__") else None
+    """One forward pass per batch, counted in ``summary`` (and as n/N on the progress lines); the first
+    batches into ``kept`` (output_effect)."""
+    total = batches.length() if hasattr(batches, "length") else len(batches) if hasattr(batches, "__len__") else None
     # TF32 policy (CUDA only; see calibrate's docstring): False (default) = true fp32,
     # True = TF32 convolutions and matmuls, None = torch's own flags as the caller set them.
-    with Progress(disable=not progress, transient=True) as bar, torch.no_grad(), tf32(allow_tf32):
-        task = bar.add_task("calibrating", total=total)
+    with progress_lines.reporting(progress) as lines, torch.no_grad(), tf32(allow_tf32):
+        count = lines.count("calibrate", total, "batches")
         for i, raw in enumerate(batches):
             batch = prepare(as_batch(raw), run.dtype, run.device)
             try:
@@ -367,7 +367,8 @@ def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: b
                 kept.append(batch)
             summary.batches += 1
             summary.samples += batch.size
-            bar.advance(task)
+            count.advance()
+        count.done()
 
 
 def run_calibration(

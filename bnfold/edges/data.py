@@ -212,6 +212,15 @@ class DataSource:
     def one_shot(self) -> bool:
         return self._iterable is not None and self._one_shot
 
+    def length(self) -> int | None:
+        """How many batches, when known before they are read (a file, an array, a list, a DataLoader)."""
+        if self._list is not None:
+            return len(self._list)
+        try:
+            return len(self._iterable)
+        except (TypeError, NotImplementedError):  # a generator, an IterableDataset: known only once read
+            return None
+
     def want_head(self, n: int) -> None:
         """Keep the first ``n`` samples while the data is iterated (for verification)."""
         self._want = max(self._want, n)

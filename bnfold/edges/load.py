@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from bnfold import progress
 from bnfold.errors import BadInputError, DataError, first_line, ModelSpecError, WeightsError
 from bnfold.edges.usercode import run_user, user_code
 
@@ -114,10 +115,22 @@ def _import_file(path: Path):
     return module
 
 
+def cwd_on_path() -> None:
+    """The current folder first on ``sys.path``, as ``python -m`` puts it, for the rest of the run: a
+    ``module:fn`` spec resolves from where the command runs, and a factory's own (lazy) imports of
+    its neighbours work too. The ``bnfold`` script itself has only its bin folder there."""
+    import os
+
+    here = os.getcwd()
+    if not any(p in ("", ".") or os.path.abspath(p) == here for p in sys.path):
+        sys.path.insert(0, here)
+
+
 def resolve_factory(spec: ModelSpec):
     if spec.kind == "file":
         module = _import_file(Path(spec.target))
     elif spec.kind == "module":
+        cwd_on_path()
         with user_code(f"importing module '{spec.target}'"):
             try:
                 module = importlib.import_module(spec.target)
@@ -142,6 +155,7 @@ def load_model(spec: str | ModelSpec, weights: str | Path | None = None, *, trus
     from torch import nn
 
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    progress.current().step("load", str(spec))
     factory = resolve_factory(spec)
     model = run_user(factory, what=f"model factory '{spec}'")
     if not isinstance(model, nn.Module):
@@ -153,6 +167,7 @@ def load_model(spec: str | ModelSpec, weights: str | Path | None = None, *, trus
         if meta:
             raise ModelSpecError(f"factory '{spec}' built the model on the meta device (no values, e.g. {meta[0]})",
                                  "pass --weights with a checkpoint for it, or build it on the CPU")
+        progress.current().note("no weights given: using the weights the factory creates")
     return model.eval()
 
 

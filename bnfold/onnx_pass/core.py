@@ -275,6 +275,25 @@ class Ctx:
 
 
 # --------------------------------------------------------------------------------- the BN itself
+def training_outputs(ctx: Ctx, bn) -> bool:
+    """Before opset 14 a BatchNormalization with all five outputs named is in training mode (the
+    spec's output case #1; onnxruntime runs it so). Unnamed (empty) optional outputs are absent."""
+    return ctx.opset < 14 and len(bn.outputs) == 5 and all(o is not None and o.name for o in bn.outputs)
+
+
+def trim_unused_outputs(ctx: Ctx, bn) -> int:
+    """Drop the optional outputs of an inference BatchNormalization that nothing reads (empty, or
+    named and unused): a runtime counts outputs up to the last named one, and before opset 14 only
+    1 (inference) or 5 (training) are allowed. The number dropped (0: none, or training mode)."""
+    extra = bn.outputs[1:]
+    if not extra or training_outputs(ctx, bn) or attr(bn, "training_mode", 0):
+        return 0
+    if any(o is not None and (o.uses() or o.is_graph_output()) for o in extra):
+        return 0
+    bn.resize_outputs(1)
+    return len(extra)
+
+
 def bn_params(ctx: Ctx, bn):
     """(s, t) as float64 tensors, or ``NoMatch``: inference mode, constant parameters, finite scale."""
     if attr(bn, "training_mode", 0):
@@ -283,11 +302,12 @@ def bn_params(ctx: Ctx, bn):
         raise NoMatch(f"BatchNormalization (opset {ctx.opset}) without is_test=1 runs in training mode")
     if ctx.opset < 9 and not attr(bn, "spatial", 1):
         raise NoMatch("BatchNormalization has spatial=0 (statistics per element, not per channel)")
-    if ctx.opset < 14 and any(o is not None and o.name for o in bn.outputs[1:]):
-        raise NoMatch(f"BatchNormalization (opset {ctx.opset}) with {len(bn.outputs)} outputs runs in training mode")
     extra = [o for o in bn.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
     if extra:
         raise NoMatch(f"BatchNormalization output '{value_name(extra[0])}' (a training statistic) is used")
+    if training_outputs(ctx, bn):
+        raise NoMatch(f"BatchNormalization (opset {ctx.opset}) with 5 outputs runs in training mode "
+                      "(all five named: onnxruntime computes Y from the batch's own statistics)")
     if len(bn.inputs) < 5 or bn.inputs[0] is None:
         raise NoMatch("BatchNormalization has fewer than 5 inputs")
     vals = []

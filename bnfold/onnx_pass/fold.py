@@ -17,7 +17,7 @@ from typing import Any
 from bnfold.edges.files import OutputSet
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.errors import first_line
-from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name
+from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name, trim_unused_outputs
 from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx, walk
 from bnfold.onnx_pass.rules import RULES
 from bnfold.onnx_pass.merge import Merged, restructure
@@ -33,6 +33,11 @@ def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
     that became one Conv folds into it), until nothing changes."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
     entries = {id(bn): [bn, ctx.prefix + node_name(bn), None] for bn in bns}
+    trimmed = [(ctx.prefix + node_name(bn), k) for bn in bns for k in [trim_unused_outputs(ctx, bn)] if k]
+    if trimmed:
+        plan.graph_edits += len(trimmed)
+        plan.repairs.append(f"repaired: dropped the unused optional outputs of {len(trimmed)} BatchNormalization node(s) "
+                            f"({', '.join(n for n, _ in trimmed[:3])}{', …' if len(trimmed) > 3 else ''}): inference mode, one output")
     left, unmerged = list(entries.values()), []
     for _ in range(8):
         for e in left:
@@ -62,7 +67,7 @@ def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan
             if id(e[0]) in absorbed:
                 e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
             elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
-                pairs = dict.fromkeys((target, "Conv") if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+                pairs = dict.fromkeys((target, ty) if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
                 rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
                 e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 
@@ -90,8 +95,8 @@ def _unreadable(rule: Rule, err: Exception) -> str:
     return f"{type(rule).__name__} could not read the graph here ({type(err).__name__}: {first_line(err, 120, empty='')})"
 
 
-_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape of MatMul or Gemm/Concat of convs/Add of convs",
-            "forward": "an unpadded Conv, Gemm or MatMul"}
+_TARGETS = {"backward": "Conv/ConvTranspose/Gemm/MatMul/Reshape or Transpose of MatMul or Gemm/Concat of convs/Add of convs",
+            "forward": "an unpadded Conv, Gemm or MatMul, or a pool before Gemm/MatMul heads"}
 
 
 def _reason(out: Outcome) -> str:
@@ -173,7 +178,8 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
 
 
 # -------------------------------------------------------------------------------------- entry points
-def _to_ir(src, *, copy: bool):
+def _to_ir(src, *, copy: bool, repairs: list[str] | None = None):
+    """``src`` as an onnx_ir Model; a path is loaded with ``load_onnx`` (its repairs go to ``repairs``)."""
     import onnx
     import onnx_ir as ir
 
@@ -181,7 +187,7 @@ def _to_ir(src, *, copy: bool):
         return ir.serde.deserialize_model(ir.serde.serialize_model(src)) if copy else src
     if isinstance(src, onnx.ModelProto):
         return ir.serde.deserialize_model(src)
-    return ir.serde.deserialize_model(load_onnx(src))
+    return ir.serde.deserialize_model(load_onnx(src, repairs))
 
 
 def fold_onnx_proto(model) -> FoldPlan:
@@ -199,8 +205,10 @@ def fold_onnx_file(src, dst: str | Path, data_name: str | None = None) -> tuple[
     """Fold ``src`` (a path, ModelProto or onnx_ir Model, never modified) and write ``dst``."""
     import onnx_ir as ir
 
-    model = _to_ir(src, copy=True)
+    repairs: list[str] = []
+    model = _to_ir(src, copy=True, repairs=repairs)
     plan = fold_ir(model)
+    plan.repairs[:0] = repairs
     proto = ir.serde.serialize_model(model)
     info = save_onnx(proto, dst, data_name=data_name)
     info["opset"] = opset_of(proto)

@@ -4,6 +4,7 @@ BatchNormalization nodes, validating their statistics, folding."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,12 @@ PROTO_LIMIT = 2_000_000_000  # bytes; protobuf cannot serialise a message past 2
 ONNX_DOMAINS = ("", "ai.onnx")
 
 
-def load_onnx(path: str | Path):
-    """Read and check an .onnx file (ModelProto); BadInputError with one line when it is not one."""
+def load_onnx(path: str | Path, repairs: list[str] | None = None):
+    """Read and check an .onnx file (ModelProto); BadInputError with one line when it is not one.
+
+    ``repairs``: a list to allow the repairs onnxruntime makes silently when onnx.checker rejects a
+    file it can run (nodes out of topological order, IR < 4 initializers not listed as inputs):
+    they are applied, and each is described in the list. None: the file must pass as it is."""
     import onnx
 
     path = Path(path)
@@ -33,8 +38,85 @@ def load_onnx(path: str | Path):
     try:
         onnx.checker.check_model(model if model.ByteSize() < 2_000_000_000 else str(path))
     except Exception as err:
-        raise BadInputError(f"'{path}' fails onnx.checker: {first_line(err)}", "fix or re-export the model") from err
+        fixed = repaired(model, repairs) if repairs is not None else None
+        if fixed is None:
+            raise BadInputError(f"'{path}' fails onnx.checker: {first_line(err)}", "fix or re-export the model") from err
+        model = fixed
     return model
+
+
+def repaired(model, repairs: list[str]):
+    """A copy of ``model`` with its nodes in topological order and, below IR 4, every initializer
+    listed as a graph input (what the format requires there; onnxruntime loads such files as they
+    are), when that makes onnx.checker accept it: then each repair is added to ``repairs``.
+    None when the file still fails (or nothing could be repaired)."""
+    import onnx
+
+    if model.ByteSize() >= PROTO_LIMIT:  # the checker needs one serialised message
+        return None
+    fixed, notes = onnx.ModelProto(), []
+    fixed.CopyFrom(model)
+    moved = sum(_sort_graph(where.graph) for where in walk(fixed))
+    if moved:
+        notes.append(f"repaired: {moved} node(s) were out of topological order (sorted, as onnxruntime does)")
+    if fixed.ir_version < 4:
+        listed = {i.name for i in fixed.graph.input}
+        missing = [t for t in fixed.graph.initializer if t.name not in listed]
+        for t in missing:
+            fixed.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        if missing:
+            notes.append(f"repaired: IR version {fixed.ir_version} lists every initializer as a graph input; "
+                         f"listed {len(missing)} that were not ({', '.join(t.name for t in missing[:3])}{', …' if len(missing) > 3 else ''})")
+    if not notes:
+        return None
+    try:
+        onnx.checker.check_model(fixed)
+    except onnx.checker.ValidationError:
+        return None
+    repairs.extend(notes)
+    return fixed
+
+
+def _names_read(node) -> set[str]:
+    """Values ``node`` reads: its inputs and what its subgraphs read from outside themselves."""
+    names = {i for i in node.input if i}
+    for _, subs in _subgraphs(node):
+        for sub in subs:
+            top = Where(sub, "")
+            for where in (top, *_below(top)):
+                for n in where.graph.node:
+                    names.update(i for i in n.input if i)
+    return names
+
+
+def _sort_graph(graph) -> int:
+    """Sort ``graph.node`` topologically in place (stable: ready nodes keep their order); the
+    number of nodes that moved. 0 (unchanged) when the graph has a cycle."""
+    nodes = list(graph.node)
+    made = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    deps = [{made[i] for i in _names_read(n) if i in made and made[i] != k} for k, n in enumerate(nodes)]
+    users: list[list[int]] = [[] for _ in nodes]
+    for k, d in enumerate(deps):
+        for j in d:
+            users[j].append(k)
+    waiting = [len(d) for d in deps]
+    ready = [k for k, w in enumerate(waiting) if not w]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users[k]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):
+        return 0
+    moved = sum(k != j for j, k in enumerate(order))
+    if moved:
+        del graph.node[:]
+        graph.node.extend(nodes[k] for k in order)
+    return moved
 
 
 def strip_metadata(proto) -> None:
@@ -264,3 +346,26 @@ def opset_of(proto) -> int | None:
 def bn_count(model) -> int:
     """BatchNormalization nodes in every graph-like of a model (``walk``): main graph, subgraphs, functions."""
     return sum(1 for _ in walk_nodes(model, "BatchNormalization"))
+
+
+def _bn_output_count(node) -> int:
+    """Outputs of a node as runtimes count them: up to the last one with a name."""
+    names = list(node.output)
+    while names and not names[-1]:
+        names.pop()
+    return len(names)
+
+
+def ort_blockers(proto) -> list[str]:
+    """What in ``proto`` onnxruntime cannot run (it crashes or refuses): BatchNormalization before
+    opset 14 whose named outputs are neither 1 (inference) nor 5 (training)."""
+    opset = opset_of(proto) or 21
+    if opset >= 14:
+        return []
+    out = []
+    for n, _ in walk_nodes(proto, "BatchNormalization"):
+        k = _bn_output_count(n)
+        if k not in (1, 5):
+            out.append(f"BatchNormalization '{node_label(n)}' (opset {opset}) has {k} outputs (up to its last "
+                       "named one), not 1 or 5: onnxruntime crashes or refuses to load it")
+    return out

@@ -199,9 +199,9 @@ def _matmul_chain(ctx: Ctx, x, c: int, *, rank2: bool) -> MatMulChain:
     return chain
 
 
-def _matmul_fold(ctx: Ctx, bn: BN, chain: MatMulChain, tail) -> None:
+def _matmul_fold(ctx: Ctx, bn: BN, chain: MatMulChain, tail, replace: bool = True) -> None:
     """B'[:,n] = B[:,n]·s[n]; bias' = bias·s + t, or an Add of t after ``tail`` (the node whose
-    output replaces the BN's)."""
+    output replaces the BN's). ``replace=False``: only the weights (the caller places t, and the BN)."""
     import onnx_ir as ir
 
     mm, s, t = chain.matmul, bn.s, bn.t
@@ -212,7 +212,10 @@ def _matmul_fold(ctx: Ctx, bn: BN, chain: MatMulChain, tail) -> None:
         add, k = chain.add, chain.bias_index
         shape = chain.bias.shape if chain.bias.size == s.numel() else (s.numel(),)
         ctx.set_input(add, k, value_name(add.inputs[k]), bias2.numpy().astype(chain.bias.dtype).reshape(shape))
-        ctx.replace_bn(bn.node, tail.outputs[0])
+        if replace:
+            ctx.replace_bn(bn.node, tail.outputs[0])
+        return
+    if not replace:
         return
     c = ctx.new_const(node_name(mm) + "_bias", bias2.numpy().astype(chain.b.dtype), bn.node)
     add = ir.Node("", "Add", [tail.outputs[0], c], name=node_name(bn.node) + "_bias_add")
@@ -303,6 +306,82 @@ class BackwardReshape(OnnxRule):
             ctx.replace_bn(bn.node, m.reshape.outputs[0])
             return
         _matmul_fold(ctx, bn, m.producer, m.reshape)
+
+
+@dataclass
+class LayoutOfProducer:
+    """A MatMul chain or a Gemm → Reshape/Transpose nodes (``path``, in order) → BN."""
+
+    producer: MatMulChain | GemmWeights
+    path: list
+
+    @property
+    def nodes(self) -> list:
+        return self.producer.nodes
+
+
+class BackwardTranspose(OnnxRule):
+    """MatMul(x, B) [+ Add(bias)] or Gemm → Reshape/Transpose … → BN, where the producer's output
+    columns land on the BN's channel axis 1 (onnxruntime's MatMul+BN fusion pattern; a Reshape keeps
+    the columns only as its last axis, same size; a Transpose moves them by its perm): channel c is
+    column c, so B'[:,c] = B[:,c]·s[c], bias' = bias·s + t (a lone MatMul gets an Add of t right
+    after it; a Gemm: C' = β·C·s + t, β' = 1)."""
+
+    name = "reshape-transpose"
+
+    def match(self, ctx: Ctx, bn: BN) -> LayoutOfProducer:
+        path, x = [], bn.node.inputs[0]
+        while x.producer() is not None and x.producer().op_type in ("Reshape", "Transpose") and len(path) < 8:
+            path.insert(0, producer(ctx, x, ("Reshape", "Transpose")))
+            x = path[0].inputs[0]
+        if not any(n.op_type == "Transpose" for n in path):
+            raise NoMatch("no Transpose between a MatMul/Gemm and the BN", applies=False)
+        c = bn.channels
+        try:
+            prod = gemm_producer(ctx, x, c) if x.producer() is not None and x.producer().op_type == "Gemm" else _matmul_chain(ctx, x, c, rank2=False)
+        except NoMatch as nm:
+            raise NoMatch(f"{path[0].op_type} '{node_name(path[0])}' input: {nm.reason}", applies=nm.applies) from None
+        rank = ctx.rank(x)
+        if rank is None:
+            raise NoMatch(f"the rank of '{value_name(x)}' is unknown")
+        axis = rank - 1  # where the producer's columns are
+        for n in path:
+            if n.op_type == "Transpose":
+                perm = attr(n, "perm", None)
+                perm = list(range(ctx.rank(n.inputs[0]) or 0))[::-1] if perm is None else [int(p) for p in perm]
+                if axis not in perm:
+                    raise NoMatch(f"Transpose '{node_name(n)}' has no perm for axis {axis}")
+                axis = perm.index(axis)
+                continue
+            ins, outs = ctx.shape(n.inputs[0]), ctx.shape(n.outputs[0])
+            known = ins is not None and outs is not None and all(isinstance(d, int) for d in ins + outs)
+            if known and ins[:axis + 1] == outs[:axis + 1]:  # the axes up to the columns' stay: so do they
+                continue
+            if not known or axis != len(ins) - 1 or ins[-1] != outs[-1]:
+                raise NoMatch(f"Reshape '{node_name(n)}' {list(ins) if ins else '?'} → {list(outs) if outs else '?'} does not keep "
+                              "the MatMul's columns on one axis (its last, or one before which nothing changes)")
+            axis = len(outs) - 1
+        if axis != 1:
+            raise NoMatch(f"the MatMul's columns land on axis {axis} after {'/'.join(n.op_type for n in path)}, not on the BN's channel axis 1")
+        return LayoutOfProducer(prod, path)
+
+    def rewrite(self, ctx: Ctx, bn: BN, m: LayoutOfProducer) -> None:
+        import onnx_ir as ir
+
+        p = m.producer
+        if isinstance(p, GemmWeights):
+            gemm_backward(ctx, p, bn.s, bn.t)
+        elif p.add is not None:
+            _matmul_fold(ctx, BN(None, bn.s, bn.t), p, None, replace=False)
+        else:  # B' now; t added right after the MatMul, before the layout nodes
+            mm = p.matmul
+            _matmul_fold(ctx, BN(None, bn.s, bn.t), p, None, replace=False)
+            c = ctx.new_const(node_name(mm) + "_bias", bn.t.numpy().astype(p.b.dtype), m.path[0])
+            add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(mm) + "_bias_add")
+            add.outputs[0].name = ctx.fresh(value_name(mm.outputs[0]))
+            ctx.graph.insert_after(mm, add)
+            m.path[0].replace_input_with(0, add.outputs[0])
+        ctx.replace_bn(bn.node, m.path[-1].outputs[0])
 
 
 class BackwardConcat(OnnxRule):
@@ -434,24 +513,111 @@ class ForwardGemm(OnnxRule):
             ctx.set_attr(g, "beta", 1.0)
             ctx.bypass_bn(bn.node)
             return
-        _matmul_with_bias(ctx, bn, g, b2.numpy().astype(dt), c2.numpy().astype(dt))
+        _matmul_with_bias(ctx, g, b2.numpy().astype(dt), c2.numpy().astype(dt), bn.node.inputs[0], [bn.node, g])
 
 
-def _matmul_with_bias(ctx: Ctx, bn: BN, g, b2: np.ndarray, c2: np.ndarray) -> None:
-    """BN → MatMul ``g`` becomes MatMul(BN input, B') → Add(C'); the Add's output takes ``g``'s
-    output (name, type, shape), and ``g`` and the BN go."""
+def _matmul_with_bias(ctx: Ctx, g, b2: np.ndarray, c2: np.ndarray, x, gone: list) -> None:
+    """MatMul ``g`` becomes MatMul(x, B') → Add(C'); the Add's output takes ``g``'s output (name,
+    type, shape), and the nodes ``gone`` (``g``, and the BN when ``x`` is its input) go."""
     import onnx_ir as ir
 
     out = g.outputs[0]
     b = ctx.new_const(value_name(g.inputs[1]), b2, g)
     c = ctx.new_const(node_name(g) + "_bias", c2, g)
-    mm = ir.Node(g.domain, "MatMul", [bn.node.inputs[0], b], name=g.name, metadata_props=dict(g.metadata_props))
+    mm = ir.Node(g.domain, "MatMul", [x, b], name=g.name, metadata_props=dict(g.metadata_props))
     mm.outputs[0].name = ctx.fresh(out.name or node_name(g))
     mm.outputs[0].type, mm.outputs[0].shape = out.type, out.shape
     add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(g) + "_bias_add")
-    ir.convenience.replace_nodes_and_values(ctx.graph, g, [bn.node, g], [mm, add], [out], [add.outputs[0]])
+    ir.convenience.replace_nodes_and_values(ctx.graph, g, gone, [mm, add], [out], [add.outputs[0]])
+
+
+@dataclass
+class PoolHeads:
+    """BN → pool → (flatten) → one or more heads (Gemm/MatMul), each with its constant B and C."""
+
+    heads: list[GemmWeights]
+
+    @property
+    def nodes(self) -> list:
+        return [h.node for h in self.heads]
+
+
+_FLATTENS = ("Flatten", "Reshape", "Squeeze")
+
+
+class PoolHead(OnnxRule):
+    """BN → GlobalAveragePool / ReduceMean over the spatial axes → (Flatten/Reshape/Squeeze to
+    (N, C)) → Gemm/MatMul heads (a classifier and a distillation head): the average of s·x + t is
+    s·avg(x) + t, so each head takes the forward Gemm formula op(B)'[k,:] = s[k]·op(B)[k,:],
+    C' = β·C + α·t·op(B), β' = 1 (a MatMul gets an Add of C')."""
+
+    name = "pool-head"
+    side = "forward"
+
+    def match(self, ctx: Ctx, bn: BN) -> PoolHeads:
+        pool = _consumer(ctx, bn.node, ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten"))
+        while pool.op_type in ("Reshape", "Flatten"):  # x.flatten(2).mean(-1): spatial axes merged, (N, C) kept
+            ins, outs = ctx.shape(pool.inputs[0]), ctx.shape(pool.outputs[0])
+            if not (ins and outs and len(outs) >= 3 and all(isinstance(d, int) for d in ins[:2]) and tuple(ins[:2]) == tuple(outs[:2])):
+                raise NoMatch(f"BN output goes to {pool.op_type} '{node_name(pool)}', not to an average pool", applies=False)
+            users = list(pool.outputs[0].uses())
+            if pool.outputs[0].is_graph_output() or len(users) != 1 or users[0][1] != 0 or users[0][0].op_type not in (
+                    "GlobalAveragePool", "ReduceMean", "Reshape", "Flatten") or users[0][0].domain not in ONNX_DOMAINS:
+                raise NoMatch(f"{pool.op_type} '{node_name(pool)}' after the BN does not go to an average pool alone", applies=False)
+            pool = users[0][0]
+        rank = ctx.rank(pool.inputs[0])
+        if pool.op_type == "ReduceMean":
+            axes = attr(pool, "axes", None)
+            if axes is None and len(pool.inputs) > 1 and pool.inputs[1] is not None:
+                axes = ctx.need_const(pool.inputs[1], f"ReduceMean '{node_name(pool)}' axes").reshape(-1).tolist()
+            if not axes or rank is None or sorted(int(a) % rank for a in axes) != list(range(2, rank)):
+                raise NoMatch(f"ReduceMean '{node_name(pool)}' does not average exactly the spatial axes (axes {axes}, rank {rank})")
+        x = pool.outputs[0]
+        while True:  # flatten/reshape/squeeze to (N, C): each the only reader of the last
+            users = list(x.uses())
+            if x.is_graph_output() or len(users) != 1 or users[0][0].op_type not in _FLATTENS or users[0][1] != 0:
+                break
+            x = users[0][0].outputs[0]
+        shape = ctx.shape(x)
+        if shape is None or len(shape) != 2 or shape[1] != bn.channels:
+            raise NoMatch(f"the pooled value '{value_name(x)}' is not (N, {bn.channels}) (shape {shape})")
+        if x.is_graph_output() or not x.uses():
+            raise NoMatch(f"the pooled value '{value_name(x)}' is a graph output" if x.is_graph_output() else "the pooled value is unused")
+        heads = [self._head(ctx, bn, node, idx) for node, idx in x.uses()]
+        if len({id(h.node) for h in heads}) != len(heads):
+            raise NoMatch("a head reads the pooled value twice")
+        return PoolHeads(heads)
+
+    @staticmethod
+    def _head(ctx: Ctx, bn: BN, node, idx: int) -> GemmWeights:
+        what = f"head {node.op_type} '{node_name(node)}'"
+        if node.op_type not in ("Gemm", "MatMul") or node.domain not in ONNX_DOMAINS or idx != 0 or not ctx.owns(node):
+            raise NoMatch(f"the pooled value goes to {node.op_type} '{node_name(node)}' (input {idx}), not to a Gemm/MatMul head")
+        if int(attr(node, "transA", 0)):
+            raise NoMatch(f"{what} has transA=1")
+        b = ctx.need_const(node.inputs[1], f"{what} B")
+        c = None
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = ctx.need_const(node.inputs[2], f"{what} C")
+        trans_b = bool(attr(node, "transB", 0))
+        if b.ndim != 2 or (b.shape[1] if trans_b else b.shape[0]) != bn.channels:
+            raise NoMatch(f"{what} B of shape {b.shape} does not read {bn.channels} features")
+        return GemmWeights(node, b, c, trans_b)
+
+    def rewrite(self, ctx: Ctx, bn: BN, m: PoolHeads) -> None:
+        for h in m.heads:
+            g, dt = h.node, h.b.dtype
+            b2, c2 = fold_gemm_forward(f64(h.b), None if h.c is None else f64(h.c), bn.s, bn.t,
+                                       alpha=float(attr(g, "alpha", 1.0)), beta=float(attr(g, "beta", 1.0)), trans_b=h.trans_b)
+            if g.op_type == "Gemm":
+                ctx.set_input(g, 1, value_name(g.inputs[1]), b2.numpy().astype(dt))
+                ctx.set_input(g, 2, node_name(g) + "_C", c2.numpy().astype(dt))
+                ctx.set_attr(g, "beta", 1.0)
+            else:
+                _matmul_with_bias(ctx, g, b2.numpy().astype(dt), c2.numpy().astype(dt), g.inputs[0], [g])
+        ctx.bypass_bn(bn.node)
 
 
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
-RULES = [BackwardConv(), BackwardGemm(), BackwardMatMul(), BackwardReshape(), BackwardConcat(), AddOfConvs(), ForwardConv(),
-         ForwardGemm()]
+RULES = [BackwardConv(), BackwardGemm(), BackwardMatMul(), BackwardReshape(), BackwardTranspose(), BackwardConcat(), AddOfConvs(), ForwardConv(),
+         ForwardGemm(), PoolHead()]

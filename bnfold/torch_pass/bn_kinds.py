@@ -173,6 +173,8 @@ _LAZY_PROD = {
         ("Conv2dSame", None, "pads its input inside forward() (TF 'same'): padded zeros never went through the BN"),
     ],
     "timm.layers.std_conv": [(n, _WS, _WS) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")],
+    # subclasses whose forward() is their parent's math (timm's Linear only adds a TorchScript cast)
+    "timm.layers.linear": [("Linear", None, None)],
     "timm.layers.cond_conv2d": [
         ("CondConv2d", "mixes expert kernels with input-dependent routing weights (CondConv)",
          "mixes expert kernels with input-dependent routing weights (CondConv)"),

@@ -14,6 +14,7 @@ float64 working copies of the weights (``fold_math``) and is cast back once per 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -137,6 +138,8 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
         s, t = st_cache[e.bn]
         if e.sl is not None:
             s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
+        if e.affine != "st":  # a BN after a sum: the shift goes to one branch only; a kept skip takes s − 1
+            s, t = (s - 1 if e.affine == "s-1" else s), torch.zeros_like(t)
         if e.sign != 1:
             s, t = s * e.sign, t * e.sign
         if e.repeat != 1:
@@ -146,7 +149,7 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
     merged = {m.target for m in plan.merges} | {p for m in plan.merges for p, _ in m.parts}
     for path, edits in by_target.items():
         if path not in merged:
-            _fold_module(model.get_submodule(path), edits, scale_shift)
+            _fold_module(model.get_submodule(path), edits, scale_shift, model.get_submodule)
     for m in plan.merges:
         _apply_merge(model, m, by_target, scale_shift)
     for f in plan.folded:
@@ -154,11 +157,34 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             continue
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
+        _warn_hooks(f.bn, bn)
         _set_submodule(model, f.bn, ZeroBranch() if f.rule == IdentityBranch.name else kind.remainder(bn))
 
 
-def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift) -> None:
-    """Every edit aimed at ``mod``, in float64, cast back once (in blocks of rows when large)."""
+_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+          "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+
+
+def _warn_hooks(path: str, bn: nn.Module) -> None:
+    """A hook on a folded BN has no layer left to run on: say so (one line naming the layer)."""
+    kinds = [what for attr, what in _HOOKS.items() if getattr(bn, attr, None)]
+    if kinds:
+        warnings.warn(f"bnfold: BatchNorm `{path}` was folded and no longer exists; its hooks "
+                      f"({', '.join(kinds)}) will not run; register them on the layer it folded into", stacklevel=4)
+
+
+def bias_requires_grad(mod: nn.Module, edits: list[Edit], bn_of) -> bool:
+    """The fused bias's ``requires_grad``, as ``torch.nn.utils.fusion`` keeps it: the layer's own
+    bias's flag; a layer without bias gets the folded BNs' β flag (its shift is β's), False without β."""
+    if mod.bias is not None:
+        return mod.bias.requires_grad
+    betas = [getattr(bn_of(e.bn), "bias", None) for e in edits]
+    return any(isinstance(b, torch.Tensor) and b.requires_grad for b in betas)
+
+
+def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
+    """Every edit aimed at ``mod``, in float64, cast back once (in blocks of rows when large).
+    Each parameter keeps its ``requires_grad`` (``bias_requires_grad`` for the fused bias)."""
     like = mod.weight
     groups = getattr(mod, "groups", 1)
     transposed = bn_kinds.is_transposed(mod)
@@ -166,13 +192,14 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift) -> None:
     with torch.no_grad():
         if rows is None:  # the whole weight at once
             w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
+            grad_b = bias_requires_grad(mod, edits, bn_of)
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-            mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+            mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=grad_b)
             del w, b
         else:  # a large weight: blocks of whole groups of output rows, written into the module's own tensors
             per_group = like.shape[0] // groups
             bias = mod.bias if mod.bias is not None else nn.Parameter(torch.zeros(like.shape[0], dtype=like.dtype, device=like.device),
-                                                                     requires_grad=like.requires_grad)
+                                                                     requires_grad=bias_requires_grad(mod, edits, bn_of))
             for r0 in range(0, like.shape[0], rows):
                 r1 = min(r0 + rows, like.shape[0])
                 w, b = _fold_rows(like, bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
@@ -196,7 +223,8 @@ def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> No
     with torch.no_grad():
         w, b = fold_math.merge_branches(parts, tuple(like.shape[2:]), m.groups)
         target.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-        target.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=like.requires_grad)
+        edits = [e for p in (m.target,) + tuple(q for q, _ in m.parts) for e in by_target.get(p, [])]
+        target.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=bias_requires_grad(target, edits, model.get_submodule))
     target.groups = m.groups
     del parts, w, b
     for path, _ in m.parts:

@@ -39,7 +39,11 @@ def merge_parallel_branches(ctx: Context) -> None:
     """Every sum of the traced graph: its conv branches that read the same input merge into one
     (``plan.merges``), or stay with the reason (``plan.unmerged``)."""
     g = ctx.g
-    backward = {e.bn: e.target for e in ctx.plan.edits if e.op == "backward" and e.sl is None}
+    edits_of: dict[str, list] = {}
+    for e in ctx.plan.edits:
+        edits_of.setdefault(e.bn, []).append(e)
+    # a BN folded backward into one conv, whole (not a concat's slices, not a sum's several branches)
+    backward = {bn: es[0].target for bn, es in edits_of.items() if len(es) == 1 and es[0].op == "backward" and es[0].sl is None}
     folded = {f.bn: f for f in ctx.plan.folded}
     roots: dict = {}
     for n in g.graph.nodes:

@@ -276,6 +276,9 @@ def _flatten(g: Graph, u, x, rank, repeat, start, end):
     if ins is None:
         raise NoMatch("flatten after the BN: needs example inputs to know the spatial size")
     end = end + len(ins) if end < 0 else end
+    start = start + len(ins) if start < 0 else start
+    if 2 <= start <= end:  # spatial axes merged (x.flatten(2).mean(-1)): the channel axis stays
+        return ("flatten", len(ins) - (end - start), repeat)
     if start != 1 or end != len(ins) - 1:
         raise NoMatch(f"flatten({start}, {end}) does not keep the batch axis and channels first")
     return ("pool", 2, repeat * math.prod(ins[2:]))
@@ -296,15 +299,17 @@ class Forward(Rule):
             raise NoMatch(f"{type(mod).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
         if len(bn.call.outputs) != 1:
             raise NoMatch("BN output is not a single value")
-        cpath, node, rank, repeat, crossed = _walk_to_consumer(ctx.g, bn.call)
-        _check_consumer(ctx, bn, cpath, node, rank, repeat)
+        cpaths, node, rank, repeat, crossed = _walk_to_consumer(ctx.g, bn.call)
+        for cpath in cpaths:  # several heads (a distillation head beside the classifier): each takes the fold
+            _check_consumer(ctx, bn, cpath, node, rank, repeat)
         rule = "pool-head" if any(k == "pool" for k, _ in crossed) else None
-        return Match([cpath], [Edit(cpath, "forward", bn.path, None, repeat)], rule)
+        return Match(list(cpaths), [Edit(c, "forward", bn.path, None, repeat) for c in cpaths], rule)
 
 
 def _walk_to_consumer(g: Graph, call: Call):
-    """From the BN's output through pass-through nodes to the one module call reading it:
-    (its path, the node it reads, that node's rank, each channel's repeat, the nodes crossed)."""
+    """From the BN's output through pass-through nodes to the module calls reading it: (their paths,
+    the node they read, that node's rank, each channel's repeat, the nodes crossed). Several
+    readers are fine when every one is a module call (pool → classifier and distillation heads)."""
     node = call.outputs[0]
     own = g.owner(node)
     rank = g.rank(node) if g.rank(node) is not None else call.rank_in
@@ -313,10 +318,15 @@ def _walk_to_consumer(g: Graph, call: Call):
         users = g.data_users(node, own)
         if len(users) != 1:
             where = "BN output" if not crossed else f"the `{crossed[-1][1]}` after the BN"
-            raise NoMatch(f"{where} has {len(users)} consumers")
+            others = [g.what(u) for u in users if g.owner(u) is None]
+            paths = [g.owner(u)[0] for u in users if g.owner(u) is not None]
+            if not users or others or len(set(paths)) != len(paths):
+                why = f" ({others[0]} is not a Conv/Linear module)" if others else " (one module reads it twice)" if users else ""
+                raise NoMatch(f"{where} has {len(users)} consumers{why}")
+            return paths, node, rank, repeat, crossed
         u = users[0]
         if g.owner(u) is not None:
-            return g.owner(u)[0], node, rank, repeat, crossed
+            return [g.owner(u)[0]], node, rank, repeat, crossed
         step = _passthrough(g, u, node, rank, repeat)
         if step is None:
             raise NoMatch(f"BN output goes to {g.what(u)}, not to a Conv/Linear module")
@@ -515,7 +525,75 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}`: {tied}")
 
 
+class SumOfBranches(Rule):
+    """BN after a sum of conv branches on one input x, with at most one plain skip (RepViT's
+    ``bn(conv(x) + conv1(x) + x)``): s·(Σ convᵢ(x) + x) + t = (s·conv₁(x) + t) + Σ s·convᵢ(x) + x
+    + (s − 1)·x. The first conv takes (s, t), the others (s, 0), and the skip, which stays in the
+    module's forward, adds (s − 1)·x to a conv reading x alone at its centre tap (the identity-branch
+    conditions). A branch's own BN folds into its conv first. Runs after the first pass."""
+
+    name = "sum"
+
+    def match(self, ctx: Context, bn: BN) -> Match:
+        g, call = ctx.g, bn.call
+        if len(call.inputs) != 1 or not is_sum(g, call.inputs[0]) or g.module_of(call.inputs[0]) is not None:
+            raise NoMatch("the BN's input is no sum", applies=False)
+        root = call.inputs[0]
+        if len(g.data_users(root)) != 1:
+            raise NoMatch(f"the sum has {len(g.data_users(root))} consumers")
+        convs, others = [], []
+        for leaf, sign in sum_terms(g, root):
+            if sign != 1:
+                raise NoMatch("the sum subtracts a branch")
+            try:
+                convs.append(self._branch(ctx, leaf, bn))
+            except NoMatch as nm:
+                others.append((strip_identity(g, leaf), nm.reason))
+        inputs = {strip_identity(g, i) for p in convs for c in g.calls[p].values() for i in c.inputs}
+        bad = [why for x, why in others if x not in inputs]  # a term that is neither a conv branch nor a skip
+        if bad or not convs or len(others) > 1:
+            raise NoMatch(bad[0] if bad else f"the sum has {len(convs)} conv branches and {len(others)} skips (at most one)")
+        skips = [x for x, _ in others]
+        edits = [Edit(p, "backward", bn.path, affine="st" if k == 0 else "s") for k, p in enumerate(convs)]
+        if skips:
+            target = next((p for p in convs if self._reads_alone(ctx, p, skips[0], bn)), None)
+            if target is None:
+                raise NoMatch("no conv branch reads the skip's input alone with stride 1 and centred padding")
+            edits.append(Edit(target, "identity", bn.path, affine="s-1"))
+        return Match(list(dict.fromkeys(convs)), edits)
+
+    @staticmethod
+    def _branch(ctx: Context, leaf, bn: BN) -> str:
+        """The conv of sum term ``leaf``: the producer itself, or the conv its own BN folded into."""
+        g = ctx.g
+        if g.owner(leaf) is None:
+            raise NoMatch(f"{g.what(leaf)} in the sum is not a conv branch")
+        path = g.owner(leaf)[0]
+        mod = ctx.module(path)
+        if bn_kinds.is_batchnorm(mod):
+            kind, _ = bn_kinds.bn_kind(mod)
+            into = [e.target for e in ctx.plan.edits if e.bn == path and e.op == "backward" and e.sl is None and e.affine == "st"]
+            if kind is None or not bn_kinds.remainder_is_identity(kind.remainder(mod)) or len(into) != 1:
+                raise NoMatch(f"branch BN `{path}` is not folded into the conv of its branch")
+            if len(g.data_users(leaf, g.owner(leaf))) != 1:
+                raise NoMatch(f"branch `{path}`'s output is used outside the sum")
+            path = into[0]
+        else:
+            path = ctx.producer(leaf, role="branch")
+        if bn_kinds.out_channels(ctx.module(path)) != ctx.channels(bn.path):
+            raise NoMatch(f"branch `{path}` has {bn_kinds.out_channels(ctx.module(path))} output channels, BN has {ctx.channels(bn.path)}")
+        return path
+
+    @staticmethod
+    def _reads_alone(ctx: Context, path: str, x, bn: BN) -> bool:
+        try:
+            IdentityBranch._check_conv(ctx, path, ctx.module(path), x, bn.path)
+        except NoMatch:
+            return False
+        return True
+
+
 # The order is the preference: a backward fold keeps the consumer's padding question out of it.
 RULES = [Backward(), Concat(), Reshape(), Forward()]
 # Rules that read the first pass's folds.
-LATE_RULES = [IdentityBranch()]
+LATE_RULES = [IdentityBranch(), SumOfBranches()]

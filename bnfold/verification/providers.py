@@ -7,6 +7,12 @@ falls back to CPU when a GPU provider's libraries are missing.
 
 Adding a provider is one ``register_provider(ProviderSpec(...))`` call (or one entry below).
 
+Without ``providers=``/``--providers``, bnfold verifies on ``default_providers()``: the providers this
+onnxruntime build lists (``onnxruntime.get_available_providers()``), in registry order, of those marked
+``by_default``. TensorRT (it builds an engine per session: minutes for a large model), CoreML
+(Apple's Neural Engine computes in float16) and OpenVINO (float16 on its GPU device) are verified on
+when asked for only.
+
 Options and why:
 
 * never pass ``device_id``: onnxruntime-gpu ≥ 1.26 looks for a registered *plugin* EP device first
@@ -37,6 +43,8 @@ class ProviderSpec:
     torch_device: str | None = None
     # import torch before the session: its CUDA/cuDNN libraries are then already loaded
     needs_torch_cuda: bool = False
+    # verified on without being asked for, where this onnxruntime build has it (default_providers)
+    by_default: bool = True
 
     def provider_list(self) -> list:
         """The ``providers=`` argument of ``InferenceSession``: this provider, CPU as fallback."""
@@ -67,26 +75,42 @@ for _spec in (
     ProviderSpec("cpu", "CPUExecutionProvider"),
     ProviderSpec("cuda", "CUDAExecutionProvider", {"use_tf32": "0"}, _GPU_HINT, torch_device="cuda", needs_torch_cuda=True),
     ProviderSpec("tensorrt", "TensorrtExecutionProvider", {"trt_fp16_enable": "False", "trt_int8_enable": "False"},
-                 " (onnxruntime-gpu built with TensorRT, and TensorRT's libraries)", torch_device="cuda", needs_torch_cuda=True),
+                 " (onnxruntime-gpu built with TensorRT, and TensorRT's libraries)", torch_device="cuda", needs_torch_cuda=True,
+                 by_default=False),
     ProviderSpec("rocm", "ROCMExecutionProvider", {}, " (onnxruntime-rocm)"),
     ProviderSpec("migraphx", "MIGraphXExecutionProvider", {}, " (onnxruntime-migraphx)"),
-    ProviderSpec("openvino", "OpenVINOExecutionProvider", {}, " (onnxruntime-openvino)"),
+    ProviderSpec("openvino", "OpenVINOExecutionProvider", {}, " (onnxruntime-openvino)", by_default=False),
     ProviderSpec("dml", "DmlExecutionProvider", {}, " (onnxruntime-directml, Windows)"),
-    ProviderSpec("coreml", "CoreMLExecutionProvider", {}, " (onnxruntime on macOS)"),
+    ProviderSpec("coreml", "CoreMLExecutionProvider", {}, " (onnxruntime on macOS)", by_default=False),
 ):
     register_provider(_spec)
 
-DEFAULT_PROVIDERS = ("cpu", "cuda")
+DEFAULT_PROVIDERS = None  # none asked for: default_providers(), those this onnxruntime build has
 
 
 def get_provider(key: str) -> ProviderSpec:
     return PROVIDERS[key]
 
 
+def available_providers() -> list[str]:
+    """The registry's providers this onnxruntime build lists, in registry order (listed is not yet
+    running: a GPU provider whose libraries are missing falls back to CPU, see ``really_runs``)."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [key for key, spec in PROVIDERS.items() if spec.ort_name in have]
+
+
+def default_providers() -> list[str]:
+    """What verification runs on when no provider is asked for: the available ones marked ``by_default``."""
+    return [key for key in available_providers() if PROVIDERS[key].by_default]
+
+
 def parse_providers(providers: Iterable[str] | str | None) -> list[str]:
-    """User text ('cpu,cuda', ['CUDAExecutionProvider']) → registry keys, in order, no repeats."""
+    """User text ('cpu,cuda', ['CUDAExecutionProvider']) → registry keys, in order, no repeats;
+    None → ``default_providers()``."""
     if providers is None:
-        return list(DEFAULT_PROVIDERS)
+        return default_providers()
     if isinstance(providers, str):
         providers = providers.split(",")
     by_ort = {s.ort_name.lower(): k for k, s in PROVIDERS.items()}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import sys
 import tempfile
@@ -129,13 +130,17 @@ def tf32(allow: bool | None):
     if allow is None:
         yield
         return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # cuDNN's flags through its context manager (every other flag None: left as it is), which works
+    # under torch.backends.disable_global_flags() (PyTorch's test harness freezes them)
+    cudnn = dict.fromkeys(inspect.signature(torch.backends.cudnn.flags).parameters)
+    cudnn["allow_tf32"] = bool(allow)
+    saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(allow)
-    torch.backends.cudnn.allow_tf32 = bool(allow)
     try:
-        yield
+        with torch.backends.cudnn.flags(**cudnn):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ----------------------------------------------------------------------------- PyTorch runner

@@ -33,9 +33,10 @@ import numpy as np
 from bnfold.edges.data import Batch, model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
 from bnfold.onnx_pass.io import node_label, walk_nodes
-from bnfold.report import _plain_status, html, render_verification, show
+from bnfold.report import LEVEL_NAMES, _plain_status, html, render_verification, show
 from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
-from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, parse_providers, unavailable_reason
+from bnfold import progress
+from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, available_providers, parse_providers, unavailable_reason
 from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
 
 FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
@@ -83,6 +84,7 @@ class VerifyReport:
     runs: list[Run] = field(default_factory=list)
     providers_unavailable: list[dict[str, str]] = field(default_factory=list)
     providers_run: list[str] = field(default_factory=list)
+    providers_available: list[str] = field(default_factory=list)  # the ones this onnxruntime build lists
     notes: list[str] = field(default_factory=list)
     float64_reference: str | None = None  # "ran", or why there was no float64 run
     noise_k: float = NOISE_K
@@ -121,6 +123,7 @@ class VerifyReport:
             "passed": self.passed,
             "providers_run": list(self.providers_run),
             "providers_unavailable": [dict(u) for u in self.providers_unavailable],
+            "providers_available": list(self.providers_available),
             "float64_reference": self.float64_reference,
             "noise_k": self.noise_k,
             "notes": list(self.notes),
@@ -132,7 +135,7 @@ class VerifyReport:
     def from_dict(cls, d: Mapping[str, Any]) -> "VerifyReport":
         return cls(runs=[Run.from_dict(r) for r in d.get("runs", [])],
                    providers_unavailable=[dict(u) for u in d.get("providers_unavailable", [])],
-                   providers_run=list(d.get("providers_run", [])), notes=list(d.get("notes", [])),
+                   providers_run=list(d.get("providers_run", [])), providers_available=list(d.get("providers_available", [])), notes=list(d.get("notes", [])),
                    float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K),
                    explanation=d.get("explanation"))
 
@@ -493,6 +496,7 @@ def _sessions(report: VerifyReport, onnx_path: Path, settings: VerifySettings) -
     (an error when required); onnxruntime's messages become notes."""
     for provider in settings.providers:
         for i, level in enumerate(settings.levels):
+            progress.current().step("verify", f"{provider} {LEVEL_NAMES.get(level, level)}")
             try:
                 runner = OrtRunner(onnx_path, provider, level, verbose=settings.verbose)
             except RunnerUnavailable as err:
@@ -538,6 +542,7 @@ def verify(reference, onnx_path: str | Path, inputs, *, folded=None, references:
         raise BadInputError(f"references cover input sets {sorted(references.refs)}, not {sorted(sets)}",
                             "take the references with the same inputs")
     report = _new_report(references, tol)
+    report.providers_available = available_providers()
     if folded is not None:
         report.runs += check_folded(folded, sets, references, tolerance=tol)
     with contextlib.closing(_sessions(report, Path(onnx_path), cfg)) as sessions:
