@@ -78,6 +78,15 @@ def _stage(rep, name: str, detail: str = ""):
         yield
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a module's parameters and buffers (what its weights take before the fold)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _graph_counts(proto) -> dict[str, int]:
+    return {"nodes": len(proto.graph.node), "batchnorm_nodes": bn_count(proto)}
+
+
 def random_inputs(shapes, dtype=None, seed: int = 0) -> tuple:
     """Seeded normal inputs of the given shapes (float32 unless ``dtype``)."""
     import torch
@@ -399,6 +408,7 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
         with _stage(rep, "reference"):  # before the fold changes the module
             references = reference_outputs(model, sets, providers=_verify_keywords(opts)["providers"], borrow=True)
             return_freed_memory()  # the float64 run's tensors: back to the OS, not left in the heap
+    before = {"bytes": weight_bytes(model)}  # the before → after line (report.before_after)
     with _stage(rep, "fold"):
         model, plan = fold_with_plan(model, example, inplace=True)
         if opts.verify:  # checked now, so that it can be released as soon as it is exported
@@ -417,13 +427,13 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
         _record_plan(rep, plan)
         got = opset_of(proto)  # the asked-for opset: _export_ir refuses any other
         add_provenance(proto, provenance(opts, source, got, source is not None))
-        counts = {"batchnorm_nodes": bn_count(proto), "nodes": len(proto.graph.node)}
+        counts = _graph_counts(proto)
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data", check=False)
         del proto
         if not opts.verify:  # otherwise onnxruntime loads (and checks) the file in verify
             check_onnx_file(staged)
     rep.export = {"path": None, "opset": got, "exporter": exporter, "sha256": info["sha256"], "bytes": info["bytes"],
-                  "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts}
+                  "external_data": info["external_data"], "dynamic_batch": opts.dynamic_batch, **counts, "before": before}
     if not opts.verify:
         rep.mark_unverified()
         return
@@ -477,6 +487,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         repairs: list[str] = []
         proto = load_onnx(src, repairs)
         blockers = ort_blockers(proto)  # of the original, which verification runs in onnxruntime
+        before = {**_graph_counts(proto), "opset": opset_of(proto), "bytes": src.stat().st_size}
         if opts.opset is not None and opset_of(proto) != opts.opset:
             proto = _convert_opset(proto, opts)
         plan = fold_onnx_proto(proto)
@@ -486,8 +497,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         info = save_onnx(proto, staged, data_name=Path(rep.output).name + ".data")
     _record_plan(rep, plan)
     rep.export = {"path": None, "opset": opset_of(proto), "sha256": info["sha256"], "bytes": info["bytes"],
-                  "external_data": info["external_data"], "nodes": len(proto.graph.node),
-                  "batchnorm_nodes": bn_count(proto)}
+                  "external_data": info["external_data"], **_graph_counts(proto), "before": before}
     del proto
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNormalization node: written and verified as it is")

@@ -64,6 +64,20 @@ class ConvertReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def __repr__(self) -> str:
+        out = relative(self.export.get("path") or self.output)
+        worst = _worst_error(self.to_dict())
+        return (f"<ConvertReport {_plain_status(self.passed)} {relative(self.model)} → {out}: "
+                f"{bn_folded(self.to_dict())} BatchNorm folded{f', max abs {_fmt(worst)}' if worst is not None else ''}>")
+
+    def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
+        """Print what ``bnfold convert`` prints (``verbose``: as with -v) on ``file`` (default stdout), ``width``
+        columns (default: the terminal's, or 100)."""
+        show(render_convert, self.to_dict(), verbose=verbose, file=file, width=width)
+
+    def _repr_html_(self) -> str:  # notebooks
+        return html(render_convert, self.to_dict())
+
     def explain(self) -> dict | None:
         """Where the ONNX file first leaves the reference (``verification["explanation"]``, see
         bnfold/verification/explain.py); computed now when the run did not (it passed without
@@ -110,12 +124,24 @@ class CheckReport:
             self._explain_later()
         return self.verification.explanation
 
+    def __repr__(self) -> str:
+        return f"<CheckReport {_plain_status(self.passed)} {relative(self.onnx)} against {relative(self.model)}>"
+
+    def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
+        """Print what ``bnfold verify`` prints (``verbose``: as with -v) on ``file`` (default stdout)."""
+        show(render_verify, self.to_dict(), verbose=verbose, file=file, width=width)
+
+    def _repr_html_(self) -> str:  # notebooks
+        return html(render_verify, self.to_dict())
+
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "onnx": self.onnx, "passed": self.passed,
                 "verification": self.verification.to_dict(), "provenance": self.provenance, "options": self.options,
                 "differences": self.differences, "notes": self.notes, "versions": self.versions, "from_file": self.from_file}
 
 
+# the tables' style: no frame (narrow, and copies cleanly into docs and logs)
+LIGHT = {"box": None, "show_edge": False, "pad_edge": False}
 LEVEL_NAMES = {"disable_all": "ORT_DISABLE_ALL", "default": "ORT_ENABLE_ALL", None: "-"}
 
 
@@ -150,7 +176,7 @@ def bn_folded(rep: dict[str, Any]) -> str:
 def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm layers"):
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", **LIGHT)
     t.add_column("BatchNorm")
     t.add_column("fate")
     t.add_column("into / reason", overflow="fold")
@@ -166,7 +192,7 @@ def plan_table(folded: list[dict], unfolded: list[dict], title: str = "BatchNorm
 def verification_table(verification: dict[str, Any]):
     from rich.table import Table
 
-    t = Table(title="Verification", title_justify="left")
+    t = Table(title="Verification", title_justify="left", **LIGHT)
     # top-1/top-5 agreement beside max abs, when an output is shaped like logits (batch × classes)
     agree = any(o.get("top1") is not None for run in verification.get("runs", []) for o in run["outputs"])
     for col in ("target", "provider", "graph opt.", "inputs", "output", "max abs", *(("top-1/5",) if agree else ()),
@@ -196,6 +222,121 @@ def _explanation_line(verification: dict[str, Any] | None) -> str | None:
     return None if not exp else f"explanation: {exp['message']}"
 
 
+def relative(path: Any) -> str:
+    """``path`` relative to the current folder when it lies under it (as the user would type it), else as it is.
+    A model spec keeps its ``:factory``."""
+    import os
+
+    if path is None:
+        return "-"
+    text = str(path)
+    file, colon, rest = text.rpartition(":") if ":" in text and not text.lower().endswith(".onnx") else (text, "", "")
+    if not os.path.isabs(file):
+        return text
+    try:
+        rel = os.path.relpath(file)
+    except ValueError:  # another drive
+        return text
+    return (file if rel.startswith("..") else rel) + colon + rest
+
+
+def _checked(run: dict[str, Any]) -> str:
+    """What a run checked, in a few words: 'folded module', 'onnx cpu opt=off'."""
+    if run["target"] == "folded-module":
+        return "folded module"
+    level = {"disable_all": "off", "default": "all"}.get(run.get("graph_optimization"), run.get("graph_optimization") or "-")
+    return f"{run['target']} {run['provider']} opt={level}"
+
+
+def _against(o: dict[str, Any]) -> tuple[str, bool]:
+    """(what was needed / what was allowed, judged against the float64 run). The atol needed under the rtol
+    (``required_atol``) passes when it is at most atol; the float64 judgement and top-1 agreement say their own."""
+    if o.get("min_top1") is not None and o.get("top1") is not None:
+        return f"top-1 {o['top1']:.4g} / {o['min_top1']:g}", False
+    if o.get("verdict") == "noise-floor" and o.get("noise_floor") is not None:
+        k = o.get("noise_k") or 0
+        return f"{_fmt(o.get('max_abs_error_float64'))} / {_fmt(o['atol'] + k * o['noise_floor'])} *", True
+    if o.get("required_atol") is None:
+        return "-", False
+    return f"{_fmt(o.get('required_atol'))} / {_fmt(o.get('atol'))}", False
+
+
+def compact_verification_table(verification: dict[str, Any]):
+    """The default view (fits 80 columns): per run and output what was checked, on what inputs, the worst
+    error, the atol it needed (under the rtol) against the atol given, and the result. Failure reasons go
+    below it (``failure_lines``)."""
+    from rich.table import Table
+
+    runs = verification.get("runs", [])
+    names = {o["name"] for run in runs for o in run["outputs"]}
+    agree = any(o.get("top1") is not None for run in runs for o in run["outputs"])  # logits-shaped outputs
+    t = Table(title="Verification", title_justify="left", **LIGHT)
+    for col in ("checked", "on", *(("output",) if len(names) > 1 else ()), "max abs", *(("top-1",) if agree else ()), "needs / atol", "result"):
+        t.add_column(col, overflow="fold")
+    float64 = False
+    for run in runs:
+        for o in run["outputs"]:
+            against, vs64 = _against(o)
+            float64 |= vs64
+            top1 = ("-" if o.get("top1") is None else f"{o['top1']:.3f}",) if agree else ()
+            t.add_row(_checked(run), run["inputs"], *((o["name"],) if len(names) > 1 else ()), _fmt(o.get("max_abs_error")),
+                      *top1, against, _status(o["passed"]))
+    if float64:
+        t.caption = f"* against the float64 run: atol + {runs and _noise_k(runs)} x the model's own float32 error"
+        t.caption_justify = "left"
+    return t
+
+
+def _noise_k(runs: list) -> str:
+    return next((f"{o['noise_k']:g}" for run in runs for o in run["outputs"] if o.get("noise_k")), "K")
+
+
+def failure_lines(verification: dict[str, Any]) -> list[str]:
+    """One line per distinct failure reason: which runs, on what, which output, and why (below the compact table)."""
+    where: dict[tuple, list[str]] = {}
+    for run in verification.get("runs", []):
+        for o in run["outputs"]:
+            if not o["passed"]:
+                where.setdefault((run["inputs"], o["name"], o.get("problem") or "beyond tolerance"), []).append(_checked(run))
+    return [f"FAILED {', '.join(dict.fromkeys(runs))} on {inputs}, output '{name}': {problem}"
+            for (inputs, name, problem), runs in where.items()]
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def before_after(rep: dict[str, Any]) -> str | None:
+    """The onnxslim-style line: BatchNorm nodes, nodes, bytes and opset before → after (None without an export).
+    'Before' is the input .onnx file, or for a PyTorch model its BatchNorm layers and weight bytes."""
+    exp = rep.get("export") or {}
+    if exp.get("nodes") is None:
+        return None
+    before = exp.get("before") or {}
+
+    def arrow(a, b, f=str) -> str:
+        return f(b) if a is None else f"{f(a)} → {f(b)}"
+
+    bn_before = before.get("batchnorm_nodes", (rep.get("fold") or {}).get("batchnorm_layers"))
+    return " · ".join((f"before → after: BatchNorm {arrow(bn_before, exp.get('batchnorm_nodes', 0))}",
+                       f"nodes {arrow(before.get('nodes'), exp['nodes'])}",
+                       f"{arrow(before.get('bytes'), exp.get('bytes'), _human_bytes)}", f"opset {arrow(before.get('opset'), exp.get('opset'))}"))
+
+
+def batch_warning(cal: dict[str, Any] | None, options: dict[str, Any] | None) -> str | None:
+    """A warning when calibration arrays became one batch because no batch size was given."""
+    if not cal or (options or {}).get("batch_size") is not None or cal.get("batches") != 1 or (cal.get("samples") or 0) < 2:
+        return None
+    return (f"warning: without --batch-size the whole calibration array is one batch ({cal['samples']} samples); "
+            "pass --batch-size N for the paper's estimator over batches of N")
+
+
 def not_run_lines(unavailable: list[dict[str, Any]], options: dict[str, Any] | None) -> list[str]:
     """The warning for each provider the user asked for (providers, require_providers) that did not run;
     a default one that did not (onnxruntime lists CUDA where its libraries are missing) is in the report only."""
@@ -206,7 +347,7 @@ def not_run_lines(unavailable: list[dict[str, Any]], options: dict[str, Any] | N
 
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{_plain_status(rep['passed'])} {rep.get('model')}: {bn_folded(rep)} BatchNorm folded")
+        console.print(f"{_plain_status(rep['passed'])} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
         return
     folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
     if folded or unfolded:
@@ -222,30 +363,49 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
                       + (f", {cal['world_size']} processes" if cal.get("world_size", 1) > 1 else ""))
         if not verbose and _effect_line(cal):
             console.print(_effect_line(cal), markup=False)
+    if batch_warning(cal, rep.get("options")):
+        console.print(f"[yellow]{batch_warning(cal, rep.get('options'))}[/]")
     if rep.get("verification"):
-        console.print(verification_table(rep["verification"]))
+        _print_verification(rep["verification"], console, verbose)
     for line in not_run_lines(rep.get("providers_unavailable", []), rep.get("options")):
         console.print(line)
     for note in rep.get("notes", []):
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if _explanation_line(rep.get("verification")):
         console.print(_explanation_line(rep.get("verification")), markup=False)
+    if before_after(rep):
+        console.print(before_after(rep))
     exp = rep.get("export") or {}
     summary = f"{bn_folded(rep)} BatchNorm folded"
     if exp.get("path"):
-        summary += f" · wrote {exp['path']} (opset {exp.get('opset')}, {exp.get('batchnorm_nodes', 0)} BatchNormalization nodes, sha256 {str(exp.get('sha256'))[:12]}…)"
-    console.print(f"{_status(rep['passed'])} {rep.get('model', '')}: {summary}")
+        summary += f" · wrote {relative(exp['path'])} (sha256 {str(exp.get('sha256'))[:12]}…)"
+    console.print(f"{_status(rep['passed'])} {relative(rep.get('model', ''))}: {summary}")
 
 
-def render_verify(check: dict[str, Any], console) -> None:
+def _print_verification(vr: dict[str, Any], console, verbose: bool) -> None:
+    """The compact table and its failure reasons, or the full table with ``verbose``."""
+    if verbose:
+        console.print(verification_table(vr))
+        return
+    console.print(compact_verification_table(vr))
+    for line in failure_lines(vr):
+        from rich.text import Text
+
+        console.print(Text.assemble(("FAILED", "bold red"), line[len("FAILED"):]))
+
+
+def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
+    if quiet:
+        console.print(f"{_plain_status(check['passed'])} {relative(check.get('onnx', ''))}")
+        return
     vr = check["verification"]
-    console.print(verification_table(vr))
+    _print_verification(vr, console, verbose)
     for line in not_run_lines(vr.get("providers_unavailable", []), check.get("options")):
         console.print(line)
     notes = list(vr.get("notes", []))
     notes += [n for n in check.get("notes", []) if n not in notes]
     for note in notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if check.get("from_file"):
         taken = ", ".join(f"{k} {v}" for k, v in check["from_file"].items())
         console.print(f"from the file's provenance: {taken} (how the inputs are rebuilt; never the tolerance)", markup=False)
@@ -253,13 +413,49 @@ def render_verify(check: dict[str, Any], console) -> None:
         console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
     if _explanation_line(vr):
         console.print(_explanation_line(vr), markup=False)
-    console.print(f"{_status(check['passed'])} {check.get('onnx', '')}")
+    console.print(f"{_status(check['passed'])} {relative(check.get('onnx', ''))}")
 
 
-def render_inspect(plan: dict[str, Any], console) -> None:
-    """``FoldPlan.to_dict()`` as ``bnfold inspect`` shows it."""
-    console.print(plan_table(plan["folded"], plan["unfolded"]))
-    if plan.get("trace_error"):
+def render_verification(vr: dict[str, Any], console, *, verbose: bool = False) -> None:
+    """A ``VerifyReport.to_dict()`` on its own (``bnfold.verify``'s result): table, notes, result line."""
+    _print_verification(vr, console, verbose)
+    for u in vr.get("providers_unavailable", []):
+        console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
+    for note in vr.get("notes", []):
+        console.print(f"note: {note}", markup=False)
+    if _explanation_line(vr):
+        console.print(_explanation_line(vr), markup=False)
+    console.print(_status(vr["passed"]))
+
+
+def show(render, data: dict[str, Any], *, verbose: bool = False, file=None, width: int | None = None) -> None:
+    """``render(data, console)`` on ``file`` (default stdout), coloured on a terminal: a report's ``print()``."""
+    import sys
+
+    from rich.console import Console
+
+    out = file or sys.stdout
+    tty = hasattr(out, "isatty") and out.isatty()
+    width = width or (None if tty else 160 if verbose else 100)  # the full table needs about 150 columns
+    render(data, Console(file=out, no_color=not tty, highlight=False, width=width), verbose=verbose)
+
+
+def html(render, data: dict[str, Any]) -> str:
+    """``render(data, console)`` as HTML (a report's ``_repr_html_`` in notebooks)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), record=True, highlight=False, width=100)
+    render(data, console)
+    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+
+
+def render_inspect(plan: dict[str, Any], console, *, quiet: bool = False) -> None:
+    """``FoldPlan.to_dict()`` as ``bnfold inspect`` shows it (``quiet``: the last line only)."""
+    if not quiet:
+        console.print(plan_table(plan["folded"], plan["unfolded"]))
+    if plan.get("trace_error") and not quiet:
         console.print(f"trace: {plan['trace_error']}")
     console.print(f"{bn_folded(plan)} BatchNorm layers foldable (tracer: {plan['tracer']})")
 
@@ -360,17 +556,42 @@ def write_drift_plot(cal: dict[str, Any], path: str | Path, top: int = PLOT_TOP)
     return Path(path)
 
 
-def config_table(summary: dict[str, Any], config: Any):
-    """A ``run_config`` summary: one row per conversion."""
+def _worst_error(rep: dict[str, Any]) -> float | None:
+    errs = [r.get("max_abs_error") for r in (rep.get("verification") or {}).get("runs", []) if r.get("max_abs_error") is not None]
+    return max(errs) if errs else None
+
+
+def config_table(summary: dict[str, Any], config: Any, *, verbose: bool = False):
+    """A ``run_config`` summary: one row per conversion, paths relative to the current folder. The default
+    fits 80 columns (errors and details go below it: ``config_lines``); ``verbose`` adds the model and the detail."""
     from rich.table import Table
 
-    t = Table(title=f"bnfold conversions ({config})", title_justify="left")
-    for col in ("name", "model", "output", "result", "BN folded", "detail"):
+    t = Table(title=f"bnfold conversions ({relative(config)})", title_justify="left", **LIGHT)
+    cols = ("name", *(("model",) if verbose else ()), "output", "result", "BN folded", "max abs", *(("detail",) if verbose else ()))
+    for col in cols:
         t.add_column(col, overflow="fold")
     for e in summary["conversions"]:
         rep = e.get("report") or {}
-        t.add_row(e["name"], e["model"], e["output"], conversion_result(e), bn_folded(rep) if rep else "-", e.get("error") or e.get("detail") or "")
+        t.add_row(e["name"], *((relative(e["model"]),) if verbose else ()), relative(e["output"]), conversion_result(e),
+                  bn_folded(rep) if rep else "-", _fmt(_worst_error(rep)), *((e.get("error") or e.get("detail") or "",) if verbose else ()))
     return t
+
+
+def config_lines(summary: dict[str, Any]) -> list[str]:
+    """Below the compact config table: each conversion's error or detail, then the totals."""
+    out = [f"{e['name']}: {e.get('error') or e.get('detail')}" for e in summary["conversions"] if e.get("error") or e.get("detail")]
+    return out + [config_result_line(summary)]
+
+
+def config_result_line(summary: dict[str, Any]) -> str:
+    """'PASSED 3 conversions' or 'FAILED 1 of 3 conversions (digits-strict)': what ``-q`` prints."""
+    entries = summary["conversions"]
+    bad = [e["name"] for e in entries if e["exit_code"] != 0 and not e.get("skipped")]
+    unverified = [e["name"] for e in entries if conversion_result(e) == UNVERIFIED]
+    if not bad:
+        return f"PASSED {len(entries)} conversion{'s' * (len(entries) != 1)}" + (
+            f" ({len(unverified)} {UNVERIFIED}: {', '.join(unverified)})" if unverified else "")
+    return f"FAILED {len(bad)} of {len(entries)} conversions ({', '.join(bad)})"
 
 
 def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ from bnfold.edges.usercode import as_error, stdout, stdout_to_stderr
 from bnfold.errors import BadInputError, BnfoldError, EXIT_INTERRUPTED, EXIT_MODEL, first_line, ModelError
 from bnfold.options import CLI, ConvertOptions, OPTIONS
 from bnfold.progress import reporting
-from bnfold.report import calibration_table, config_table, markdown_summary, render_convert, render_inspect, render_verify
+from bnfold.report import batch_warning, calibration_table, config_lines, config_result_line, config_table, markdown_summary, relative, render_convert, render_inspect, render_verify
 
 app = typer.Typer(
     name="bnfold",
@@ -45,12 +45,38 @@ app = typer.Typer(
 STATE = {"quiet": False, "verbose": False, "debug": False, "json": False, "isolate": False}
 
 
+class _Argument(typer.core.TyperArgument):
+    """An argument as click writes it: MODEL (or [MODEL]) in the usage line, no "<str>" beside its help."""
+
+    def _usage_display_name(self) -> str:
+        return self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+
+    def display_type_rich(self, ctx) -> None:
+        return None
+
+
+class _Command(typer.core.TyperCommand):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        for p in self.params:
+            if type(p) is typer.core.TyperArgument:
+                p.__class__ = _Argument
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
     out = sys.stderr if stderr else stdout()
     no_color = bool(os.environ.get("NO_COLOR")) or not out.isatty()
-    return Console(file=out, no_color=no_color, highlight=False, soft_wrap=False, width=None if not no_color else 160)
+    # a terminal's width, or $COLUMNS (rich reads it); 160 when neither says
+    width = None if out.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
+    return Console(file=out, no_color=no_color, highlight=False, soft_wrap=False, width=width)
+
+
+def _json_error(code: int, error: str, fix: str | None) -> None:
+    """Under --json, an error is one JSON object on stdout too (CI scripts parse stdout); stderr keeps the line."""
+    if STATE["json"]:
+        _print_json({"exit_code": code, "error": " ".join(error.split()), "fix": fix})
 
 
 def _fail(err: BaseException, code: int) -> None:
@@ -58,6 +84,7 @@ def _fail(err: BaseException, code: int) -> None:
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     text = " ".join(str(err).split())
     sys.stderr.write(f"bnfold: error: {text}\n")
+    _json_error(code, getattr(err, "problem", text), getattr(err, "fix", None))
     raise typer.Exit(code)
 
 
@@ -88,6 +115,7 @@ def _supervised(fn, outputs: list) -> None:
         raise typer.Exit(task.result)
     if stopped or task.status == "interrupted":
         sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
+        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
         raise typer.Exit(EXIT_INTERRUPTED)
     if task.status == "error":
         _fail(ModelError(f"unexpected error in the process running bnfold: {task.result}", "rerun with --debug and report it"), EXIT_MODEL)
@@ -107,6 +135,7 @@ def _run_guarded(fn):
         _fail(err, err.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
+        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
         raise typer.Exit(EXIT_INTERRUPTED)
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         _fail(as_error(err, "the model's code"), EXIT_MODEL)
@@ -114,8 +143,9 @@ def _run_guarded(fn):
         if STATE["debug"]:
             traceback.print_exc()
         first = first_line(err, empty="")
-        sys.stderr.write(f"bnfold: error: unexpected {type(err).__name__} while processing the model: {first[:300]}. "
-                         "Rerun with --debug for the traceback and report it if the model is valid\n")
+        fix = "rerun with --debug for the traceback and report it if the model is valid"
+        sys.stderr.write(f"bnfold: error: unexpected {type(err).__name__} while processing the model: {first[:300]}. {fix[0].upper()}{fix[1:]}\n")
+        _json_error(EXIT_MODEL, f"unexpected {type(err).__name__} while processing the model: {first[:300]}", fix)
         raise typer.Exit(EXIT_MODEL)
 
 
@@ -125,14 +155,23 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+# The global flags: before the command (bnfold -q convert ...) or after it (bnfold convert ... -q), as
+# people type them; ``_table_options`` adds them to every command, the callback reads them before one.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result line.", show_default=False)]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Full tables: every verification figure, every BatchNorm layer, every path.",
+                                       show_default=False)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.", show_default=False)]
+GLOBAL_FLAGS = {"quiet": Quiet, "verbose": Verbose, "debug": Debug}
+
+
 @app.callback()
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (and the result line).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every BatchNorm layer, even in large models.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
 ):
-    STATE.update(quiet=quiet, verbose=verbose, debug=debug)
+    STATE.update(quiet=quiet, verbose=verbose, debug=debug, json=False)
 
 
 # ------------------------------------------------------------------------- shared options
@@ -141,11 +180,20 @@ def main_options(
 # command to the signature typer reads, before ``--json``. The command receives them as one dict
 # (key -> raw value, None = not given), parsed and validated in one place: ConvertOptions.build.
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (and nothing else there).", show_default=False)]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the result line (same as bnfold --quiet).", show_default=False)]
 ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help="path/file.py:factory, package.module:factory, or a .onnx file.", show_default=False)]
 # the order --help lists them in (an option not named here comes last)
 HELP_ORDER = ("weights", "input_shape", "calib", "batch_size", "estimator", "allow_tf32", "opset", "dynamic_batch", "atol", "rtol",
               "providers", "require_providers", "report", "trust_pickle", "verify", "overwrite", "keep_failed", "seed")
+
+
+def _default_text(o) -> str | None:
+    """An option's default as --help shows it ("[default: cpu,cuda]"); None when there is none to show."""
+    d = o.default
+    if isinstance(d, bool):
+        return (o.flag.split("/")[0 if d else 1].lstrip("-")) if "/" in o.flag else None
+    if isinstance(d, tuple):
+        return ",".join(str(x) for x in d) or None
+    return None if d is None else str(d)
 
 
 def _option_parameter(key: str) -> Parameter:
@@ -153,7 +201,8 @@ def _option_parameter(key: str) -> Parameter:
     # every value kept, so that a repeat is judged, not last-wins (an on-only flag cannot conflict)
     kind = (List[bool] if "/" in o.flag else bool) if isinstance(o.default, bool) else List[str]
     decls = [o.flag] + ([o.short] if o.short else [])
-    info = typer.Option(*decls, help=o.help, metavar=o.metavar, show_default=False)
+    default = _default_text(o)
+    info = typer.Option(*decls, help=o.help + (f"  [default: {default}]" if default else ""), metavar=o.metavar, show_default=False)
     return Parameter(key, Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[kind], info])
 
 
@@ -169,6 +218,9 @@ def _table_options(command: str, first: tuple = ()):
 
         @functools.wraps(fn)
         def typer_command(**kw):
+            for flag in GLOBAL_FLAGS:  # given before or after the command
+                STATE[flag] = kw.pop(flag) or STATE[flag]
+            STATE["json"] = bool(kw.get("json_out"))  # an error below is one JSON object too
             values = {k: kw.pop(k) for k in keys}
             try:
                 values = {k: _once(k, v) for k, v in values.items()}
@@ -176,7 +228,8 @@ def _table_options(command: str, first: tuple = ()):
                 _fail(err, err.exit_code)
             return fn(values, **kw)
 
-        typer_command.__signature__ = Signature(own[:at] + [_option_parameter(k) for k in shown] + own[at:])
+        flags = [Parameter(k, Parameter.KEYWORD_ONLY, default=False, annotation=a) for k, a in GLOBAL_FLAGS.items()]
+        typer_command.__signature__ = Signature(own[:at] + [_option_parameter(k) for k in shown] + own[at:] + flags)
         return typer_command
     return decorate
 
@@ -203,13 +256,23 @@ def _build(command: str, values: dict, model: str) -> ConvertOptions:
     return ConvertOptions.build(values, via=CLI, command=command, model=model)
 
 
+def _examples(*lines: str) -> str:
+    """A command's --help epilog: the examples, kept as written (click does not rewrap a \\b paragraph)."""
+    return "Examples:\n\n\b\n" + "\n".join("  " + ln for ln in "\n".join(lines).splitlines())
+
+
 def _print_json(obj) -> None:
     stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------ convert
-@app.command(epilog="Example: bnfold convert samples/digits/model.py:build --weights samples/digits/weights.pt "
-                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz --batch-size 64 -o digits.onnx --report digits.report.json")
+@app.command(cls=_Command, epilog=_examples(
+    "bnfold convert samples/digits/model.py:build -w samples/digits/weights.pt \\\n"
+    "    -s 1,1,8,8 --calib samples/digits/calib.npz -b 64 -o digits.onnx",
+    "# an .onnx file: fold its BatchNormalization nodes, verify against it",
+    "bnfold convert digits.onnx -o folded.onnx",
+    "# every [[conversion]] of a TOML file, 2 at a time (docs/ci.md)",
+    "bnfold convert --config samples/ci/conversions.toml --jobs 2"))
 @_table_options("convert")
 def convert(
     values: dict,
@@ -218,12 +281,10 @@ def convert(
     json_out: JsonOut = False,
     config: Annotated[Optional[Path], typer.Option("--config", metavar="TOML", show_default=False,
                                                    help="Run every [[conversion]] table of a TOML file (keys mirror these flags; see the README).")] = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", show_default=False, help="With --config: run conversions in N processes.")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", show_default=False, help="With --config: run conversions in N processes.  [default: 1]")] = None,
     skip_unchanged: Annotated[bool, typer.Option("--skip-unchanged", show_default=False, help="With --config: skip conversions whose manifest still matches.")] = False,
-    quiet: Quiet = False,
 ):
     """Fold (and optionally calibrate), export to ONNX and verify the result."""
-    STATE["quiet"] = STATE["quiet"] or quiet
     STATE["json"] = json_out
 
     def work():
@@ -259,8 +320,12 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
                                 debug=STATE["debug"], progress=not STATE["quiet"])
     if json_out:
         _print_json(summary)
+    elif STATE["quiet"]:
+        _console().print(config_result_line(summary), markup=False)
     else:
-        _console().print(config_table(summary, config))
+        _console().print(config_table(summary, config, verbose=STATE["verbose"]))
+        for line in config_lines(summary):
+            _console().print(line, markup=False)
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step and check_appendable(step, "GITHUB_STEP_SUMMARY"):  # never appended to an input (the config)
         append_text_or_warn(step, markdown_summary(summary["conversions"]), "GITHUB_STEP_SUMMARY")
@@ -268,19 +333,20 @@ def _run_config(config: Path, report: Optional[str], jobs: Optional[int], skip_u
 
 
 # ---------------------------------------------------------------------------------- calibrate
-@app.command(epilog="Example: bnfold calibrate samples/digits/model.py:build --weights samples/digits/weights.pt "
-                    "--calib samples/digits/calib.npz --batch-size 64 -o calibrated.pt\n\n"
-                    "Several processes: torchrun --nproc-per-node 2 -m bnfold calibrate ... (each rank takes every N-th batch).")
+@app.command(cls=_Command, epilog=_examples(
+    "bnfold calibrate samples/digits/model.py:build \\\n"
+    "    -w samples/digits/weights.pt --calib samples/digits/calib.npz -b 64 \\\n"
+    "    -o calibrated.pt",
+    "# several processes, each rank takes every N-th batch",
+    "torchrun --nproc-per-node 2 -m bnfold calibrate ..."))
 @_table_options("calibrate", first=("calib",))
 def calibrate(
     values: dict,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py:factory or package.module:factory.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="Write the calibrated state_dict (.pt) here.", show_default=False)],
     json_out: JsonOut = False,
-    quiet: Quiet = False,
 ):
     """Recompute BatchNorm population statistics (BN paper, §3.1) and save the state_dict."""
-    STATE["quiet"] = STATE["quiet"] or quiet
     STATE["json"] = json_out
 
     def work():
@@ -290,17 +356,24 @@ def calibrate(
             return
         if json_out:
             _print_json(summary.to_dict())
-        elif not STATE["quiet"]:
+            return
+        warning = batch_warning(summary.to_dict(), opts.to_dict())
+        if warning:
+            _console(stderr=True).print(warning, markup=False)
+        if not STATE["quiet"]:
             _console().print(calibration_table(summary.to_dict()))
-            _console().print(f"wrote {output}")
+        _console().print(f"wrote {relative(output)}", markup=False)
 
     _guard(work, (output, values.get("report"), values.get("plot")))
 
 
 # ------------------------------------------------------------------------------------- verify
-@app.command(epilog="Example: bnfold verify samples/digits/model.py:build digits.onnx --weights samples/digits/weights.pt "
-                    "--input-shape 1,1,8,8 --calib samples/digits/calib.npz (batch size, estimator and tolerances "
-                    "default to the ones the artifact records).")
+@app.command(cls=_Command, epilog=_examples(
+    "# batch size, estimator, tolerances: by default those the file records",
+    "bnfold verify samples/digits/model.py:build digits.onnx \\\n"
+    "    -w samples/digits/weights.pt -s 1,1,8,8 --calib samples/digits/calib.npz",
+    "# an .onnx source: the original file",
+    "bnfold verify digits.onnx folded.onnx"))
 @_table_options("verify")
 def verify(
     values: dict,
@@ -317,14 +390,16 @@ def verify(
         if json_out:
             _print_json(check.to_dict())
         else:
-            render_verify(check.to_dict(), _console())
+            render_verify(check.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
         raise typer.Exit(check.exit_code)
 
     _guard(work, (values.get("report"),))
 
 
 # ------------------------------------------------------------------------------------ inspect
-@app.command(epilog="Example: bnfold inspect samples/digits/model.py:build --input-shape 1,1,8,8")
+@app.command(cls=_Command, epilog=_examples(
+    "bnfold inspect samples/digits/model.py:build -s 1,1,8,8",
+    "bnfold inspect digits.onnx"))
 @_table_options("inspect")
 def inspect(
     values: dict,
@@ -340,7 +415,7 @@ def inspect(
         if json_out:
             _print_json(plan.to_dict())
         else:
-            render_inspect(plan.to_dict(), _console())
+            render_inspect(plan.to_dict(), _console(), quiet=STATE["quiet"])
 
     _guard(work)
 
@@ -356,7 +431,23 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     STATE["isolate"] = True  # each command runs in a supervised child (bnfold.edges.isolate)
     isolate.enable()
-    app(prog_name="bnfold")
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="bnfold")
+        return
+    try:  # the click typer vendors (typer 0.2x)
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+    try:  # under --json a usage error is one JSON object on stdout too
+        code = app(prog_name="bnfold", standalone_mode=False)
+    except click_errors.ClickException as err:
+        _print_json({"exit_code": err.exit_code, "error": err.format_message(), "fix": f"see {err.ctx.command_path if getattr(err, 'ctx', None) else 'bnfold'} --help"})
+        err.show()
+        sys.exit(err.exit_code)
+    except click_errors.Abort:
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

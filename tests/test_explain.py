@@ -90,7 +90,10 @@ def test_the_explanation_and_agreement_are_shown(monkeypatch, tmp_path):
     console = Console(record=True, width=400, no_color=True)
     render_convert(rep.to_dict(), console)
     text = console.export_text()
-    assert "top-1/5" in text and "explanation: diverges first at `6` (ONNX node `" in text
+    assert "top-1" in text and "explanation: diverges first at `6` (ONNX node `" in text  # the compact table: top-1
+    console = Console(record=True, width=400, no_color=True)
+    render_convert(rep.to_dict(), console, verbose=True)
+    assert "top-1/5" in console.export_text()  # the full table (-v): top-1/top-5
     check = bnfold.check_artifact(model, tmp_path / "m.onnx", x, providers=["cpu"])
     console = Console(record=True, width=400, no_color=True)
     render_verify(check.to_dict(), console)

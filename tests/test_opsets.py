@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -51,7 +52,8 @@ def test_cli_writes_low_opsets_with_the_torchscript_exporter(name, opset, tmp_pa
                 "-o", str(out), "--report", str(report), "--providers", "cpu")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr  # the exporters' chatter stays quiet
-    assert f"opset {opset}, 0 BatchNormalization nodes" in " ".join(r.stdout.split())
+    assert re.search(rf"BatchNorm \d+ → 0 · nodes \d+ · .* · opset {opset}$", r.stdout, re.MULTILINE), r.stdout  # the before → after line
+    assert max(map(len, r.stdout.splitlines())) <= 80, r.stdout  # the compact default fits 80 columns
     assert _opset(out) == opset and _bn_nodes(out) == 0
     onnx.checker.check_model(str(out), full_check=True)
     d = json.loads(report.read_text())

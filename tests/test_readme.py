@@ -144,7 +144,8 @@ def test_every_readme_command_runs_from_a_fresh_folder(fresh):
     from bnfold_cli.app import app
 
     epilog = typer.main.get_command(app).commands["verify"].epilog
-    example = re.search(r"Example: (bnfold verify [^(]*)", epilog).group(1).strip()
+    example = re.search(r"^\s*(bnfold verify [^\\\n]*(?:\\\n[^\\\n]*)*)", epilog, re.MULTILINE).group(1).replace("\\\n", " ")
+    example = " ".join(example.split())
     assert not (fresh / "out").exists()
     cmds = commands(README)
     first = cmds.index(next(c for c in cmds if c.startswith("bnfold convert samples/digits") and "--calib" in c))

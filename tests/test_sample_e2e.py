@@ -138,4 +138,4 @@ def test_help_is_fast_and_has_examples():
     assert r.returncode == 0
     for cmd in ("convert", "calibrate", "verify", "inspect"):
         h = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
-        assert h.exit_code == 0 and "Example: bnfold" in h.stdout, cmd
+        assert h.exit_code == 0 and "Examples:" in h.stdout and f"bnfold {cmd} " in h.stdout, cmd

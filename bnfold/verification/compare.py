@@ -55,6 +55,7 @@ import numpy as np
 from bnfold.errors import BadInputError
 
 NOISE_K = 4.0
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # float32 resolution near 1.0: a smaller atol cannot be met in float32
 
 # dtype → (atol, rtol). Folding changes rounding, never more: these bound it with margin.
 DEFAULT_TOLERANCES = {
@@ -308,6 +309,10 @@ def _compare_values(name: str, reference, candidate, atol=None, rtol=None, *, re
         res.passed, res.verdict = True, "tolerance"
     elif within_noise and not given:
         res.passed, res.verdict = True, "noise-floor"
+    elif res.ill_conditioned and given and a < FLOAT32_EPS:  # the tolerance, not the model, is the problem
+        res.problem = (f"the given atol {a:.3g} is below float32 resolution ({FLOAT32_EPS:.2g} near 1.0): no float32 run can meet it, "
+                       f"not even the model's own, {res.noise_floor:.3g} away from its float64 run; this artifact is "
+                       f"{res.max_abs_error_float64:.3g} away. Give an atol above that, or none (the default scales with the outputs)")
     elif res.ill_conditioned:
         res.problem = (f"the model is ill-conditioned in float32: its own float32 run is {res.noise_floor:.3g} away from its "
                        f"float64 run (beyond {'the given' if given else 'the'} atol {a:.3g} + rtol {r:.3g}·|ref|), and this artifact is "
