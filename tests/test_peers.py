@@ -82,7 +82,10 @@ def test_calibration_and_verification_run_under_frozen_backend_flags():
         with TorchRunner(calibrated) as runner:
             out = runner.infer((x,))
     finally:
-        torch.backends.__allow_nonbracketed_mutation_flag = True  # what disable_global_flags switched off
+        # what disable_global_flags switched off; torch.backends' functions read their own globals (the
+        # module object seen as torch.backends is not their namespace in torch 2.14), so set it there
+        torch.backends.disable_global_flags.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    assert not torch.backends.flags_frozen()
     with torch.no_grad():
         np.testing.assert_allclose(out[0][1], calibrated(x).numpy(), rtol=1e-6, atol=1e-6)
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic) == before
