@@ -467,7 +467,7 @@ def _effect_line(cal: dict[str, Any]) -> str | None:
         return None
     if eff.get("problem"):
         return f"output effect: {eff['problem']}"
-    line = f"outputs on {eff['samples']} calibration samples, running → population statistics: max abs change {_fmt(eff['max_abs'])}"
+    line = f"outputs on {eff['samples']} calibration samples, running → population statistics:\n  max abs change {_fmt(eff['max_abs'])}"
     line += f" (largest |output| {_fmt(eff['scale'])})" if eff.get("scale") is not None else ""
     return line + (f", top-1 agreement {eff['top1_agreement']:.3f}" if eff.get("top1_agreement") is not None else "")
 
@@ -483,23 +483,29 @@ def by_drift(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def calibration_table(cal: dict[str, Any]):
-    """``CalibrationSummary.to_dict()``: one row per BatchNorm layer, the most drifted first."""
+    """``CalibrationSummary.to_dict()``: one row per BatchNorm layer, the most drifted first (fits 80 columns);
+    layers whose stored statistics were unusable and the outputs' move are lines below the table."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    effect = _effect_line(cal)  # plain text: an error message in it may hold [brackets]
-    t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left",
-              caption=None if effect is None else Text(effect), caption_justify="left")
-    for col in ("BatchNorm", "values/channel", "mean change", "var change", "mean shift/σ", "var ratio", "drift"):
-        t.add_column(col)
+    t = Table(title=f"Calibration: {cal['estimator']}, {cal['batches']} batches, {cal['samples']} samples", title_justify="left", **LIGHT)
+    t.add_column("BatchNorm")
+    for col in ("values/ch", "Δmean", "Δvar", "shift/σ", "var ratio", "drift"):
+        t.add_column(col, justify="right")
     fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    below = []
     for layer in by_drift(cal["layers"]):
         vpc = layer.get("values_per_channel") or ["-"]
         problem = layer.get("stored_problem")
+        if problem:
+            below.append(f"{layer['name']}: drift ∞ (stored: {problem})")
         t.add_row(layer["name"], "not reached" if not layer["reached"] else f"{vpc[0]}–{vpc[1]}",
                   fmt(layer.get("mean_change")), fmt(layer.get("var_change")), fmt(layer.get("mean_shift_std")),
-                  fmt(layer.get("var_ratio")), f"∞ (stored: {problem})" if problem else fmt(layer.get("drift")))
-    return t
+                  fmt(layer.get("var_ratio")), "∞" if problem else fmt(layer.get("drift")))
+    effect = _effect_line(cal)
+    # plain text: an error message in it may hold [brackets]
+    return Group(t, *(Text(line) for line in below + ([effect] if effect else [])))
 
 
 def conversion_result(e: dict[str, Any]) -> str:
