@@ -388,10 +388,10 @@ def test_batch_goes_on_after_a_factory_exits(ws):
         output = "b.onnx"
     """))
     res = runner.invoke(app, ["convert", "--config", str(ws / "cfg.toml"), "--json", "--report", str(ws / "s.json")])
-    assert res.exit_code == 2, res.stderr
+    assert res.exit_code == 3, res.stderr
     summary = loads_strict(res.stdout)
     a, b = summary["conversions"]
-    assert a["exit_code"] == 2 and "called sys.exit(0)" in a["error"]
+    assert a["exit_code"] == 3 and "called sys.exit(0)" in a["error"]
     assert b["exit_code"] == 0 and (ws / "b.onnx").is_file() and (ws / "s.json").is_file()
 
 

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
-from bnfold.errors import BnfoldError, DataError, first_line, ModelSpecError
+from bnfold.errors import EXIT_MODEL, BnfoldError, DataError, first_line, ModelSpecError
 from bnfold.edges.isolate import running
 
 __all__ = ["run_user", "user_code", "guard_iter", "as_error", "stdout_to_stderr", "stdout"]
@@ -49,6 +49,10 @@ def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpec
         problem = f"{what} raised {type(err).__name__}" + (f": {msg}" if msg else "")
         fix = "fix the data function" if issubclass(error, DataError) else "fix the model code"
     new = error(problem, fix)
+    if isinstance(err, SystemExit):
+        # user code that tries to end the process failed to do its job, whichever it was: exit 3, as for an
+        # os._exit the supervised child reports (bnfold.edges.isolate); the error keeps its kind (data, spec)
+        new.exit_code = EXIT_MODEL
     new.__cause__ = err
     return new
 
