@@ -197,6 +197,21 @@ def test_a_module_spec_resolves_from_the_current_folder(tmp_path):
     assert "no weights given" not in res.stderr
 
 
+def test_a_file_spec_factory_imports_its_neighbours_lazily(tmp_path, monkeypatch):
+    """`bnfold inspect models/lazymodel.py:build` from another folder: the factory imports a module next to
+    its file in its body, after the import of the file is over (as `python models/lazymodel.py` allows)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lazyblocks.py").write_text("from torch import nn\n\ndef block():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n")
+    (tmp_path / "models" / "lazymodel.py").write_text("def build():\n    from lazyblocks import block  # lazily, in the body\n    return block()\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "lazyblocks", raising=False)
+    res = runner.invoke(app, ["inspect", f"{tmp_path / 'models' / 'lazymodel.py'}:build", "--input-shape", "1,3,8,8"])
+    assert res.exit_code == 0, res.stderr
+    assert "1" in res.stdout and "lazyblocks" in sys.modules
+    monkeypatch.delitem(sys.modules, "lazyblocks", raising=False)
+    monkeypatch.delitem(sys.modules, "lazymodel", raising=False)
+
+
 def test_a_module_spec_from_the_current_folder_in_a_config_is_skipped_when_unchanged(tmp_path, monkeypatch):
     """--skip-unchanged finds the module's source where the conversion imports it from (the current folder)."""
     (tmp_path / "cwdmodel_cfg.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n")

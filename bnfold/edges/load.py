@@ -98,7 +98,8 @@ def _import_file(path: Path):
         raise ModelSpecError(f"cannot import '{path}' as Python", "point at a .py file")
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)  # let the file import its neighbours
+    if folder not in sys.path:  # the file imports its neighbours, at import time and later (lazily, in its
+        sys.path.insert(0, folder)  # factory's body): on the path for the run, as `python file.py` puts it
     dont_write = sys.dont_write_bytecode
     sys.dont_write_bytecode = True  # leave no __pycache__ in the user's folder
     try:
@@ -110,8 +111,6 @@ def _import_file(path: Path):
         raise
     finally:
         sys.dont_write_bytecode = dont_write
-        if sys.path and sys.path[0] == folder:
-            sys.path.pop(0)
     return module
 
 
