@@ -20,39 +20,23 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def resnet50() -> nn.Module:
-    import torchvision
+def _torchvision(name: str):
+    def build() -> nn.Module:
+        import torchvision
 
-    torch.manual_seed(0)
-    return _randomize(torchvision.models.resnet50())
+        torch.manual_seed(0)
+        return _randomize(getattr(torchvision.models, name)())
 
-
-def mobilenet_v2() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return _randomize(torchvision.models.mobilenet_v2())
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"torchvision's {name}, random weights, randomised BN statistics"
+    return build
 
 
-def resnet18() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return _randomize(torchvision.models.resnet18())
-
-
-def resnet101() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return _randomize(torchvision.models.resnet101())
-
-
-def resnet152() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return _randomize(torchvision.models.resnet152())
+# the `--config` benchmark's ten models (benchmarks/run.py: bench_config), and the ResNets of the scaling rows
+TEN = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
+       "shufflenet_v2_x1_0", "mnasnet1_0", "densenet121")
+for _name in TEN + ("resnet101", "resnet152"):
+    globals()[_name] = _torchvision(_name)
 
 
 def weight_bytes(name: str) -> tuple[int, int]:

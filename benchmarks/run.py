@@ -6,7 +6,9 @@
     python benchmarks/run.py --only calibrate,latency --json rows.json
 
 Rows: `bnfold convert` vs a plain torch.onnx.export script, both as whole processes (wall time, peak
-RSS) and the per-stage time/RSS of convert's JSON report; calibrate vs update_bn and a plain
+RSS) and the per-stage time/RSS of convert's JSON report; `bnfold.convert` vs `torch.onnx.export` in
+one warm process (ResNet-18, MobileNetV3-Large, ResNet-50); `--config` of ten torchvision models with
+`--jobs 2` vs a script exporting them in a loop; calibrate vs update_bn and a plain
 train-mode forward; folded vs original latency (PyTorch eager, onnxruntime at ORT_DISABLE_ALL and
 default); fold error vs torch's fuse_conv_bn_eval (fp32, fp16); ONNX-in folding vs onnxoptimizer and
 onnxruntime's saved optimised model; scaling (ResNet-18/50/101/152 convert time and RSS vs
@@ -166,6 +168,69 @@ def bench_convert(reps):
     for name, st in _stage_table(m["reports"]).items():
         mem = f"RSS {st['rss_mb']:.0f} MB, peak {st['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in st else "(report has no resources)"
         row("stages", f"  {name}: {mem}", fmt_s(st["seconds"]), "", None, "", "from the JSON report")
+
+
+# ------------------------------------------------------------------------- in one process, --config
+def bench_inprocess(reps):
+    """The API in one warm Python process (a notebook, a service): ``bnfold.convert`` against
+    ``torch.onnx.export`` alone with its defaults, alternating, after one warm-up call of each."""
+    import torch
+
+    import bnfold
+    import models
+
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("resnet18", "mobilenet_v3_large", "resnet50"):
+            model = getattr(models, name)()
+            x = torch.randn(1, 3, 224, 224)
+
+            def ours():
+                bnfold.convert(model, x, Path(d) / "a.onnx", providers="cpu")
+
+            def plain():
+                torch.onnx.export(model.eval(), (x,), str(Path(d) / "b.onnx"))
+
+            ours(); plain()  # warm: both pay their first-call costs here
+            a, b = alternate(ours, plain, reps)
+            row("in-process", f"{name} 1×3×224², warm: bnfold.convert vs torch.onnx.export alone", fmt_s(a), fmt_s(b), a / b,
+                "≤ 1.2×", f"{reps} alternating pairs")
+
+
+PLAIN_LOOP = """
+import sys
+sys.path.insert(0, {bench!r})
+import torch
+import models
+for name in {names!r}:
+    model = getattr(models, name)()
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 224, 224),), {out!r} + "/" + name + ".onnx")
+"""
+
+
+def bench_config(reps):
+    """``bnfold convert --config`` of ten torchvision models with ``--jobs 2`` against one script that
+    builds and exports them in a loop; whole processes, alternating."""
+    import models
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "a").mkdir(); (d / "b").mkdir()
+        cfg = d / "ten.toml"
+        cfg.write_text('[defaults]\nproviders = "cpu"\ninput_shape = "1,3,224,224"\n' + "".join(
+            f'\n[[conversion]]\nname = "{n}"\nmodel = "{HERE / "models.py"}:{n}"\noutput = "a/{n}.onnx"\n' for n in models.TEN))
+        script = d / "loop.py"
+        script.write_text(PLAIN_LOOP.format(bench=str(HERE), names=list(models.TEN), out=str(d / "b")))
+        wa, wb = [], []
+        for i in range(reps):
+            order = [(wa, _bnfold_cmd() + ["convert", "--config", str(cfg), "--jobs", "2", "-q"]), (wb, [sys.executable, str(script)])]
+            for acc, cmd in order if i % 2 == 0 else order[::-1]:
+                acc.append(_proc(cmd)["seconds"])
+            for f in list(d.glob("*/*.onnx*")) + list(d.glob("*/.bnfold*")):
+                if f.is_file():
+                    f.unlink()
+    a, b = statistics.median(wa), statistics.median(wb)
+    row("config", f"--config of {len(models.TEN)} torchvision models, --jobs 2: convert vs a plain export loop (process wall)",
+        fmt_s(a), fmt_s(b), a / b, "≤ 1.2×", f"{reps} alternating pairs")
 
 
 # -------------------------------------------------------------------------------------- calibrate
@@ -420,7 +485,7 @@ def bench_scaling(names, reps, calib_counts):
     row("scaling", f"  fit calibrate = {a * 1e3:.1f} ms + {b * 1e3:.1f} ms/batch", f"R²={r2:.4f}", "", None)
 
 
-SECTIONS = ("convert", "calibrate", "latency", "error", "onnx-in", "scaling", "bignet")
+SECTIONS = ("convert", "in-process", "config", "calibrate", "latency", "error", "onnx-in", "scaling", "bignet")
 QUICK = ("convert", "scaling", "calibrate")
 
 
@@ -441,6 +506,10 @@ def main():
           f"Python {platform.python_version()} · torch {torch.__version__}", flush=True)
     if "convert" in only:
         bench_convert(2 if args.quick else 5)
+    if "in-process" in only:
+        bench_inprocess(reps)
+    if "config" in only:
+        bench_config(2 if args.quick else 3)
     if "calibrate" in only:
         bench_calibrate(reps)
     if "latency" in only:

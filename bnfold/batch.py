@@ -297,7 +297,10 @@ def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debu
         return
     threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
     if len(todo) > 1:
-        warm_up()  # imported once here, not once per child
+        from bnfold.onnx_pass.export import warm_exporter
+
+        # imported once here, not once per child; the exporter's table too (onnx_pass/export.py)
+        warm_up(("torch", "onnx", "onnxruntime", "torch.onnx", "bnfold.pipeline"), then=warm_exporter)
     tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}
     index = {id(t): i for i, t in tasks.items()}
 

@@ -23,7 +23,7 @@ from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILE
 from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
 from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport, write_drift_plot  # noqa: F401  (ConvertReport is public here too)
 from bnfold._version import __version__
-from bnfold.edges.resources import process_peak_rss_mb, return_freed_memory, stage
+from bnfold.edges.resources import collect_new_only, process_peak_rss_mb, return_freed_memory, stage
 from bnfold import progress
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
 from bnfold.edges.data import _positional, as_source, Batch, call_model, eval_mode, model_dtype_device
@@ -232,7 +232,8 @@ def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ convert
 def _worded(fn):
-    """Errors from the stages below name options the way the caller's interface spells them."""
+    """Errors from the stages below name options the way the caller's interface spells them; the
+    garbage collector walks only what the run makes (``collect_new_only``)."""
     import functools
 
     @functools.wraps(fn)
@@ -240,7 +241,7 @@ def _worded(fn):
         via = options.via if isinstance(options, ConvertOptions) else API
         shown = options.progress if isinstance(options, ConvertOptions) else kw.get("progress")
         try:
-            with progress.reporting(shown) as lines:  # the stages' lines on stderr (progress=True)
+            with progress.reporting(shown) as lines, collect_new_only():  # the stages' lines on stderr (progress=True)
                 result = fn(*args, options=options, **kw)
                 lines.step("done")
                 return result

@@ -249,3 +249,45 @@ def test_export_folded_bad_opset_is_bad_input(opset):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     with pytest.raises(BadInputError, match="opset"):
         export_folded(model, (torch.randn(1, 3, 6, 6),), opset=opset)
+
+
+def test_the_exporters_table_built_once_equals_its_own():
+    """bnfold builds the dynamo exporter's ATen → ONNX table without compiling each function's source
+    (issue 26): the same table as ``ONNXRegistry.from_torchlib``, entry for entry; each export gets a
+    copy (a custom function added to one never reaches the next), and the exporter's own method is
+    back after the block."""
+    from torch.onnx._internal.exporter import _registration as reg
+
+    from bnfold.onnx_pass import export as ex
+
+    def entries(table):
+        return {k: [(m.onnx_function, m.fx_target, m.is_complex, m.is_custom, m.opset_introduced, str(m.signature))
+                    for m in v] for k, v in table.functions.items()}
+
+    stock = reg.ONNXRegistry.from_torchlib(18)
+    ours = ex._build_registry(18)
+    assert entries(ours) == entries(stock) and len(stock.functions) > 100
+    method = reg.ONNXRegistry.__dict__["from_torchlib"]
+    with ex._shared_registry():
+        a = reg.ONNXRegistry().from_torchlib(opset_version=18)
+        a.functions.clear()  # what a custom translation table could do to its copy
+        b = reg.ONNXRegistry().from_torchlib(opset_version=18)
+    assert entries(b) == entries(stock) and a is not b
+    assert reg.ONNXRegistry.__dict__["from_torchlib"] is method
+
+
+def test_an_export_with_the_shared_table_gives_the_same_file():
+    """The same model exported with the exporter's own table and with bnfold's: the same graph."""
+    import io
+
+    from bnfold.onnx_pass import export as ex
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)))
+    x = torch.randn(1, 3, 6, 6)
+    model(x)
+    plain = torch.onnx.export(model.eval(), (x,), dynamo=True).model_proto
+    with ex._shared_registry():
+        shared = torch.onnx.export(model.eval(), (x,), dynamo=True).model_proto
+    strip = lambda p: [(n.op_type, list(n.input), list(n.output)) for n in p.graph.node]  # noqa: E731
+    assert strip(plain) == strip(shared) and len(plain.graph.node) > 0

@@ -355,9 +355,11 @@ class Big(nn.Module):
         return self.bn1d(self.fc(y.mean((2, 3))))
 
 
-def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
-    """Weights whose float64 copy exceeds FOLD_BLOCK_BYTES are folded a block of whole groups of rows
-    at a time, written into the module's own tensor: same values as one pass (float64, to rounding)."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch, in_place):
+    """Weights whose float64 copy exceeds FOLD_CACHE_BYTES are folded a block of whole groups of rows
+    at a time, into a new tensor, or past FOLD_BLOCK_BYTES into the module's own tensor: same values
+    as one pass (float64, to rounding)."""
     from bnfold.torch_pass import fold as folding
 
     torch.manual_seed(0)
@@ -373,9 +375,14 @@ def test_large_weights_fold_in_blocks_with_the_same_values(monkeypatch):
         calls.append((bound["r0"], bound["r1"]))
         return orig(*a, **k)
 
-    monkeypatch.setattr(folding, "FOLD_BLOCK_BYTES", 8 * 9)  # any weight with more than 9 elements
+    monkeypatch.setattr(folding, "FOLD_CACHE_BYTES", 8 * 9)  # any weight with more than 9 elements, in blocks
+    monkeypatch.setattr(folding, "FOLD_BLOCK_BYTES", 8 * 9 if in_place else 1 << 40)
     monkeypatch.setattr(folding, "_fold_rows", spy)
-    blocked, plan_b = fold_with_plan(model, (x,))
+    work = copy.deepcopy(model)
+    before = {n: p for n, p in work.named_parameters()}
+    blocked, plan_b = fold_with_plan(work, (x,), inplace=True)
+    same = [n for n, p in blocked.named_parameters() if n in before and p is before[n]]
+    assert bool(same) == in_place  # in place: the module's own tensors; else new ones
     assert [(f.bn, f.rule) for f in plan_a.folded] == [(f.bn, f.rule) for f in plan_b.folded]
     assert {f.rule for f in plan_a.folded} >= {"backward", "forward", "identity-branch"}
     assert calls and all(0 <= r0 < r1 for r0, r1 in calls)

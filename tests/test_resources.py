@@ -177,3 +177,40 @@ def test_convert_of_a_spec_folds_in_place_and_reports_stage_memory(tmp_path):
         assert st["seconds"] >= 0 and st["rss_mb"] > 0 and st["peak_rss_mb"] >= st["rss_mb"] - 1
     assert a.resources["peak_rss_mb"] >= max(s["peak_rss_mb"] for s in a.resources["stages"].values()) - 1
     assert a.export["sha256"] == b.export["sha256"] or a.export["batchnorm_nodes"] == b.export["batchnorm_nodes"] == 0
+
+
+def test_collect_new_only_sees_new_garbage_and_gives_the_old_objects_back():
+    """Inside ``collect_new_only`` a collection walks only what the block made (issue 26): a cycle
+    made inside is collected there; objects from before are frozen for the block and unfrozen after;
+    a caller's own freeze is left alone."""
+    import gc
+    import weakref
+
+    from bnfold.edges.resources import collect_new_only
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    old = cycle()  # garbage from before the block: frozen inside, collected after
+    assert gc.get_freeze_count() == 0
+    with collect_new_only():
+        assert gc.get_freeze_count() > 0
+        new = cycle()
+        gc.collect()
+        assert new() is None and old() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old() is None
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collect_new_only():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

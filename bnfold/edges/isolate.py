@@ -179,14 +179,17 @@ def enable() -> None:
     _STATE["fork_safe"] = True
 
 
-def warm_up(modules=("torch", "onnx", "onnxruntime")) -> None:
-    """Import the heavy libraries once in a fork-safe parent, so that its children start warm."""
+def warm_up(modules=("torch", "onnx", "onnxruntime"), then: Callable[[], None] | None = None) -> None:
+    """Import the heavy libraries once in a fork-safe parent (and run ``then``, which must not run
+    torch), so that its children start warm."""
     import importlib
 
     if _STATE["fork_safe"] and hasattr(os, "fork"):
         for name in modules:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+        if then is not None:
+            then()
 
 
 def can_fork() -> bool:

@@ -96,6 +96,80 @@ def _stdout_held():
             os.close(saved)
 
 
+# The dynamo exporter builds its table of ATen → ONNX functions (``ONNXRegistry.from_torchlib``) on
+# every call: 0.7 s in a fresh process, 0.9 s warm on this machine, most of it spent recompiling each
+# torchlib function's source only to read a domain the table never uses. bnfold builds the same table
+# without that (``_build_registry``; tests/test_export.py checks it equals the exporter's own) once per
+# opset and process, and hands each export a copy. Anything unexpected falls back to the exporter's own.
+_REGISTRIES: dict[int, object] = {}
+
+
+def _build_registry(opset_version: int):
+    """``ONNXRegistry.from_torchlib(opset_version)`` without compiling each function's source."""
+    from onnxscript.function_libs.torch_lib import ops, registration  # noqa: F401  (ops: registers the functions)
+    from torch.onnx._internal.exporter import _registration as reg
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    table = reg.ONNXRegistry()
+    table._opset_version = opset_version
+    for meta in _torchlib_registry.get_torchlib_ops():
+        table._register(meta.fx_target, meta)
+    for name, funcs in registration.default_registry.items():
+        if name.startswith("internal::"):
+            continue
+        pairs = [(f, False) for f in funcs.overloads] + [(f, True) for f in funcs.complex]
+        target = reg._get_overload(name) if pairs else None
+        for func, is_complex in pairs if target is not None else ():
+            table._register(target, reg.OnnxDecompMeta(onnx_function=func, fx_target=target, signature=None,
+                                                       is_custom=False, is_complex=is_complex))
+    table._cleanup_registry_based_on_opset_version()
+    return table
+
+
+def _registry_for(opset_version: int, stock):
+    table = _REGISTRIES.get(opset_version)
+    if table is None:
+        try:
+            table = _build_registry(opset_version)
+        except Exception:  # noqa: BLE001  (a torch or onnxscript this code does not know: the exporter's own)
+            table = stock()
+        _REGISTRIES[opset_version] = table
+    return table
+
+
+def warm_exporter() -> None:
+    """Import the exporter and build its table for the default opset: ``--config`` does this once in
+    the parent, so that every conversion child starts with it (no torch computation runs here)."""
+    with contextlib.suppress(Exception):
+        from torch.onnx._internal.exporter import _registration as reg
+
+        _registry_for(18, lambda: reg.ONNXRegistry.from_torchlib(18))
+
+
+@contextlib.contextmanager
+def _shared_registry():
+    """Inside the block the exporter gets a copy of bnfold's table for its opset (see above)."""
+    try:
+        from torch.onnx._internal.exporter import _registration as reg
+        stock = reg.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):  # another torch: its own table, as it builds it
+        yield
+        return
+
+    def from_torchlib(cls, opset_version=18):
+        table = _registry_for(opset_version, lambda: stock.__func__(cls, opset_version))
+        copy = cls()  # the exporter may add custom functions to its table: never to the shared one
+        copy._opset_version = table._opset_version
+        copy.functions = {k: list(v) for k, v in table.functions.items()}
+        return copy
+
+    reg.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        reg.ONNXRegistry.from_torchlib = stock
+
+
 def _dynamo_ir(model, example_inputs: tuple, *, opset: int | None, dynamic_batch: bool, optimize: bool):
     """torch.onnx.export (dynamo) → onnx_ir Model at whatever opset it wrote, exporter metadata still
     on. Raises ExportError (exit 3)."""
@@ -106,7 +180,8 @@ def _dynamo_ir(model, example_inputs: tuple, *, opset: int | None, dynamic_batch
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model), _quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(model), _quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"), \
+                _shared_registry():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

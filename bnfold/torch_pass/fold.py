@@ -183,30 +183,37 @@ def bias_requires_grad(mod: nn.Module, edits: list[Edit], bn_of) -> bool:
 
 
 def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
-    """Every edit aimed at ``mod``, in float64, cast back once (in blocks of rows when large).
-    Each parameter keeps its ``requires_grad`` (``bias_requires_grad`` for the fused bias)."""
+    """Every edit aimed at ``mod``, in float64, cast back once. Weights past FOLD_CACHE_BYTES of
+    float64 are folded in cache-sized blocks of rows (13× faster than one pass on a 4096×4096×3×3
+    weight: the float64 block stays in cache), into a new tensor, or into the module's own tensors
+    past FOLD_BLOCK_BYTES (no second copy of a large weight). Each parameter keeps its
+    ``requires_grad`` (``bias_requires_grad`` for the fused bias)."""
     like = mod.weight
     groups = getattr(mod, "groups", 1)
     transposed = bn_kinds.is_transposed(mod)
     rows = _row_block(like, groups, transposed)
+    grad_b = bias_requires_grad(mod, edits, bn_of)
     with torch.no_grad():
         if rows is None:  # the whole weight at once
             w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
-            grad_b = bias_requires_grad(mod, edits, bn_of)
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
             mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=grad_b)
             del w, b
-        else:  # a large weight: blocks of whole groups of output rows, written into the module's own tensors
-            per_group = like.shape[0] // groups
-            bias = mod.bias if mod.bias is not None else nn.Parameter(torch.zeros(like.shape[0], dtype=like.dtype, device=like.device),
-                                                                     requires_grad=bias_requires_grad(mod, edits, bn_of))
-            for r0 in range(0, like.shape[0], rows):
-                r1 = min(r0 + rows, like.shape[0])
-                w, b = _fold_rows(like, bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
-                like.data[r0:r1] = fold_math.cast_like(w, like)
-                bias.data[r0:r1] = fold_math.cast_like(b, like)
-                del w, b
-            mod.bias = bias
+            return
+        in_place = like.numel() * 8 > FOLD_BLOCK_BYTES
+        weight = like.data if in_place else torch.empty_like(like)
+        bias = mod.bias if in_place and mod.bias is not None else None
+        new_bias = torch.empty(like.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias.data
+        per_group = like.shape[0] // groups
+        for r0 in range(0, like.shape[0], rows):  # blocks of whole groups of output rows
+            r1 = min(r0 + rows, like.shape[0])
+            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+            weight[r0:r1] = fold_math.cast_like(w, like)
+            new_bias[r0:r1] = fold_math.cast_like(b, like)
+            del w, b
+        if not in_place:
+            mod.weight = nn.Parameter(weight, requires_grad=like.requires_grad)
+        mod.bias = bias if bias is not None else nn.Parameter(new_bias, requires_grad=grad_b)
 
 
 def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> None:
@@ -231,21 +238,23 @@ def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> No
         _set_submodule(model, path, ZeroBranch(model.get_submodule(path)))
 
 
-FOLD_BLOCK_BYTES = 256 << 20  # float64 working copy above which a weight is folded in blocks of rows
+FOLD_BLOCK_BYTES = 256 << 20  # float64 size above which a weight is folded into its own tensor (no second copy)
+FOLD_CACHE_BYTES = 4 << 20  # float64 rows per block: the block stays in cache (benchmarks/PROFILE.md)
 
 
 def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | None:
     """Rows (output channels, whole groups) per block for a weight whose float64 copy exceeds
-    FOLD_BLOCK_BYTES; None to fold it at once (small weights, and ConvTranspose, whose output
+    FOLD_CACHE_BYTES; None to fold it at once (small weights, and ConvTranspose, whose output
     channels are not its rows). Every row's fold reads only that row (and the BN's s, t), so blocks
-    give the same values as one pass, with one block of float64 alive instead of the whole weight."""
-    if transposed or weight.dim() < 2 or weight.numel() * 8 <= FOLD_BLOCK_BYTES:
+    give the same values as one pass (bit for bit), with one block of float64 alive instead of the
+    whole weight."""
+    if transposed or weight.dim() < 2 or weight.numel() * 8 <= FOLD_CACHE_BYTES:
         return None
     row_bytes = weight[0].numel() * 8
     if groups == 1:  # any rows
-        return max(1, FOLD_BLOCK_BYTES // row_bytes)
+        return max(1, FOLD_CACHE_BYTES // row_bytes)
     per_group = weight.shape[0] // groups
-    return per_group * max(1, FOLD_BLOCK_BYTES // (row_bytes * per_group))
+    return per_group * max(1, FOLD_CACHE_BYTES // (row_bytes * per_group))
 
 
 def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
