@@ -23,6 +23,7 @@ from bnfold.edges.load import cwd_on_path, parse_model_spec, spec_kind
 from bnfold.pipeline import convert, versions
 from bnfold.report import SCHEMA_VERSION, conversion_result
 from bnfold.edges.isolate import can_fork, death_error, supervise, Task, warm_up
+from bnfold.onnx_pass.export import warm_exporter
 from bnfold.edges.usercode import as_error
 from bnfold.edges.paths import check_config_paths, module_source, RunReads, spec_files
 
@@ -297,8 +298,6 @@ def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debu
         return
     threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
     if len(todo) > 1:
-        from bnfold.onnx_pass.export import warm_exporter
-
         # imported once here, not once per child; the exporter's table too (onnx_pass/export.py)
         warm_up(("torch", "onnx", "onnxruntime", "torch.onnx", "bnfold.pipeline"), then=warm_exporter)
     tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}

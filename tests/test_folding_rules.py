@@ -232,6 +232,37 @@ def test_pool_head_forward(how):
     check(Head(how), X, {"bn": ("fc", "pool-head")})
 
 
+class DataDependent(Head):  # fake tensors cannot propagate nonzero: shapes come from a real forward
+    def forward(self, x):
+        y = super().forward(x)
+        return y + torch.nonzero(y > 1e9).shape[0]
+
+
+@pytest.mark.parametrize("model", [Head("flatten"), DataDependent("flatten"), LinearNorm()], ids=["flatten", "nonzero", "linear-bn1d"])
+def test_fake_shape_propagation_gives_the_same_plan(monkeypatch, model):
+    """Large models get their shapes from fake tensors (issue 26): the plan and the folded values are
+    those of the real forward's shapes, and a model fake tensors cannot run falls back to it."""
+    from bnfold.torch_pass import graph
+
+    x = torch.randn(2, 7, 6) if isinstance(model, LinearNorm) else X
+    expected = {"bn": ("linear", "reshape")} if isinstance(model, LinearNorm) else {"bn": ("fc", "pool-head")}
+    real_folded, real_plan = check(copy.deepcopy(model), x, expected)
+    monkeypatch.setattr(graph, "FAKE_SHAPES_BYTES", 0)
+    fakes = []
+    orig = graph.ShapeProp.__init__
+
+    def spy(self, gm, fake_mode=None):
+        fakes.append(fake_mode is not None)
+        orig(self, gm, fake_mode)
+
+    monkeypatch.setattr(graph.ShapeProp, "__init__", spy)
+    folded, plan = check(copy.deepcopy(model), x, expected)
+    assert fakes[0] and fakes[1:] == ([False] if isinstance(model, DataDependent) else [])
+    assert plan.to_dict() == real_plan.to_dict()
+    for k, v in real_folded.state_dict().items():
+        assert torch.equal(folded.state_dict()[k], v), k
+
+
 def test_pool_head_refuses_padded_average():
     assert "pads or uses ceil_mode" in reason(Head("avgpad"), X, "bn")
 

@@ -122,14 +122,33 @@ class Graph:
         return f"module `{own[0]}`" if own else self.describe(node)
 
 
+FAKE_SHAPES_BYTES = 256 << 20  # weights above which shapes are propagated without computing
+
+
+def _propagate_shapes(gm, example_inputs: tuple) -> None:
+    """Every node's output shape (``tensor_meta``). A model with large weights propagates fake
+    tensors (shapes only: 1.5 s instead of a 4 s forward on the 2.4 GB net, whose every forward
+    faults in a reordered copy of its weights); a small one runs a real forward, which is then the
+    cheaper (ResNet-50: 0.1 s against 0.35 s). Fake propagation that fails falls back to the real one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    big = sum(p.numel() * p.element_size() for p in gm.parameters()) > FAKE_SHAPES_BYTES
+    # ShapeProp prints a traceback itself before raising (the caller records the error): not on stderr
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        if big:
+            try:
+                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+                return
+            except Exception:  # noqa: BLE001  (data-dependent code: the real forward below decides)
+                pass
+        ShapeProp(gm).propagate(*example_inputs)
+
+
 def _fx_graph(model: nn.Module, example_inputs: tuple | None, interest: set[str]) -> Graph:
     tracer = _LeafTracer()
     graph = tracer.trace(model)
     if example_inputs is not None:
-        gm = torch.fx.GraphModule(model, graph)
-        # ShapeProp prints a traceback itself before raising (the caller records the error): not on stderr
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*example_inputs)
+        _propagate_shapes(torch.fx.GraphModule(model, graph), example_inputs)
 
     def owner(node):
         if node.op == "call_module" and node.target in interest:
