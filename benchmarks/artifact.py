@@ -13,7 +13,8 @@ family that ``timm.utils.reparameterize_model`` changes), random weights with ra
 Each file is checked against the PyTorch output on onnxruntime (max |Δ| / max |ref|, so a fast but wrong
 file is flagged), then timed: onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads=2, warm-up, then the
 files in turn, one run each per round, the first file rotating every round, for enough rounds that a model
-takes about ``--budget`` seconds of timing (at least ``--min-rounds``); medians per file. Nodes are those of
+takes about ``--budget`` seconds of timing (at least ``--min-rounds``), in two halves that create the
+sessions in opposite orders (the session created first runs 1–4 % slower); medians per file. Nodes are those of
 the file as loaded (main graph + functions), BN = BatchNormalization nodes; "ort" = nodes of the graph
 onnxruntime runs after its own optimisations (written with ``optimized_model_filepath``).
 
@@ -221,10 +222,17 @@ def measure(paths: dict, x: torch.Tensor, row: dict, measure_name: str, args) ->
     medians (ms), rounds, noise (control / plain), the fastest file and bnfold over it (paired)."""
     threads, spin = (1, False) if measure_name == "cpu" else (args.threads, True)
     kinds = [k for k in paths if k in row["files"]]
-    sessions = {k: session(paths[k], threads, spin) for k in kinds}
-    if "plain" in sessions:
-        sessions["plain'"] = session(paths["plain"], threads, spin)
-    times, rounds = time_files(sessions, x, CLOCKS[measure_name], args.budget, args.min_rounds)
+    names = kinds + (["plain'"] if "plain" in kinds else [])
+    times, rounds = {k: [] for k in names}, 0
+    # The session created first runs 1–4 % slower in this process, whatever its file (measured on two
+    # identical graphs, 2026-12-01): two halves, each creating the sessions in the other order.
+    for order in (names, names[::-1]):
+        sessions = {k: session(paths[k.rstrip("'")], threads, spin) for k in order}
+        half, r = time_files(sessions, x, CLOCKS[measure_name], args.budget / 2, max(1, (args.min_rounds + 1) // 2))
+        for k, v in half.items():
+            times[k] += v
+        rounds += r
+        del sessions
     ms = {k: 1e3 * statistics.median(times[k]) for k in kinds}
     out = {"ms": ms, "rounds": rounds}
     if "plain'" in times:
@@ -392,7 +400,8 @@ METHOD = (
     "on onnxruntime, then timed on onnxruntime CPU with ORT_ENABLE_ALL, two ways: **CPU time** (ms of process "
     "CPU time per inference, a one-thread session) and **wall** (ms of wall clock per inference, a session of "
     "{threads} intra-op threads with onnxruntime's defaults). Either way the files run in turn, one run each per "
-    "round, the first file rotating each round; medians over rounds. **bnfold / best** is the median over rounds "
+    "round, the first file rotating each round, in two halves that create the sessions in opposite orders (the "
+    "session created first runs 1–4 % slower here, whatever its file); medians over rounds. **bnfold / best** is the median over rounds "
     "of bnfold's time over the fastest file's time in the same round (1.00 where bnfold is the fastest; below 1 "
     "where it won most rounds against the file with the lowest median). **noise** is the same ratio for a second "
     "session on the plain file against the first: how far two identical files drift apart here. Nodes: those of "

@@ -47,7 +47,7 @@ def bn_scale_shift(
     return s, t
 
 
-def _bias64(bias: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+def bias64(bias: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
     """The bias in float64, zeros when the layer has none."""
     if bias is None:
         return torch.zeros(n, dtype=torch.float64, device=like.device)
@@ -66,7 +66,7 @@ def fold_backward(
     """Fold y = s·(W∗x + b) + t into (W', b'). Works for Conv (any dims), ConvTranspose, Linear."""
     w = weight.to(torch.float64)
     out_channels = s.numel()
-    b = _bias64(bias, out_channels, w)
+    b = bias64(bias, out_channels, w)
     if not transposed:
         if w.shape[0] != out_channels:
             raise ValueError(f"weight has {w.shape[0]} output channels, BN has {out_channels}")
@@ -78,8 +78,24 @@ def fold_backward(
         wg = w.reshape((groups, cin // groups, out_per_group) + tuple(w.shape[2:]))
         sg = s.reshape((groups, 1, out_per_group) + (1,) * (w.dim() - 2))
         w_new = (wg * sg).reshape(w.shape)
-    b_new = b * s + t
-    return w_new, b_new
+    return w_new, backward_bias(b, s, t)
+
+
+def backward_bias(b: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The bias of y = s·(W∗x + b) + t: s·b + t (float64)."""
+    return b * s + t
+
+
+def scale_rows_(dest: torch.Tensor, src: torch.Tensor, scales: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """``dest`` = cast(float64(``src``) · s₁ · s₂ …), each s scaling the rows: the weight of successive
+    backward folds (``fold_backward``, not transposed), the same values, computed in place in ``buf``
+    (a float64 block reused from call to call: large weights are folded block by block without
+    allocating memory for each block)."""
+    work = buf[: src.numel()].view(src.shape)
+    work.copy_(src)
+    for s in scales:
+        work.mul_(s.reshape((-1,) + (1,) * (src.dim() - 1)))
+    dest.copy_(work)
 
 
 def fold_forward(
@@ -98,7 +114,7 @@ def fold_forward(
     out_channels, in_per_group = w.shape[0], w.shape[1]
     if in_per_group * groups != s.numel():
         raise ValueError(f"weight {tuple(w.shape)} with groups={groups} does not read {s.numel()} channels")
-    b = _bias64(bias, out_channels, w)
+    b = bias64(bias, out_channels, w)
     out_per_group = out_channels // groups
     # channel index read by weight[o, i]: group(o) * in_per_group + i
     sg = s.reshape(groups, 1, in_per_group)
@@ -137,7 +153,7 @@ def fold_identity_branch(
     o = torch.arange(out_channels, device=w.device)
     centre = tuple(torch.full_like(o, k // 2) for k in w.shape[2:])
     w[(o, o % in_per_group) + centre] += s.to(w.device)
-    b = _bias64(bias, out_channels, w) + t
+    b = bias64(bias, out_channels, w) + t
     return w, b
 
 
@@ -239,7 +255,7 @@ def merge_branches(parts: list, size: tuple[int, ...], groups: int) -> tuple[tor
     w_sum, b_sum = None, None
     for w, b, g, sign in parts:
         w = pad_kernel(regroup_kernel(w.to(torch.float64), int(g), int(groups)), size) * float(sign)
-        b = _bias64(b, w.shape[0], w) * float(sign)
+        b = bias64(b, w.shape[0], w) * float(sign)
         w_sum = w if w_sum is None else w_sum + w
         b_sum = b if b_sum is None else b_sum + b
     if w_sum is None:

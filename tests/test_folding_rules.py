@@ -232,6 +232,28 @@ def test_pool_head_forward(how):
     check(Head(how), X, {"bn": ("fc", "pool-head")})
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_backward_folds_in_blocks_give_the_same_bits(monkeypatch, in_place):
+    """Backward-only folds of a weight past FOLD_CACHE_BYTES scale its rows block by block in one
+    reused float64 buffer (issue 26): bit for bit the float32 weights and biases of the one-pass fold."""
+    from bnfold.torch_pass import fold as folding
+
+    torch.manual_seed(1)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 12, 3), nn.BatchNorm2d(12))).eval()
+    x = torch.randn(2, 3, 9, 9)
+    whole, _ = fold_with_plan(model, (x,))
+    used = []
+    monkeypatch.setattr(folding, "FOLD_CACHE_BYTES", 8 * 100)  # blocks of a few rows
+    monkeypatch.setattr(folding, "FOLD_BLOCK_BYTES", 8 * 100 if in_place else 1 << 40)
+    orig = folding._scale_blocks
+    monkeypatch.setattr(folding, "_scale_blocks", lambda *a: used.append(a[3]) or orig(*a))
+    blocked, _ = fold_with_plan(model, (x,))
+    assert used and all(r < 12 for r in used)  # really in blocks, on both convs
+    for k, v in whole.state_dict().items():
+        assert torch.equal(blocked.state_dict()[k], v), k
+
+
 class DataDependent(Head):  # fake tensors cannot propagate nonzero: shapes come from a real forward
     def forward(self, x):
         y = super().forward(x)

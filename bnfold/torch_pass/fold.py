@@ -204,13 +204,16 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
         weight = like.data if in_place else torch.empty_like(like)
         bias = mod.bias if in_place and mod.bias is not None else None
         new_bias = torch.empty(like.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias.data
-        per_group = like.shape[0] // groups
-        for r0 in range(0, like.shape[0], rows):  # blocks of whole groups of output rows
-            r1 = min(r0 + rows, like.shape[0])
-            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
-            weight[r0:r1] = fold_math.cast_like(w, like)
-            new_bias[r0:r1] = fold_math.cast_like(b, like)
-            del w, b
+        if all(e.op == "backward" for e in edits):  # the common case: rows scaled in one reused float64 block
+            _scale_blocks(like, mod.bias, [scale_shift(e, like.device) for e in edits], rows, weight, new_bias)
+        else:
+            per_group = like.shape[0] // groups
+            for r0 in range(0, like.shape[0], rows):  # blocks of whole groups of output rows
+                r1 = min(r0 + rows, like.shape[0])
+                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+                weight[r0:r1] = fold_math.cast_like(w, like)
+                new_bias[r0:r1] = fold_math.cast_like(b, like)
+                del w, b
         if not in_place:
             mod.weight = nn.Parameter(weight, requires_grad=like.requires_grad)
         mod.bias = bias if bias is not None else nn.Parameter(new_bias, requires_grad=grad_b)
@@ -236,6 +239,20 @@ def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> No
     del parts, w, b
     for path, _ in m.parts:
         _set_submodule(model, path, ZeroBranch(model.get_submodule(path)))
+
+
+def _scale_blocks(like, bias, scale_shifts: list, rows: int, weight, new_bias) -> None:
+    """Backward folds only (not transposed): ``weight`` = the rows of ``like`` scaled block by block in
+    one float64 buffer (a new block per step would be a fresh allocation each, which this machine
+    pays in page faults: 1.5 s instead of 0.14 s per 4096×4096×3×3 weight); the bias at once."""
+    b = fold_math.bias64(None if bias is None else bias.detach(), like.shape[0], like)
+    for s, t in scale_shifts:
+        b = fold_math.backward_bias(b, s, t)
+    buf = torch.empty(rows * like[0].numel(), dtype=torch.float64, device=like.device)
+    for r0 in range(0, like.shape[0], rows):
+        r1 = min(r0 + rows, like.shape[0])
+        fold_math.scale_rows_(weight[r0:r1], like.detach()[r0:r1], [s[r0:r1] for s, _ in scale_shifts], buf)
+    new_bias.copy_(fold_math.cast_like(b, like))
 
 
 FOLD_BLOCK_BYTES = 256 << 20  # float64 size above which a weight is folded into its own tensor (no second copy)
