@@ -274,6 +274,13 @@ def test_the_exporters_table_built_once_equals_its_own():
         b = reg.ONNXRegistry().from_torchlib(opset_version=18)
     assert entries(b) == entries(stock) and a is not b
     assert reg.ONNXRegistry.__dict__["from_torchlib"] is method
+    outer = ex._shared_registry()  # overlapping blocks (exports in two threads): the exporter's method is back after the last
+    outer.__enter__()
+    with ex._shared_registry():
+        assert reg.ONNXRegistry.__dict__["from_torchlib"] is not method
+    assert reg.ONNXRegistry.__dict__["from_torchlib"] is not method
+    outer.__exit__(None, None, None)
+    assert reg.ONNXRegistry.__dict__["from_torchlib"] is method
 
 
 def test_an_export_with_the_shared_table_gives_the_same_file():

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -146,28 +147,39 @@ def warm_exporter() -> None:
         _registry_for(18, lambda: reg.ONNXRegistry.from_torchlib(18))
 
 
+_PATCH = {"depth": 0, "stock": None, "lock": threading.Lock()}  # exports in several threads: one patch, one restore
+
+
 @contextlib.contextmanager
 def _shared_registry():
-    """Inside the block the exporter gets a copy of bnfold's table for its opset (see above)."""
+    """Inside the block the exporter gets a copy of bnfold's table for its opset (see above). Blocks
+    may overlap (exports in threads): the first installs the method, the last puts the exporter's back."""
     try:
         from torch.onnx._internal.exporter import _registration as reg
-        stock = reg.ONNXRegistry.__dict__["from_torchlib"]
+        reg.ONNXRegistry.__dict__["from_torchlib"]
     except (ImportError, AttributeError, KeyError):  # another torch: its own table, as it builds it
         yield
         return
 
     def from_torchlib(cls, opset_version=18):
-        table = _registry_for(opset_version, lambda: stock.__func__(cls, opset_version))
+        table = _registry_for(opset_version, lambda: _PATCH["stock"].__func__(cls, opset_version))
         copy = cls()  # the exporter may add custom functions to its table: never to the shared one
         copy._opset_version = table._opset_version
         copy.functions = {k: list(v) for k, v in table.functions.items()}
         return copy
 
-    reg.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    with _PATCH["lock"]:
+        if _PATCH["depth"] == 0:
+            _PATCH["stock"] = reg.ONNXRegistry.__dict__["from_torchlib"]
+            reg.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+        _PATCH["depth"] += 1
     try:
         yield
     finally:
-        reg.ONNXRegistry.from_torchlib = stock
+        with _PATCH["lock"]:
+            _PATCH["depth"] -= 1
+            if _PATCH["depth"] == 0:
+                reg.ONNXRegistry.from_torchlib = _PATCH["stock"]
 
 
 def _dynamo_ir(model, example_inputs: tuple, *, opset: int | None, dynamic_batch: bool, optimize: bool):
