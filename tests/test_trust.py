@@ -253,6 +253,23 @@ def test_step_summary_in_a_missing_folder_is_a_warning(ws, monkeypatch):
     assert (ws / "a.onnx").is_file()
 
 
+def test_step_summary_on_stdout_leaves_the_json_alone(ws):
+    """GITHUB_STEP_SUMMARY=/dev/stdout with --json: stdout carries only the JSON asked for; the summary is
+    not appended to it (a warning on stderr says so)."""
+    import json
+    import os
+    import subprocess
+
+    (ws / "cfg.toml").write_text('[[conversion]]\nmodel = "model.py:build"\nweights = "weights.pt"\n'
+                                 'input_shape = "1,1,8,8"\noutput = "a.onnx"\nproviders = "cpu"\n')
+    with open(ws / "out.json", "w") as out:
+        res = subprocess.run(["bnfold", "convert", "--config", str(ws / "cfg.toml"), "--json"], stdout=out, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "GITHUB_STEP_SUMMARY": "/dev/stdout"}, cwd=ws)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((ws / "out.json").read_text())["conversions"][0]["exit_code"] == 0
+    assert "GITHUB_STEP_SUMMARY '/dev/stdout' is this process's standard output" in res.stderr
+
+
 # ------------------------------------------------------------------ trust rule "outputs commit together": true messages
 def test_failed_verification_keeps_and_names_the_older_output(ws):
     (ws / "m.onnx").write_bytes(b"old model")

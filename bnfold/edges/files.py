@@ -514,6 +514,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _same_file(st: os.stat_result, fd: int) -> bool:
+    try:
+        other = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
+
+
 def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
     """Append ``text`` to a file that is not bnfold's result (e.g. $GITHUB_STEP_SUMMARY): a failure is a
     warning on stderr, never a failed run. Returns whether it was written."""
@@ -521,6 +529,11 @@ def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
 
     try:
         st = os.stat(path)
+        std = next((name for fd, name in ((1, "output"), (2, "error")) if _same_file(st, fd)), None)
+        if std is not None:  # e.g. /dev/stdout: stdout carries only what was asked for (a --json report)
+            sys.stderr.write(f"bnfold: warning: {what} '{path}' is this process's standard {std}: nothing was "
+                             "appended to it; the results above stand\n")
+            return False
         if stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             # a folder cannot be appended to; a FIFO without a reader would block bnfold forever
             sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': it is {_kind(st.st_mode)}; the results above stand\n")
