@@ -67,11 +67,12 @@ class MatMulChain:
 
 
 @dataclass
-class ReshapeOfProducer:
-    """A MatMul chain or a Gemm → Reshape that keeps its last axis as the BN's channels."""
+class LayoutOfProducer:
+    """A MatMul chain or a Gemm → Reshape/Transpose nodes (``path``, in order) → BN: one Reshape for the
+    ``reshape`` rule, any Reshape/Transpose chain for ``reshape-transpose``."""
 
     producer: MatMulChain | GemmWeights
-    reshape: Any
+    path: list
 
     @property
     def nodes(self) -> list:
@@ -286,7 +287,7 @@ class BackwardReshape(OnnxRule):
 
     name = "reshape"
 
-    def match(self, ctx: Ctx, bn: BN) -> ReshapeOfProducer:
+    def match(self, ctx: Ctx, bn: BN) -> LayoutOfProducer:
         rs = producer(ctx, bn.node.inputs[0], ("Reshape",))
         shape, why = ctx.const(rs.inputs[1])
         c = bn.channels
@@ -295,29 +296,17 @@ class BackwardReshape(OnnxRule):
         src = rs.inputs[0]
         try:
             if src.producer() is not None and src.producer().op_type == "Gemm":
-                return ReshapeOfProducer(gemm_producer(ctx, src, c), rs)
-            return ReshapeOfProducer(_matmul_chain(ctx, src, c, rank2=False), rs)
+                return LayoutOfProducer(gemm_producer(ctx, src, c), [rs])
+            return LayoutOfProducer(_matmul_chain(ctx, src, c, rank2=False), [rs])
         except NoMatch as nm:
             raise NoMatch(f"Reshape '{node_name(rs)}' input: {nm.reason}") from None
 
-    def rewrite(self, ctx: Ctx, bn: BN, m: ReshapeOfProducer) -> None:
+    def rewrite(self, ctx: Ctx, bn: BN, m: LayoutOfProducer) -> None:
         if isinstance(m.producer, GemmWeights):
             gemm_backward(ctx, m.producer, bn.s, bn.t)
-            ctx.replace_bn(bn.node, m.reshape.outputs[0])
+            ctx.replace_bn(bn.node, m.path[-1].outputs[0])
             return
-        _matmul_fold(ctx, bn, m.producer, m.reshape)
-
-
-@dataclass
-class LayoutOfProducer:
-    """A MatMul chain or a Gemm → Reshape/Transpose nodes (``path``, in order) → BN."""
-
-    producer: MatMulChain | GemmWeights
-    path: list
-
-    @property
-    def nodes(self) -> list:
-        return self.producer.nodes
+        _matmul_fold(ctx, bn, m.producer, m.path[-1])
 
 
 class BackwardTranspose(OnnxRule):
