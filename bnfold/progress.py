@@ -89,16 +89,11 @@ class Reporter:
 class Silent(Reporter):
     """No reporter open: every call does nothing."""
 
-    def __init__(self):  # nothing to hold
+    def __init__(self):  # no stream: no line is ever open
         self.live = False
+        self._open = False
 
     def step(self, stage: str, detail: str = "") -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
