@@ -355,14 +355,13 @@ def _run_config(config, jobs: int, skip_unchanged: bool, report, debug: bool, li
     entries = load_config(config)
     # a CI run on a fresh clone: the folders the config writes into are created (after validation)
     for i, e in enumerate(entries):
-        opts = e["options"]
-        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", opts.report),
-                            ("plot", opts.plot)):
+        rpath = e["options"].report
+        for key, target in (("output", e["output"]), ("output", manifest_path(e["output"])), ("report", rpath), ("plot", e["options"].plot)):
             if target is None:
                 continue
             try:
                 _make_parent(target)
-                check_output_path(target, force=opts.overwrite, what=key)  # overwrite = false protects every output
+                check_output_path(target, force=e["options"].overwrite, what=key)  # overwrite = false protects every output
             except BnfoldError as err:
                 # options named as a config spells them (overwrite = false, not --no-overwrite)
                 raise reword(ConfigError(f"{config}: conversion #{i + 1}, key '{key}': {err.problem}", err.fix), ConfigVia(str(config), i)) from err

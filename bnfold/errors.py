@@ -66,8 +66,6 @@ class BnfoldError(Exception):
 class BadInputError(BnfoldError):
     """A file, spec, flag or data set that cannot be used as given (exit 2)."""
 
-    exit_code = EXIT_BAD_INPUT
-
 
 class ModelSpecError(BadInputError):
     """The model spec or its factory is wrong (exit 2)."""

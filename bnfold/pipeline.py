@@ -50,14 +50,13 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    ort = v("onnxruntime") or v("onnxruntime-gpu")
     return {
         "bnfold": __version__,
         "python": platform.python_version(),
         "torch": v("torch"),
         "onnx": v("onnx"),
         "onnxscript": v("onnxscript"),
-        "onnxruntime": ort,
+        "onnxruntime": v("onnxruntime") or v("onnxruntime-gpu"),
         "onnxruntime_package": "onnxruntime-gpu" if v("onnxruntime-gpu") else "onnxruntime",
         "numpy": v("numpy"),
     }
@@ -269,8 +268,9 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
 
     check_seed(opts.seed)
     # trust rule "no output on an input", before any work: no output on an input, on another output or on a special file
-    output = check_run_paths(_run_inputs(model, opts), {"output": output, "--report": opts.report, "--plot": opts.plot},
-                             no_overwrite=[] if opts.overwrite else ["output"], sidecars={"output": [".data"]})["output"]
+    outputs = {"output": output, "--report": opts.report, "--plot": opts.plot}
+    output = check_run_paths(_run_inputs(model, opts), outputs, no_overwrite=not opts.overwrite,
+                             sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
     if kind == "onnx" and "dynamic_batch" in opts.given:
@@ -288,8 +288,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             _convert_torch(rep, held, example, staged, opts, _rebuilder(model, opts))
         if rep or opts.keep_failed:  # passed, or written, not verified
             rep.export["path"] = str(output)
-        else:
-            rep.export["path"] = None
+        else:  # rep.export["path"] stays None
             data = rep.export.get("external_data")
             outs.discard(output, *([output.parent / data] if data else []))
             rep.notes.append(not_written_note(output))
@@ -411,7 +410,6 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
         if opts.verify:  # checked now, so that it can be released as soon as it is exported
             fold_runs = check_folded(model, sets, references, atol=opts.atol, rtol=opts.rtol, min_top1=opts.min_top1)
         return_freed_memory()  # the fold's float64 working copies
-    _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
     export_example = example
