@@ -361,10 +361,10 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
             console.print(calibration_table(cal))
         console.print(f"calibration: {cal['estimator']} estimator, {cal['batches']} batches, {cal['samples']} samples"
                       + (f", {cal['world_size']} processes" if cal.get("world_size", 1) > 1 else ""))
-        if not verbose and _effect_line(cal):
-            console.print(_effect_line(cal), markup=False)
-    if batch_warning(cal, rep.get("options")):
-        console.print(f"[yellow]{batch_warning(cal, rep.get('options'))}[/]")
+        if not verbose and (effect := _effect_line(cal)):
+            console.print(effect, markup=False)
+    if warning := batch_warning(cal, rep.get("options")):
+        console.print(f"[yellow]{warning}[/]")
     if rep.get("verification"):
         _print_verification(rep["verification"], console, verbose)
     for line in not_run_lines(rep.get("providers_unavailable", []), rep.get("options")):
@@ -372,8 +372,8 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
     for note in rep.get("notes", []):
         console.print(f"note: {note}", markup=False)
     _print_explanation(rep.get("verification"), console)
-    if before_after(rep):
-        console.print(before_after(rep))
+    if line := before_after(rep):
+        console.print(line)
     exp = rep.get("export") or {}
     summary = f"{bn_folded(rep)} BatchNorm folded"
     if exp.get("path"):

@@ -353,8 +353,7 @@ def calibrate(
         if json_out:
             _print_json(summary.to_dict())
             return
-        warning = batch_warning(summary.to_dict(), opts.to_dict())
-        if warning:
+        if warning := batch_warning(summary.to_dict(), opts.to_dict()):
             _console(stderr=True).print(warning, markup=False)
         if not STATE["quiet"]:
             _console().print(calibration_table(summary.to_dict()))
