@@ -104,7 +104,9 @@ def _err(via: Via, key: str | None, problem: str, fix: str | None = None) -> Opt
 
 def resolve_model(model, opts: ConvertOptions):
     """(kind, obj, name): ("onnx", Path, name) or ("torch", nn.Module, name). Specs are loaded here,
-    for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``."""
+    for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``. Options without
+    effect on the model (weights for an ONNX file, trust_pickle without weights) are refused before,
+    by ``ConvertOptions.resolve``."""
     from torch import nn
 
 
@@ -115,17 +117,12 @@ def resolve_model(model, opts: ConvertOptions):
     if isinstance(model, (str, Path)):
         spec = parse_model_spec(str(model))
         if spec.kind == "onnx":
-            for key in ("weights", "trust_pickle", "estimator", "plot"):
-                if key in opts.given:
-                    raise _err(via, key, "has no meaning for an ONNX model", "drop it, or pass the PyTorch model spec")
             return "onnx", Path(spec.target), str(model)
         return "torch", load_model(spec, opts.weights, trust_pickle=opts.trust_pickle), str(model)
     if isinstance(model, nn.Module):
         if opts.weights is not None:  # into a copy: the caller's model never changes
             model = copy.deepcopy(model)
             load_weights(model, opts.weights, trust_pickle=opts.trust_pickle)
-        elif "trust_pickle" in opts.given:
-            raise _err(via, "trust_pickle", "is given without weights, so it would be ignored", "drop it")
         return "torch", model, type(model).__name__
     raise BadInputError(f"the model is a {type(model).__name__}",
                         "pass an nn.Module, a spec such as 'file.py:build' or 'package.module:build', or a .onnx path")
@@ -273,8 +270,6 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
                              sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
-    if kind == "onnx" and "dynamic_batch" in opts.given:
-        raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX model (its input shapes are kept)", "drop it")
     rep = ConvertReport(model=name, output=str(output), versions=versions(), options=opts.to_dict())
     with OutputSet() as outs:  # the ONNX file, its data and the report: committed together at the end
         staged = outs.reserve(output)
@@ -556,8 +551,6 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
                         from_file={k: opts.to_dict()[k] for k in taken})
     check.notes += _tolerance_notes(prov, opts)
     if kind == "onnx":
-        if "dynamic_batch" in opts.given:
-            raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
         check_runnable(ort_blockers(load_onnx(obj, [])), obj, "re-export the original")  # repairs onnxruntime makes itself pass
         sets = onnx_input_sets(obj, overrides, source, opts.seed)
