@@ -625,10 +625,9 @@ def _explain_hook(rep: ConvertReport, vr: VerifyReport, rebuild, staged, sets, o
             _explain_into(vr, rebuild, staged, sets, opts)
         return
 
-    def later() -> dict:
+    def later() -> None:
         again = VerifyReport.from_dict(rep.verification)
         rep.verification["explanation"] = _explain_into(again, rebuild, Path(rep.export["path"]), sets, opts)
-        return rep.verification["explanation"]
 
     rep._explain_later = later
 
