@@ -32,9 +32,9 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from bnfold.errors import BadInputError, BnfoldError, first_line, inputs_rejected
-from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device
+from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device, prepare
 from bnfold.edges.isolate import runtime
-from bnfold.verification.providers import get_provider, unavailable_reason
+from bnfold.verification.providers import PROVIDERS, unavailable_reason
 from bnfold.edges.load import onnx_error
 
 LEVELS = ("disable_all", "default")
@@ -75,16 +75,9 @@ def flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
 
     if isinstance(out, torch.Tensor):
         return [(prefix, out)]
-    if isinstance(out, Mapping):
-        items: list = []
-        for k in out:
-            items += flatten_outputs(out[k], f"{prefix}.{k}")
-        return items
-    if isinstance(out, (tuple, list)):
-        items = []
-        for i, v in enumerate(out):
-            items += flatten_outputs(v, f"{prefix}.{i}")
-        return items
+    if isinstance(out, (Mapping, tuple, list)):
+        items = out.items() if isinstance(out, Mapping) else enumerate(out)
+        return [x for k, v in items for x in flatten_outputs(v, f"{prefix}.{k}")]
     if out is None:
         return []
     return [(prefix, torch.as_tensor(out))]
@@ -96,9 +89,7 @@ def to_numpy(t) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return t
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy()
-    return t.numpy()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def as_feeds(feeds):
@@ -113,13 +104,6 @@ def as_feeds(feeds):
     if isinstance(feeds, tuple) and len(feeds) == 2 and isinstance(feeds[1], Mapping) and isinstance(feeds[0], tuple):
         return Batch(feeds[0], dict(feeds[1]))
     return Batch(tuple(feeds), {})
-
-
-@contextlib.contextmanager
-def tf32_off():
-    """Switch TF32 off in torch (restored afterwards) so CUDA matmuls/convs are true fp32."""
-    with tf32(False):
-        yield
 
 
 @contextlib.contextmanager
@@ -179,18 +163,8 @@ class TorchRunner(Released):
         self.device = str(self.torch_device)
 
     def _prepare(self, feeds):
-        import torch
-
-
-        b = as_feeds(feeds)
-
-        def conv(x):
-            if isinstance(x, torch.Tensor):
-                x = x.to(self.torch_device)
-                return x.to(self.dtype) if x.is_floating_point() else x
-            return x
-
-        return Batch(tuple(conv(a) for a in b.args), {k: conv(v) for k, v in b.kwargs.items()})
+        b = as_feeds(feeds)  # passed as given (an example, never bound as the user's data: data=False)
+        return prepare(Batch(b.args, b.kwargs), self.dtype, self.torch_device)
 
     def infer(self, feeds) -> Outputs:
         import torch
@@ -310,13 +284,6 @@ def ort_severity(verbose: bool = False) -> int:
     return 2 if verbose else 4
 
 
-def quiet_onnxruntime(verbose: bool = False) -> None:
-    """The default logger at ``ort_severity``: set before any session."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(ort_severity(verbose))
-
-
 class OrtRunner(Released):
     """An ONNX file on one onnxruntime provider at one graph optimisation level.
 
@@ -324,13 +291,11 @@ class OrtRunner(Released):
     BadInputError when the CPU provider cannot load the file (then the file itself is at fault).
     """
 
-    target = "onnx"
-
     def __init__(self, onnx_path: str | Path, provider: str = "cpu", level: str = "disable_all", *, verbose: bool = False,
                  target: str = "onnx"):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
-        self.spec = get_provider(provider)
+        self.spec = PROVIDERS[provider]
         self.provider, self.level, self.target = provider, level, target
         self.path = Path(onnx_path)
         self.messages: list[str] = []
@@ -342,7 +307,7 @@ class OrtRunner(Released):
             import torch  # noqa: F401  (loads CUDA/cuDNN libraries before onnxruntime looks for them)
         import onnxruntime as ort
 
-        quiet_onnxruntime(verbose)
+        ort.set_default_logger_severity(ort_severity(verbose))  # the default logger: set before any session
         so = ort.SessionOptions()
         so.log_severity_level = ort_severity(verbose)
         self.run_options = ort.RunOptions()
@@ -353,17 +318,15 @@ class OrtRunner(Released):
             with _captured_stderr(self.messages, enabled=not verbose), self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
-            text = first_line(err)
             if provider == "cpu":
                 raise onnx_error(self.path, err, "load") from err
-            raise RunnerUnavailable(f"creating a {self.spec.ort_name} session failed: {text}") from err
+            why = f"creating a {self.spec.ort_name} session failed: {first_line(err)}"
+            raise RunnerUnavailable(why) from err
         ok, why = self.spec.really_runs(self.session)
         if not ok:
             self.session = None
             raise RunnerUnavailable(why)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
-        self.output_names = outs
 
     def feed_dict(self, feeds) -> dict[str, np.ndarray]:
         b = as_feeds(feeds)

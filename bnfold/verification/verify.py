@@ -59,13 +59,11 @@ class Run:
 
     @property
     def max_abs_error(self) -> float | None:
-        vals = [o.max_abs_error for o in self.outputs if o.max_abs_error is not None]
-        return max(vals) if vals else None
+        return max((o.max_abs_error for o in self.outputs if o.max_abs_error is not None), default=None)
 
     @property
     def max_rel_error(self) -> float | None:
-        vals = [o.max_rel_error for o in self.outputs if o.max_rel_error is not None]
-        return max(vals) if vals else None
+        return max((o.max_rel_error for o in self.outputs if o.max_rel_error is not None), default=None)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "outputs"}
@@ -138,15 +136,6 @@ class VerifyReport:
                    providers_run=list(d.get("providers_run", [])), providers_available=list(d.get("providers_available", [])), notes=list(d.get("notes", [])),
                    float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K),
                    explanation=d.get("explanation"))
-
-
-# --------------------------------------------------------------------- backwards-compatible helpers
-def make_session(onnx_path: str | Path, provider: str, level: str):
-    """(session, None) or (None, reason) — the reason why ``provider`` cannot really run here."""
-    try:
-        return OrtRunner(onnx_path, provider, level).session, None
-    except RunnerUnavailable as err:
-        return None, str(err)
 
 
 # ----------------------------------------------------------------------------- input statistics
@@ -223,25 +212,19 @@ def _initializer(where, name: str):
 
 # ------------------------------------------------------------------------------------ inputs
 def _input_sets(inputs) -> dict[str, Any]:
-    """Normalise to {name: Batch}."""
+    """Normalise to {name: Batch}: one input set, or {name: inputs} for several."""
+    if isinstance(inputs, Mapping):
+        return {k: _batch(v) for k, v in inputs.items()}
+    return {"inputs": _batch(inputs)}
+
+
+def _batch(inputs) -> Batch:
+    """A Batch from a Batch, a tensor or a sequence of tensors (its positional arguments)."""
     import torch
 
-
-    if isinstance(inputs, torch.Tensor):
-        return {"inputs": Batch((inputs,), {})}
     if isinstance(inputs, Batch):
-        return {"inputs": inputs}
-    if isinstance(inputs, Mapping):
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, Batch):
-                out[k] = v
-            elif isinstance(v, torch.Tensor):
-                out[k] = Batch((v,), {})
-            else:
-                out[k] = Batch(tuple(v), {})
-        return out
-    return {"inputs": Batch(tuple(inputs), {})}
+        return inputs
+    return Batch((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), {})
 
 
 # ------------------------------------------------------------------------------- settings
@@ -414,17 +397,14 @@ def _gpu_outputs(out: References, reference, sets: dict, providers: Iterable[str
 
 def _float64_runner(reference, max_bytes: int, borrow: bool = False):
     """(TorchRunner in float64, None) or (None, why not)."""
-    import itertools
-
     import torch
-
 
     dtype, _ = model_dtype_device(reference)
     if dtype == torch.float64:
         return None, "the reference is float64 already"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None, f"the reference is {dtype}, not floating point"
-    n = sum(t.numel() for t in itertools.chain(reference.parameters(), reference.buffers()) if t.is_floating_point())
+    n = sum(t.numel() for t in [*reference.parameters(), *reference.buffers()] if t.is_floating_point())
     if n * 8 > max_bytes:
         return None, (f"a float64 copy of the reference would take {n * 8 / 1e9:.2f} GB "
                       f"(bound {max_bytes / 1e9:.2f} GB): judged against the {str(dtype).replace('torch.', '')} reference only")
