@@ -104,9 +104,6 @@ class _Acc:
         self.m_min = m if self.m_min is None else min(self.m_min, m)
         self.m_max = m if self.m_max is None else max(self.m_max, m)
 
-    def finite(self) -> torch.Tensor:
-        return torch.isfinite(self.a).all() & torch.isfinite(self.b).all()
-
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.estimator == "paper":
             return self.a / self.calls, self.b / self.calls
@@ -417,10 +414,6 @@ def run_calibration(
     return work, summary
 
 
-def _bn_state(bn) -> tuple:
-    return (bn.track_running_stats, *(getattr(bn, b, None) for b in _BUFFERS))
-
-
 def _set_state(bns: list, states: dict) -> None:
     """Swap whole buffers in (no copy): the running statistics of ``states`` become the layers' own."""
     for name, bn in bns:
@@ -434,7 +427,7 @@ def _output_effect(run: _Run, kept: list) -> dict[str, Any]:
     """Outputs in eval mode with the running statistics the model came with against the population ones, batch
     by batch on ``kept``: the largest absolute change (``scale``: the largest |output|, for reference) and, for
     outputs shaped like logits, the share of rows whose argmax stays (the worst output's; None without one)."""
-    population = {name: _bn_state(bn) for name, bn in run.bns}
+    population = {n: (bn.track_running_stats, *(getattr(bn, b, None) for b in _BUFFERS)) for n, bn in run.bns}
     running = {name: (s["track"], s["mean"], s["var"], s["nbt"]) for name, s in run.saved.items()}
     diffs, agree = [], {}  # device scalars, one host copy at the end; name -> [agreeing rows, rows]
     measured = {"batches": len(kept), "samples": sum(b.size for b in kept)}

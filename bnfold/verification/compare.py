@@ -191,10 +191,6 @@ class Tolerance:
 
 
 # ---------------------------------------------------------------------------------- comparator
-def _dtype_name(a: np.ndarray) -> str:
-    return str(a.dtype) if a.dtype != np.dtype("V2") else "bfloat16"
-
-
 def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K,
             min_top1=None) -> OutputComparison:
     """Compare one output. ``reference64``: the same output from a float64 run of the reference;
@@ -243,7 +239,7 @@ def _agreement(res: OutputComparison, ref: np.ndarray, got: np.ndarray, min_top1
 def _compare_values(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K) -> OutputComparison:
     ref = np.asarray(reference)
     got = np.asarray(candidate)
-    dtype = _dtype_name(ref)
+    dtype = str(ref.dtype) if ref.dtype != np.dtype("V2") else "bfloat16"
     d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
     if ref.dtype.kind == "f" and ref.size:
         finite = np.abs(ref[np.isfinite(ref)])

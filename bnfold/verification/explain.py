@@ -60,6 +60,7 @@ import numpy as np
 
 from bnfold.errors import first_line
 from bnfold.onnx_pass.export import _dynamo_ir, _module_of, _scope_paths
+from bnfold.onnx_pass.io import node_label
 from bnfold.torch_pass.fold import fold_with_plan, inspect
 from bnfold.verification.compare import NOISE_K, divergence
 from bnfold.verification.providers import PROVIDERS
@@ -306,8 +307,8 @@ def _file_nodes(path: Path) -> list[dict]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return [{"name": n.name or (n.output[0] if n.output else n.op_type), "op_type": n.op_type, "inputs": list(n.input),
-             "outputs": [o for o in n.output if o]} for n in proto.graph.node]
+    return [{"name": node_label(n), "op_type": n.op_type, "inputs": list(n.input), "outputs": [o for o in n.output if o]}
+            for n in proto.graph.node]
 
 
 def _onnx_values(path: Path, names: list[str], feeds, provider: str) -> dict[str, np.ndarray]:

@@ -189,20 +189,15 @@ class TorchRunner(Released):
 
         def hook(name):
             def fn(mod, args, out):
-                if found:
-                    return
-                for _, t in flatten_outputs(out):
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        found.append(name or type(mod).__name__)
-                        return
+                if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                     for _, t in flatten_outputs(out)):
+                    found.append(name)
             return fn
 
         hooks = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n and not list(m.children())]
-        try:
-            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+        try:  # a diagnosis, never a new failure
+            with contextlib.suppress(Exception), torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
                 call_model(self.model, self._prepare(feeds))
-        except Exception:  # noqa: BLE001 — a diagnosis, never a new failure
-            pass
         finally:
             for h in hooks:
                 h.remove()
