@@ -307,8 +307,8 @@ def _file_nodes(path: Path) -> list[dict]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return [{"name": node_label(n), "op_type": n.op_type, "inputs": list(n.input), "outputs": [o for o in n.output if o]}
-            for n in proto.graph.node]
+    return [{"name": node_label(n), "op_type": n.op_type, "inputs": list(n.input),
+             "outputs": [o for o in n.output if o]} for n in proto.graph.node]
 
 
 def _onnx_values(path: Path, names: list[str], feeds, provider: str) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device, 
 from bnfold.edges.isolate import runtime
 from bnfold.verification.providers import PROVIDERS, unavailable_reason
 from bnfold.edges.load import onnx_error
+from bnfold.report import LEVEL_NAMES
 
 LEVELS = ("disable_all", "default")
 Outputs = list  # list[tuple[str, np.ndarray]]
@@ -195,9 +196,11 @@ class TorchRunner(Released):
             return fn
 
         hooks = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n and not list(m.children())]
-        try:  # a diagnosis, never a new failure
-            with contextlib.suppress(Exception), torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+        try:
+            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
                 call_model(self.model, self._prepare(feeds))
+        except Exception:  # noqa: BLE001 — a diagnosis, never a new failure
+            pass
         finally:
             for h in hooks:
                 h.remove()
@@ -307,8 +310,7 @@ class OrtRunner(Released):
         so.log_severity_level = ort_severity(verbose)
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = ort_severity(verbose)
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all"
-                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVEL_NAMES[level])
         try:
             with _captured_stderr(self.messages, enabled=not verbose), self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
@@ -325,12 +327,11 @@ class OrtRunner(Released):
 
     def feed_dict(self, feeds) -> dict[str, np.ndarray]:
         b = as_feeds(feeds)
-        kwargs = dict(b.kwargs)
         pos = iter([to_numpy(t) for t in b.args])
         out = {}
         for n in self.input_names:
-            if n in kwargs:
-                out[n] = to_numpy(kwargs[n])
+            if n in b.kwargs:
+                out[n] = to_numpy(b.kwargs[n])
                 continue
             try:
                 out[n] = next(pos)
@@ -355,8 +356,7 @@ class OrtRunner(Released):
 
     def _running(self):
         """A crash of onnxruntime inside the block is named: runtime, provider, level, file (edges.isolate)."""
-        level = "ORT_DISABLE_ALL" if self.level == "disable_all" else "ORT_ENABLE_ALL"
-        return runtime("onnxruntime", self.spec.ort_name, level, self.path)
+        return runtime("onnxruntime", self.spec.ort_name, LEVEL_NAMES[self.level], self.path)
 
     def close(self) -> None:
         self.session = None

@@ -427,10 +427,8 @@ def _compare_into(report: VerifyReport, references: References, candidates: Iter
 
 def _new_report(references: References, tolerance: Tolerance) -> VerifyReport:
     tolerance.check_names(references.output_names())
-    report = VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k)
-    for n in references.notes:
-        report.note(n)
-    return report
+    return VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k,
+                        notes=list(dict.fromkeys(references.notes)))
 
 
 def compare_runners(reference, candidates, inputs, *, reference64=None, tolerance: Tolerance | None = None, **keywords) -> VerifyReport:
