@@ -93,18 +93,20 @@ def to_numpy(t) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def as_feeds(feeds):
-    """A Batch from a Batch, a tensor, a tuple of tensors or an (args, kwargs) pair."""
+def positional_batch(inputs) -> Batch:
+    """A Batch from a Batch, a tensor or a sequence of tensors (its positional arguments)."""
     import torch
 
+    if isinstance(inputs, Batch):
+        return inputs
+    return Batch((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), {})
 
-    if isinstance(feeds, Batch):
-        return feeds
-    if isinstance(feeds, torch.Tensor):
-        return Batch((feeds,), {})
+
+def as_feeds(feeds):
+    """``positional_batch``, or a Batch from an (args, kwargs) pair."""
     if isinstance(feeds, tuple) and len(feeds) == 2 and isinstance(feeds[1], Mapping) and isinstance(feeds[0], tuple):
         return Batch(feeds[0], dict(feeds[1]))
-    return Batch(tuple(feeds), {})
+    return positional_batch(feeds)
 
 
 @contextlib.contextmanager

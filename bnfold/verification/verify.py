@@ -30,14 +30,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from bnfold.edges.data import Batch, model_dtype_device
+from bnfold.edges.data import model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
 from bnfold.onnx_pass.io import node_label, walk_nodes
 from bnfold.report import LEVEL_NAMES, _plain_status, html, render_verification, show
 from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
 from bnfold import progress
 from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, available_providers, parse_providers, unavailable_reason
-from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
+from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner, positional_batch
 
 FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
 
@@ -214,17 +214,8 @@ def _initializer(where, name: str):
 def _input_sets(inputs) -> dict[str, Any]:
     """Normalise to {name: Batch}: one input set, or {name: inputs} for several."""
     if isinstance(inputs, Mapping):
-        return {k: _batch(v) for k, v in inputs.items()}
-    return {"inputs": _batch(inputs)}
-
-
-def _batch(inputs) -> Batch:
-    """A Batch from a Batch, a tensor or a sequence of tensors (its positional arguments)."""
-    import torch
-
-    if isinstance(inputs, Batch):
-        return inputs
-    return Batch((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), {})
+        return {k: positional_batch(v) for k, v in inputs.items()}
+    return {"inputs": positional_batch(inputs)}
 
 
 # ------------------------------------------------------------------------------- settings
