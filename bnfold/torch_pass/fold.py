@@ -41,12 +41,6 @@ def _bn_problem(m: nn.Module) -> str | None:
     return None
 
 
-def bn_scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return fold_math.bn_scale_shift(
-        m.running_mean, m.running_var, m.eps, getattr(m, "weight", None), getattr(m, "bias", None)
-    )
-
-
 def _shared_params(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -72,8 +66,8 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
             ctx.record(target, out.rule, out.match)
         else:
             plan.unfolded.append(Unfolded(name, "; ".join(out.reasons())))
-    _second_pass(ctx)
     if ctx is not None:
+        _second_pass(ctx)
         merge_parallel_branches(ctx)
     return plan
 
@@ -91,18 +85,15 @@ def _target(ctx: Context | None, trace_error: str | None, name: str, bn: nn.Modu
     return BN(name, next(iter(calls.values()))), None
 
 
-def _second_pass(ctx: Context | None) -> None:
+def _second_pass(ctx: Context) -> None:
     """Rules that build on the first pass's folds (parallel branches merge into a conv whose own
     BN already folded backward)."""
-    if ctx is None:
-        return
     plan, still = ctx.plan, []
     for u in plan.unfolded:
-        calls = ctx.g.calls.get(u.bn, {})
-        if len(calls) != 1 or _bn_problem(ctx.module(u.bn)):
+        target, _ = _target(ctx, None, u.bn, ctx.module(u.bn))
+        if target is None:
             still.append(u)
             continue
-        target = BN(u.bn, next(iter(calls.values())))
         out = try_rules(LATE_RULES, ctx, target)
         if out.match is not None:
             ctx.record(target, out.rule, out.match)
@@ -134,7 +125,9 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
 
     def scale_shift(e: Edit, device) -> tuple[torch.Tensor, torch.Tensor]:
         if e.bn not in st_cache:
-            st_cache[e.bn] = bn_scale_shift(model.get_submodule(e.bn))
+            m = model.get_submodule(e.bn)
+            st_cache[e.bn] = fold_math.bn_scale_shift(m.running_mean, m.running_var, m.eps,
+                                                      getattr(m, "weight", None), getattr(m, "bias", None))
         s, t = st_cache[e.bn]
         if e.sl is not None:
             s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
@@ -198,7 +191,6 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
             w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
             mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=grad_b)
-            del w, b
             return
         in_place = like.numel() * 8 > FOLD_BLOCK_BYTES
         weight = like.data if in_place else torch.empty_like(like)

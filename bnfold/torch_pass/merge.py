@@ -45,10 +45,7 @@ def merge_parallel_branches(ctx: Context) -> None:
     # a BN folded backward into one conv, whole (not a concat's slices, not a sum's several branches)
     backward = {bn: es[0].target for bn, es in edits_of.items() if len(es) == 1 and es[0].op == "backward" and es[0].sl is None}
     folded = {f.bn: f for f in ctx.plan.folded}
-    roots: dict = {}
-    for n in g.graph.nodes:
-        if g.module_of(n) is None and is_sum(g, n):
-            roots.setdefault(sum_root(g, n), None)
+    roots = dict.fromkeys(sum_root(g, n) for n in g.graph.nodes if g.module_of(n) is None and is_sum(g, n))
     for root in roots:
         branches, others = [], []
         for leaf, sign in sum_terms(g, root):
@@ -121,8 +118,7 @@ def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) ->
             return None
         if path not in backward:
             raise NoMatch(f"BN `{path}` is not folded into a conv of the branch")
-        kind, _ = bn_kinds.bn_kind(mod)
-        if not bn_kinds.remainder_is_identity(kind.remainder(mod)):
+        if not bn_kinds.remainder_is_identity(mod):
             act = getattr(mod, "act", None)
             raise NoMatch(f"`{path}` applies {type(act).__name__ if act is not None else 'more'} after normalising (not linear)")
         bn, path = path, backward[path]
@@ -158,9 +154,7 @@ def _merge(ctx: Context, group: list[ConvBranch]) -> Merge:
         pk, why = bn_kinds.producer_kind(m)
         if pk is None or pk.backward:
             raise NoMatch(f"branch `{b.conv}` ({type(m).__name__}) {why or (pk.backward if pk else 'is not a plain Conv')}")
-        tied = ctx.tied(b.conv)
-        if tied:
-            raise NoMatch(f"branch `{b.conv}`: {tied}")
+        ctx.check_untied(b.conv, "branch")
         if bn_kinds.base_type(m) is not bn_kinds.base_type(mods[0]):
             raise NoMatch(f"branches `{group[0].conv}` and `{b.conv}` are {bn_kinds.base_type(mods[0]).__name__} and {bn_kinds.base_type(m).__name__}")
         for a in _SAME:

@@ -59,14 +59,14 @@ class Context:
             self._mods[path] = self.model.get_submodule(path)
         return self._mods[path]
 
-    def tied(self, path: str) -> str | None:
+    def check_untied(self, path: str, role: str) -> None:
+        """NoMatch when the weight or bias of module ``path`` (the ``role``) is shared with another."""
         mod = self.module(path)
         for pname in ("weight", "bias"):
             p = getattr(mod, pname, None)
             if isinstance(p, nn.Parameter) and len(self.shared.get(id(p), [])) > 1:
                 others = [n for n in self.shared[id(p)] if n != f"{path}.{pname}"]
-                return f"its {pname} is shared with {', '.join(others)}"
-        return None
+                raise NoMatch(f"{role} `{path}`: its {pname} is shared with {', '.join(others)}")
 
     def channels(self, bn_path: str) -> int:
         return self.module(bn_path).running_mean.numel()
@@ -92,9 +92,7 @@ class Context:
         consumers = g.data_users(node, own)
         if len(consumers) != 1:
             raise NoMatch(f"{role} `{path}`'s output has {len(consumers)} consumers")
-        tied = self.tied(path)
-        if tied:
-            raise NoMatch(f"{role} `{path}`: {tied}")
+        self.check_untied(path, role)
         return path
 
     def check_free(self, rule: Rule, m: Match) -> None:
@@ -293,8 +291,7 @@ class Forward(Rule):
 
     def match(self, ctx: Context, bn: BN) -> Match:
         mod = ctx.module(bn.path)
-        kind, _ = bn_kinds.bn_kind(mod)
-        if not bn_kinds.remainder_is_identity(kind.remainder(mod)):
+        if not bn_kinds.remainder_is_identity(mod):
             act = getattr(mod, "act", None)
             raise NoMatch(f"{type(mod).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
         if len(bn.call.outputs) != 1:
@@ -366,9 +363,7 @@ def _check_consumer(ctx: Context, bn: BN, cpath: str, node, rank: int | None, re
             raise NoMatch(f"Linear `{cpath}` reads {cons.in_features} features, the BN gives {ctx.channels(bn.path)}×{repeat}")
     else:
         raise NoMatch(f"BN output goes to {type(cons).__name__} `{cpath}`")
-    tied = ctx.tied(cpath)
-    if tied:
-        raise NoMatch(f"consumer `{cpath}`: {tied}")
+    ctx.check_untied(cpath, "consumer")
 
 
 def _has_padding(conv: nn.Module) -> bool:
@@ -404,17 +399,9 @@ def strip_identity(g: Graph, n):
 def sum_root(g: Graph, n):
     """The last node of the sum that node ``n`` (a sum) belongs to: the sum runs up through nodes
     that only add (or subtract) into the next one."""
-    while True:
-        up = g.data_users(n)
-        if len(up) == 1 and is_sum(g, up[0]):
-            n = up[0]
-            continue
-        return n
-
-
-def _sum_leaves(g: Graph, o) -> list[tuple]:
-    """The terms of the sum that ``o`` enters, as (node, ±1): the sum is Σ sign·leaf."""
-    return sum_terms(g, sum_root(g, g.data_users(o)[0]))
+    while len(up := g.data_users(n)) == 1 and is_sum(g, up[0]):
+        n = up[0]
+    return n
 
 
 def sum_terms(g: Graph, root) -> list[tuple]:
@@ -456,10 +443,9 @@ class IdentityBranch(Rule):
         users = g.data_users(o)
         if len(users) != 1 or not is_sum(g, users[0]) or g.module_of(users[0]) is not None:
             raise NoMatch("the BN's output is not summed", applies=False)
-        kind, _ = bn_kinds.bn_kind(ctx.module(bn.path))
-        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn.path))):
+        if not bn_kinds.remainder_is_identity(ctx.module(bn.path)):
             raise NoMatch(f"{type(ctx.module(bn.path)).__name__} applies an activation before the sum")
-        leaves = _sum_leaves(g, o)
+        leaves = sum_terms(g, sum_root(g, users[0]))  # the terms of the sum that o enters
         mine = [s for n, s in leaves if n is o]
         if len(mine) != 1:
             raise NoMatch("the BN branch enters the sum more than once")
@@ -486,9 +472,8 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}`'s output is used outside the sum")
         mod = ctx.module(path)
         if bn_kinds.is_batchnorm(mod):  # conv → BN branch: the BN must have folded into the conv
-            k2, _ = bn_kinds.bn_kind(mod)
             lcall = next(iter(g.calls[path].values()))
-            if k2 is None or not bn_kinds.remainder_is_identity(k2.remainder(mod)) or len(lcall.inputs) != 1:
+            if not bn_kinds.remainder_is_identity(mod) or len(lcall.inputs) != 1:
                 return None
             src_own = g.owner(lcall.inputs[0])
             if src_own is None or not any(e.op == "backward" and (e.target, e.bn) == (src_own[0], path) for e in ctx.plan.edits):
@@ -520,9 +505,7 @@ class IdentityBranch(Rule):
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
         if not (pad == "same" or tuple(pad) == centred):
             raise NoMatch(f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})")
-        tied = ctx.tied(path)
-        if tied:
-            raise NoMatch(f"branch `{path}`: {tied}")
+        ctx.check_untied(path, "branch")
 
 
 class SumOfBranches(Rule):
@@ -571,9 +554,8 @@ class SumOfBranches(Rule):
         path = g.owner(leaf)[0]
         mod = ctx.module(path)
         if bn_kinds.is_batchnorm(mod):
-            kind, _ = bn_kinds.bn_kind(mod)
             into = [e.target for e in ctx.plan.edits if e.bn == path and e.op == "backward" and e.sl is None and e.affine == "st"]
-            if kind is None or not bn_kinds.remainder_is_identity(kind.remainder(mod)) or len(into) != 1:
+            if not bn_kinds.remainder_is_identity(mod) or len(into) != 1:
                 raise NoMatch(f"branch BN `{path}` is not folded into the conv of its branch")
             if len(g.data_users(leaf, g.owner(leaf))) != 1:
                 raise NoMatch(f"branch `{path}`'s output is used outside the sum")
