@@ -173,10 +173,9 @@ def fold_gemm_backward(
     ``b`` is stored as (N, K) when ``trans_b`` else (K, N); C' has C's broadcast shape with N columns.
     """
     b = b.to(torch.float64)
-    b_new = b * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
-    c64 = torch.zeros(s.numel(), dtype=torch.float64) if c is None else float(beta) * c.to(torch.float64)
-    c_new = c64 * s + t
-    return b_new, c_new
+    c = None if c is None else float(beta) * c.to(torch.float64)
+    w, c_new = fold_backward(b if trans_b else b.T, c, s, t)  # op(B)ᵀ: a Linear weight (N, K)
+    return (w if trans_b else w.T), c_new
 
 
 def fold_gemm_forward(

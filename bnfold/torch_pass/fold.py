@@ -145,9 +145,7 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             _fold_module(model.get_submodule(path), edits, scale_shift, model.get_submodule)
     for m in plan.merges:
         _apply_merge(model, m, by_target, scale_shift)
-    for f in plan.folded:
-        if f.fold_pass != "pytorch":
-            continue
+    for f in plan.folded:  # the plan _discover made: every fold is of this pass
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
         _warn_hooks(f.bn, bn)

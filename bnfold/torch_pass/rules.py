@@ -112,9 +112,7 @@ class Context:
 
 
 def _arg(node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 # ----------------------------------------------------------------------------------------- rules
