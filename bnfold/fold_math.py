@@ -117,11 +117,9 @@ def fold_forward(
     b = bias64(bias, out_channels, w)
     out_per_group = out_channels // groups
     # channel index read by weight[o, i]: group(o) * in_per_group + i
-    sg = s.reshape(groups, 1, in_per_group)
     tg = t.reshape(groups, 1, in_per_group)
     wg = w.reshape((groups, out_per_group, in_per_group) + tuple(w.shape[2:]))
-    extra = (1,) * (w.dim() - 2)
-    w_new = (wg * sg.reshape(sg.shape + extra)).reshape(w.shape)
+    w_new = (wg * s.reshape((groups, 1, in_per_group) + (1,) * (w.dim() - 2))).reshape(w.shape)
     kernel_sum = wg.sum(dim=tuple(range(3, wg.dim()))) if wg.dim() > 3 else wg  # (g, out/g, in/g)
     b_new = b + (kernel_sum * tg).sum(dim=2).reshape(out_channels)
     return w_new, b_new

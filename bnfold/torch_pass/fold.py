@@ -186,7 +186,7 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
     grad_b = bias_requires_grad(mod, edits, bn_of)
     with torch.no_grad():
         if rows is None:  # the whole weight at once
-            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
+            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0])
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
             mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=grad_b)
             return
@@ -197,10 +197,9 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
         if all(e.op == "backward" for e in edits):  # the common case: rows scaled in one reused float64 block
             _scale_blocks(like, mod.bias, [scale_shift(e, like.device) for e in edits], rows, weight, new_bias)
         else:
-            per_group = like.shape[0] // groups
             for r0 in range(0, like.shape[0], rows):  # blocks of whole groups of output rows
                 r1 = min(r0 + rows, like.shape[0])
-                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1)
                 weight[r0:r1] = fold_math.cast_like(w, like)
                 new_bias[r0:r1] = fold_math.cast_like(b, like)
                 del w, b
@@ -213,17 +212,18 @@ def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> No
     """The target conv of ``m`` becomes the sum of every branch (each after its own edits, float64,
     cast once); the other branch convs become ``ZeroBranch``es."""
     target = model.get_submodule(m.target)
+    branches = ((m.target, 1),) + m.parts
     parts = []
-    for path, sign in ((m.target, 1),) + m.parts:
+    for path, sign in branches:
         conv = model.get_submodule(path)
-        w = conv.weight
-        parts.append(_fold_rows(w, conv.bias, by_target.get(path, []), scale_shift, False, conv.groups, 0, w.shape[0], conv.groups)
-                     + (conv.groups, sign))
+        w, b = _fold_rows(conv.weight, conv.bias, by_target.get(path, []), scale_shift, False, conv.groups,
+                          0, conv.weight.shape[0])
+        parts.append((w, b, conv.groups, sign))
     like = target.weight
     with torch.no_grad():
         w, b = fold_math.merge_branches(parts, tuple(like.shape[2:]), m.groups)
         target.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-        edits = [e for p in (m.target,) + tuple(q for q, _ in m.parts) for e in by_target.get(p, [])]
+        edits = [e for path, _ in branches for e in by_target.get(path, [])]
         target.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=bias_requires_grad(target, edits, model.get_submodule))
     target.groups = m.groups
     del parts, w, b
@@ -264,16 +264,17 @@ def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | Non
     return per_group * max(1, FOLD_CACHE_BYTES // (row_bytes * per_group))
 
 
-def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
+def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int):
     """float64 (W', b') of output rows r0:r1 after every edit (forward, backward, identity order).
-    With groups, r0:r1 spans ``block_groups`` whole groups: the forward fold reads only their input
-    channels. (ConvTranspose is always folded whole: its rows are input channels.)"""
+    With groups, r0:r1 spans whole groups: the forward fold reads only their input channels.
+    (ConvTranspose is always folded whole: its rows are input channels.)"""
     whole = r0 == 0 and r1 == weight.shape[0]
     rows = slice(None) if whole else slice(r0, r1)  # bias and BN channels are output channels, not rows, for ConvTranspose
     w = weight.detach()[rows].to(torch.float64)
     b = None if bias is None else bias.detach()[rows].to(torch.float64)
-    g = block_groups if groups > 1 else 1
-    g0 = r0 // (weight.shape[0] // groups)
+    per_group = weight.shape[0] // groups
+    g = (r1 - r0) // per_group if groups > 1 else 1  # the groups in the block
+    g0 = r0 // per_group
     cols = slice(None) if whole or groups == 1 else slice(g0 * weight.shape[1], (g0 + g) * weight.shape[1])
     for e in edits:  # fold_* always return a bias, so b is set after the first edit
         s, t = scale_shift(e, w.device)

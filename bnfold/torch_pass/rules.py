@@ -365,13 +365,9 @@ def _check_consumer(ctx: Context, bn: BN, cpath: str, node, rank: int | None, re
 
 
 def _has_padding(conv: nn.Module) -> bool:
-    pad = conv.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return False
-        # 'same' pads unless every (dilated) kernel extent is 1
+    if conv.padding == "same":  # pads unless every (dilated) kernel extent is 1
         return any((k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation))
-    return any(p != 0 for p in pad)
+    return conv.padding != "valid" and any(p != 0 for p in conv.padding)
 
 
 _ADDS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
@@ -534,10 +530,9 @@ class SumOfBranches(Rule):
         bad = [why for x, why in others if x not in inputs]  # a term that is neither a conv branch nor a skip
         if bad or not convs or len(others) > 1:
             raise NoMatch(bad[0] if bad else f"the sum has {len(convs)} conv branches and {len(others)} skips (at most one)")
-        skips = [x for x, _ in others]
         edits = [Edit(p, "backward", bn.path, affine="st" if k == 0 else "s") for k, p in enumerate(convs)]
-        if skips:
-            target = next((p for p in convs if self._reads_alone(ctx, p, skips[0], bn)), None)
+        if others:  # the one skip
+            target = next((p for p in convs if self._reads_alone(ctx, p, others[0][0], bn)), None)
             if target is None:
                 raise NoMatch("no conv branch reads the skip's input alone with stride 1 and centred padding")
             edits.append(Edit(target, "identity", bn.path, affine="s-1"))
