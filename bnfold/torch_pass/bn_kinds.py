@@ -46,12 +46,9 @@ class ZeroBranch(nn.Module):
     def __init__(self, conv: nn.Module | None = None):
         super().__init__()
         self.out_channels = None if conv is None else int(conv.out_channels)
-        if conv is not None:
+        if conv is not None:  # 'same' padding only with odd extents (the merge checks)
             k, d = tuple(conv.kernel_size), tuple(conv.dilation)
-            pad = conv.padding
-            if isinstance(pad, str):  # 'valid', or 'same' with odd extents (the merge checks)
-                pad = tuple(0 if pad == "valid" else di * (ki - 1) // 2 for ki, di in zip(k, d))
-            self.geometry = tuple(zip(k, tuple(conv.stride), tuple(pad), d))
+            self.geometry = tuple(zip(k, tuple(conv.stride), padding(conv), d))
 
     def forward(self, x):
         if self.out_channels is None:
@@ -62,6 +59,15 @@ class ZeroBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if self.out_channels is None else f"out_channels={self.out_channels}, geometry={self.geometry}"
+
+
+def padding(conv: nn.Module) -> tuple[int, ...]:
+    """A conv's padding as one number per spatial axis ('same': d·(k − 1)/2, exact for odd extents)."""
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    return tuple(int(p) for p in conv.padding)
 
 
 def identity_remainder(bn: nn.Module) -> nn.Module:

@@ -133,15 +133,10 @@ def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) ->
 
 
 def _padding(path: str, conv: nn.Module) -> tuple[int, ...]:
-    pad = conv.padding
-    if pad == "valid":
-        return (0,) * len(conv.kernel_size)
-    if pad == "same":
-        ext = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-        if any(e % 2 for e in ext):
-            raise NoMatch(f"branch `{path}` pads 'same' around an even kernel extent (one side more than the other)")
-        return tuple(e // 2 for e in ext)
-    return tuple(int(p) for p in pad)
+    if conv.padding == "same" and any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        raise NoMatch(f"branch `{path}` pads 'same' around an even kernel extent "
+                      "(one side more than the other)")
+    return bn_kinds.padding(conv)
 
 
 _SAME = ("in_channels", "out_channels", "stride", "dilation", "padding_mode")
