@@ -140,6 +140,9 @@ def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) or _registered_base(type(m), _BN) is not None
 
 
+EVAL_IDENTITY = (nn.Identity, nn.modules.dropout._DropoutNd)  # modules that are the identity in eval
+
+
 def remainder_is_identity(bn: nn.Module) -> bool:
     """True when ``bn`` is a known kind whose remainder is the identity in eval (only Identity /
     Dropout inside)."""
@@ -148,7 +151,7 @@ def remainder_is_identity(bn: nn.Module) -> bool:
         return False
     rem = kind.remainder(bn)
     leaves = [m for m in rem.modules() if not list(m.children())]
-    return all(isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) for m in leaves) and (
+    return all(isinstance(m, EVAL_IDENTITY) for m in leaves) and (
         type(rem) in (nn.Identity, DropAct, nn.Sequential) or isinstance(rem, nn.modules.dropout._DropoutNd)
     )
 

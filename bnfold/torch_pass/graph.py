@@ -57,25 +57,16 @@ def _fn_name(node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def _describe(model: nn.Module, node) -> str:
-    if node.op == "placeholder":
-        return "the model input"
-    if node.op == "call_module":
-        return f"module `{node.target}` ({type(model.get_submodule(node.target)).__name__})"
-    return f"`{_fn_name(node)}`"
-
-
 class Graph:
     """Module calls and node ownership over an fx graph (from fx or torch.export)."""
 
-    def __init__(self, graph: torch.fx.Graph, owner: Callable, rank: Callable, is_param: Callable, describe: Callable,
-                 shape: Callable, module_of: Callable):
+    def __init__(self, graph: torch.fx.Graph, model: nn.Module, owner: Callable, rank: Callable,
+                 shape: Callable, is_param: Callable):
         self.graph = graph
+        self.model = model
         self.owner = owner  # node -> (path, call_key) | None
         self.rank = rank
         self.shape = shape  # node -> tuple | None
-        self.module_of = module_of  # node -> nn.Module | None (fx call_module nodes outside interest)
-        self.describe = describe
         self.calls: dict[str, dict[Any, Call]] = {}
         for node in graph.nodes:
             own = owner(node)
@@ -91,9 +82,9 @@ class Graph:
                 call.outputs.append(node)
 
     @staticmethod
-    def is_meta_read(node, value=None) -> bool:
+    def is_meta_read(node, value) -> bool:
         """``node`` reads only metadata (shape, dtype, …) of ``value``."""
-        if value is not None and node.op in ("call_method", "call_function"):
+        if node.op in ("call_method", "call_function"):
             name = _fn_name(node)
             if name in _SHAPE_OF_SECOND and len(node.args) > 1 and node.args[1] is value and node.args[0] is not value:
                 return True  # x.reshape_as(value): value is a shape template
@@ -118,9 +109,19 @@ class Graph:
         """'cat', 'flatten', 'mean', ... for function/method nodes; None for others."""
         return _fn_name(node) if node.op in ("call_function", "call_method") else None
 
+    def module_of(self, node) -> nn.Module | None:
+        """The module a call_module node calls (fx only: torch.export inlines every module)."""
+        return self.model.get_submodule(node.target) if node.op == "call_module" else None
+
     def what(self, node) -> str:
         own = self.owner(node)
-        return f"module `{own[0]}`" if own else self.describe(node)
+        if own:
+            return f"module `{own[0]}`"
+        if node.op == "placeholder":
+            return "the model input"
+        if node.op == "call_module":
+            return f"module `{node.target}` ({type(self.module_of(node)).__name__})"
+        return f"`{_fn_name(node)}`"
 
 
 FAKE_SHAPES_BYTES = 256 << 20  # weights above which shapes are propagated without computing
@@ -164,11 +165,7 @@ def _fx_graph(model: nn.Module, example_inputs: tuple | None, interest: set[str]
         s = shape(node)
         return None if s is None else len(s)
 
-    def module_of(node):
-        return model.get_submodule(node.target) if node.op == "call_module" else None
-
-    return Graph(graph, owner, rank, lambda n: n.op == "get_attr", lambda n: _describe(model, n), shape,
-                 module_of)
+    return Graph(graph, model, owner, rank, shape, lambda n: n.op == "get_attr")
 
 
 def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -> Graph:
@@ -197,8 +194,8 @@ def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -
         val = node.meta.get("val")
         return val.dim() if isinstance(val, torch.Tensor) else None
 
-    return Graph(ep.graph, owner, rank, lambda n: n.op == "placeholder" and n.name in state_inputs,
-                 lambda n: _describe(model, n), shape, lambda n: None)
+    return Graph(ep.graph, model, owner, rank, shape,
+                 lambda n: n.op == "placeholder" and n.name in state_inputs)
 
 
 def trace(model: nn.Module, example_inputs: tuple | None, interest: set[str]) -> tuple[Graph | None, str | None, str | None]:

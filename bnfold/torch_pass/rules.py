@@ -215,7 +215,7 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
     None when it is no such node; NoMatch when it is one but breaks exactness."""
     mod = g.module_of(u)
     if mod is not None:
-        if isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)):
+        if isinstance(mod, bn_kinds.EVAL_IDENTITY):
             return ("dropout", rank, repeat)
         if isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
             return ("pool", rank, repeat)
@@ -377,15 +377,13 @@ def is_sum(g: Graph, n) -> bool:
     """A plain sum of tensors (x + y, x += y, torch.add without alpha) or an eval-time identity."""
     mod = g.module_of(n)
     if mod is not None:
-        return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
-    if g.op_name(n) not in _ADDS or "alpha" in n.kwargs or len(n.args) > 2:
-        return False
-    return g.owner(n) is None
+        return isinstance(mod, bn_kinds.EVAL_IDENTITY)
+    return g.op_name(n) in _ADDS and "alpha" not in n.kwargs and len(n.args) <= 2 and g.owner(n) is None
 
 
 def strip_identity(g: Graph, n):
     """The value behind eval-time identity modules (nn.Identity, Dropout)."""
-    while isinstance(g.module_of(n), (nn.Identity, nn.modules.dropout._DropoutNd)) and n.all_input_nodes:
+    while isinstance(g.module_of(n), bn_kinds.EVAL_IDENTITY) and n.all_input_nodes:
         n = n.all_input_nodes[0]
     return n
 
