@@ -1,9 +1,9 @@
 """Fold BatchNorm into neighbouring Conv/ConvTranspose/Linear modules of a PyTorch model.
 
 Discovery reads the model's graph, not its module order (``graph``). The rules in ``rules`` (one unit
-per pattern: backward, concat, reshape, forward/pool-head, identity-branch; the protocol of
-``bnfold.rule``) then decide, for every BN layer, where it folds or why it stays; this module applies
-their edits.
+per pattern: backward, concat, reshape, forward/pool-head, identity-branch, sum; the protocol of
+``bnfold.rule``) then decide, for every BN layer, where it folds or why it stays (``merge`` then joins
+parallel conv branches); this module applies their edits.
 
 The rewrite works on a copy (unless ``inplace=True``): the same classes, each folded BN replaced by
 what remains of its forward (``nn.Identity`` for torch's BN; ``act(drop(x))`` for timm's
