@@ -121,8 +121,9 @@ def _all_reduce(accs: list[_Acc], summary: CalibrationSummary) -> None:
     groups: dict = {}
     for acc in accs:  # one flat buffer per device (model-parallel layers may live on several)
         groups.setdefault(acc.a.device, []).append(acc)
+    local = [summary.batches, summary.samples]  # this process's own: every device's buffer sums these
     for dev, group in groups.items():
-        sizes = [summary.batches, summary.samples] + [v for a in group for v in (a.calls, a.values)]
+        sizes = local + [v for a in group for v in (a.calls, a.values)]
         head = torch.tensor(sizes, dtype=torch.float64, device=dev)
         flat = torch.cat([head] + [t for a in group for t in (a.a, a.b)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
