@@ -162,7 +162,7 @@ def load_model(spec: str | ModelSpec, weights: str | Path | None = None, *, trus
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
     else:
-        meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        meta = _meta_names(model)
         if meta:
             raise ModelSpecError(f"factory '{spec}' built the model on the meta device (no values, e.g. {meta[0]})",
                                  "pass --weights with a checkpoint for it, or build it on the CPU")
@@ -280,26 +280,27 @@ def load_weights(model, path: str | Path, *, trust_pickle: bool = False) -> None
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-
-    def few(items):
-        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-
-    if shapes:
-        raise WeightsError(f"'{path}' does not fit the model: {few(shapes)}", "use the checkpoint trained for this factory")
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {few(unexpected)}")
-        raise WeightsError(f"'{path}' does not fit the model: {'; '.join(parts)}", "use the checkpoint trained for this factory")
-    meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    keys = [f"{what} keys {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names]
+    misfit = _few(shapes) if shapes else "; ".join(keys)
+    if misfit:
+        raise WeightsError(f"'{path}' does not fit the model: {misfit}",
+                           "use the checkpoint trained for this factory")
+    meta = bool(_meta_names(model))
     model.load_state_dict(sd, strict=True, assign=meta)  # a meta-device model takes the checkpoint's tensors
-    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    left = _meta_names(model)
     if left:
-        raise WeightsError(f"the model was built on the meta device and '{path}' does not hold {', '.join(left[:3])}"
-                           + (f" (+{len(left) - 3} more)" if len(left) > 3 else ""),
+        raise WeightsError(f"the model was built on the meta device and '{path}' does not hold {_few(left)}",
                            "build the model on the CPU, or save every buffer in the checkpoint")
+
+
+def _meta_names(model) -> list[str]:
+    """The parameters and buffers of ``model`` on the meta device (no values)."""
+    return [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
 
 
 INT64_MAX = 2**63 - 1
