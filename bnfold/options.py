@@ -188,7 +188,7 @@ def _p_providers(v, via, key):
     (bnfold.providers: cpu, cuda, tensorrt, rocm, ... and any ``register_provider``), no repeats."""
 
     items = v.split(",") if isinstance(v, str) else v
-    if isinstance(items, (Provider,)):
+    if isinstance(items, Provider):
         items = [items]
     if not isinstance(items, (list, tuple)):
         raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a list of providers", "use cpu, cuda or cpu,cuda")
@@ -315,10 +315,6 @@ class Option:
     needs: tuple = ()  # "an option that has no effect is an error": the options it is meaningless without
     path: bool = False  # relative to the config file's folder
     models: frozenset = frozenset({"torch", "onnx"})  # the kinds of model it has an effect on
-
-    @property
-    def needs_calib(self) -> bool:
-        return "calib" in self.needs
 
 
 TORCH = frozenset({"torch"})  # an option of the PyTorch model: no effect on an ONNX one

@@ -244,7 +244,7 @@ class OutputSet:
     def staged_files(self) -> list[tuple[Path, Path]]:
         """(staged, final) pairs to commit: registered files, plus unregistered ones (an ONNX model's
         external data) written into a staging folder, first."""
-        registered = {s for s in self._staged.values()}
+        registered = set(self._staged.values())
         extra: list[tuple[Path, Path]] = []
         for folder, d in self._dirs:
             if not d.is_dir():
@@ -390,7 +390,8 @@ def sweep_stale_staging(folder: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ what a run wrote
-def _identity(path: str) -> tuple | None:
+def file_identity(path: str) -> tuple | None:
+    """(device, inode, size, mtime) of ``path``; None when it does not exist. A change: it was written."""
     try:
         st = os.stat(path)
     except OSError:
@@ -420,7 +421,7 @@ def run_inputs() -> dict[str, tuple[str, tuple | None]]:
 
 def watch(real: str) -> None:
     """Remember an output of this run (a resolved path) as it is before any work."""
-    _WATCHED.setdefault(real, _identity(real))
+    _WATCHED.setdefault(real, file_identity(real))
 
 
 def written() -> list[str]:
@@ -431,7 +432,7 @@ def written() -> list[str]:
         if real not in seen:
             seen.append(real)
     for real, before in _WATCHED.items():
-        if real not in seen and _identity(real) != before and _identity(real) is not None:
+        if real not in seen and file_identity(real) not in (before, None):
             seen.append(real)
     return seen
 
@@ -464,12 +465,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     outs = _OPEN_SETS[-1] if _OPEN_SETS else None  # the innermost open OutputSet
     target = outs.reserve(path) if outs is not None and not _inside_staging(path) else path
     folder = target.parent if str(target.parent) else Path(".")
+    tmp_path = folder / temp_name(target, suffix + ".tmp")
     try:
-        fd, tmp = _mkstemp(target, suffix, folder)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as err:
         raise env_error(err, path) from err
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         with env_errors(path):
             yield tmp_path
@@ -484,13 +485,6 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def _inside_staging(path: Path) -> bool:
     return path.parent.name.startswith(".bnfold-") and any(
         path.parent == d for s in _OPEN_SETS for _, d in s._dirs)
-
-
-def _mkstemp(target: Path, suffix: str, folder: Path):
-    name = temp_name(target, suffix + ".tmp")
-    path = folder / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    return fd, str(path)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

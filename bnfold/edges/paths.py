@@ -40,9 +40,7 @@ class _Ref:
             self.inode = None
 
     def same(self, other: "_Ref") -> bool:
-        if self.real == other.real:
-            return True
-        return self.inode is not None and self.inode == other.inode
+        return self.real == other.real or (self.inode is not None and self.inode == other.inode)
 
     def __str__(self) -> str:
         shown = f"'{self.raw}'"
@@ -162,7 +160,7 @@ def check_run_paths(
     labels is accepted as before, and means the same). ``sidecars``: output label → suffixes
     of files written beside it (``[".data"]`` for an ONNX file's external data), checked as outputs too.
     """
-    outs = [(label, raw) for label, raw in _items(outputs)]
+    outs = _items(outputs)
     out_refs = [_Ref(label, raw) for label, raw in outs]
     for label, suffixes in (sidecars or {}).items():
         raw = dict(outs).get(label)

@@ -99,11 +99,6 @@ def _reset_hwm() -> bool:
     return True
 
 
-def current_rss_mb() -> float | None:
-    rss = _status()[0]
-    return None if rss is None else rss / _MB
-
-
 def process_peak_rss_mb() -> float | None:
     """The process's peak resident memory so far (MB), including peaks before any reset."""
     hwm = _status()[1]
@@ -119,7 +114,6 @@ class _Sampler(threading.Thread):
         super().__init__(name="bnfold-rss-sampler", daemon=True)
         self.interval = interval
         self.peak = 0
-        self.samples = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -127,7 +121,6 @@ class _Sampler(threading.Thread):
             rss = _statm_rss()
             if rss is not None:
                 self.peak = max(self.peak, rss)
-                self.samples += 1
             if self._stop_event.wait(self.interval):
                 return
 
