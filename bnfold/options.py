@@ -90,7 +90,6 @@ class OptionError(BadInputError):
     """An option value that cannot be used (exit 2), worded for the interface that passed it."""
 
     def __init__(self, via: Via, key: str | None, problem: str, fix: str | None = None):
-        self.key = key
         where = via.where()
         named = via.key(key) if key else ""
         if isinstance(via, ConfigVia):
@@ -206,22 +205,32 @@ def _p_providers(v, via, key):
         raise OptionError(via, key, f"names unknown provider {bad!r}", f"use one or more of {', '.join(PROVIDERS)}") from err
 
 
+_SHAPE_FIX = "write a shape as 1,3,224,224 or [1, 3, 224, 224]"
+
+
+def _is_dims(v) -> bool:
+    """A shape written as integers: [1, 3, 224, 224], (1, 10), torch.Size."""
+    if not isinstance(v, (list, tuple)) or not v:
+        return False
+    return all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+
+
 def _shape_of(v, via, key) -> tuple[int, ...]:
     if isinstance(v, str):
         try:
             return parse_shape(v)
         except BadInputError as err:
-            raise OptionError(via, key, err.problem.replace("input shape ", "", 1), "write a shape as 1,3,224,224 or [1, 3, 224, 224]") from None
-    if isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+            raise OptionError(via, key, err.problem.replace("input shape ", "", 1), _SHAPE_FIX) from None
+    if _is_dims(v):
         if any(d <= 0 for d in v) or len(v) > 8:
-            raise OptionError(via, key, f"{list(v)} needs 1 to 8 positive dimensions", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+            raise OptionError(via, key, f"{list(v)} needs 1 to 8 positive dimensions", _SHAPE_FIX)
         return tuple(int(d) for d in v)
-    raise OptionError(via, key, f"{v!r} is not a shape", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+    raise OptionError(via, key, f"{v!r} is not a shape", _SHAPE_FIX)
 
 
 def _p_shapes(v, via, key):
     """One shape ('1,3,8,8', [1, 3, 8, 8], torch.Size) or several (['1,3,8,8', '1,10'], [[1, 3, 8, 8], [1, 10]])."""
-    if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v)):
+    if isinstance(v, str) or _is_dims(v):
         return (_shape_of(v, via, key),)
     if isinstance(v, (list, tuple)) and v:
         return tuple(_shape_of(s, via, key) for s in v)

@@ -305,7 +305,8 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
     import torch
 
     first = kept[0]
-    if len(kept) == 1:
+    if len(kept) == 1 or any(len(b.args) != len(first.args) or b.kwargs.keys() != first.kwargs.keys()
+                             for b in kept):
         return _slice(first, n)
 
     def cat(vals):
@@ -313,9 +314,6 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
             return torch.cat(vals)[:n]
         return vals[0]
 
-    same = all(len(b.args) == len(first.args) and b.kwargs.keys() == first.kwargs.keys() for b in kept)
-    if not same:
-        return _slice(first, n)
     return Batch(tuple(cat([b.args[i] for b in kept]) for i in range(len(first.args))),
                  {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs}, first.data)
 

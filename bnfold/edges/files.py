@@ -212,14 +212,10 @@ class OutputSet:
 
     def discard(self, *finals: str | Path) -> None:
         """Drop staged files (e.g. an ONNX file that failed verification): they will not be committed."""
-        for f in finals:
-            f = Path(f)
+        for f in map(Path, finals):
+            if f not in self._staged:  # also accept a staged path
+                f = next((final for final, staged in self._staged.items() if staged == f), f)
             staged = self._staged.pop(f, None)
-            if staged is None:  # also accept a staged path
-                for k, v in list(self._staged.items()):
-                    if v == f:
-                        staged = self._staged.pop(k)
-                        f = k
             if staged is not None:
                 self._discarded.add(f)
                 with contextlib.suppress(FileNotFoundError):
@@ -426,15 +422,10 @@ def watch(real: str) -> None:
 
 def written() -> list[str]:
     """What this process committed (in that order), then the watched outputs that changed on disk."""
-    seen: list[str] = []
-    for p in _COMMITTED:
-        real = os.path.realpath(os.path.abspath(p))
-        if real not in seen:
-            seen.append(real)
-    for real, before in _WATCHED.items():
-        if real not in seen and file_identity(real) not in (before, None):
-            seen.append(real)
-    return seen
+    seen = dict.fromkeys(os.path.realpath(os.path.abspath(p)) for p in _COMMITTED)
+    seen.update(dict.fromkeys(real for real, before in _WATCHED.items()
+                              if file_identity(real) not in (before, None)))
+    return list(seen)
 
 
 def written_message() -> str:
@@ -521,6 +512,10 @@ def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
     warning on stderr, never a failed run. Returns whether it was written."""
     import sys
 
+    def cannot(why: str) -> bool:
+        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
+        return False
+
     try:
         st = os.stat(path)
         std = next((name for fd, name in ((1, "output"), (2, "error")) if _same_file(st, fd)), None)
@@ -530,18 +525,14 @@ def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
             return False
         if stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             # a folder cannot be appended to; a FIFO without a reader would block bnfold forever
-            sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': it is {_kind(st.st_mode)}; the results above stand\n")
-            return False
+            return cannot(f"it is {_kind(st.st_mode)}")
     except FileNotFoundError:
         pass
     except OSError as err:
-        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {os.strerror(err.errno or 0)}; the results above stand\n")
-        return False
+        return cannot(os.strerror(err.errno or 0))
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)
-        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
-        return False
+        return cannot(os.strerror(err.errno) if err.errno else str(err))
     return True

@@ -90,22 +90,9 @@ def onnx_data_files(path: PathLike) -> list[str]:
     except Exception:
         return []
     folder = os.path.dirname(os.fspath(path))
-    found: list[str] = []
-
-    def visit(tensors):
-        for t in tensors:
-            for e in t.external_data:
-                if e.key == "location":
-                    f = os.path.join(folder, e.value)
-                    if f not in found:
-                        found.append(f)
-
-    visit(m.graph.initializer)
-    for n in m.graph.node:
-        for a in n.attribute:
-            if a.HasField("t"):
-                visit([a.t])
-    return found
+    tensors = [*m.graph.initializer, *(a.t for n in m.graph.node for a in n.attribute if a.HasField("t"))]
+    found = (os.path.join(folder, e.value) for t in tensors for e in t.external_data if e.key == "location")
+    return list(dict.fromkeys(found))
 
 
 def _items(mapping: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tuple[str, PathLike]]:
