@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -171,14 +172,13 @@ class OutputSet:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         _OPEN_SETS.remove(self)
-        if exc is None:
-            if self._parent is not None:
-                self._parent._adopt(self)
-            else:
-                self.commit()
-            return False
-        self._rename_in_error(exc)
-        self.rollback()
+        if exc is not None:
+            self._rename_in_error(exc)
+            self.rollback()
+        elif self._parent is not None:
+            self._parent._adopt(self)
+        else:
+            self.commit()
         return False
 
     # --- staging
@@ -311,15 +311,12 @@ class OutputSet:
             pass
 
 
-def _host_tag() -> str:
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
-
-
 def _staging_prefix(pid: int | None = None) -> str:
     """``.bnfold-<host>-<pid>-``: names a staging folder for people; liveness is its lock (``_hold_lock``)."""
-    return f".bnfold-{_host_tag()}-{os.getpid() if pid is None else pid}-"
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    return f".bnfold-{host}-{os.getpid() if pid is None else pid}-"
 
 
 STAGING_LOCK = ".lock"
@@ -510,8 +507,6 @@ def _same_file(st: os.stat_result, fd: int) -> bool:
 def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
     """Append ``text`` to a file that is not bnfold's result (e.g. $GITHUB_STEP_SUMMARY): a failure is a
     warning on stderr, never a failed run. Returns whether it was written."""
-    import sys
-
     def cannot(why: str) -> bool:
         sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
         return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -118,8 +119,6 @@ def cwd_on_path() -> None:
     """The current folder first on ``sys.path``, as ``python -m`` puts it, for the rest of the run: a
     ``module:fn`` spec resolves from where the command runs, and a factory's own (lazy) imports of
     its neighbours work too. The ``bnfold`` script itself has only its bin folder there."""
-    import os
-
     here = os.getcwd()
     if not any(p in ("", ".") or os.path.abspath(p) == here for p in sys.path):
         sys.path.insert(0, here)
@@ -355,8 +354,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None

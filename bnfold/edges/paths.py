@@ -17,6 +17,7 @@ to, like ``$GITHUB_STEP_SUMMARY``: ``check_appendable``) is checked against them
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Self, Union
 
@@ -68,8 +69,6 @@ def spec_files(spec: str | None) -> list[str]:
 def module_source(name: str) -> str | None:
     """The source file the import system would find for a dotted module name, searched along
     ``sys.path`` without importing anything (so a check before any work runs no user code)."""
-    import sys
-
     rel = name.split(".")
     for entry in sys.path:
         folder = os.path.join(entry or os.getcwd(), *rel)
@@ -120,8 +119,6 @@ def _input_refs(inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> l
 def check_appendable(path: PathLike, what: str) -> bool:
     """A file bnfold appends to at the end of a run (``$GITHUB_STEP_SUMMARY``) that is one of the run's
     inputs or outputs is left alone, with a warning on stderr: True when it may be appended to."""
-    import sys
-
     ref = _Ref(what, path)
     hit = next((label for real, (label, inode) in run_inputs().items()
                 if ref.real == real or (ref.inode is not None and ref.inode == inode)), None)
@@ -203,8 +200,6 @@ _SYSTEM_FOLDERS = ("/proc/", "/sys/", "/dev/", "/etc/", "/usr/", "/lib/", "/lib6
 def _system_file(real: str) -> bool:
     """A file of the Python installation, an installed package, bnfold itself or the kernel: versions
     (recorded apart) say when those change, so they are not a run's inputs."""
-    import sys
-
     parts = real.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts or real.startswith(_SYSTEM_FOLDERS):
         return True
@@ -236,8 +231,6 @@ class RunReads:
     sees every input" (docs/ci.md): more files than needed means a run too many, never a skip too many."""
 
     def __enter__(self) -> Self:
-        import sys
-
         if not _HOOKED:
             sys.addaudithook(_audit)  # for the life of the process: it does nothing outside a block
             _HOOKED.append(True)
@@ -249,8 +242,6 @@ class RunReads:
         _RECORDING.remove(self.seen)
 
     def files(self) -> list[str]:
-        import sys
-
         found = dict(self.seen)
         for mod in list(sys.modules.values()):
             f = getattr(mod, "__file__", None)
