@@ -186,13 +186,10 @@ def _p_providers(v, via, key):
     """'cpu,cuda', ['cpu', 'CUDAExecutionProvider'] or Provider values -> tuple of registry keys
     (bnfold.providers: cpu, cuda, tensorrt, rocm, ... and any ``register_provider``), no repeats."""
 
-    items = v.split(",") if isinstance(v, str) else v
-    if isinstance(items, Provider):
-        items = [items]
+    items = v.split(",") if isinstance(v, str) else v  # a Provider is a str: its value is split
     if not isinstance(items, (list, tuple)):
         raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a list of providers", "use cpu, cuda or cpu,cuda")
-    names = [str(item.value if isinstance(item, Provider) else item).strip() for item in items]
-    names = [n for n in names if n]
+    names = [n for n in (str(item).strip() for item in items) if n]  # str(Provider.CPU) is "cpu"
     if not names:
         if key == "providers":
             raise OptionError(via, key, "names no provider", "use cpu, cuda or cpu,cuda")
