@@ -498,10 +498,9 @@ def sha256_file(path: str | Path) -> str:
 
 def _same_file(st: os.stat_result, fd: int) -> bool:
     try:
-        other = os.fstat(fd)
+        return os.path.samestat(st, os.fstat(fd))
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:

@@ -194,8 +194,7 @@ def _context():
 
     if can_fork():
         return mp.get_context("fork")
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
+    if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "onnx", "onnxruntime", "bnfold.pipeline"])
         return ctx

@@ -206,15 +206,6 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Mapping[
     return sd
 
 
-def _is_zip(path: Path) -> bool:
-    import zipfile
-
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
 def _is_pickle(path: Path) -> bool:
     """A complete pickle opcode stream (read, never executed)."""
     import pickletools
@@ -224,18 +215,16 @@ def _is_pickle(path: Path) -> bool:
             if fh.read(1) != b"\x80":
                 return False
             fh.seek(0)
-            for op, _, _ in pickletools.genops(fh):
-                if op.name == "STOP":
-                    return True
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(fh))
     except Exception:
         return False
-    return False
 
 
 def _torch_load(path: Path, trust_pickle: bool):
     """torch.load with weights_only=True; pickles (torch's or plain) only with ``trust_pickle``."""
     import pickle
     import warnings
+    import zipfile
 
     import torch
 
@@ -246,14 +235,17 @@ def _torch_load(path: Path, trust_pickle: bool):
         except Exception as err:
             safe_err = err
         msg = str(safe_err)
-        pickled = "Unsupported global" in msg or "GLOBAL " in msg or ("Weights only load failed" in msg and (_is_zip(path) or _is_pickle(path)))
+        zipped = zipfile.is_zipfile(path)  # False for a file it cannot read
+        pickled = "Unsupported global" in msg or "GLOBAL " in msg or (
+            "Weights only load failed" in msg and (zipped or _is_pickle(path)))
         if not pickled:
             why = "not a torch.save() file" if "Weights only load failed" in msg else first_line(safe_err)
             raise WeightsError(
                 f"cannot read checkpoint '{path}': {why}",
                 "check that it is a complete torch.save() file (it may be truncated or corrupt)",
             ) from safe_err
-        kind = "a torch.save() file holding pickled Python objects (e.g. a whole model)" if _is_zip(path) else "a Python pickle"
+        kind = ("a torch.save() file holding pickled Python objects (e.g. a whole model)" if zipped
+                else "a Python pickle")
         if not trust_pickle:
             raise WeightsError(
                 f"'{path}' is {kind}; loading it would run code from the file, which safe loading refuses",
@@ -263,7 +255,7 @@ def _torch_load(path: Path, trust_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             torch_err = err
-        if not _is_zip(path):  # pickle.dump() output: not a torch.save() file, but a trusted pickle
+        if not zipped:  # pickle.dump() output: not a torch.save() file, but a trusted pickle
             try:
                 with open(path, "rb") as fh:
                     return pickle.load(fh)
