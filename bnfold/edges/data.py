@@ -115,8 +115,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             if not path.is_file():
                 raise DataError(f"data file '{path}' does not exist", "check the path of the calibration data")
             arrays, names = _read_arrays(path)
-            _check_arrays(arrays, f"'{path}'")
-            return split_arrays(arrays, batch_size, names)
+            return split_arrays(arrays, batch_size, names, f"'{path}'")
         if ":" in text:
             try:
                 fn = resolve_factory(parse_model_spec(text))
@@ -128,10 +127,12 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
     return collect(spec, where="the data")
 
 
-def split_arrays(arrays: list, batch_size: int | None, names: list | None = None) -> list[Batch]:
+def split_arrays(arrays: list, batch_size: int | None, names: list | None, where: str) -> list[Batch]:
+    """Checked arrays of samples (``where`` names them) cut into batches; keyword inputs when ``names``."""
     import numpy as np
     import torch
 
+    _check_arrays(arrays, where)
     n = arrays[0].shape[0]
     if batch_size is not None:
         batch_size = parse_option("batch_size", batch_size)
@@ -190,8 +191,7 @@ class DataSource:
         if named or isinstance(data, arraylike):  # arrays of samples, cut like a file's
             values = data.values() if named else [data]
             arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in values]
-            _check_arrays(arrays, what)
-            self._list = split_arrays(arrays, batch_size, list(data) if named else None)
+            self._list = split_arrays(arrays, batch_size, list(data) if named else None, what)
             return
         if batch_size is not None:
             raise DataError(f"batch_size cuts arrays into batches, but {what} is a {type(data).__name__} that yields its own batches",

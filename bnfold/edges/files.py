@@ -124,7 +124,7 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
             target = os.path.realpath(p)
             raise OutputPathError(f"{what} path '{p}'{'' if target == os.path.abspath(p) else f' (-> {target})'} is {kind}, not a regular file",
                                   "pass the path of a regular file (bnfold never writes to special files)")
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = p.parent  # Path("x").parent is Path("."), never ""
     if not parent.exists():
         raise OutputPathError(f"folder '{parent}' for the {what} does not exist", "create it first")
     if not parent.is_dir():
@@ -188,7 +188,7 @@ class OutputSet:
                 return d
         sweep_stale_staging(folder)
         try:
-            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder if str(folder) else ".")
+            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder)
         except OSError as err:
             raise env_error(err, folder, "a staging folder in") from err
         try:
@@ -452,8 +452,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     outs = _OPEN_SETS[-1] if _OPEN_SETS else None  # the innermost open OutputSet
     target = outs.reserve(path) if outs is not None and not _inside_staging(path) else path
-    folder = target.parent if str(target.parent) else Path(".")
-    tmp_path = folder / temp_name(target, suffix + ".tmp")
+    tmp_path = target.parent / temp_name(target, suffix + ".tmp")
     try:
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as err:
