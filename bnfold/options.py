@@ -289,8 +289,6 @@ def _p_calib(v, via, key):
         if not str(v).strip():
             raise OptionError(via, key, "is empty", "give a data file or module:fn")
         return v if isinstance(v, Path) else v.strip()
-    if v is None:
-        return None
     if via.name == "config":
         raise OptionError(via, key, f"is {type(v).__name__}, not a string", "give a data file (.npz/.npy/.pt) or file.py:fn")
     return v  # in-memory data: normalised by bnfold.data.DataSource
