@@ -171,7 +171,7 @@ def enable() -> None:
     _STATE["fork_safe"] = True
 
 
-def warm_up(modules=("torch", "onnx", "onnxruntime"), then: Callable[[], None] | None = None) -> None:
+def warm_up(modules: tuple[str, ...], then: Callable[[], None]) -> None:
     """Import the heavy libraries once in a fork-safe parent (and run ``then``, which must not run
     torch), so that its children start warm."""
     import importlib
@@ -180,8 +180,7 @@ def warm_up(modules=("torch", "onnx", "onnxruntime"), then: Callable[[], None] |
         for name in modules:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        if then is not None:
-            then()
+        then()
 
 
 def can_fork() -> bool:

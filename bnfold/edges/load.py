@@ -355,7 +355,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_alloc(shape, dtype: Any = "float32", what: str = "input", *, copies: int = ALLOC_COPIES) -> int:
+def check_alloc(shape, dtype: Any = "float32", what: str = "input") -> int:
     """Refuse (BadInputError, exit 2) a tensor of ``shape`` whose conversion would not fit in memory.
 
     Returns the tensor's size in bytes. ``dtype``: numpy/torch dtype or name (itemsize)."""
@@ -373,7 +373,7 @@ def check_alloc(shape, dtype: Any = "float32", what: str = "input", *, copies: i
     dims_text = "×".join(map(str, dims))
     if n > INT64_MAX:
         raise BadInputError(f"{what} ({dims_text}) has {n:.3g} elements, beyond what a tensor can index", "pass a smaller shape")
-    need = n * 8 + nbytes * copies  # the float64 draw plus the copies a conversion holds
+    need = n * 8 + nbytes * ALLOC_COPIES  # the float64 draw plus the copies a conversion holds
     avail = available_memory()
     if avail is not None and need > avail:
         raise BadInputError(
