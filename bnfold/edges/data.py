@@ -190,7 +190,7 @@ class DataSource:
         named = isinstance(data, dict) and data and all(isinstance(v, arraylike) for v in data.values())
         if named or isinstance(data, arraylike):  # arrays of samples, cut like a file's
             values = data.values() if named else [data]
-            arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in values]
+            arrays = [tensor_to_numpy(v) if isinstance(v, torch.Tensor) else v for v in values]  # bfloat16 too
             self._list = split_arrays(arrays, batch_size, list(data) if named else None, what)
             return
         if batch_size is not None:
@@ -283,10 +283,7 @@ def _hash_batch(hashes: dict, b: Batch) -> bool:
         if isinstance(t, torch.Tensor):
             if t.device.type != "cpu":
                 return False
-            t = t.detach()
-            if t.dtype == torch.bfloat16:
-                t = t.float()
-            a = np.ascontiguousarray(t.numpy())
+            a = np.ascontiguousarray(tensor_to_numpy(t))
             h = hashes.setdefault(f"{name}:{a.dtype}{a.shape[1:]}", hashlib.sha256())
             h.update(memoryview(a).cast("B"))
         else:
