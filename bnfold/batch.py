@@ -60,9 +60,9 @@ def _read_tables(path: Path) -> tuple[list, dict]:
     if unknown_top:
         raise ConfigError(f"{path}: unknown top-level key '{unknown_top[0]}'", "use [[conversion]] tables and an optional [defaults] table")
     convs = doc.get("conversion")
-    if not isinstance(convs, list) or not convs:
-        if "conversion" in doc and not isinstance(convs, list):
-            raise _table(path, "conversion")
+    if "conversion" in doc and not isinstance(convs, list):
+        raise _table(path, "conversion")
+    if not convs:
         raise ConfigError(f"{path} has no [[conversion]] tables", "add at least one [[conversion]] with model and output")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
@@ -135,12 +135,12 @@ def _entry(entry: dict, given: dict, via: ConfigVia, base: Path) -> dict[str, An
         entry["model"] = str(target) + (f":{spec.attr}" if spec.attr else "")
     if spec.kind != "onnx" and not opts.input_shape:
         raise ConfigError(f"{via.where()} has no input_shape", "add input_shape = \"1,3,224,224\" (or [1, 3, 224, 224])")
-    for key, parts in (("model", spec), ("calib", spec_kind(opts.calib) if isinstance(opts.calib, (str, Path)) else None)):
+    calib = spec_kind(opts.calib) if opts.calib is not None else None  # a config's calib is a path or a spec
+    for key, parts in (("model", spec), ("calib", calib)):
         if parts is not None and parts.kind == "module" and not _module_exists(parts.target):
             raise ConfigError(f"{via.where()}, key '{key}': module '{parts.target}' not found",
                               "install it, or use path/to/file.py:fn (relative to the config file's folder)")
     files = {"weights": opts.weights}
-    calib = spec_kind(opts.calib) if opts.calib is not None else None
     if calib is not None and calib.kind in ("data", "file"):
         files["calib"] = Path(calib.target)
     for key, file in files.items():
@@ -264,8 +264,6 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
         return result
     except BnfoldError as err:
         code, error = err.exit_code, str(err)
-    except KeyboardInterrupt:
-        raise
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         code, error = EXIT_MODEL, str(as_error(err, "the model's code"))
     except Exception as err:  # keep the other conversions going

@@ -8,7 +8,7 @@ Exit codes (also in the README):
   130  interrupted (SIGINT / Ctrl-C, or SIGTERM); the message says which outputs were written
 
 User code (factories, data functions, a model's forward) cannot choose bnfold's exit code: whatever
-it raises or exits with becomes one of these errors (bnfold.usercode). The environment's errors while
+it raises or exits with becomes one of these errors (bnfold.edges.usercode). The environment's errors while
 writing (disk full, name too long, read-only file system, permissions) and sizes that cannot be
 allocated are bad input (exit 2, OutputPathError / BadInputError naming the path or the size).
 
@@ -65,8 +65,6 @@ class BnfoldError(Exception):
 
 class BadInputError(BnfoldError):
     """A file, spec, flag or data set that cannot be used as given (exit 2)."""
-
-    exit_code = EXIT_BAD_INPUT
 
 
 class ModelSpecError(BadInputError):

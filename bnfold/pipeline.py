@@ -50,14 +50,13 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    ort = v("onnxruntime") or v("onnxruntime-gpu")
     return {
         "bnfold": __version__,
         "python": platform.python_version(),
         "torch": v("torch"),
         "onnx": v("onnx"),
         "onnxscript": v("onnxscript"),
-        "onnxruntime": ort,
+        "onnxruntime": v("onnxruntime") or v("onnxruntime-gpu"),
         "onnxruntime_package": "onnxruntime-gpu" if v("onnxruntime-gpu") else "onnxruntime",
         "numpy": v("numpy"),
     }
@@ -105,7 +104,9 @@ def _err(via: Via, key: str | None, problem: str, fix: str | None = None) -> Opt
 
 def resolve_model(model, opts: ConvertOptions):
     """(kind, obj, name): ("onnx", Path, name) or ("torch", nn.Module, name). Specs are loaded here,
-    for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``."""
+    for the API as for the CLI: ``"file.py:fn"``, ``"pkg.mod:fn"``, ``"model.onnx"``. Options without
+    effect on the model (weights for an ONNX file, trust_pickle without weights) are refused before,
+    by ``ConvertOptions.resolve``."""
     from torch import nn
 
 
@@ -116,17 +117,12 @@ def resolve_model(model, opts: ConvertOptions):
     if isinstance(model, (str, Path)):
         spec = parse_model_spec(str(model))
         if spec.kind == "onnx":
-            for key in ("weights", "trust_pickle", "estimator", "plot"):
-                if key in opts.given:
-                    raise _err(via, key, "has no meaning for an ONNX model", "drop it, or pass the PyTorch model spec")
             return "onnx", Path(spec.target), str(model)
         return "torch", load_model(spec, opts.weights, trust_pickle=opts.trust_pickle), str(model)
     if isinstance(model, nn.Module):
         if opts.weights is not None:  # into a copy: the caller's model never changes
             model = copy.deepcopy(model)
             load_weights(model, opts.weights, trust_pickle=opts.trust_pickle)
-        elif "trust_pickle" in opts.given:
-            raise _err(via, "trust_pickle", "is given without weights, so it would be ignored", "drop it")
         return "torch", model, type(model).__name__
     raise BadInputError(f"the model is a {type(model).__name__}",
                         "pass an nn.Module, a spec such as 'file.py:build' or 'package.module:build', or a .onnx path")
@@ -269,19 +265,12 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
 
     check_seed(opts.seed)
     # trust rule "no output on an input", before any work: no output on an input, on another output or on a special file
-    # labels are flags: reword() spells them for the caller (--weights, weights=, key 'weights')
-    output = check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None,
-                              "--weights": None if opts.weights is None else str(opts.weights),
-                              "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
-                             {"output": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=[] if opts.overwrite else ["output"],
+    outputs = {"output": output, "--report": opts.report, "--plot": opts.plot}
+    output = check_run_paths(_run_inputs(model, opts), outputs, no_overwrite=not opts.overwrite,
                              sidecars={"output": [".data"]})["output"]
     kind, obj, name = resolve_model(model, opts)
     example = _example(kind, obj, example_inputs, opts)
-    if kind == "onnx" and "dynamic_batch" in opts.given:
-        raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX model (its input shapes are kept)", "drop it")
-    rep = ConvertReport(model=name, output=str(output))
-    rep.versions = versions()
-    rep.options = opts.to_dict()
+    rep = ConvertReport(model=name, output=str(output), versions=versions(), options=opts.to_dict())
     with OutputSet() as outs:  # the ONNX file, its data and the report: committed together at the end
         staged = outs.reserve(output)
         if kind == "onnx":
@@ -294,8 +283,7 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
             _convert_torch(rep, held, example, staged, opts, _rebuilder(model, opts))
         if rep or opts.keep_failed:  # passed, or written, not verified
             rep.export["path"] = str(output)
-        else:
-            rep.export["path"] = None
+        else:  # rep.export["path"] stays None
             data = rep.export.get("external_data")
             outs.discard(output, *([output.parent / data] if data else []))
             rep.notes.append(not_written_note(output))
@@ -308,6 +296,16 @@ def convert(model, example_inputs=None, output: str | Path | None = None, *, opt
         if opts.report is not None:
             write_report(rep, opts.report)
     return rep
+
+
+def _run_inputs(model, opts: ConvertOptions, artifact: str | Path | None = None) -> dict:
+    """The files a run reads, for ``check_run_paths``; labels are flags: reword() spells them for the
+    caller (--weights, weights=, key 'weights')."""
+    files = {"model": spec_files(model) if isinstance(model, (str, Path)) else None}
+    if artifact is not None:
+        files["the ONNX file"] = str(artifact)
+    return {**files, "--weights": None if opts.weights is None else str(opts.weights),
+            "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None}
 
 
 def _record_plan(rep: ConvertReport, plan) -> None:
@@ -358,17 +356,6 @@ def _verify_sets(example: tuple, dynamic_batch: bool, source, seed: int) -> dict
     return sets
 
 
-def _check_opset(opts: ConvertOptions) -> None:
-    problem = opset_problem(opts.opset)
-    if problem is not None:
-        raise _err(opts.via, "opset", *problem)
-
-
-def _check_inputs(rep, model, example: tuple, opts: ConvertOptions) -> None:
-    with _stage(rep, "check_inputs"):
-        check_example(model, example, opts)
-
-
 def check_example(model, example: tuple, opts: ConvertOptions) -> None:
     """The model runs on its example inputs, or bad input (exit 2) naming their shapes and the option
     (``convert`` and ``inspect`` alike)."""
@@ -395,9 +382,12 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
     outputs → fold in place → check the folded module → export → release → verify the file against the
     stored references. One copy of the weights; none left while the onnxruntime sessions exist."""
     model = held.pop()  # the caller keeps no reference: the module is freed after the export
-    _check_opset(opts)
+    problem = opset_problem(opts.opset)
+    if problem is not None:
+        raise _err(opts.via, "opset", *problem)
     dtype, _ = model_dtype_device(model)
-    _check_inputs(rep, model, example, opts)
+    with _stage(rep, "check_inputs"):
+        check_example(model, example, opts)
     source = _source(opts)
     if source is not None:
         _calibrate(rep, model, source, example, opts)
@@ -415,7 +405,6 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
         if opts.verify:  # checked now, so that it can be released as soon as it is exported
             fold_runs = check_folded(model, sets, references, atol=opts.atol, rtol=opts.rtol, min_top1=opts.min_top1)
         return_freed_memory()  # the fold's float64 working copies
-    _record_plan(rep, plan)
     if plan.bn_count == 0:
         rep.notes.append("the model has no BatchNorm layer: exported and verified as it is")
     export_example = example
@@ -450,19 +439,14 @@ def _convert_torch(rep, held: list, example, staged, opts: ConvertOptions, rebui
     _record_verification(rep, vr)
 
 
-def onnx_input_shapes(path: Path, overrides=None, via: Via = API) -> list[tuple[tuple[int, ...], Any]]:
-    """(shape, numpy dtype) of each graph input; dynamic dims from ``overrides`` or 1."""
-
-    return [(i.shape, i.dtype) for i in onnx_inputs(path, overrides)]
-
-
-def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> dict:
+def onnx_input_sets(src: Path, overrides, source, seed: int) -> dict:
     """Seeded random inputs for an ONNX model's graph inputs (dynamic dims from ``overrides``,
     else 1), plus the first calibration samples when they fit."""
     import numpy as np
     import torch
 
-    specs = onnx_input_shapes(src, overrides, via)
+    inputs = onnx_inputs(src, overrides)
+    specs = [(i.shape, i.dtype) for i in inputs]
     rng = np.random.default_rng(seed)
     sets = {"random": tuple(
         torch.from_numpy(rng.standard_normal(shape).astype(dt) if np.dtype(dt).kind == "f" else rng.integers(0, 2, size=shape).astype(dt))
@@ -471,7 +455,7 @@ def onnx_input_sets(src: Path, overrides, source, seed: int, via: Via = API) -> 
         n = specs[0][0][0] if specs and specs[0][0] else 1
         sample = source.head(n)
         if sample is not None and not sample.kwargs:
-            check_onnx_sample(onnx_inputs(src, overrides), sample.args)
+            check_onnx_sample(inputs, sample.args)
         if sample is not None and not sample.kwargs and len(sample.args) == len(specs) and sample.size == n:
             sets["calibration"] = tuple(torch.from_numpy(np.asarray(t.numpy(), dtype=dt)) for t, (_, dt) in zip(sample.args, specs))
     return sets
@@ -506,7 +490,7 @@ def _convert_onnx(rep, src: Path, overrides, staged, opts: ConvertOptions):
         rep.mark_unverified()
         return
     check_runnable(blockers, src, "re-export the original, or skip verification (--no-verify / verify=False)")
-    sets = onnx_input_sets(src, overrides, source, opts.seed, opts.via)
+    sets = onnx_input_sets(src, overrides, source, opts.seed)
     with _stage(rep, "verify"):
         vr = verify(src, staged, sets, **_verify_keywords(opts))
     _explain_hook(rep, vr, lambda: str(src), staged, sets, opts)
@@ -552,10 +536,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
 
     opts = ConvertOptions.resolve(options, kw, VERIFY, model)
     check_seed(opts.seed)
-    check_run_paths({"model": spec_files(model) if isinstance(model, (str, Path)) else None, "the ONNX file": str(onnx_path),
-                     "--weights": None if opts.weights is None else str(opts.weights),
-                     "--calib": spec_files(opts.calib) if isinstance(opts.calib, (str, Path)) else None},
-                    {"--report": opts.report})
+    check_run_paths(_run_inputs(model, opts, onnx_path), {"--report": opts.report})
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
     prov = read_provenance(onnx_path)
     made = provenance_defaults(prov)
@@ -570,14 +551,11 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
                         from_file={k: opts.to_dict()[k] for k in taken})
     check.notes += _tolerance_notes(prov, opts)
     if kind == "onnx":
-        if "dynamic_batch" in opts.given:
-            raise _err(opts.via, "dynamic_batch", "has no meaning for an ONNX source (its input shapes are kept)", "drop it")
         overrides = _example(kind, obj, example_inputs, opts)
         check_runnable(ort_blockers(load_onnx(obj, [])), obj, "re-export the original")  # repairs onnxruntime makes itself pass
-        sets = onnx_input_sets(obj, overrides, source, opts.seed, opts.via)
+        sets = onnx_input_sets(obj, overrides, source, opts.seed)
         check_onnx_sample(onnx_inputs(artifact), sets["random"], what=f"the inputs of '{obj}'")
         reference = str(obj)
-        check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
     else:
         example = _example(kind, obj, example_inputs, opts)
         check_onnx_sample(onnx_inputs(artifact), example, what="the model's example input (--input-shape)", with_batch=not opts.dynamic_batch)
@@ -587,7 +565,7 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
             reference, _ = run_calibration(obj, source, estimator=opts.estimator.value, progress=opts.progress,
                                            allow_tf32=opts.allow_tf32)
         sets = _verify_sets(example, opts.dynamic_batch, source, opts.seed)
-        check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
+    check.verification = verify(reference, onnx_path, sets, **_verify_keywords(opts))
     _explain_check(check, reference, model, onnx_path, sets, opts)
     check.options = opts.to_dict()
     if not check.passed:
@@ -647,10 +625,9 @@ def _explain_hook(rep: ConvertReport, vr: VerifyReport, rebuild, staged, sets, o
             _explain_into(vr, rebuild, staged, sets, opts)
         return
 
-    def later() -> dict:
+    def later() -> None:
         again = VerifyReport.from_dict(rep.verification)
         rep.verification["explanation"] = _explain_into(again, rebuild, Path(rep.export["path"]), sets, opts)
-        return rep.verification["explanation"]
 
     rep._explain_later = later
 

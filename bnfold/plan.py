@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-PASSES = ("pytorch", "onnx")
 IDENTITY_BRANCH = "identity-branch"  # a BN-only branch (BN(x) summed with a conv on x) joined that conv's centre tap
 MERGED_BRANCH = "merged-branch"  # a conv branch's BN whose conv merged into a parallel conv on the same input
 

@@ -89,16 +89,11 @@ class Reporter:
 class Silent(Reporter):
     """No reporter open: every call does nothing."""
 
-    def __init__(self):  # nothing to hold
+    def __init__(self):  # no stream: no line is ever open
         self.live = False
+        self._open = False
 
     def step(self, stage: str, detail: str = "") -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
@@ -112,9 +107,8 @@ class Counter:
         if self.silent:
             return
         self.t0 = reporter.clock()
-        self.shown_at = self.t0
         self.shown_tenth = 0
-        self._show(first=True)
+        self._show()
 
     def _detail(self, final: bool = False) -> str:
         took = self.r.clock() - self.t0
@@ -127,7 +121,7 @@ class Counter:
                 text += f", ETA {_seconds((self.total - self.n) * took / self.n)}"
         return text
 
-    def _show(self, first: bool = False, final: bool = False) -> None:
+    def _show(self, final: bool = False) -> None:
         line = self.r._text(self.stage, self._detail(final))
         if self.r.live:
             self.r._write(line, redraw=True)
@@ -168,14 +162,14 @@ def current() -> Reporter:
 
 
 @contextlib.contextmanager
-def reporting(enabled: bool | Reporter | None, stream: IO[str] | None = None) -> Iterator[Reporter]:
+def reporting(enabled: bool | Reporter | None) -> Iterator[Reporter]:
     """The reporter for the block: when ``enabled`` (True, or a Reporter), the open one or else a new
-    one on ``stream`` (stderr); when not, the silent one (a conversion of a ``--config`` run reports
+    one on stderr; when not, the silent one (a conversion of a ``--config`` run reports
     only its one line)."""
     if enabled and current() is not SILENT:
         yield current()  # a run inside a run reports on the same lines
         return
-    rep = SILENT if not enabled else enabled if isinstance(enabled, Reporter) else Reporter(stream)
+    rep = SILENT if not enabled else enabled if isinstance(enabled, Reporter) else Reporter()
     token = _current.set(rep)
     try:
         yield rep

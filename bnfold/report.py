@@ -217,9 +217,10 @@ def _agreement(o: dict[str, Any]) -> str:
     return f"{o['top1']:.3f}/" + ("-" if o.get("top5") is None else f"{o['top5']:.3f}")
 
 
-def _explanation_line(verification: dict[str, Any] | None) -> str | None:
+def _print_explanation(verification: dict[str, Any] | None, console) -> None:
     exp = (verification or {}).get("explanation")
-    return None if not exp else f"explanation: {exp['message']}"
+    if exp:
+        console.print(f"explanation: {exp['message']}", markup=False)
 
 
 def relative(path: Any) -> str:
@@ -309,7 +310,6 @@ def _human_bytes(n: int | None) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return str(n)
 
 
 def before_after(rep: dict[str, Any]) -> str | None:
@@ -361,20 +361,19 @@ def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet
             console.print(calibration_table(cal))
         console.print(f"calibration: {cal['estimator']} estimator, {cal['batches']} batches, {cal['samples']} samples"
                       + (f", {cal['world_size']} processes" if cal.get("world_size", 1) > 1 else ""))
-        if not verbose and _effect_line(cal):
-            console.print(_effect_line(cal), markup=False)
-    if batch_warning(cal, rep.get("options")):
-        console.print(f"[yellow]{batch_warning(cal, rep.get('options'))}[/]")
+        if not verbose and (effect := _effect_line(cal)):
+            console.print(effect, markup=False)
+    if warning := batch_warning(cal, rep.get("options")):
+        console.print(f"[yellow]{warning}[/]")
     if rep.get("verification"):
         _print_verification(rep["verification"], console, verbose)
     for line in not_run_lines(rep.get("providers_unavailable", []), rep.get("options")):
         console.print(line)
     for note in rep.get("notes", []):
         console.print(f"note: {note}", markup=False)
-    if _explanation_line(rep.get("verification")):
-        console.print(_explanation_line(rep.get("verification")), markup=False)
-    if before_after(rep):
-        console.print(before_after(rep))
+    _print_explanation(rep.get("verification"), console)
+    if line := before_after(rep):
+        console.print(line)
     exp = rep.get("export") or {}
     summary = f"{bn_folded(rep)} BatchNorm folded"
     if exp.get("path"):
@@ -411,8 +410,7 @@ def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quie
         console.print(f"from the file's provenance: {taken} (how the inputs are rebuilt; never the tolerance)", markup=False)
     for diff in check.get("differences", []):
         console.print(f"[yellow]differs from how the artifact was made[/]: {diff}")
-    if _explanation_line(vr):
-        console.print(_explanation_line(vr), markup=False)
+    _print_explanation(vr, console)
     console.print(f"{_status(check['passed'])} {relative(check.get('onnx', ''))}")
 
 
@@ -423,8 +421,7 @@ def render_verification(vr: dict[str, Any], console, *, verbose: bool = False) -
         console.print(f"[yellow]provider {u['provider']} not run[/]: {u['reason']}")
     for note in vr.get("notes", []):
         console.print(f"note: {note}", markup=False)
-    if _explanation_line(vr):
-        console.print(_explanation_line(vr), markup=False)
+    _print_explanation(vr, console)
     console.print(_status(vr["passed"]))
 
 
@@ -606,8 +603,6 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         rep = e.get("report") or {}
-        runs = (rep.get("verification") or {}).get("runs", [])
-        errs = [r.get("max_abs_error") for r in runs if r.get("max_abs_error") is not None]
         bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
         result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
@@ -616,5 +611,6 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         if e.get("skipped"):
             result = "unchanged (skipped)"
         note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")
-        lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | {_fmt(max(errs) if errs else None)} | {provs} | {note} |")
+        lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | "
+                     f"{_fmt(_worst_error(rep))} | {provs} | {note} |")
     return "\n".join(lines) + "\n"

@@ -79,9 +79,12 @@ def _json_error(code: int, error: str, fix: str | None) -> None:
         _print_json({"exit_code": code, "error": " ".join(error.split()), "fix": fix})
 
 
-def _fail(err: BaseException, code: int) -> None:
+def _fail(err: BaseException, code: int, traced: BaseException | None = None) -> None:
+    """``err`` as one line on stderr (and JSON under --json), exit ``code``; --debug first prints the
+    traceback of ``traced`` (default ``err``)."""
     if STATE["debug"]:
-        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        traced = traced or err
+        traceback.print_exception(type(traced), traced, traced.__traceback__, file=sys.stderr)
     text = " ".join(str(err).split())
     sys.stderr.write(f"bnfold: error: {text}\n")
     _json_error(code, getattr(err, "problem", text), getattr(err, "fix", None))
@@ -140,13 +143,10 @@ def _run_guarded(fn):
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
-        if STATE["debug"]:
-            traceback.print_exc()
         first = first_line(err, empty="")
+        problem = f"unexpected {type(err).__name__} while processing the model: {first[:300]}"
         fix = "rerun with --debug for the traceback and report it if the model is valid"
-        sys.stderr.write(f"bnfold: error: unexpected {type(err).__name__} while processing the model: {first[:300]}. {fix[0].upper()}{fix[1:]}\n")
-        _json_error(EXIT_MODEL, f"unexpected {type(err).__name__} while processing the model: {first[:300]}", fix)
-        raise typer.Exit(EXIT_MODEL)
+        _fail(ModelError(problem, fix), EXIT_MODEL, err)
 
 
 def _version(value: bool):
@@ -285,8 +285,6 @@ def convert(
     skip_unchanged: Annotated[bool, typer.Option("--skip-unchanged", show_default=False, help="With --config: skip conversions whose manifest still matches.")] = False,
 ):
     """Fold (and optionally calibrate), export to ONNX and verify the result."""
-    STATE["json"] = json_out
-
     def work():
         if config is not None:
             given = [CLI.key(k) for k, v in values.items() if v is not None and k != "report"]
@@ -347,8 +345,6 @@ def calibrate(
     json_out: JsonOut = False,
 ):
     """Recompute BatchNorm population statistics (BN paper, §3.1) and save the state_dict."""
-    STATE["json"] = json_out
-
     def work():
         opts = _build("calibrate", values, model)
         summary = bnfold.calibrate_checkpoint(model, output, options=opts)
@@ -357,8 +353,7 @@ def calibrate(
         if json_out:
             _print_json(summary.to_dict())
             return
-        warning = batch_warning(summary.to_dict(), opts.to_dict())
-        if warning:
+        if warning := batch_warning(summary.to_dict(), opts.to_dict()):
             _console(stderr=True).print(warning, markup=False)
         if not STATE["quiet"]:
             _console().print(calibration_table(summary.to_dict()))
@@ -382,8 +377,6 @@ def verify(
     json_out: JsonOut = False,
 ):
     """Check an existing ONNX file against its source. Exit 0 when it matches, 1 when it does not."""
-    STATE["json"] = json_out
-
     def work():
         opts = _build("verify", values, model)
         check = bnfold.check_artifact(model, onnx_file, options=opts)
@@ -407,8 +400,6 @@ def inspect(
     json_out: JsonOut = False,
 ):
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
-    STATE["json"] = json_out
-
     def work():
         opts = _build("inspect", values, model)
         plan = bnfold.inspect_spec(model, options=opts)
