@@ -67,7 +67,7 @@ class ConvertReport:
     def __repr__(self) -> str:
         out = relative(self.export.get("path") or self.output)
         worst = _worst_error(self.to_dict())
-        return (f"<ConvertReport {_plain_status(self.passed)} {relative(self.model)} → {out}: "
+        return (f"<ConvertReport {plain_status(self.passed)} {relative(self.model)} → {out}: "
                 f"{bn_folded(self.to_dict())} BatchNorm folded{f', max abs {_fmt(worst)}' if worst is not None else ''}>")
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
@@ -125,7 +125,7 @@ class CheckReport:
         return self.verification.explanation
 
     def __repr__(self) -> str:
-        return f"<CheckReport {_plain_status(self.passed)} {relative(self.onnx)} against {relative(self.model)}>"
+        return f"<CheckReport {plain_status(self.passed)} {relative(self.onnx)} against {relative(self.model)}>"
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
         """Print what ``bnfold verify`` prints (``verbose``: as with -v) on ``file`` (default stdout)."""
@@ -163,7 +163,8 @@ def _status(ok: bool | None) -> str:
     return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
 
 
-def _plain_status(ok: bool | None) -> str:
+def plain_status(ok: bool | None) -> str:
+    """The verdict word of every report (PASSED, FAILED, UNVERIFIED), in one place."""
     return UNVERIFIED.upper() if ok is None else "PASSED" if ok else "FAILED"
 
 
@@ -347,7 +348,7 @@ def not_run_lines(unavailable: list[dict[str, Any]], options: dict[str, Any] | N
 
 def render_convert(rep: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{_plain_status(rep['passed'])} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
+        console.print(f"{plain_status(rep['passed'])} {relative(rep.get('model'))}: {bn_folded(rep)} BatchNorm folded")
         return
     folded, unfolded = rep.get("folded", []), rep.get("unfolded", [])
     if folded or unfolded:
@@ -395,7 +396,7 @@ def _print_verification(vr: dict[str, Any], console, verbose: bool) -> None:
 
 def render_verify(check: dict[str, Any], console, *, verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
-        console.print(f"{_plain_status(check['passed'])} {relative(check.get('onnx', ''))}")
+        console.print(f"{plain_status(check['passed'])} {relative(check.get('onnx', ''))}")
         return
     vr = check["verification"]
     _print_verification(vr, console, verbose)

@@ -33,7 +33,7 @@ import numpy as np
 from bnfold.edges.data import model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
 from bnfold.onnx_pass.io import node_label, walk_nodes
-from bnfold.report import LEVEL_NAMES, _plain_status, html, render_verification, show
+from bnfold.report import LEVEL_NAMES, plain_status, html, render_verification, show
 from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
 from bnfold import progress
 from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, available_providers, parse_providers, unavailable_reason
@@ -102,7 +102,7 @@ class VerifyReport:
     def __repr__(self) -> str:
         errs = [r.max_abs_error for r in self.runs if r.max_abs_error is not None]
         worst = f", max abs {max(errs):.2e}" if errs else ""
-        return (f"<VerifyReport {_plain_status(self.passed)}: {len(self.runs)} runs on "
+        return (f"<VerifyReport {plain_status(self.passed)}: {len(self.runs)} runs on "
                 f"{', '.join(self.providers_run) or 'no provider'}, {len(self.failures())} failed{worst}>")
 
     def print(self, *, verbose: bool = False, file=None, width: int | None = None) -> None:
