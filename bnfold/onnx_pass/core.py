@@ -185,10 +185,13 @@ class Consts:
 
 # ----------------------------------------------------------------------------------- the context
 class Ctx:
-    """One graph-like (main graph, subgraph or function) being folded."""
+    """One graph-like (main graph, subgraph or function) being folded. ``model_names``: every value
+    name of the model (new names avoid them); ``inferred()``: the model's shapes from shape inference
+    (``fold._shapes``), for values whose IR shape is unknown."""
 
-    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str = ""):
+    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
         self.model, self.graph, self.main, self.opset, self.prefix = model, graph, main, opset, prefix
+        self.model_names, self.inferred = model_names, inferred
         self.consts = Consts()
         self._counter = itertools.count(1)
 
@@ -237,11 +240,9 @@ class Ctx:
 
     def set_input(self, node, index: int, base: str, arr: np.ndarray) -> None:
         v = self.new_const(base, arr, node)
-        if index < len(node.inputs):
-            node.replace_input_with(index, v)
-        else:
+        if index >= len(node.inputs):
             node.resize_inputs(index + 1)
-            node.replace_input_with(index, v)
+        node.replace_input_with(index, v)
 
     def set_attr(self, node, name: str, value: float) -> None:
         import onnx_ir as ir
@@ -263,15 +264,14 @@ class Ctx:
         self.graph.remove(bn, safe=True)
 
     def rank(self, v) -> int | None:
-        if v.shape is not None:
-            return len(v.shape)
-        return self.ranks.get(v.name)
+        shape = self.shape(v)
+        return None if shape is None else len(shape)
 
     def shape(self, v) -> tuple | None:
         """``v``'s dims (int, a symbol, None: unknown) from the IR, else from shape inference."""
         if v.shape is not None:
             return tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in v.shape)
-        return self.ranks.shape(v.name) if v.name else None
+        return self.inferred().get(v.name) if v.name else None
 
 
 # --------------------------------------------------------------------------------- the BN itself

@@ -265,10 +265,8 @@ def write_streamed(proto, f) -> None:
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         if proto.HasField(name):  # proto2: an explicitly set default is serialised too
             setattr(before, name, getattr(proto, name))
-    after.opset_import.extend(proto.opset_import)  # fields 8+
-    after.metadata_props.extend(proto.metadata_props)
-    after.training_info.extend(proto.training_info)
-    after.functions.extend(proto.functions)
+    for name in ("opset_import", "metadata_props", "training_info", "functions"):  # fields 8+
+        getattr(after, name).extend(getattr(proto, name))
     bb, ab = before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
     f.write(bb)
     f.write(_field(7, glen))
@@ -291,8 +289,12 @@ def check_onnx_file(path: str | Path) -> None:
         raise ExportError(f"onnx.checker rejected the exported model: {first_line(err)}", "report this model to bnfold") from err
 
 
-def _initializer_bytes(proto) -> int:
-    return sum(len(t.raw_data) for t in proto.graph.initializer)
+def initializer_bytes(model) -> int:
+    """The bytes of a model's initializers: an ``onnx_ir.Model``'s tensors, a ModelProto's raw data."""
+    if _is_ir(model):
+        values = model.graph.initializers.values()
+        return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | None = None) -> dict[str, Any]:
@@ -306,7 +308,7 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     path = Path(path)
     # weights already written as external data (export_folded's IR path) keep their file
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    large = not external and _initializer_bytes(proto) > PROTO_LIMIT * 0.9
+    large = not external and initializer_bytes(proto) > PROTO_LIMIT * 0.9
     info: dict[str, Any] = {"path": str(path), "external_data": None}
     if not large:
         with atomic_path(path) as tmp:
@@ -338,7 +340,7 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
 
 def opset_of(proto) -> int | None:
     for o in proto.opset_import:
-        if o.domain in ("", "ai.onnx"):
+        if o.domain in ONNX_DOMAINS:
             return int(o.version)
     return None
 
@@ -350,10 +352,7 @@ def bn_count(model) -> int:
 
 def _bn_output_count(node) -> int:
     """Outputs of a node as runtimes count them: up to the last one with a name."""
-    names = list(node.output)
-    while names and not names[-1]:
-        names.pop()
-    return len(names)
+    return max((k + 1 for k, name in enumerate(node.output) if name), default=0)
 
 
 def ort_blockers(proto) -> list[str]:
