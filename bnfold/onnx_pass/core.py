@@ -56,9 +56,10 @@ def attr(node, name: str, default=None):
 
 
 def f64(arr):
+    """``arr`` as a float64 tensor (a copy); None stays None (a layer without bias)."""
     import torch
 
-    return torch.from_numpy(np.asarray(arr, dtype=np.float64).copy())
+    return None if arr is None else torch.from_numpy(np.asarray(arr, dtype=np.float64).copy())
 
 
 # --------------------------------------------------------------------------------- constant values
@@ -74,10 +75,8 @@ class Consts:
             return None, "missing"
         if v.is_graph_input():
             return None, f"'{value_name(v)}' is a graph input (overridable at run time), not a constant"
-        if v.const_value is not None and v.is_initializer():
-            return self._np(v.const_value), None
         node = v.producer()
-        if node is None:
+        if node is None:  # an initializer (of this graph or an enclosing one)
             if v.const_value is not None:
                 return self._np(v.const_value), None
             return None, f"'{value_name(v)}' is an input of the enclosing function or graph, not a constant"
@@ -215,6 +214,10 @@ class Ctx:
             return f"'{value_name(v)}' is a graph output"
         n = len(v.uses())
         return None if n == 1 else f"'{value_name(v)}' has {n} consumers"
+
+    def reader(self, v) -> tuple | None:
+        """(node, input index) of the one reader of ``v``, or None (``single_use`` says why)."""
+        return None if self.single_use(v) else next(iter(v.uses()))
 
     def fresh(self, base: str) -> str:
         name = f"{base}_bnfold{next(self._counter)}"

@@ -115,7 +115,7 @@ def _set_conv(ctx: Ctx, conv: ConvWeights, w2, b2) -> None:
 def conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
     """W'[c] = W[c]·s[c], b' = b·s + t (ConvTranspose: per group on weight dim 1)."""
     node = conv.node
-    w2, b2 = fold_backward(f64(conv.w), None if conv.b is None else f64(conv.b), s, t,
+    w2, b2 = fold_backward(f64(conv.w), f64(conv.b), s, t,
                            transposed=node.op_type == "ConvTranspose", groups=int(attr(node, "group", 1)))
     _set_conv(ctx, conv, w2, b2)
 
@@ -173,7 +173,7 @@ def _set_gemm(ctx: Ctx, gemm: GemmWeights, b2, c2) -> None:
 
 def gemm_backward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
     """op(B)'[:,n] = op(B)[:,n]·s[n],  C' = β·C·s + t,  β' = 1."""
-    b2, c2 = fold_gemm_backward(f64(gemm.b), None if gemm.c is None else f64(gemm.c), s, t,
+    b2, c2 = fold_gemm_backward(f64(gemm.b), f64(gemm.c), s, t,
                                 beta=float(attr(gemm.node, "beta", 1.0)), trans_b=gemm.trans_b)
     _set_gemm(ctx, gemm, b2, c2)
 
@@ -403,15 +403,12 @@ class BackwardConcat(OnnxRule):
         rank = ctx.rank(cat.outputs[0])
         if axis != 1 and not (rank is not None and axis == 1 - rank):
             raise NoMatch(f"Concat '{node_name(cat)}' joins axis {axis}, not the channel axis 1")
-        parts, seen = [], set()
-        for x in cat.inputs:
+        parts = []
+        for x in cat.inputs:  # each read once (``producer``): a repeated input has two consumers
             try:
                 prod = producer(ctx, x, ("Conv", "ConvTranspose"))
             except NoMatch as nm:
                 raise NoMatch(f"Concat '{node_name(cat)}' input '{value_name(x)}': {nm.reason}") from None
-            if id(prod) in seen:
-                raise NoMatch(f"Concat '{node_name(cat)}' reads '{value_name(x)}' twice")
-            seen.add(id(prod))
             parts.append(conv_weights(ctx, prod))
         total = sum(p.out_channels for p in parts)
         if total != bn.channels:
@@ -442,7 +439,7 @@ class AddOfConvs(OnnxRule):
             except NoMatch as nm:
                 raise NoMatch(f"Add '{node_name(add)}' input '{value_name(x)}': {nm.reason}", applies=nm.applies) from None
             parts.append(_conv_of(ctx, prod, bn.channels))
-        if len(parts) != 2 or parts[0].node is parts[1].node:
+        if len(parts) != 2:  # Add(a, a): 'a' has two consumers, which ``producer`` refuses
             raise NoMatch(f"Add '{node_name(add)}' does not add two different convolutions")
         return JoinOfConvs(add, parts)
 
@@ -479,7 +476,7 @@ class ForwardConv(OnnxRule):
         return conv
 
     def rewrite(self, ctx: Ctx, bn: BN, m: ConvWeights) -> None:
-        w2, b2 = fold_forward(f64(m.w), None if m.b is None else f64(m.b), bn.s, bn.t, groups=int(attr(m.node, "group", 1)))
+        w2, b2 = fold_forward(f64(m.w), f64(m.b), bn.s, bn.t, groups=int(attr(m.node, "group", 1)))
         _set_conv(ctx, m, w2, b2)
         ctx.bypass_bn(bn.node)
 
@@ -518,7 +515,7 @@ def gemm_forward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
     import onnx_ir as ir
 
     g, dt = gemm.node, gemm.b.dtype
-    b2, c2 = fold_gemm_forward(f64(gemm.b), None if gemm.c is None else f64(gemm.c), s, t,
+    b2, c2 = fold_gemm_forward(f64(gemm.b), f64(gemm.c), s, t,
                                alpha=float(attr(g, "alpha", 1.0)), beta=float(attr(g, "beta", 1.0)),
                                trans_b=gemm.trans_b)
     if g.op_type == "Gemm":
@@ -546,6 +543,7 @@ class PoolHeads:
 
 
 _FLATTENS = ("Flatten", "Reshape", "Squeeze")
+_TO_POOL = ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten")
 
 
 class PoolHead(OnnxRule):
@@ -558,16 +556,15 @@ class PoolHead(OnnxRule):
     side = "forward"
 
     def match(self, ctx: Ctx, bn: BN) -> PoolHeads:
-        pool = _consumer(ctx, bn.node, ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten"))
+        pool = _consumer(ctx, bn.node, _TO_POOL)
         while pool.op_type in ("Reshape", "Flatten"):  # x.flatten(2).mean(-1): spatial axes merged, (N, C) kept
             ins, outs = ctx.shape(pool.inputs[0]), ctx.shape(pool.outputs[0])
             if not (ins and outs and len(outs) >= 3 and all(isinstance(d, int) for d in ins[:2]) and tuple(ins[:2]) == tuple(outs[:2])):
                 raise NoMatch(f"BN output goes to {pool.op_type} '{node_name(pool)}', not to an average pool", applies=False)
-            users = list(pool.outputs[0].uses())
-            if pool.outputs[0].is_graph_output() or len(users) != 1 or users[0][1] != 0 or users[0][0].op_type not in (
-                    "GlobalAveragePool", "ReduceMean", "Reshape", "Flatten") or users[0][0].domain not in ONNX_DOMAINS:
+            use = ctx.reader(pool.outputs[0])
+            if not use or use[1] != 0 or use[0].op_type not in _TO_POOL or use[0].domain not in ONNX_DOMAINS:
                 raise NoMatch(f"{pool.op_type} '{node_name(pool)}' after the BN does not go to an average pool alone", applies=False)
-            pool = users[0][0]
+            pool = use[0]
         rank = ctx.rank(pool.inputs[0])
         if pool.op_type == "ReduceMean":
             axes = attr(pool, "axes", None)
@@ -575,21 +572,16 @@ class PoolHead(OnnxRule):
                 axes = ctx.need_const(pool.inputs[1], f"ReduceMean '{node_name(pool)}' axes").reshape(-1).tolist()
             if not axes or rank is None or sorted(int(a) % rank for a in axes) != list(range(2, rank)):
                 raise NoMatch(f"ReduceMean '{node_name(pool)}' does not average exactly the spatial axes (axes {axes}, rank {rank})")
-        x = pool.outputs[0]
-        while True:  # flatten/reshape/squeeze to (N, C): each the only reader of the last
-            users = list(x.uses())
-            if x.is_graph_output() or len(users) != 1 or users[0][0].op_type not in _FLATTENS or users[0][1] != 0:
-                break
-            x = users[0][0].outputs[0]
+        x = pool.outputs[0]  # then flatten/reshape/squeeze to (N, C), each the only reader of the last
+        while (use := ctx.reader(x)) and use[0].op_type in _FLATTENS and use[1] == 0:
+            x = use[0].outputs[0]
         shape = ctx.shape(x)
         if shape is None or len(shape) != 2 or shape[1] != bn.channels:
             raise NoMatch(f"the pooled value '{value_name(x)}' is not (N, {bn.channels}) (shape {shape})")
         if x.is_graph_output() or not x.uses():
             raise NoMatch(f"the pooled value '{value_name(x)}' is a graph output" if x.is_graph_output() else "the pooled value is unused")
-        heads = [self._head(ctx, bn, node, idx) for node, idx in x.uses()]
-        if len({id(h.node) for h in heads}) != len(heads):
-            raise NoMatch("a head reads the pooled value twice")
-        return PoolHeads(heads)
+        # a node reading it twice reads it as an input other than 0 too: ``_head`` refuses that
+        return PoolHeads([self._head(ctx, bn, node, idx) for node, idx in x.uses()])
 
     @staticmethod
     def _head(ctx: Ctx, bn: BN, node, idx: int) -> GemmWeights:
