@@ -77,18 +77,14 @@ def _stdout_held():
         os.dup2(held.fileno(), 1)
         try:
             yield
-        except BaseException:
-            os.dup2(saved, 1)
-            raise
-        else:
-            os.dup2(saved, 1)
-            held.seek(0)
-            text = held.read().decode(errors="replace")
-            if text:  # e.g. the model's own prints
-                sys.stdout.write(text)
-                sys.stdout.flush()
         finally:
+            os.dup2(saved, 1)
             os.close(saved)
+        held.seek(0)
+        text = held.read().decode(errors="replace")
+        if text:  # e.g. the model's own prints
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
 
 # The dynamo exporter builds its table of ATen → ONNX functions (``ONNXRegistry.from_torchlib``) on

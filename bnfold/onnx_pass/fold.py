@@ -33,11 +33,11 @@ def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
     that became one Conv folds into it), until nothing changes."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
     entries = {id(bn): [bn, ctx.prefix + node_name(bn), None] for bn in bns}
-    trimmed = [(ctx.prefix + node_name(bn), k) for bn in bns for k in [trim_unused_outputs(ctx, bn)] if k]
+    trimmed = [ctx.prefix + node_name(bn) for bn in bns if trim_unused_outputs(ctx, bn)]
     if trimmed:
         plan.graph_edits += len(trimmed)
         plan.repairs.append(f"repaired: dropped the unused optional outputs of {len(trimmed)} BatchNormalization node(s) "
-                            f"({', '.join(n for n, _ in trimmed[:3])}{', …' if len(trimmed) > 3 else ''}): inference mode, one output")
+                            f"({', '.join(trimmed[:3])}{', …' if len(trimmed) > 3 else ''}): inference mode, one output")
     left, unmerged = list(entries.values()), []
     for _ in range(8):
         for e in left:
@@ -59,15 +59,16 @@ def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan
     """Plan entries after merges: a BN absorbed as an identity branch folded into the target; a BN
     folded into a conv that merged away folded into the target (``backward`` → ``merged-branch``)."""
     for m in merges:
-        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c, _ in m.convs}
+        target = ctx.prefix + m.target
+        merged = {target} | {ctx.prefix + c for c, _ in m.convs}
         plan.merges.append(Merge(target, tuple((ctx.prefix + c, sign) for c, sign in m.convs), m.groups))
         absorbed = {id(b) for b in m.bns}
         for e in entries.values():
             name, entry = e[1], e[2]
             if id(e[0]) in absorbed:
                 e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
-            elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
-                pairs = dict.fromkeys((target, ty) if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+            elif isinstance(entry, Folded) and any(i in merged for i in entry.into):
+                pairs = dict.fromkeys((target if i in merged else i, ty) for i, ty in zip(entry.into, entry.into_type))
                 rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
                 e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 

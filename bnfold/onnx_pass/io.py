@@ -309,13 +309,15 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     # weights already written as external data (export_folded's IR path) keep their file
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     large = not external and initializer_bytes(proto) > PROTO_LIMIT * 0.9
-    info: dict[str, Any] = {"path": str(path), "external_data": None}
     if not large:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:  # one initializer at a time: no second copy of the weights
                 write_streamed(proto, f)
             if check:
                 check_onnx_file(tmp)
+        # the file of the weights the exporter already wrote beside the model (None: none)
+        locations = (e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location")
+        data_name = next(locations, None)
     else:
         data_name = data_name or path.name + ".data"
         with atomic_path(path.parent / data_name) as tmp_data, atomic_path(path) as tmp:
@@ -330,12 +332,8 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
             tmp.write_bytes(m.SerializeToString(deterministic=True))
         if check:
             check_onnx_file(path)
-        info["external_data"] = data_name
-    if info["external_data"] is None:  # weights the exporter already wrote beside the model
-        info["external_data"] = next((e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"), None)
-    info["sha256"] = sha256_file(path)
-    info["bytes"] = path.stat().st_size
-    return info
+    return {"path": str(path), "external_data": data_name, "sha256": sha256_file(path),
+            "bytes": path.stat().st_size}
 
 
 def opset_of(proto) -> int | None:
