@@ -117,11 +117,9 @@ def fold_forward(
     b = bias64(bias, out_channels, w)
     out_per_group = out_channels // groups
     # channel index read by weight[o, i]: group(o) * in_per_group + i
-    sg = s.reshape(groups, 1, in_per_group)
     tg = t.reshape(groups, 1, in_per_group)
     wg = w.reshape((groups, out_per_group, in_per_group) + tuple(w.shape[2:]))
-    extra = (1,) * (w.dim() - 2)
-    w_new = (wg * sg.reshape(sg.shape + extra)).reshape(w.shape)
+    w_new = (wg * s.reshape((groups, 1, in_per_group) + (1,) * (w.dim() - 2))).reshape(w.shape)
     kernel_sum = wg.sum(dim=tuple(range(3, wg.dim()))) if wg.dim() > 3 else wg  # (g, out/g, in/g)
     b_new = b + (kernel_sum * tg).sum(dim=2).reshape(out_channels)
     return w_new, b_new
@@ -173,10 +171,9 @@ def fold_gemm_backward(
     ``b`` is stored as (N, K) when ``trans_b`` else (K, N); C' has C's broadcast shape with N columns.
     """
     b = b.to(torch.float64)
-    b_new = b * (s.reshape(-1, 1) if trans_b else s.reshape(1, -1))
-    c64 = torch.zeros(s.numel(), dtype=torch.float64) if c is None else float(beta) * c.to(torch.float64)
-    c_new = c64 * s + t
-    return b_new, c_new
+    c = None if c is None else float(beta) * c.to(torch.float64)
+    w, c_new = fold_backward(b if trans_b else b.T, c, s, t)  # op(B)ᵀ: a Linear weight (N, K)
+    return (w if trans_b else w.T), c_new
 
 
 def fold_gemm_forward(

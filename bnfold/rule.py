@@ -69,12 +69,11 @@ def try_rules(rules: Iterable[Rule], ctx, bn, *, accept: Callable[[Rule, Any], N
                 accept(rule, m)
         except NoMatch as nm:
             out.failures.append((rule, nm))
-            continue
         except Exception as err:
             if on_error is None:
                 raise
             out.failures.append((rule, NoMatch(on_error(rule, err))))
-            continue
-        out.rule, out.match = rule, m
-        return out
+        else:
+            out.rule, out.match = rule, m
+            return out
     return out

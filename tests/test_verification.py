@@ -11,8 +11,7 @@ from torch import nn
 import bnfold
 from bnfold.errors import ProviderError
 from bnfold.verification.compare import compare
-from bnfold.verification.runners import flatten_outputs, tf32_off
-from bnfold.verification.verify import make_session
+from bnfold.verification.runners import OrtRunner, RunnerUnavailable, flatten_outputs, tf32
 from conftest import randomize_bn
 
 
@@ -130,14 +129,14 @@ def test_listed_cuda_that_falls_back_is_unavailable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FallbackSession)
-    sess, why = make_session(path, "cuda", "default")
-    assert sess is None and "fell back to CPUExecutionProvider" in why
+    with pytest.raises(RunnerUnavailable, match="fell back to CPUExecutionProvider"):
+        OrtRunner(path, "cuda", "default")
 
 
 def test_tf32_flags_restored():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.allow_tf32 = True
-    with tf32_off():
+    with tf32(False):
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.allow_tf32 is True
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

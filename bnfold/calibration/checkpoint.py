@@ -48,7 +48,7 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     if len(batches) < world:  # every rank says so, before joining: no rank waits in a collective for the others
         raise BadInputError(f"fewer batches ({len(batches)}) than ranks ({world}) under torchrun: a rank would get no data",
                             "use a smaller --batch-size, more calibration data, or fewer processes (--nproc-per-node)")
-    rank, world = _join_torchrun()
+    rank, world = _join_torchrun(world)
     try:
         calibrated, summary = run_calibration(m, batches[rank::world], estimator=opts.estimator.value, inplace=True,
                                               progress=opts.progress and rank == 0, allow_tf32=opts.allow_tf32, effect=True)
@@ -70,9 +70,8 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     return summary
 
 
-def _join_torchrun() -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _join_torchrun(world: int) -> tuple[int, int]:
+    """Under torchrun (``world``: WORLD_SIZE > 1) join the process group; (rank, world size)."""
     if world <= 1:
         return 0, 1
     import torch.distributed as dist

@@ -39,13 +39,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from bnfold import progress as progress_lines
-from bnfold.edges.data import as_batch, as_source, call_model, eval_mode, model_dtype_device, prepare
+from bnfold.edges.data import (DataSource, as_batch, as_source, call_model, eval_mode, model_dtype_device,
+                               prepare)
 from bnfold.errors import CalibrationError, DataError, first_line
 from bnfold.report import by_drift
 from bnfold.verification.compare import topk_agreement
@@ -103,9 +104,6 @@ class _Acc:
         self.m_min = m if self.m_min is None else min(self.m_min, m)
         self.m_max = m if self.m_max is None else max(self.m_max, m)
 
-    def finite(self) -> torch.Tensor:
-        return torch.isfinite(self.a).all() & torch.isfinite(self.b).all()
-
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.estimator == "paper":
             return self.a / self.calls, self.b / self.calls
@@ -114,16 +112,19 @@ class _Acc:
         return mean, var_b * (self.values / (self.values - 1))
 
 
-def _all_reduce(accs: list[_Acc], batches: int, samples: int) -> tuple[int, int]:
-    """Sum every layer's sums and counts over the processes in ONE all-reduce (plus one MIN and one
-    MAX for the values-per-channel range), instead of three collectives and host reads per layer."""
+def _all_reduce(accs: list[_Acc], summary: CalibrationSummary) -> None:
+    """Sum every layer's sums and counts, and ``summary``'s batches and samples, over the processes in ONE
+    all-reduce (plus one MIN and one MAX for the values-per-channel range), instead of three collectives
+    and host reads per layer."""
     import torch.distributed as dist
 
     groups: dict = {}
     for acc in accs:  # one flat buffer per device (model-parallel layers may live on several)
         groups.setdefault(acc.a.device, []).append(acc)
+    local = [summary.batches, summary.samples]  # this process's own: every device's buffer sums these
     for dev, group in groups.items():
-        head = torch.tensor([batches, samples] + [v for a in group for v in (a.calls, a.values)], dtype=torch.float64, device=dev)
+        sizes = local + [v for a in group for v in (a.calls, a.values)]
+        head = torch.tensor(sizes, dtype=torch.float64, device=dev)
         flat = torch.cat([head] + [t for a in group for t in (a.a, a.b)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         lo = torch.tensor([a.m_min if a.m_min is not None else 2**62 for a in group], dtype=torch.int64, device=dev)
@@ -131,7 +132,7 @@ def _all_reduce(accs: list[_Acc], batches: int, samples: int) -> tuple[int, int]
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         counts, lo_l, hi_l = flat[:2 + 2 * len(group)].tolist(), lo.tolist(), hi.tolist()
-        batches, samples = int(round(counts[0])), int(round(counts[1]))
+        summary.batches, summary.samples = int(round(counts[0])), int(round(counts[1]))
         pos = 2 + 2 * len(group)
         for i, a in enumerate(group):
             a.calls, a.values = int(round(counts[2 + 2 * i])), int(round(counts[3 + 2 * i]))
@@ -140,7 +141,6 @@ def _all_reduce(accs: list[_Acc], batches: int, samples: int) -> tuple[int, int]
             pos += 2 * c
             a.m_min = lo_l[i] if a.calls else None
             a.m_max = hi_l[i] if a.calls else None
-    return batches, samples
 
 
 def _bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -342,15 +342,14 @@ class _Run:
         summary.drift_order = [layer["name"] for layer in by_drift(summary.layers) if layer["drift"] is not None or layer["stored_problem"]]
 
 
-def _feed(run: _Run, batches: Iterable, summary: CalibrationSummary, progress: bool, allow_tf32: bool | None,
-          kept: list | None = None) -> None:
+def _feed(run: _Run, batches: DataSource, summary: CalibrationSummary, progress: bool,
+          allow_tf32: bool | None, kept: list | None = None) -> None:
     """One forward pass per batch, counted in ``summary`` (and as n/N on the progress lines); the first
     batches into ``kept`` (output_effect)."""
-    total = batches.length() if hasattr(batches, "length") else len(batches) if hasattr(batches, "__len__") else None
     # TF32 policy (CUDA only; see calibrate's docstring): False (default) = true fp32,
     # True = TF32 convolutions and matmuls, None = torch's own flags as the caller set them.
     with progress_lines.reporting(progress) as lines, torch.no_grad(), tf32(allow_tf32):
-        count = lines.count("calibrate", total, "batches")
+        count = lines.count("calibrate", batches.length(), "batches")
         for i, raw in enumerate(batches):
             batch = prepare(as_batch(raw), run.dtype, run.device)
             try:
@@ -392,34 +391,28 @@ def run_calibration(
     summary = CalibrationSummary(estimator, world_size=_dist_world())
     if data is None:
         raise DataError("no calibration data", "pass a data file, a tensor of samples or an iterable of batches")
-    batches: Iterable = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
+    batches = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
     run = _Run(work, estimator)  # saves everything it touches, so that it can be restored (on success and on failure)
-    flags = {m: m.training for m in work.modules()}
     kept: list | None = [] if effect else None
-    try:
-        run.attach()
-        _feed(run, batches, summary, progress, allow_tf32, kept)
-        if summary.world_size > 1:
-            summary.batches, summary.samples = _all_reduce(list(run.accs.values()), summary.batches, summary.samples)
-        if summary.batches == 0:
-            raise DataError("the calibration data is empty", "provide at least one batch")
-        run.install(summary)
-    except BaseException:
-        run.restore()
-        raise
-    finally:
-        for h in run.hooks:
-            h.remove()
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(work):  # every module's training flag restored afterwards
+        try:
+            run.attach()
+            _feed(run, batches, summary, progress, allow_tf32, kept)
+            if summary.world_size > 1:
+                _all_reduce(list(run.accs.values()), summary)
+            if summary.batches == 0:
+                raise DataError("the calibration data is empty", "provide at least one batch")
+            run.install(summary)
+        except BaseException:
+            run.restore()
+            raise
+        finally:
+            for h in run.hooks:
+                h.remove()
     if kept:
         with tf32(allow_tf32):
             summary.output_effect = _output_effect(run, kept)
     return work, summary
-
-
-def _bn_state(bn) -> tuple:
-    return (bn.track_running_stats, *(getattr(bn, b, None) for b in _BUFFERS))
 
 
 def _set_state(bns: list, states: dict) -> None:
@@ -435,9 +428,10 @@ def _output_effect(run: _Run, kept: list) -> dict[str, Any]:
     """Outputs in eval mode with the running statistics the model came with against the population ones, batch
     by batch on ``kept``: the largest absolute change (``scale``: the largest |output|, for reference) and, for
     outputs shaped like logits, the share of rows whose argmax stays (the worst output's; None without one)."""
-    population = {name: _bn_state(bn) for name, bn in run.bns}
+    population = {n: (bn.track_running_stats, *(getattr(bn, b, None) for b in _BUFFERS)) for n, bn in run.bns}
     running = {name: (s["track"], s["mean"], s["var"], s["nbt"]) for name, s in run.saved.items()}
     diffs, agree = [], {}  # device scalars, one host copy at the end; name -> [agreeing rows, rows]
+    measured = {"batches": len(kept), "samples": sum(b.size for b in kept)}
     try:
         with torch.no_grad(), eval_mode(run.work):
             for batch in kept:
@@ -455,13 +449,13 @@ def _output_effect(run: _Run, kept: list) -> dict[str, Any]:
                         hits = agree.setdefault(name, [0.0, 0])
                         hits[0], hits[1] = hits[0] + top1 * a.shape[0], hits[1] + a.shape[0]
     except Exception as err:  # noqa: BLE001 — a measurement: it never fails the calibration
-        return {"batches": len(kept), "samples": sum(b.size for b in kept), "max_abs": None, "scale": None, "top1_agreement": None,
+        return {**measured, "max_abs": None, "scale": None, "top1_agreement": None,
                 "problem": f"not measured: {type(err).__name__}: {first_line(err)}"}
     finally:
         _set_state(run.bns, population)
     worst = torch.stack(diffs).amax(0).tolist() if diffs else [None, None, 0.0]
     finite = lambda x: x if x is None or math.isfinite(x) else None
-    effect = {"batches": len(kept), "samples": sum(b.size for b in kept), "max_abs": finite(worst[0]), "scale": finite(worst[1]),
+    effect = {**measured, "max_abs": finite(worst[0]), "scale": finite(worst[1]),
               "top1_agreement": min((h / n for h, n in agree.values()), default=None)}
     if worst[2]:  # unusable stored statistics (stored_problem): the model's own outputs were not finite
         effect.update(max_abs=None, top1_agreement=None, problem="the outputs with the stored running statistics are not finite (NaN/Inf)")
@@ -472,7 +466,7 @@ def _restore(bn, old) -> None:
     bn.momentum = old["momentum"]
     bn.track_running_stats = old["track"]
     if old["mean"] is None:
-        for b in ("running_mean", "running_var", "num_batches_tracked"):
+        for b in _BUFFERS:
             bn.register_buffer(b, None)
         return
     with torch.no_grad():

@@ -21,7 +21,6 @@ from torch import nn
 # ------------------------------------------------------------------------------------ BN kinds
 @dataclass(frozen=True)
 class BNKind:
-    cls: type
     remainder: Callable[[nn.Module], nn.Module]  # what stays of forward() once s·x + t is folded
 
 
@@ -47,12 +46,9 @@ class ZeroBranch(nn.Module):
     def __init__(self, conv: nn.Module | None = None):
         super().__init__()
         self.out_channels = None if conv is None else int(conv.out_channels)
-        if conv is not None:
+        if conv is not None:  # 'same' padding only with odd extents (the merge checks)
             k, d = tuple(conv.kernel_size), tuple(conv.dilation)
-            pad = conv.padding
-            if isinstance(pad, str):  # 'valid', or 'same' with odd extents (the merge checks)
-                pad = tuple(0 if pad == "valid" else di * (ki - 1) // 2 for ki, di in zip(k, d))
-            self.geometry = tuple(zip(k, tuple(conv.stride), tuple(pad), d))
+            self.geometry = tuple(zip(k, tuple(conv.stride), padding(conv), d))
 
     def forward(self, x):
         if self.out_channels is None:
@@ -63,6 +59,15 @@ class ZeroBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if self.out_channels is None else f"out_channels={self.out_channels}, geometry={self.geometry}"
+
+
+def padding(conv: nn.Module) -> tuple[int, ...]:
+    """A conv's padding as one number per spatial axis ('same': d·(k − 1)/2, exact for odd extents)."""
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    return tuple(int(p) for p in conv.padding)
 
 
 def identity_remainder(bn: nn.Module) -> nn.Module:
@@ -82,7 +87,6 @@ _LAZY_BN = {
         ("SyncBatchNormAct", drop_act_remainder),
         ("FrozenBatchNormAct2d", drop_act_remainder),
     ],
-    "timm.layers": [],  # importing timm.layers imports norm_act too
 }
 
 
@@ -95,7 +99,7 @@ def register_batchnorm(cls: type, remainder: Callable[[nn.Module], nn.Module] | 
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"register_batchnorm expects an nn.Module subclass, got {cls!r}")
-    _BN[cls] = BNKind(cls, remainder or identity_remainder)
+    _BN[cls] = BNKind(remainder or identity_remainder)
 
 
 for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
@@ -103,54 +107,51 @@ for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
 
 
 def _load_lazy() -> None:
-    for modname, entries in list(_LAZY_BN.items()):
-        mod = sys.modules.get(modname)
-        if mod is None:
-            continue
-        for clsname, rem in entries:
-            cls = getattr(mod, clsname, None)
-            if isinstance(cls, type):
-                register_batchnorm(cls, rem)
-        del _LAZY_BN[modname]
-    _load_lazy_producers()
+    """Register the library classes whose module is imported by now."""
+    for lazy, register in ((_LAZY_BN, register_batchnorm), (_LAZY_PROD, register_producer)):
+        for modname in [name for name in lazy if sys.modules.get(name) is not None]:
+            for clsname, *kind in lazy.pop(modname):
+                lib_cls = getattr(sys.modules[modname], clsname, None)
+                if isinstance(lib_cls, type):
+                    register(lib_cls, *kind)
 
 
 def _registered_base(cls: type, registry: dict) -> type | None:
-    for base in cls.__mro__:
-        if base in registry:
-            return base
-    return None
+    _load_lazy()
+    return next((base for base in cls.__mro__ if base in registry), None)
 
 
 def bn_kind(m: nn.Module) -> tuple[BNKind | None, str | None]:
     """(kind, None) for a known BN, (None, reason) for a BN subclass bnfold does not know."""
-    _load_lazy()
     cls = type(m)
     base = _registered_base(cls, _BN)
-    if base is None:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return None, (f"{cls.__module__}.{cls.__qualname__} overrides forward() (it does more than BatchNorm); "
-                          "folding would drop that behaviour (bnfold.register_batchnorm teaches bnfold its remainder)")
+    if base is None and not isinstance(m, nn.modules.batchnorm._BatchNorm):
         return None, None
-    if base is not cls and cls.forward is not base.forward:
+    if base is None or (base is not cls and cls.forward is not base.forward):
+        what = "BatchNorm" if base is None else base.__qualname__
         return None, (f"{cls.__module__}.{cls.__qualname__} overrides forward() (it does more than "
-                      f"{base.__qualname__}); folding would drop that behaviour "
+                      f"{what}); folding would drop that behaviour "
                       "(bnfold.register_batchnorm teaches bnfold its remainder)")
     return _BN[base], None
 
 
 def is_batchnorm(m: nn.Module) -> bool:
     """BatchNorm of any flavour: torch's BN (subclasses included), registered kinds."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return True
-    _load_lazy()
-    return _registered_base(type(m), _BN) is not None
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or _registered_base(type(m), _BN) is not None
 
 
-def remainder_is_identity(rem: nn.Module) -> bool:
-    """True when the remainder is the identity in eval (only Identity / Dropout inside)."""
+EVAL_IDENTITY = (nn.Identity, nn.modules.dropout._DropoutNd)  # modules that are the identity in eval
+
+
+def remainder_is_identity(bn: nn.Module) -> bool:
+    """True when ``bn`` is a known kind whose remainder is the identity in eval (only Identity /
+    Dropout inside)."""
+    kind, _ = bn_kind(bn)
+    if kind is None:
+        return False
+    rem = kind.remainder(bn)
     leaves = [m for m in rem.modules() if not list(m.children())]
-    return all(isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) for m in leaves) and (
+    return all(isinstance(m, EVAL_IDENTITY) for m in leaves) and (
         type(rem) in (nn.Identity, DropAct, nn.Sequential) or isinstance(rem, nn.modules.dropout._DropoutNd)
     )
 
@@ -158,13 +159,13 @@ def remainder_is_identity(rem: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------- producers
 @dataclass(frozen=True)
 class ProducerKind:
-    cls: type
     backward: str | None  # None: a backward fold is exact; else the reason it is refused
     forward: str | None  # same for a forward fold (BN → this module)
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TORCH_PRODUCERS = _CONV + _CONVT + (nn.Linear,)
 _PROD: dict[type, ProducerKind] = {}
 
 _WS = "standardises its weight in forward() (weight standardisation): a folded scale would be normalised away"
@@ -182,32 +183,19 @@ _LAZY_PROD = {
 }
 
 
-def register_producer(cls: type, *, backward: str | None = None, forward: str | None = None) -> None:
+def register_producer(cls: type, backward: str | None = None, forward: str | None = None) -> None:
     """Teach bnfold a Conv/Linear subclass: ``backward``/``forward`` None means that fold is exact
     for it, a string is the reason it is refused."""
-    _PROD[cls] = ProducerKind(cls, backward, forward)
+    _PROD[cls] = ProducerKind(backward, forward)
 
 
-for _c in _CONV + _CONVT + (nn.Linear,):
+for _c in _TORCH_PRODUCERS:
     register_producer(_c)
-
-
-def _load_lazy_producers() -> None:
-    for modname, entries in list(_LAZY_PROD.items()):
-        mod = sys.modules.get(modname)
-        if mod is None:
-            continue
-        for clsname, back, fwd in entries:
-            cls = getattr(mod, clsname, None)
-            if isinstance(cls, type):
-                register_producer(cls, backward=back, forward=fwd)
-        del _LAZY_PROD[modname]
 
 
 def producer_kind(m: nn.Module) -> tuple[ProducerKind | None, str | None]:
     """(kind, None) for a known producer; (None, reason) for a Conv/Linear subclass that overrides
     forward() and is not registered; (None, None) for anything else."""
-    _load_lazy()
     cls = type(m)
     base = _registered_base(cls, _PROD)
     if base is None:
@@ -219,16 +207,12 @@ def producer_kind(m: nn.Module) -> tuple[ProducerKind | None, str | None]:
 
 def is_producer_like(m: nn.Module) -> bool:
     """Modules the tracer keeps as one call: registered producers and their subclasses."""
-    _load_lazy()
     return _registered_base(type(m), _PROD) is not None
 
 
 def base_type(m: nn.Module) -> type:
     """torch's Conv/ConvTranspose/Linear class under a producer (for the math), or the type."""
-    for base in type(m).__mro__:
-        if base in _CONV + _CONVT + (nn.Linear,):
-            return base
-    return type(m)
+    return next((base for base in type(m).__mro__ if base in _TORCH_PRODUCERS), type(m))
 
 
 def is_transposed(m: nn.Module) -> bool:
@@ -243,7 +227,3 @@ def out_channels(m: nn.Module) -> int | None:
     if isinstance(m, nn.Linear):
         return m.out_features
     return getattr(m, "out_channels", None)
-
-
-def has_weight_bias(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "weight", None), torch.Tensor)

@@ -1,9 +1,9 @@
 """Fold BatchNorm into neighbouring Conv/ConvTranspose/Linear modules of a PyTorch model.
 
 Discovery reads the model's graph, not its module order (``graph``). The rules in ``rules`` (one unit
-per pattern: backward, concat, reshape, forward/pool-head, identity-branch; the protocol of
-``bnfold.rule``) then decide, for every BN layer, where it folds or why it stays; this module applies
-their edits.
+per pattern: backward, concat, reshape, forward/pool-head, identity-branch, sum; the protocol of
+``bnfold.rule``) then decide, for every BN layer, where it folds or why it stays (``merge`` then joins
+parallel conv branches); this module applies their edits.
 
 The rewrite works on a copy (unless ``inplace=True``): the same classes, each folded BN replaced by
 what remains of its forward (``nn.Identity`` for torch's BN; ``act(drop(x))`` for timm's
@@ -41,12 +41,6 @@ def _bn_problem(m: nn.Module) -> str | None:
     return None
 
 
-def bn_scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return fold_math.bn_scale_shift(
-        m.running_mean, m.running_var, m.eps, getattr(m, "weight", None), getattr(m, "bias", None)
-    )
-
-
 def _shared_params(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -72,8 +66,8 @@ def _discover(model: nn.Module, example_inputs: tuple | None) -> FoldPlan:
             ctx.record(target, out.rule, out.match)
         else:
             plan.unfolded.append(Unfolded(name, "; ".join(out.reasons())))
-    _second_pass(ctx)
     if ctx is not None:
+        _second_pass(ctx)
         merge_parallel_branches(ctx)
     return plan
 
@@ -91,18 +85,15 @@ def _target(ctx: Context | None, trace_error: str | None, name: str, bn: nn.Modu
     return BN(name, next(iter(calls.values()))), None
 
 
-def _second_pass(ctx: Context | None) -> None:
+def _second_pass(ctx: Context) -> None:
     """Rules that build on the first pass's folds (parallel branches merge into a conv whose own
     BN already folded backward)."""
-    if ctx is None:
-        return
     plan, still = ctx.plan, []
     for u in plan.unfolded:
-        calls = ctx.g.calls.get(u.bn, {})
-        if len(calls) != 1 or _bn_problem(ctx.module(u.bn)):
+        target, _ = _target(ctx, None, u.bn, ctx.module(u.bn))
+        if target is None:
             still.append(u)
             continue
-        target = BN(u.bn, next(iter(calls.values())))
         out = try_rules(LATE_RULES, ctx, target)
         if out.match is not None:
             ctx.record(target, out.rule, out.match)
@@ -134,7 +125,9 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
 
     def scale_shift(e: Edit, device) -> tuple[torch.Tensor, torch.Tensor]:
         if e.bn not in st_cache:
-            st_cache[e.bn] = bn_scale_shift(model.get_submodule(e.bn))
+            m = model.get_submodule(e.bn)
+            st_cache[e.bn] = fold_math.bn_scale_shift(m.running_mean, m.running_var, m.eps,
+                                                      getattr(m, "weight", None), getattr(m, "bias", None))
         s, t = st_cache[e.bn]
         if e.sl is not None:
             s, t = s[e.sl[0]:e.sl[1]], t[e.sl[0]:e.sl[1]]
@@ -152,9 +145,7 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
             _fold_module(model.get_submodule(path), edits, scale_shift, model.get_submodule)
     for m in plan.merges:
         _apply_merge(model, m, by_target, scale_shift)
-    for f in plan.folded:
-        if f.fold_pass != "pytorch":
-            continue
+    for f in plan.folded:  # the plan _discover made: every fold is of this pass
         bn = model.get_submodule(f.bn)
         kind, _ = bn_kinds.bn_kind(bn)
         _warn_hooks(f.bn, bn)
@@ -195,10 +186,9 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
     grad_b = bias_requires_grad(mod, edits, bn_of)
     with torch.no_grad():
         if rows is None:  # the whole weight at once
-            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0], groups)
+            w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, 0, like.shape[0])
             mod.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
             mod.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=grad_b)
-            del w, b
             return
         in_place = like.numel() * 8 > FOLD_BLOCK_BYTES
         weight = like.data if in_place else torch.empty_like(like)
@@ -207,10 +197,9 @@ def _fold_module(mod: nn.Module, edits: list[Edit], scale_shift, bn_of) -> None:
         if all(e.op == "backward" for e in edits):  # the common case: rows scaled in one reused float64 block
             _scale_blocks(like, mod.bias, [scale_shift(e, like.device) for e in edits], rows, weight, new_bias)
         else:
-            per_group = like.shape[0] // groups
             for r0 in range(0, like.shape[0], rows):  # blocks of whole groups of output rows
                 r1 = min(r0 + rows, like.shape[0])
-                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1, (r1 - r0) // per_group)
+                w, b = _fold_rows(like, mod.bias, edits, scale_shift, transposed, groups, r0, r1)
                 weight[r0:r1] = fold_math.cast_like(w, like)
                 new_bias[r0:r1] = fold_math.cast_like(b, like)
                 del w, b
@@ -223,17 +212,18 @@ def _apply_merge(model: nn.Module, m: Merge, by_target: dict, scale_shift) -> No
     """The target conv of ``m`` becomes the sum of every branch (each after its own edits, float64,
     cast once); the other branch convs become ``ZeroBranch``es."""
     target = model.get_submodule(m.target)
+    branches = ((m.target, 1),) + m.parts
     parts = []
-    for path, sign in ((m.target, 1),) + m.parts:
+    for path, sign in branches:
         conv = model.get_submodule(path)
-        w = conv.weight
-        parts.append(_fold_rows(w, conv.bias, by_target.get(path, []), scale_shift, False, conv.groups, 0, w.shape[0], conv.groups)
-                     + (conv.groups, sign))
+        w, b = _fold_rows(conv.weight, conv.bias, by_target.get(path, []), scale_shift, False, conv.groups,
+                          0, conv.weight.shape[0])
+        parts.append((w, b, conv.groups, sign))
     like = target.weight
     with torch.no_grad():
         w, b = fold_math.merge_branches(parts, tuple(like.shape[2:]), m.groups)
         target.weight = nn.Parameter(fold_math.cast_like(w, like), requires_grad=like.requires_grad)
-        edits = [e for p in (m.target,) + tuple(q for q, _ in m.parts) for e in by_target.get(p, [])]
+        edits = [e for path, _ in branches for e in by_target.get(path, [])]
         target.bias = nn.Parameter(fold_math.cast_like(b, like), requires_grad=bias_requires_grad(target, edits, model.get_submodule))
     target.groups = m.groups
     del parts, w, b
@@ -274,16 +264,17 @@ def _row_block(weight: torch.Tensor, groups: int, transposed: bool) -> int | Non
     return per_group * max(1, FOLD_CACHE_BYTES // (row_bytes * per_group))
 
 
-def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int, block_groups: int):
+def _fold_rows(weight, bias, edits, scale_shift, transposed: bool, groups: int, r0: int, r1: int):
     """float64 (W', b') of output rows r0:r1 after every edit (forward, backward, identity order).
-    With groups, r0:r1 spans ``block_groups`` whole groups: the forward fold reads only their input
-    channels. (ConvTranspose is always folded whole: its rows are input channels.)"""
+    With groups, r0:r1 spans whole groups: the forward fold reads only their input channels.
+    (ConvTranspose is always folded whole: its rows are input channels.)"""
     whole = r0 == 0 and r1 == weight.shape[0]
     rows = slice(None) if whole else slice(r0, r1)  # bias and BN channels are output channels, not rows, for ConvTranspose
     w = weight.detach()[rows].to(torch.float64)
     b = None if bias is None else bias.detach()[rows].to(torch.float64)
-    g = block_groups if groups > 1 else 1
-    g0 = r0 // (weight.shape[0] // groups)
+    per_group = weight.shape[0] // groups
+    g = (r1 - r0) // per_group if groups > 1 else 1  # the groups in the block
+    g0 = r0 // per_group
     cols = slice(None) if whole or groups == 1 else slice(g0 * weight.shape[1], (g0 + g) * weight.shape[1])
     for e in edits:  # fold_* always return a bias, so b is set after the first edit
         s, t = scale_shift(e, w.device)

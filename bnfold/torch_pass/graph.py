@@ -52,24 +52,21 @@ def _fn_name(node) -> str:
     t = node.target
     if node.op == "call_method":
         return str(t)
-    name = getattr(t, "__name__", None) or str(t)
     if hasattr(t, "_schema"):  # aten OpOverload: aten.cat.default → "cat"
-        name = t._schema.name.split("::")[-1]
-    return name
+        return t._schema.name.split("::")[-1]
+    return getattr(t, "__name__", None) or str(t)
 
 
 class Graph:
     """Module calls and node ownership over an fx graph (from fx or torch.export)."""
 
-    def __init__(self, graph: torch.fx.Graph, owner: Callable, rank: Callable, is_param: Callable, describe: Callable,
-                 shape: Callable, module_of: Callable, tracer: str):
+    def __init__(self, graph: torch.fx.Graph, model: nn.Module, owner: Callable, rank: Callable,
+                 shape: Callable, is_param: Callable):
         self.graph = graph
+        self.model = model
         self.owner = owner  # node -> (path, call_key) | None
         self.rank = rank
         self.shape = shape  # node -> tuple | None
-        self.module_of = module_of  # node -> nn.Module | None (fx call_module nodes outside interest)
-        self.describe = describe
-        self.tracer = tracer
         self.calls: dict[str, dict[Any, Call]] = {}
         for node in graph.nodes:
             own = owner(node)
@@ -85,9 +82,9 @@ class Graph:
                 call.outputs.append(node)
 
     @staticmethod
-    def is_meta_read(node, value=None) -> bool:
+    def is_meta_read(node, value) -> bool:
         """``node`` reads only metadata (shape, dtype, …) of ``value``."""
-        if value is not None and node.op in ("call_method", "call_function"):
+        if node.op in ("call_method", "call_function"):
             name = _fn_name(node)
             if name in _SHAPE_OF_SECOND and len(node.args) > 1 and node.args[1] is value and node.args[0] is not value:
                 return True  # x.reshape_as(value): value is a shape template
@@ -101,25 +98,30 @@ class Graph:
             return _fn_name(node) in _META_ATEN or node.target is len
         return False
 
-    def users_outside(self, node, own=None) -> list:
-        own = self.owner(node) if own is None else own
-        if own is None:  # a free node (function, module outside interest): every user is outside
-            return list(node.users)
-        return [u for u in node.users if self.owner(u) != own]
-
     def data_users(self, node, own=None) -> list:
-        """Consumers of ``node``'s value outside its call, metadata reads excluded."""
-        return [u for u in self.users_outside(node, own) if not self.is_meta_read(u, node)]
+        """Consumers of ``node``'s value outside its call, metadata reads excluded. A free node
+        (function, module outside interest): every user is outside."""
+        own = self.owner(node) if own is None else own
+        outside = [u for u in node.users if own is None or self.owner(u) != own]
+        return [u for u in outside if not self.is_meta_read(u, node)]
 
     def op_name(self, node) -> str | None:
         """'cat', 'flatten', 'mean', ... for function/method nodes; None for others."""
-        if node.op in ("call_function", "call_method"):
-            return _fn_name(node)
-        return None
+        return _fn_name(node) if node.op in ("call_function", "call_method") else None
+
+    def module_of(self, node) -> nn.Module | None:
+        """The module a call_module node calls (fx only: torch.export inlines every module)."""
+        return self.model.get_submodule(node.target) if node.op == "call_module" else None
 
     def what(self, node) -> str:
         own = self.owner(node)
-        return f"module `{own[0]}`" if own else self.describe(node)
+        if own:
+            return f"module `{own[0]}`"
+        if node.op == "placeholder":
+            return "the model input"
+        if node.op == "call_module":
+            return f"module `{node.target}` ({type(self.module_of(node)).__name__})"
+        return f"`{_fn_name(node)}`"
 
 
 FAKE_SHAPES_BYTES = 256 << 20  # weights above which shapes are propagated without computing
@@ -163,17 +165,7 @@ def _fx_graph(model: nn.Module, example_inputs: tuple | None, interest: set[str]
         s = shape(node)
         return None if s is None else len(s)
 
-    def module_of(node):
-        return model.get_submodule(node.target) if node.op == "call_module" else None
-
-    def describe(node):
-        if node.op == "placeholder":
-            return "the model input"
-        if node.op == "call_module":
-            return f"module `{node.target}` ({type(model.get_submodule(node.target)).__name__})"
-        return f"`{_fn_name(node)}`"
-
-    return Graph(graph, owner, rank, lambda n: n.op == "get_attr", describe, shape, module_of, "fx")
+    return Graph(graph, model, owner, rank, shape, lambda n: n.op == "get_attr")
 
 
 def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -> Graph:
@@ -193,24 +185,17 @@ def _export_graph(model: nn.Module, example_inputs: tuple, interest: set[str]) -
 
     def shape(node):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            try:
-                return tuple(int(d) for d in val.shape)
-            except Exception:  # symbolic sizes
-                return None
-        return None
+        try:
+            return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+        except Exception:  # symbolic sizes
+            return None
 
     def rank(node):
         val = node.meta.get("val")
         return val.dim() if isinstance(val, torch.Tensor) else None
 
-    def describe(node):
-        if node.op == "placeholder":
-            return "the model input"
-        return f"`{_fn_name(node)}`"
-
-    return Graph(ep.graph, owner, rank, lambda n: n.op == "placeholder" and n.name in state_inputs, describe,
-                  shape, lambda n: None, "torch.export")
+    return Graph(ep.graph, model, owner, rank, shape,
+                 lambda n: n.op == "placeholder" and n.name in state_inputs)
 
 
 def trace(model: nn.Module, example_inputs: tuple | None, interest: set[str]) -> tuple[Graph | None, str | None, str | None]:

@@ -45,10 +45,7 @@ def merge_parallel_branches(ctx: Context) -> None:
     # a BN folded backward into one conv, whole (not a concat's slices, not a sum's several branches)
     backward = {bn: es[0].target for bn, es in edits_of.items() if len(es) == 1 and es[0].op == "backward" and es[0].sl is None}
     folded = {f.bn: f for f in ctx.plan.folded}
-    roots: dict = {}
-    for n in g.graph.nodes:
-        if g.module_of(n) is None and is_sum(g, n):
-            roots.setdefault(sum_root(g, n), None)
+    roots = dict.fromkeys(sum_root(g, n) for n in g.graph.nodes if g.module_of(n) is None and is_sum(g, n))
     for root in roots:
         branches, others = [], []
         for leaf, sign in sum_terms(g, root):
@@ -121,8 +118,7 @@ def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) ->
             return None
         if path not in backward:
             raise NoMatch(f"BN `{path}` is not folded into a conv of the branch")
-        kind, _ = bn_kinds.bn_kind(mod)
-        if not bn_kinds.remainder_is_identity(kind.remainder(mod)):
+        if not bn_kinds.remainder_is_identity(mod):
             act = getattr(mod, "act", None)
             raise NoMatch(f"`{path}` applies {type(act).__name__ if act is not None else 'more'} after normalising (not linear)")
         bn, path = path, backward[path]
@@ -137,15 +133,10 @@ def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) ->
 
 
 def _padding(path: str, conv: nn.Module) -> tuple[int, ...]:
-    pad = conv.padding
-    if pad == "valid":
-        return (0,) * len(conv.kernel_size)
-    if pad == "same":
-        ext = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-        if any(e % 2 for e in ext):
-            raise NoMatch(f"branch `{path}` pads 'same' around an even kernel extent (one side more than the other)")
-        return tuple(e // 2 for e in ext)
-    return tuple(int(p) for p in pad)
+    if conv.padding == "same" and any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        raise NoMatch(f"branch `{path}` pads 'same' around an even kernel extent "
+                      "(one side more than the other)")
+    return bn_kinds.padding(conv)
 
 
 _SAME = ("in_channels", "out_channels", "stride", "dilation", "padding_mode")
@@ -158,9 +149,7 @@ def _merge(ctx: Context, group: list[ConvBranch]) -> Merge:
         pk, why = bn_kinds.producer_kind(m)
         if pk is None or pk.backward:
             raise NoMatch(f"branch `{b.conv}` ({type(m).__name__}) {why or (pk.backward if pk else 'is not a plain Conv')}")
-        tied = ctx.tied(b.conv)
-        if tied:
-            raise NoMatch(f"branch `{b.conv}`: {tied}")
+        ctx.check_untied(b.conv, "branch")
         if bn_kinds.base_type(m) is not bn_kinds.base_type(mods[0]):
             raise NoMatch(f"branches `{group[0].conv}` and `{b.conv}` are {bn_kinds.base_type(mods[0]).__name__} and {bn_kinds.base_type(m).__name__}")
         for a in _SAME:

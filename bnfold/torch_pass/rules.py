@@ -59,14 +59,14 @@ class Context:
             self._mods[path] = self.model.get_submodule(path)
         return self._mods[path]
 
-    def tied(self, path: str) -> str | None:
+    def check_untied(self, path: str, role: str) -> None:
+        """NoMatch when the weight or bias of module ``path`` (the ``role``) is shared with another."""
         mod = self.module(path)
         for pname in ("weight", "bias"):
             p = getattr(mod, pname, None)
             if isinstance(p, nn.Parameter) and len(self.shared.get(id(p), [])) > 1:
                 others = [n for n in self.shared[id(p)] if n != f"{path}.{pname}"]
-                return f"its {pname} is shared with {', '.join(others)}"
-        return None
+                raise NoMatch(f"{role} `{path}`: its {pname} is shared with {', '.join(others)}")
 
     def channels(self, bn_path: str) -> int:
         return self.module(bn_path).running_mean.numel()
@@ -92,9 +92,7 @@ class Context:
         consumers = g.data_users(node, own)
         if len(consumers) != 1:
             raise NoMatch(f"{role} `{path}`'s output has {len(consumers)} consumers")
-        tied = self.tied(path)
-        if tied:
-            raise NoMatch(f"{role} `{path}`: {tied}")
+        self.check_untied(path, role)
         return path
 
     def check_free(self, rule: Rule, m: Match) -> None:
@@ -114,9 +112,7 @@ class Context:
 
 
 def _arg(node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 # ----------------------------------------------------------------------------------------- rules
@@ -219,7 +215,7 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
     None when it is no such node; NoMatch when it is one but breaks exactness."""
     mod = g.module_of(u)
     if mod is not None:
-        if isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)):
+        if isinstance(mod, bn_kinds.EVAL_IDENTITY):
             return ("dropout", rank, repeat)
         if isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
             return ("pool", rank, repeat)
@@ -293,8 +289,7 @@ class Forward(Rule):
 
     def match(self, ctx: Context, bn: BN) -> Match:
         mod = ctx.module(bn.path)
-        kind, _ = bn_kinds.bn_kind(mod)
-        if not bn_kinds.remainder_is_identity(kind.remainder(mod)):
+        if not bn_kinds.remainder_is_identity(mod):
             act = getattr(mod, "act", None)
             raise NoMatch(f"{type(mod).__name__} applies {type(act).__name__ if act is not None else 'more'} after normalising")
         if len(bn.call.outputs) != 1:
@@ -366,19 +361,13 @@ def _check_consumer(ctx: Context, bn: BN, cpath: str, node, rank: int | None, re
             raise NoMatch(f"Linear `{cpath}` reads {cons.in_features} features, the BN gives {ctx.channels(bn.path)}×{repeat}")
     else:
         raise NoMatch(f"BN output goes to {type(cons).__name__} `{cpath}`")
-    tied = ctx.tied(cpath)
-    if tied:
-        raise NoMatch(f"consumer `{cpath}`: {tied}")
+    ctx.check_untied(cpath, "consumer")
 
 
 def _has_padding(conv: nn.Module) -> bool:
-    pad = conv.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return False
-        # 'same' pads unless every (dilated) kernel extent is 1
+    if conv.padding == "same":  # pads unless every (dilated) kernel extent is 1
         return any((k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation))
-    return any(p != 0 for p in pad)
+    return conv.padding != "valid" and any(p != 0 for p in conv.padding)
 
 
 _ADDS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
@@ -388,15 +377,13 @@ def is_sum(g: Graph, n) -> bool:
     """A plain sum of tensors (x + y, x += y, torch.add without alpha) or an eval-time identity."""
     mod = g.module_of(n)
     if mod is not None:
-        return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
-    if g.op_name(n) not in _ADDS or "alpha" in n.kwargs or len(n.args) > 2:
-        return False
-    return g.owner(n) is None
+        return isinstance(mod, bn_kinds.EVAL_IDENTITY)
+    return g.op_name(n) in _ADDS and "alpha" not in n.kwargs and len(n.args) <= 2 and g.owner(n) is None
 
 
 def strip_identity(g: Graph, n):
     """The value behind eval-time identity modules (nn.Identity, Dropout)."""
-    while isinstance(g.module_of(n), (nn.Identity, nn.modules.dropout._DropoutNd)) and n.all_input_nodes:
+    while isinstance(g.module_of(n), bn_kinds.EVAL_IDENTITY) and n.all_input_nodes:
         n = n.all_input_nodes[0]
     return n
 
@@ -404,17 +391,9 @@ def strip_identity(g: Graph, n):
 def sum_root(g: Graph, n):
     """The last node of the sum that node ``n`` (a sum) belongs to: the sum runs up through nodes
     that only add (or subtract) into the next one."""
-    while True:
-        up = g.data_users(n)
-        if len(up) == 1 and is_sum(g, up[0]):
-            n = up[0]
-            continue
-        return n
-
-
-def _sum_leaves(g: Graph, o) -> list[tuple]:
-    """The terms of the sum that ``o`` enters, as (node, ±1): the sum is Σ sign·leaf."""
-    return sum_terms(g, sum_root(g, g.data_users(o)[0]))
+    while len(up := g.data_users(n)) == 1 and is_sum(g, up[0]):
+        n = up[0]
+    return n
 
 
 def sum_terms(g: Graph, root) -> list[tuple]:
@@ -456,10 +435,9 @@ class IdentityBranch(Rule):
         users = g.data_users(o)
         if len(users) != 1 or not is_sum(g, users[0]) or g.module_of(users[0]) is not None:
             raise NoMatch("the BN's output is not summed", applies=False)
-        kind, _ = bn_kinds.bn_kind(ctx.module(bn.path))
-        if not bn_kinds.remainder_is_identity(kind.remainder(ctx.module(bn.path))):
+        if not bn_kinds.remainder_is_identity(ctx.module(bn.path)):
             raise NoMatch(f"{type(ctx.module(bn.path)).__name__} applies an activation before the sum")
-        leaves = _sum_leaves(g, o)
+        leaves = sum_terms(g, sum_root(g, users[0]))  # the terms of the sum that o enters
         mine = [s for n, s in leaves if n is o]
         if len(mine) != 1:
             raise NoMatch("the BN branch enters the sum more than once")
@@ -486,9 +464,8 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}`'s output is used outside the sum")
         mod = ctx.module(path)
         if bn_kinds.is_batchnorm(mod):  # conv → BN branch: the BN must have folded into the conv
-            k2, _ = bn_kinds.bn_kind(mod)
             lcall = next(iter(g.calls[path].values()))
-            if k2 is None or not bn_kinds.remainder_is_identity(k2.remainder(mod)) or len(lcall.inputs) != 1:
+            if not bn_kinds.remainder_is_identity(mod) or len(lcall.inputs) != 1:
                 return None
             src_own = g.owner(lcall.inputs[0])
             if src_own is None or not any(e.op == "backward" and (e.target, e.bn) == (src_own[0], path) for e in ctx.plan.edits):
@@ -520,9 +497,7 @@ class IdentityBranch(Rule):
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
         if not (pad == "same" or tuple(pad) == centred):
             raise NoMatch(f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})")
-        tied = ctx.tied(path)
-        if tied:
-            raise NoMatch(f"branch `{path}`: {tied}")
+        ctx.check_untied(path, "branch")
 
 
 class SumOfBranches(Rule):
@@ -553,10 +528,9 @@ class SumOfBranches(Rule):
         bad = [why for x, why in others if x not in inputs]  # a term that is neither a conv branch nor a skip
         if bad or not convs or len(others) > 1:
             raise NoMatch(bad[0] if bad else f"the sum has {len(convs)} conv branches and {len(others)} skips (at most one)")
-        skips = [x for x, _ in others]
         edits = [Edit(p, "backward", bn.path, affine="st" if k == 0 else "s") for k, p in enumerate(convs)]
-        if skips:
-            target = next((p for p in convs if self._reads_alone(ctx, p, skips[0], bn)), None)
+        if others:  # the one skip
+            target = next((p for p in convs if self._reads_alone(ctx, p, others[0][0], bn)), None)
             if target is None:
                 raise NoMatch("no conv branch reads the skip's input alone with stride 1 and centred padding")
             edits.append(Edit(target, "identity", bn.path, affine="s-1"))
@@ -571,9 +545,8 @@ class SumOfBranches(Rule):
         path = g.owner(leaf)[0]
         mod = ctx.module(path)
         if bn_kinds.is_batchnorm(mod):
-            kind, _ = bn_kinds.bn_kind(mod)
             into = [e.target for e in ctx.plan.edits if e.bn == path and e.op == "backward" and e.sl is None and e.affine == "st"]
-            if kind is None or not bn_kinds.remainder_is_identity(kind.remainder(mod)) or len(into) != 1:
+            if not bn_kinds.remainder_is_identity(mod) or len(into) != 1:
                 raise NoMatch(f"branch BN `{path}` is not folded into the conv of its branch")
             if len(g.data_users(leaf, g.owner(leaf))) != 1:
                 raise NoMatch(f"branch `{path}`'s output is used outside the sum")

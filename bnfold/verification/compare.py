@@ -66,10 +66,6 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def default_tolerance(dtype_name: str) -> tuple[float, float]:
-    return DEFAULT_TOLERANCES.get(dtype_name, (0.0, 0.0))
-
-
 @dataclass
 class OutputComparison:
     name: str
@@ -195,16 +191,12 @@ class Tolerance:
 
 
 # ---------------------------------------------------------------------------------- comparator
-def _dtype_name(a: np.ndarray) -> str:
-    return str(a.dtype) if a.dtype != np.dtype("V2") else "bfloat16"
-
-
 def compare(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K,
             min_top1=None) -> OutputComparison:
     """Compare one output. ``reference64``: the same output from a float64 run of the reference;
     ``min_top1``: judge it on top-1 agreement instead of atol (a share, or per output)."""
     res = _compare_values(name, reference, candidate, atol, rtol, reference64=reference64, k=k)
-    _agreement(res, np.asarray(reference), np.asarray(candidate), tolerance_for(min_top1, name, None) if min_top1 is not None else None,
+    _agreement(res, np.asarray(reference), np.asarray(candidate), tolerance_for(min_top1, name, None),
                named=isinstance(min_top1, Mapping) and name in min_top1)
     return res
 
@@ -247,8 +239,8 @@ def _agreement(res: OutputComparison, ref: np.ndarray, got: np.ndarray, min_top1
 def _compare_values(name: str, reference, candidate, atol=None, rtol=None, *, reference64=None, k: float = NOISE_K) -> OutputComparison:
     ref = np.asarray(reference)
     got = np.asarray(candidate)
-    dtype = _dtype_name(ref)
-    d_atol, d_rtol = default_tolerance(dtype)
+    dtype = str(ref.dtype) if ref.dtype != np.dtype("V2") else "bfloat16"
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
     if ref.dtype.kind == "f" and ref.size:
         finite = np.abs(ref[np.isfinite(ref)])
         d_atol *= max(1.0, float(finite.max()) if finite.size else 1.0)
@@ -374,7 +366,7 @@ def divergence(reference, candidate, reference64=None, k: float = NOISE_K) -> di
         t64 = np.asarray(reference64, dtype=np.float64)
         floor = float(np.abs(ref - t64).max()) if t64.size else 0.0
         err = float(np.abs(got - t64).max()) if t64.size else 0.0
-        limit = k * floor + k * float(np.finfo(np.float32).eps) * (float(np.abs(t64).max()) if t64.size else 0.0)
+        limit = k * floor + k * FLOAT32_EPS * (float(np.abs(t64).max()) if t64.size else 0.0)
         out.update(max_abs_error_float64=err, noise_floor=floor, limit=limit, beyond=err > limit)
         return out
     res = _compare_values("value", np.asarray(reference), np.asarray(candidate))

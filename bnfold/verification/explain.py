@@ -53,16 +53,18 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
 
 from bnfold.errors import first_line
 from bnfold.onnx_pass.export import _dynamo_ir, _module_of, _scope_paths
+from bnfold.onnx_pass.io import node_label
 from bnfold.torch_pass.fold import fold_with_plan, inspect
 from bnfold.verification.compare import NOISE_K, divergence
-from bnfold.verification.providers import get_provider
-from bnfold.verification.runners import OrtRunner, TorchRunner, as_feeds
+from bnfold.verification.providers import PROVIDERS
+from bnfold.verification.runners import OrtRunner, TorchRunner, as_feeds, to_numpy
 from bnfold.verification.verify import FLOAT64_MAX_BYTES, VerifyReport, _float64_runner, _input_sets
 
 # rules whose target modules keep their own output function (the BN sits before them)
@@ -202,7 +204,7 @@ def _explain_module(model, onnx_path: Path, feeds, provider: str, k: float, floa
     example = tuple(as_feeds(feeds).args)
     nodes = _file_nodes(onnx_path)
     value_module, plan = _value_modules(model, nodes, example)
-    device = get_provider(provider).torch_device or "cpu"
+    device = PROVIDERS[provider].torch_device or "cpu"
     with TorchRunner(model, device=device, allow_tf32=False) as runner:
         order, calls, ref = _capture(runner, feeds)
     ref64 = None
@@ -235,8 +237,7 @@ def _capture(runner: TorchRunner, feeds) -> tuple[list[str], dict[str, int], dic
             if calls[name] == 1:
                 order.append(name)
                 if isinstance(out, torch.Tensor) and out.is_floating_point():
-                    t = out.detach().to("cpu", copy=True)
-                    outs[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+                    outs[name] = to_numpy(out.detach().to("cpu", copy=True))
         return fn
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in runner.model.named_modules() if n]
@@ -266,10 +267,8 @@ def _module_points(order: list[str], calls: dict, plan, value_module: dict[str, 
         scopes, label, bns = [name], name, []
         if f is not None and f.rule == "backward" and len(f.into) == 1:
             scopes, label, bns = [name, f.into[0]], f.into[0], [name]
-        hit = None
-        for v, n in produced:
-            if any(_in_scope(value_module[v], s) for s in scopes):
-                hit = (v, n)
+        hit = next(((v, n) for v, n in reversed(produced)  # the last value produced in scope
+                    if any(_in_scope(value_module[v], s) for s in scopes)), None)
         if hit is None:
             continue
         points.append(Point(hit[0], module=label, onnx_node=hit[1]["name"], op_type=hit[1]["op_type"], folded=bns))
@@ -283,7 +282,9 @@ def _value_modules(model, nodes: list, example: tuple) -> tuple[dict[str, str], 
     scopes = _scope_paths(model)
     named = {}
     for n in nodes:
-        mod = _module_of(_NodeView(n), scopes)
+        view = SimpleNamespace(name=n["name"], op_type=n["op_type"], metadata_props={},
+                               inputs=[SimpleNamespace(name=i) for i in n["inputs"]])  # what _module_of reads
+        mod = _module_of(view, scopes)
         if mod is not None:
             named.update({v: mod for v in n["outputs"]})
     ops = [n for n in nodes if n["op_type"] != "Constant"]
@@ -300,26 +301,13 @@ def _value_modules(model, nodes: list, example: tuple) -> tuple[dict[str, str], 
     return out, plan
 
 
-class _NodeView:
-    """What ``_module_of`` reads of a node, for a node of ``_file_nodes``."""
-
-    def __init__(self, n: dict):
-        self.name, self.op_type, self.metadata_props = n["name"], n["op_type"], {}
-        self.inputs = [_Named(i) for i in n["inputs"]]
-
-
-@dataclass
-class _Named:
-    name: str
-
-
 # ------------------------------------------------------------------------------ the ONNX side
 def _file_nodes(path: Path) -> list[dict]:
     """The top-level nodes of an ONNX file in order: name, op_type, input and output value names."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return [{"name": n.name or (n.output[0] if n.output else n.op_type), "op_type": n.op_type, "inputs": list(n.input),
+    return [{"name": node_label(n), "op_type": n.op_type, "inputs": list(n.input),
              "outputs": [o for o in n.output if o]} for n in proto.graph.node]
 
 

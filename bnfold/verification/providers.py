@@ -88,10 +88,6 @@ for _spec in (
 DEFAULT_PROVIDERS = None  # none asked for: default_providers(), those this onnxruntime build has
 
 
-def get_provider(key: str) -> ProviderSpec:
-    return PROVIDERS[key]
-
-
 def available_providers() -> list[str]:
     """The registry's providers this onnxruntime build lists, in registry order (listed is not yet
     running: a GPU provider whose libraries are missing falls back to CPU, see ``really_runs``)."""

@@ -32,10 +32,11 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from bnfold.errors import BadInputError, BnfoldError, first_line, inputs_rejected
-from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device
+from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device, prepare
 from bnfold.edges.isolate import runtime
-from bnfold.verification.providers import get_provider, unavailable_reason
+from bnfold.verification.providers import PROVIDERS, unavailable_reason
 from bnfold.edges.load import onnx_error
+from bnfold.report import LEVEL_NAMES
 
 LEVELS = ("disable_all", "default")
 Outputs = list  # list[tuple[str, np.ndarray]]
@@ -75,16 +76,9 @@ def flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
 
     if isinstance(out, torch.Tensor):
         return [(prefix, out)]
-    if isinstance(out, Mapping):
-        items: list = []
-        for k in out:
-            items += flatten_outputs(out[k], f"{prefix}.{k}")
-        return items
-    if isinstance(out, (tuple, list)):
-        items = []
-        for i, v in enumerate(out):
-            items += flatten_outputs(v, f"{prefix}.{i}")
-        return items
+    if isinstance(out, (Mapping, tuple, list)):
+        items = out.items() if isinstance(out, Mapping) else enumerate(out)
+        return [x for k, v in items for x in flatten_outputs(v, f"{prefix}.{k}")]
     if out is None:
         return []
     return [(prefix, torch.as_tensor(out))]
@@ -96,30 +90,23 @@ def to_numpy(t) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return t
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy()
-    return t.numpy()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def positional_batch(inputs) -> Batch:
+    """A Batch from a Batch, a tensor or a sequence of tensors (its positional arguments)."""
+    import torch
+
+    if isinstance(inputs, Batch):
+        return inputs
+    return Batch((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), {})
 
 
 def as_feeds(feeds):
-    """A Batch from a Batch, a tensor, a tuple of tensors or an (args, kwargs) pair."""
-    import torch
-
-
-    if isinstance(feeds, Batch):
-        return feeds
-    if isinstance(feeds, torch.Tensor):
-        return Batch((feeds,), {})
+    """``positional_batch``, or a Batch from an (args, kwargs) pair."""
     if isinstance(feeds, tuple) and len(feeds) == 2 and isinstance(feeds[1], Mapping) and isinstance(feeds[0], tuple):
         return Batch(feeds[0], dict(feeds[1]))
-    return Batch(tuple(feeds), {})
-
-
-@contextlib.contextmanager
-def tf32_off():
-    """Switch TF32 off in torch (restored afterwards) so CUDA matmuls/convs are true fp32."""
-    with tf32(False):
-        yield
+    return positional_batch(feeds)
 
 
 @contextlib.contextmanager
@@ -179,18 +166,8 @@ class TorchRunner(Released):
         self.device = str(self.torch_device)
 
     def _prepare(self, feeds):
-        import torch
-
-
-        b = as_feeds(feeds)
-
-        def conv(x):
-            if isinstance(x, torch.Tensor):
-                x = x.to(self.torch_device)
-                return x.to(self.dtype) if x.is_floating_point() else x
-            return x
-
-        return Batch(tuple(conv(a) for a in b.args), {k: conv(v) for k, v in b.kwargs.items()})
+        b = as_feeds(feeds)  # passed as given (an example, never bound as the user's data: data=False)
+        return prepare(Batch(b.args, b.kwargs), self.dtype, self.torch_device)
 
     def infer(self, feeds) -> Outputs:
         import torch
@@ -215,12 +192,9 @@ class TorchRunner(Released):
 
         def hook(name):
             def fn(mod, args, out):
-                if found:
-                    return
-                for _, t in flatten_outputs(out):
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        found.append(name or type(mod).__name__)
-                        return
+                if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                     for _, t in flatten_outputs(out)):
+                    found.append(name)
             return fn
 
         hooks = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n and not list(m.children())]
@@ -310,13 +284,6 @@ def ort_severity(verbose: bool = False) -> int:
     return 2 if verbose else 4
 
 
-def quiet_onnxruntime(verbose: bool = False) -> None:
-    """The default logger at ``ort_severity``: set before any session."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(ort_severity(verbose))
-
-
 class OrtRunner(Released):
     """An ONNX file on one onnxruntime provider at one graph optimisation level.
 
@@ -324,13 +291,11 @@ class OrtRunner(Released):
     BadInputError when the CPU provider cannot load the file (then the file itself is at fault).
     """
 
-    target = "onnx"
-
     def __init__(self, onnx_path: str | Path, provider: str = "cpu", level: str = "disable_all", *, verbose: bool = False,
                  target: str = "onnx"):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
-        self.spec = get_provider(provider)
+        self.spec = PROVIDERS[provider]
         self.provider, self.level, self.target = provider, level, target
         self.path = Path(onnx_path)
         self.messages: list[str] = []
@@ -342,37 +307,33 @@ class OrtRunner(Released):
             import torch  # noqa: F401  (loads CUDA/cuDNN libraries before onnxruntime looks for them)
         import onnxruntime as ort
 
-        quiet_onnxruntime(verbose)
+        ort.set_default_logger_severity(ort_severity(verbose))  # the default logger: set before any session
         so = ort.SessionOptions()
         so.log_severity_level = ort_severity(verbose)
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = ort_severity(verbose)
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable_all"
-                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVEL_NAMES[level])
         try:
             with _captured_stderr(self.messages, enabled=not verbose), self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
-            text = first_line(err)
             if provider == "cpu":
                 raise onnx_error(self.path, err, "load") from err
-            raise RunnerUnavailable(f"creating a {self.spec.ort_name} session failed: {text}") from err
+            why = f"creating a {self.spec.ort_name} session failed: {first_line(err)}"
+            raise RunnerUnavailable(why) from err
         ok, why = self.spec.really_runs(self.session)
         if not ok:
             self.session = None
             raise RunnerUnavailable(why)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
-        self.output_names = outs
 
     def feed_dict(self, feeds) -> dict[str, np.ndarray]:
         b = as_feeds(feeds)
-        kwargs = dict(b.kwargs)
         pos = iter([to_numpy(t) for t in b.args])
         out = {}
         for n in self.input_names:
-            if n in kwargs:
-                out[n] = to_numpy(kwargs[n])
+            if n in b.kwargs:
+                out[n] = to_numpy(b.kwargs[n])
                 continue
             try:
                 out[n] = next(pos)
@@ -397,8 +358,7 @@ class OrtRunner(Released):
 
     def _running(self):
         """A crash of onnxruntime inside the block is named: runtime, provider, level, file (edges.isolate)."""
-        level = "ORT_DISABLE_ALL" if self.level == "disable_all" else "ORT_ENABLE_ALL"
-        return runtime("onnxruntime", self.spec.ort_name, level, self.path)
+        return runtime("onnxruntime", self.spec.ort_name, LEVEL_NAMES[self.level], self.path)
 
     def close(self) -> None:
         self.session = None

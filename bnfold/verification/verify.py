@@ -30,14 +30,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from bnfold.edges.data import Batch, model_dtype_device
+from bnfold.edges.data import model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
 from bnfold.onnx_pass.io import node_label, walk_nodes
 from bnfold.report import LEVEL_NAMES, _plain_status, html, render_verification, show
 from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
 from bnfold import progress
 from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, available_providers, parse_providers, unavailable_reason
-from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner
+from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner, positional_batch
 
 FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters and buffers
 
@@ -59,13 +59,11 @@ class Run:
 
     @property
     def max_abs_error(self) -> float | None:
-        vals = [o.max_abs_error for o in self.outputs if o.max_abs_error is not None]
-        return max(vals) if vals else None
+        return max((o.max_abs_error for o in self.outputs if o.max_abs_error is not None), default=None)
 
     @property
     def max_rel_error(self) -> float | None:
-        vals = [o.max_rel_error for o in self.outputs if o.max_rel_error is not None]
-        return max(vals) if vals else None
+        return max((o.max_rel_error for o in self.outputs if o.max_rel_error is not None), default=None)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "outputs"}
@@ -138,15 +136,6 @@ class VerifyReport:
                    providers_run=list(d.get("providers_run", [])), providers_available=list(d.get("providers_available", [])), notes=list(d.get("notes", [])),
                    float64_reference=d.get("float64_reference"), noise_k=d.get("noise_k", NOISE_K),
                    explanation=d.get("explanation"))
-
-
-# --------------------------------------------------------------------- backwards-compatible helpers
-def make_session(onnx_path: str | Path, provider: str, level: str):
-    """(session, None) or (None, reason) — the reason why ``provider`` cannot really run here."""
-    try:
-        return OrtRunner(onnx_path, provider, level).session, None
-    except RunnerUnavailable as err:
-        return None, str(err)
 
 
 # ----------------------------------------------------------------------------- input statistics
@@ -223,25 +212,10 @@ def _initializer(where, name: str):
 
 # ------------------------------------------------------------------------------------ inputs
 def _input_sets(inputs) -> dict[str, Any]:
-    """Normalise to {name: Batch}."""
-    import torch
-
-
-    if isinstance(inputs, torch.Tensor):
-        return {"inputs": Batch((inputs,), {})}
-    if isinstance(inputs, Batch):
-        return {"inputs": inputs}
+    """Normalise to {name: Batch}: one input set, or {name: inputs} for several."""
     if isinstance(inputs, Mapping):
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, Batch):
-                out[k] = v
-            elif isinstance(v, torch.Tensor):
-                out[k] = Batch((v,), {})
-            else:
-                out[k] = Batch(tuple(v), {})
-        return out
-    return {"inputs": Batch(tuple(inputs), {})}
+        return {k: positional_batch(v) for k, v in inputs.items()}
+    return {"inputs": positional_batch(inputs)}
 
 
 # ------------------------------------------------------------------------------- settings
@@ -406,7 +380,7 @@ def _gpu_outputs(out: References, reference, sets: dict, providers: Iterable[str
     """The reference once more on the GPU (TF32 off) for a GPU provider's comparisons: computed once,
     here, before any session exists; not when the reference already ran on a GPU."""
     dev = _gpu_device(providers)
-    if dev is None or any(d.startswith("cuda") for d in (out.device, *out.by_device)):
+    if dev is None or out.device.startswith("cuda"):
         return
     with TorchRunner(reference, device=dev, allow_tf32=False) as runner:
         out.by_device[dev] = {s: runner.infer(f) for s, f in sets.items()}
@@ -414,17 +388,14 @@ def _gpu_outputs(out: References, reference, sets: dict, providers: Iterable[str
 
 def _float64_runner(reference, max_bytes: int, borrow: bool = False):
     """(TorchRunner in float64, None) or (None, why not)."""
-    import itertools
-
     import torch
-
 
     dtype, _ = model_dtype_device(reference)
     if dtype == torch.float64:
         return None, "the reference is float64 already"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None, f"the reference is {dtype}, not floating point"
-    n = sum(t.numel() for t in itertools.chain(reference.parameters(), reference.buffers()) if t.is_floating_point())
+    n = sum(t.numel() for t in [*reference.parameters(), *reference.buffers()] if t.is_floating_point())
     if n * 8 > max_bytes:
         return None, (f"a float64 copy of the reference would take {n * 8 / 1e9:.2f} GB "
                       f"(bound {max_bytes / 1e9:.2f} GB): judged against the {str(dtype).replace('torch.', '')} reference only")
@@ -447,10 +418,8 @@ def _compare_into(report: VerifyReport, references: References, candidates: Iter
 
 def _new_report(references: References, tolerance: Tolerance) -> VerifyReport:
     tolerance.check_names(references.output_names())
-    report = VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k)
-    for n in references.notes:
-        report.note(n)
-    return report
+    return VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k,
+                        notes=list(dict.fromkeys(references.notes)))
 
 
 def compare_runners(reference, candidates, inputs, *, reference64=None, tolerance: Tolerance | None = None, **keywords) -> VerifyReport:
