@@ -108,8 +108,8 @@ def _set_conv(ctx: Ctx, conv: ConvWeights, w2, b2) -> None:
     """New weight and bias tensors (float64 → the weight's dtype) for ``conv``."""
     node, dt = conv.node, conv.w.dtype
     ctx.set_input(node, 1, value_name(node.inputs[1]), w2.numpy().astype(dt))
-    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    ctx.set_input(node, 2, value_name(node.inputs[2]) if has_bias else node_name(node) + "_bias", b2.numpy().astype(dt))
+    base = node_name(node) + "_bias" if conv.b is None else value_name(node.inputs[2])
+    ctx.set_input(node, 2, base, b2.numpy().astype(dt))
 
 
 def conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
