@@ -90,7 +90,6 @@ class OptionError(BadInputError):
     """An option value that cannot be used (exit 2), worded for the interface that passed it."""
 
     def __init__(self, via: Via, key: str | None, problem: str, fix: str | None = None):
-        self.key = key
         where = via.where()
         named = via.key(key) if key else ""
         if isinstance(via, ConfigVia):
@@ -187,13 +186,10 @@ def _p_providers(v, via, key):
     """'cpu,cuda', ['cpu', 'CUDAExecutionProvider'] or Provider values -> tuple of registry keys
     (bnfold.providers: cpu, cuda, tensorrt, rocm, ... and any ``register_provider``), no repeats."""
 
-    items = v.split(",") if isinstance(v, str) else v
-    if isinstance(items, (Provider,)):
-        items = [items]
+    items = v.split(",") if isinstance(v, str) else v  # a Provider is a str: its value is split
     if not isinstance(items, (list, tuple)):
         raise OptionError(via, key, f"is {type(v).__name__} {v!r}, not a list of providers", "use cpu, cuda or cpu,cuda")
-    names = [str(item.value if isinstance(item, Provider) else item).strip() for item in items]
-    names = [n for n in names if n]
+    names = [n for n in (str(item).strip() for item in items) if n]  # str(Provider.CPU) is "cpu"
     if not names:
         if key == "providers":
             raise OptionError(via, key, "names no provider", "use cpu, cuda or cpu,cuda")
@@ -206,22 +202,32 @@ def _p_providers(v, via, key):
         raise OptionError(via, key, f"names unknown provider {bad!r}", f"use one or more of {', '.join(PROVIDERS)}") from err
 
 
+_SHAPE_FIX = "write a shape as 1,3,224,224 or [1, 3, 224, 224]"
+
+
+def _is_dims(v) -> bool:
+    """A shape written as integers: [1, 3, 224, 224], (1, 10), torch.Size."""
+    if not isinstance(v, (list, tuple)) or not v:
+        return False
+    return all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+
+
 def _shape_of(v, via, key) -> tuple[int, ...]:
     if isinstance(v, str):
         try:
             return parse_shape(v)
         except BadInputError as err:
-            raise OptionError(via, key, err.problem.replace("input shape ", "", 1), "write a shape as 1,3,224,224 or [1, 3, 224, 224]") from None
-    if isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+            raise OptionError(via, key, err.problem.replace("input shape ", "", 1), _SHAPE_FIX) from None
+    if _is_dims(v):
         if any(d <= 0 for d in v) or len(v) > 8:
-            raise OptionError(via, key, f"{list(v)} needs 1 to 8 positive dimensions", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+            raise OptionError(via, key, f"{list(v)} needs 1 to 8 positive dimensions", _SHAPE_FIX)
         return tuple(int(d) for d in v)
-    raise OptionError(via, key, f"{v!r} is not a shape", "write a shape as 1,3,224,224 or [1, 3, 224, 224]")
+    raise OptionError(via, key, f"{v!r} is not a shape", _SHAPE_FIX)
 
 
 def _p_shapes(v, via, key):
     """One shape ('1,3,8,8', [1, 3, 8, 8], torch.Size) or several (['1,3,8,8', '1,10'], [[1, 3, 8, 8], [1, 10]])."""
-    if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v)):
+    if isinstance(v, str) or _is_dims(v):
         return (_shape_of(v, via, key),)
     if isinstance(v, (list, tuple)) and v:
         return tuple(_shape_of(s, via, key) for s in v)
@@ -283,8 +289,6 @@ def _p_calib(v, via, key):
         if not str(v).strip():
             raise OptionError(via, key, "is empty", "give a data file or module:fn")
         return v if isinstance(v, Path) else v.strip()
-    if v is None:
-        return None
     if via.name == "config":
         raise OptionError(via, key, f"is {type(v).__name__}, not a string", "give a data file (.npz/.npy/.pt) or file.py:fn")
     return v  # in-memory data: normalised by bnfold.data.DataSource
@@ -315,10 +319,6 @@ class Option:
     needs: tuple = ()  # "an option that has no effect is an error": the options it is meaningless without
     path: bool = False  # relative to the config file's folder
     models: frozenset = frozenset({"torch", "onnx"})  # the kinds of model it has an effect on
-
-    @property
-    def needs_calib(self) -> bool:
-        return "calib" in self.needs
 
 
 TORCH = frozenset({"torch"})  # an option of the PyTorch model: no effect on an ONNX one

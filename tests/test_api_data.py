@@ -139,6 +139,15 @@ def test_calibrate(env, form):
         assert gen.starts == 1 and gen.given == 3
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_calibrate_bfloat16_arrays(env, named):
+    """A bfloat16 tensor (alone or in a dict of arrays) is cut like a .pt file's: upcast, not a raw TypeError."""
+    xb = env[1].bfloat16()
+    out = bnfold.calibrate(_model(env), {"x": xb} if named else xb, batch_size=8)
+    want = bnfold.calibrate(_model(env), [xb.float()[i:i + 8] for i in range(0, N, 8)]).bn.running_mean
+    torch.testing.assert_close(out.bn.running_mean, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_convert(env, form, tmp_path):
     data, gen = _data(env, form)

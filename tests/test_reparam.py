@@ -35,9 +35,10 @@ class RepBlock(nn.Module):
     """``n_kxk`` k×k conv-BN branches, a 1×1 conv-BN (``scale``), an identity BN when in = out and
     stride 1; MobileOne's in-place ``+=`` sum; ReLU after the sum."""
 
-    def __init__(self, cin=4, cout=4, k=3, n_kxk=1, scale=True, identity=True, stride=1, groups=1, scale_groups=None):
+    def __init__(self, cin=4, cout=4, k=3, n_kxk=1, scale=True, identity=True, stride=1, groups=1, scale_groups=None,
+                 pad=None):
         super().__init__()
-        self.kxk = nn.ModuleList(conv_bn(cin, cout, k, stride, groups) for _ in range(n_kxk))
+        self.kxk = nn.ModuleList(conv_bn(cin, cout, k, stride, groups, pad) for _ in range(n_kxk))
         self.scale = conv_bn(cin, cout, 1, stride, scale_groups or groups) if scale else None
         self.identity = nn.BatchNorm2d(cout) if identity and cin == cout and stride == 1 else None
 
@@ -97,6 +98,8 @@ BLOCKS = {
     "stride2-widen": lambda: RepBlock(cin=4, cout=6, stride=2),
     "dense-with-depthwise-scale": lambda: RepBlock(scale_groups=4),
     "5x5-dilated": lambda: RepBlock(k=5),
+    "padding-same": lambda: RepBlock(pad="same"),
+    "pointwise-padding-valid": lambda: RepBlock(k=1, n_kxk=2, scale=False, pad="valid"),
 }
 
 

@@ -99,12 +99,11 @@ def _read_arrays(path: Path) -> tuple[list, list | None]:
             return [tensor_to_numpy(t) for t in obj], None
         if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
             return [tensor_to_numpy(t) for t in obj.values()], list(obj)
-        raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors", "save a tensor, a tuple or a dict of tensors")
-    except DataError:
-        raise
     except Exception as err:
-        first = first_line(err)
-        raise DataError(f"cannot read data file '{path}': {first}", "check that the file is complete and of the type its suffix says") from err
+        raise DataError(f"cannot read data file '{path}': {first_line(err)}",
+                        "check that the file is complete and of the type its suffix says") from err
+    raise DataError(f"'{path}' holds a {type(obj).__name__}, not tensors",
+                    "save a tensor, a tuple or a dict of tensors")
 
 
 def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> list[Batch]:
@@ -116,8 +115,7 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             if not path.is_file():
                 raise DataError(f"data file '{path}' does not exist", "check the path of the calibration data")
             arrays, names = _read_arrays(path)
-            _check_arrays(arrays, f"'{path}'")
-            return split_arrays(arrays, batch_size, names)
+            return split_arrays(arrays, batch_size, names, f"'{path}'")
         if ":" in text:
             try:
                 fn = resolve_factory(parse_model_spec(text))
@@ -129,10 +127,12 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
     return collect(spec, where="the data")
 
 
-def split_arrays(arrays: list, batch_size: int | None, names: list | None = None) -> list[Batch]:
+def split_arrays(arrays: list, batch_size: int | None, names: list | None, where: str) -> list[Batch]:
+    """Checked arrays of samples (``where`` names them) cut into batches; keyword inputs when ``names``."""
     import numpy as np
     import torch
 
+    _check_arrays(arrays, where)
     n = arrays[0].shape[0]
     if batch_size is not None:
         batch_size = parse_option("batch_size", batch_size)
@@ -147,7 +147,7 @@ def split_arrays(arrays: list, batch_size: int | None, names: list | None = None
 def collect(source: Any, where: str = "the data") -> list[Batch]:
     import torch
 
-    if isinstance(source, (torch.Tensor,)) or not hasattr(source, "__iter__"):
+    if isinstance(source, torch.Tensor) or not hasattr(source, "__iter__"):
         raise DataError(f"{where} is a {type(source).__name__}, not an iterable of batches", "return a list, generator or DataLoader")
     batches = [as_batch(b) for b in guard_iter(source, what=f"iterating {where}")]
     if not batches:
@@ -165,7 +165,7 @@ class DataSource:
     batch reach the model (inputs, labels) is ``model_inputs``'s decision, made where it is fed.
     """
 
-    def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data", option: str = "calib",
+    def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data",
                  fingerprint: bool = False):
         import torch
 
@@ -175,11 +175,10 @@ class DataSource:
         self._consumed = False
         self._head: Batch | None = None
         self._want = 0
-        self._hash = None
         self.fingerprint: str | None = None  # sha256 of the samples, when asked for (convert's provenance)
         self._want_fingerprint = fingerprint
         self.batches = 0
-        self.spec = str(data) if isinstance(data, (str, Path)) else None
+        self.one_shot = False  # an iterator that is its own iter(): it can be read only once
         if isinstance(data, DataSource):
             raise TypeError("already a DataSource")
         if isinstance(data, (str, Path)):
@@ -187,15 +186,12 @@ class DataSource:
             return
         import numpy as np
 
-        if isinstance(data, (torch.Tensor, np.ndarray)):  # one array of samples, cut like a file
-            arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
-            _check_arrays([arr], what)
-            self._list = split_arrays([arr], batch_size)
-            return
-        if isinstance(data, dict) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
-            arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in data.values()]
-            _check_arrays(arrays, what)
-            self._list = split_arrays(arrays, batch_size, list(data))
+        arraylike = (torch.Tensor, np.ndarray)
+        named = isinstance(data, dict) and data and all(isinstance(v, arraylike) for v in data.values())
+        if named or isinstance(data, arraylike):  # arrays of samples, cut like a file's
+            values = data.values() if named else [data]
+            arrays = [tensor_to_numpy(v) if isinstance(v, torch.Tensor) else v for v in values]  # bfloat16 too
+            self._list = split_arrays(arrays, batch_size, list(data) if named else None, what)
             return
         if batch_size is not None:
             raise DataError(f"batch_size cuts arrays into batches, but {what} is a {type(data).__name__} that yields its own batches",
@@ -207,11 +203,7 @@ class DataSource:
             self._list = collect(data, where=what)
             return
         self._iterable = data
-        self._one_shot = iter(data) is data if hasattr(data, "__next__") else False
-
-    @property
-    def one_shot(self) -> bool:
-        return self._iterable is not None and self._one_shot
+        self.one_shot = hasattr(data, "__next__") and iter(data) is data
 
     def length(self) -> int | None:
         """How many batches, when known before they are read (a file, an array, a list, a DataLoader)."""
@@ -229,15 +221,11 @@ class DataSource:
     def __iter__(self):
         import hashlib
 
-        if self._list is not None:
-            src = self._list
-        elif self.one_shot:
+        if self.one_shot:
             if self._consumed:
                 raise DataError(f"{self.what} is a one-shot iterator that was already read", "pass a list, a DataLoader or a function that returns a new iterator")
             self._consumed = True
-            src = self._iterable
-        else:
-            src = self._iterable
+        src = self._list if self._list is not None else self._iterable
         hashes: dict = {}
         hashable = self._want_fingerprint
         count = 0
@@ -263,15 +251,14 @@ class DataSource:
 
     def head(self, n: int) -> Batch | None:
         """The first ``n`` samples as one batch (fewer when the data holds fewer); None if unreadable."""
+        if self.one_shot:
+            if not self._consumed:  # not read yet: this is its single pass
+                self.want_head(n)
+                for _ in self:
+                    pass
+            return None if self._head is None else _slice(self._head, n)
         if self._head is not None and self._head.size >= n:
             return _slice(self._head, n)
-        if self.one_shot and self._consumed:
-            return None if self._head is None else _slice(self._head, n)
-        if self.one_shot:  # not read yet: this is its single pass
-            self.want_head(n)
-            for _ in self:
-                pass
-            return None if self._head is None else _slice(self._head, n)
         kept, have = [], 0
         for raw in (self._list if self._list is not None else self._iterable):
             b = as_batch(raw)
@@ -296,10 +283,7 @@ def _hash_batch(hashes: dict, b: Batch) -> bool:
         if isinstance(t, torch.Tensor):
             if t.device.type != "cpu":
                 return False
-            t = t.detach()
-            if t.dtype == torch.bfloat16:
-                t = t.float()
-            a = np.ascontiguousarray(t.numpy())
+            a = np.ascontiguousarray(tensor_to_numpy(t))
             h = hashes.setdefault(f"{name}:{a.dtype}{a.shape[1:]}", hashlib.sha256())
             h.update(memoryview(a).cast("B"))
         else:
@@ -318,7 +302,8 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
     import torch
 
     first = kept[0]
-    if len(kept) == 1:
+    if len(kept) == 1 or any(len(b.args) != len(first.args) or b.kwargs.keys() != first.kwargs.keys()
+                             for b in kept):
         return _slice(first, n)
 
     def cat(vals):
@@ -326,9 +311,6 @@ def _concat_head(kept: list[Batch], n: int) -> Batch:
             return torch.cat(vals)[:n]
         return vals[0]
 
-    same = all(len(b.args) == len(first.args) and b.kwargs.keys() == first.kwargs.keys() for b in kept)
-    if not same:
-        return _slice(first, n)
     return Batch(tuple(cat([b.args[i] for b in kept]) for i in range(len(first.args))),
                  {k: cat([b.kwargs[k] for b in kept]) for k in first.kwargs}, first.data)
 

@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -123,7 +124,7 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
             target = os.path.realpath(p)
             raise OutputPathError(f"{what} path '{p}'{'' if target == os.path.abspath(p) else f' (-> {target})'} is {kind}, not a regular file",
                                   "pass the path of a regular file (bnfold never writes to special files)")
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = p.parent  # Path("x").parent is Path("."), never ""
     if not parent.exists():
         raise OutputPathError(f"folder '{parent}' for the {what} does not exist", "create it first")
     if not parent.is_dir():
@@ -171,14 +172,13 @@ class OutputSet:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         _OPEN_SETS.remove(self)
-        if exc is None:
-            if self._parent is not None:
-                self._parent._adopt(self)
-            else:
-                self.commit()
-            return False
-        self._rename_in_error(exc)
-        self.rollback()
+        if exc is not None:
+            self._rename_in_error(exc)
+            self.rollback()
+        elif self._parent is not None:
+            self._parent._adopt(self)
+        else:
+            self.commit()
         return False
 
     # --- staging
@@ -188,7 +188,7 @@ class OutputSet:
                 return d
         sweep_stale_staging(folder)
         try:
-            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder if str(folder) else ".")
+            d = tempfile.mkdtemp(prefix=_staging_prefix(), dir=folder)
         except OSError as err:
             raise env_error(err, folder, "a staging folder in") from err
         try:
@@ -212,14 +212,10 @@ class OutputSet:
 
     def discard(self, *finals: str | Path) -> None:
         """Drop staged files (e.g. an ONNX file that failed verification): they will not be committed."""
-        for f in finals:
-            f = Path(f)
+        for f in map(Path, finals):
+            if f not in self._staged:  # also accept a staged path
+                f = next((final for final, staged in self._staged.items() if staged == f), f)
             staged = self._staged.pop(f, None)
-            if staged is None:  # also accept a staged path
-                for k, v in list(self._staged.items()):
-                    if v == f:
-                        staged = self._staged.pop(k)
-                        f = k
             if staged is not None:
                 self._discarded.add(f)
                 with contextlib.suppress(FileNotFoundError):
@@ -244,7 +240,7 @@ class OutputSet:
     def staged_files(self) -> list[tuple[Path, Path]]:
         """(staged, final) pairs to commit: registered files, plus unregistered ones (an ONNX model's
         external data) written into a staging folder, first."""
-        registered = {s for s in self._staged.values()}
+        registered = set(self._staged.values())
         extra: list[tuple[Path, Path]] = []
         for folder, d in self._dirs:
             if not d.is_dir():
@@ -315,15 +311,12 @@ class OutputSet:
             pass
 
 
-def _host_tag() -> str:
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
-
-
 def _staging_prefix(pid: int | None = None) -> str:
     """``.bnfold-<host>-<pid>-``: names a staging folder for people; liveness is its lock (``_hold_lock``)."""
-    return f".bnfold-{_host_tag()}-{os.getpid() if pid is None else pid}-"
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    return f".bnfold-{host}-{os.getpid() if pid is None else pid}-"
 
 
 STAGING_LOCK = ".lock"
@@ -390,7 +383,8 @@ def sweep_stale_staging(folder: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ what a run wrote
-def _identity(path: str) -> tuple | None:
+def file_identity(path: str) -> tuple | None:
+    """(device, inode, size, mtime) of ``path``; None when it does not exist. A change: it was written."""
     try:
         st = os.stat(path)
     except OSError:
@@ -420,20 +414,15 @@ def run_inputs() -> dict[str, tuple[str, tuple | None]]:
 
 def watch(real: str) -> None:
     """Remember an output of this run (a resolved path) as it is before any work."""
-    _WATCHED.setdefault(real, _identity(real))
+    _WATCHED.setdefault(real, file_identity(real))
 
 
 def written() -> list[str]:
     """What this process committed (in that order), then the watched outputs that changed on disk."""
-    seen: list[str] = []
-    for p in _COMMITTED:
-        real = os.path.realpath(os.path.abspath(p))
-        if real not in seen:
-            seen.append(real)
-    for real, before in _WATCHED.items():
-        if real not in seen and _identity(real) != before and _identity(real) is not None:
-            seen.append(real)
-    return seen
+    seen = dict.fromkeys(os.path.realpath(os.path.abspath(p)) for p in _COMMITTED)
+    seen.update(dict.fromkeys(real for real, before in _WATCHED.items()
+                              if file_identity(real) not in (before, None)))
+    return list(seen)
 
 
 def written_message() -> str:
@@ -463,13 +452,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     outs = _OPEN_SETS[-1] if _OPEN_SETS else None  # the innermost open OutputSet
     target = outs.reserve(path) if outs is not None and not _inside_staging(path) else path
-    folder = target.parent if str(target.parent) else Path(".")
+    tmp_path = target.parent / temp_name(target, suffix + ".tmp")
     try:
-        fd, tmp = _mkstemp(target, suffix, folder)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as err:
         raise env_error(err, path) from err
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         with env_errors(path):
             yield tmp_path
@@ -484,13 +472,6 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def _inside_staging(path: Path) -> bool:
     return path.parent.name.startswith(".bnfold-") and any(
         path.parent == d for s in _OPEN_SETS for _, d in s._dirs)
-
-
-def _mkstemp(target: Path, suffix: str, folder: Path):
-    name = temp_name(target, suffix + ".tmp")
-    path = folder / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    return fd, str(path)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -516,16 +497,17 @@ def sha256_file(path: str | Path) -> str:
 
 def _same_file(st: os.stat_result, fd: int) -> bool:
     try:
-        other = os.fstat(fd)
+        return os.path.samestat(st, os.fstat(fd))
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
     """Append ``text`` to a file that is not bnfold's result (e.g. $GITHUB_STEP_SUMMARY): a failure is a
     warning on stderr, never a failed run. Returns whether it was written."""
-    import sys
+    def cannot(why: str) -> bool:
+        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
+        return False
 
     try:
         st = os.stat(path)
@@ -536,18 +518,14 @@ def append_text_or_warn(path: str | Path, text: str, what: str) -> bool:
             return False
         if stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             # a folder cannot be appended to; a FIFO without a reader would block bnfold forever
-            sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': it is {_kind(st.st_mode)}; the results above stand\n")
-            return False
+            return cannot(f"it is {_kind(st.st_mode)}")
     except FileNotFoundError:
         pass
     except OSError as err:
-        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {os.strerror(err.errno or 0)}; the results above stand\n")
-        return False
+        return cannot(os.strerror(err.errno or 0))
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)
-        sys.stderr.write(f"bnfold: warning: cannot write {what} '{path}': {why}; the results above stand\n")
-        return False
+        return cannot(os.strerror(err.errno) if err.errno else str(err))
     return True

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bnfold.edges.files import sweep_stale_staging, watch
+from bnfold.edges.files import file_identity, sweep_stale_staging, watch
 from bnfold.errors import ModelError, first_line
 
 __all__ = ["Task", "can_fork", "death_error", "enable", "running", "runtime", "supervise", "warm_up"]
@@ -163,15 +163,7 @@ class Task:
 
     def changed(self) -> list[str]:
         """The outputs of this task that changed on disk since it was queued."""
-        return [p for p, ident in self.before.items() if _identity(p) != ident and _identity(p) is not None]
-
-
-def _identity(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return [p for p, ident in self.before.items() if file_identity(p) not in (ident, None)]
 
 
 def enable() -> None:
@@ -179,7 +171,7 @@ def enable() -> None:
     _STATE["fork_safe"] = True
 
 
-def warm_up(modules=("torch", "onnx", "onnxruntime"), then: Callable[[], None] | None = None) -> None:
+def warm_up(modules: tuple[str, ...], then: Callable[[], None]) -> None:
     """Import the heavy libraries once in a fork-safe parent (and run ``then``, which must not run
     torch), so that its children start warm."""
     import importlib
@@ -188,8 +180,7 @@ def warm_up(modules=("torch", "onnx", "onnxruntime"), then: Callable[[], None] |
         for name in modules:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        if then is not None:
-            then()
+        then()
 
 
 def can_fork() -> bool:
@@ -202,8 +193,7 @@ def _context():
 
     if can_fork():
         return mp.get_context("fork")
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
+    if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "onnx", "onnxruntime", "bnfold.pipeline"])
         return ctx
@@ -250,7 +240,7 @@ def supervise(tasks: list[Task], jobs: int = 1, on_done: Callable[[Task], None] 
     for t in tasks:
         for p in t.outputs:
             real = os.path.realpath(os.path.abspath(p))
-            t.before[real] = _identity(real)
+            t.before[real] = file_identity(real)
             watch(real)
     with _Stop(live) as stop:
         while queue or live:
@@ -305,7 +295,7 @@ def _pump(conn, task: Task) -> bool:
 def _finish(proc, task: Task, on_done) -> None:
     proc.join()
     task.exitcode = proc.exitcode
-    task.stage = _read_stage(task.slot) if task.slot is not None else None
+    task.stage = _read_stage(task.slot)
     if task.status == "running":
         task.status = "died"
         for p in task.outputs:  # what the dead child had staged

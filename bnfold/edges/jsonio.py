@@ -16,9 +16,7 @@ __all__ = ["dumps", "loads", "loads_strict", "sanitize"]
 
 def sanitize(obj: Any) -> Any:
     """A copy of ``obj`` made of JSON types only, with non-finite floats as None."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
+    if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -118,8 +119,6 @@ def cwd_on_path() -> None:
     """The current folder first on ``sys.path``, as ``python -m`` puts it, for the rest of the run: a
     ``module:fn`` spec resolves from where the command runs, and a factory's own (lazy) imports of
     its neighbours work too. The ``bnfold`` script itself has only its bin folder there."""
-    import os
-
     here = os.getcwd()
     if not any(p in ("", ".") or os.path.abspath(p) == here for p in sys.path):
         sys.path.insert(0, here)
@@ -162,7 +161,7 @@ def load_model(spec: str | ModelSpec, weights: str | Path | None = None, *, trus
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
     else:
-        meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        meta = _meta_names(model)
         if meta:
             raise ModelSpecError(f"factory '{spec}' built the model on the meta device (no values, e.g. {meta[0]})",
                                  "pass --weights with a checkpoint for it, or build it on the CPU")
@@ -207,15 +206,6 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Mapping[
     return sd
 
 
-def _is_zip(path: Path) -> bool:
-    import zipfile
-
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
 def _is_pickle(path: Path) -> bool:
     """A complete pickle opcode stream (read, never executed)."""
     import pickletools
@@ -225,18 +215,16 @@ def _is_pickle(path: Path) -> bool:
             if fh.read(1) != b"\x80":
                 return False
             fh.seek(0)
-            for op, _, _ in pickletools.genops(fh):
-                if op.name == "STOP":
-                    return True
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(fh))
     except Exception:
         return False
-    return False
 
 
 def _torch_load(path: Path, trust_pickle: bool):
     """torch.load with weights_only=True; pickles (torch's or plain) only with ``trust_pickle``."""
     import pickle
     import warnings
+    import zipfile
 
     import torch
 
@@ -247,14 +235,17 @@ def _torch_load(path: Path, trust_pickle: bool):
         except Exception as err:
             safe_err = err
         msg = str(safe_err)
-        pickled = "Unsupported global" in msg or "GLOBAL " in msg or ("Weights only load failed" in msg and (_is_zip(path) or _is_pickle(path)))
+        zipped = zipfile.is_zipfile(path)  # False for a file it cannot read
+        pickled = "Unsupported global" in msg or "GLOBAL " in msg or (
+            "Weights only load failed" in msg and (zipped or _is_pickle(path)))
         if not pickled:
             why = "not a torch.save() file" if "Weights only load failed" in msg else first_line(safe_err)
             raise WeightsError(
                 f"cannot read checkpoint '{path}': {why}",
                 "check that it is a complete torch.save() file (it may be truncated or corrupt)",
             ) from safe_err
-        kind = "a torch.save() file holding pickled Python objects (e.g. a whole model)" if _is_zip(path) else "a Python pickle"
+        kind = ("a torch.save() file holding pickled Python objects (e.g. a whole model)" if zipped
+                else "a Python pickle")
         if not trust_pickle:
             raise WeightsError(
                 f"'{path}' is {kind}; loading it would run code from the file, which safe loading refuses",
@@ -264,7 +255,7 @@ def _torch_load(path: Path, trust_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             torch_err = err
-        if not _is_zip(path):  # pickle.dump() output: not a torch.save() file, but a trusted pickle
+        if not zipped:  # pickle.dump() output: not a torch.save() file, but a trusted pickle
             try:
                 with open(path, "rb") as fh:
                     return pickle.load(fh)
@@ -280,26 +271,27 @@ def load_weights(model, path: str | Path, *, trust_pickle: bool = False) -> None
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-
-    def few(items):
-        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-
-    if shapes:
-        raise WeightsError(f"'{path}' does not fit the model: {few(shapes)}", "use the checkpoint trained for this factory")
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {few(unexpected)}")
-        raise WeightsError(f"'{path}' does not fit the model: {'; '.join(parts)}", "use the checkpoint trained for this factory")
-    meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    keys = [f"{what} keys {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names]
+    misfit = _few(shapes) if shapes else "; ".join(keys)
+    if misfit:
+        raise WeightsError(f"'{path}' does not fit the model: {misfit}",
+                           "use the checkpoint trained for this factory")
+    meta = bool(_meta_names(model))
     model.load_state_dict(sd, strict=True, assign=meta)  # a meta-device model takes the checkpoint's tensors
-    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    left = _meta_names(model)
     if left:
-        raise WeightsError(f"the model was built on the meta device and '{path}' does not hold {', '.join(left[:3])}"
-                           + (f" (+{len(left) - 3} more)" if len(left) > 3 else ""),
+        raise WeightsError(f"the model was built on the meta device and '{path}' does not hold {_few(left)}",
                            "build the model on the CPU, or save every buffer in the checkpoint")
+
+
+def _meta_names(model) -> list[str]:
+    """The parameters and buffers of ``model`` on the meta device (no values)."""
+    return [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
 
 
 INT64_MAX = 2**63 - 1
@@ -354,8 +346,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
@@ -365,7 +355,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_alloc(shape, dtype: Any = "float32", what: str = "input", *, copies: int = ALLOC_COPIES) -> int:
+def check_alloc(shape, dtype: Any = "float32", what: str = "input") -> int:
     """Refuse (BadInputError, exit 2) a tensor of ``shape`` whose conversion would not fit in memory.
 
     Returns the tensor's size in bytes. ``dtype``: numpy/torch dtype or name (itemsize)."""
@@ -383,7 +373,7 @@ def check_alloc(shape, dtype: Any = "float32", what: str = "input", *, copies: i
     dims_text = "×".join(map(str, dims))
     if n > INT64_MAX:
         raise BadInputError(f"{what} ({dims_text}) has {n:.3g} elements, beyond what a tensor can index", "pass a smaller shape")
-    need = n * 8 + nbytes * copies  # the float64 draw plus the copies a conversion holds
+    need = n * 8 + nbytes * ALLOC_COPIES  # the float64 draw plus the copies a conversion holds
     avail = available_memory()
     if avail is not None and need > avail:
         raise BadInputError(

@@ -17,6 +17,7 @@ to, like ``$GITHUB_STEP_SUMMARY``: ``check_appendable``) is checked against them
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Self, Union
 
@@ -40,9 +41,7 @@ class _Ref:
             self.inode = None
 
     def same(self, other: "_Ref") -> bool:
-        if self.real == other.real:
-            return True
-        return self.inode is not None and self.inode == other.inode
+        return self.real == other.real or (self.inode is not None and self.inode == other.inode)
 
     def __str__(self) -> str:
         shown = f"'{self.raw}'"
@@ -70,8 +69,6 @@ def spec_files(spec: str | None) -> list[str]:
 def module_source(name: str) -> str | None:
     """The source file the import system would find for a dotted module name, searched along
     ``sys.path`` without importing anything (so a check before any work runs no user code)."""
-    import sys
-
     rel = name.split(".")
     for entry in sys.path:
         folder = os.path.join(entry or os.getcwd(), *rel)
@@ -92,22 +89,9 @@ def onnx_data_files(path: PathLike) -> list[str]:
     except Exception:
         return []
     folder = os.path.dirname(os.fspath(path))
-    found: list[str] = []
-
-    def visit(tensors):
-        for t in tensors:
-            for e in t.external_data:
-                if e.key == "location":
-                    f = os.path.join(folder, e.value)
-                    if f not in found:
-                        found.append(f)
-
-    visit(m.graph.initializer)
-    for n in m.graph.node:
-        for a in n.attribute:
-            if a.HasField("t"):
-                visit([a.t])
-    return found
+    tensors = [*m.graph.initializer, *(a.t for n in m.graph.node for a in n.attribute if a.HasField("t"))]
+    found = (os.path.join(folder, e.value) for t in tensors for e in t.external_data if e.key == "location")
+    return list(dict.fromkeys(found))
 
 
 def _items(mapping: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tuple[str, PathLike]]:
@@ -135,8 +119,6 @@ def _input_refs(inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> l
 def check_appendable(path: PathLike, what: str) -> bool:
     """A file bnfold appends to at the end of a run (``$GITHUB_STEP_SUMMARY``) that is one of the run's
     inputs or outputs is left alone, with a warning on stderr: True when it may be appended to."""
-    import sys
-
     ref = _Ref(what, path)
     hit = next((label for real, (label, inode) in run_inputs().items()
                 if ref.real == real or (ref.inode is not None and ref.inode == inode)), None)
@@ -162,7 +144,7 @@ def check_run_paths(
     labels is accepted as before, and means the same). ``sidecars``: output label → suffixes
     of files written beside it (``[".data"]`` for an ONNX file's external data), checked as outputs too.
     """
-    outs = [(label, raw) for label, raw in _items(outputs)]
+    outs = _items(outputs)
     out_refs = [_Ref(label, raw) for label, raw in outs]
     for label, suffixes in (sidecars or {}).items():
         raw = dict(outs).get(label)
@@ -218,8 +200,6 @@ _SYSTEM_FOLDERS = ("/proc/", "/sys/", "/dev/", "/etc/", "/usr/", "/lib/", "/lib6
 def _system_file(real: str) -> bool:
     """A file of the Python installation, an installed package, bnfold itself or the kernel: versions
     (recorded apart) say when those change, so they are not a run's inputs."""
-    import sys
-
     parts = real.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts or real.startswith(_SYSTEM_FOLDERS):
         return True
@@ -251,8 +231,6 @@ class RunReads:
     sees every input" (docs/ci.md): more files than needed means a run too many, never a skip too many."""
 
     def __enter__(self) -> Self:
-        import sys
-
         if not _HOOKED:
             sys.addaudithook(_audit)  # for the life of the process: it does nothing outside a block
             _HOOKED.append(True)
@@ -264,8 +242,6 @@ class RunReads:
         _RECORDING.remove(self.seen)
 
     def files(self) -> list[str]:
-        import sys
-
         found = dict(self.seen)
         for mod in list(sys.modules.values()):
             f = getattr(mod, "__file__", None)

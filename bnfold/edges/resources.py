@@ -12,12 +12,10 @@ How a stage's peak is found, without touching the process's own high-water mark:
   end, whichever is larger) is reported (``peak_method: "sampled"``: a lower bound that can miss a
   spike shorter than the interval).
 
-``reset_peak=True`` instead writes ``5`` to ``/proc/self/clear_refs`` at the start of the stage,
-which resets ``VmHWM`` so every stage's peak is exact (``peak_method: "hwm-reset"``). It is off by
-default because the reset is process-wide and also resets what ``getrusage(...).ru_maxrss``,
-``/usr/bin/time -v`` and a parent's ``RUSAGE_CHILDREN`` report: a library must not falsify its
-caller's own memory measurement. ``process_peak_rss_mb()`` stays correct either way (the meter keeps
-the highest value it saw before each reset).
+The meter never resets ``VmHWM`` (``/proc/self/clear_refs``): the reset is process-wide and also
+resets what ``getrusage(...).ru_maxrss``, ``/usr/bin/time -v`` and a parent's ``RUSAGE_CHILDREN``
+report, and a library must not falsify its caller's own memory measurement. Should the caller reset
+it, ``process_peak_rss_mb()`` keeps the highest ``VmHWM`` it has read.
 
 Elsewhere (macOS, BSD) only ``resource.getrusage`` exists: the peak is reported when the stage
 raised ``ru_maxrss`` (``"ru_maxrss"``), otherwise None; the RSS at the end is None. Without
@@ -34,7 +32,6 @@ from typing import Iterator
 
 _STATUS = "/proc/self/status"
 _STATM = "/proc/self/statm"
-_CLEAR_REFS = "/proc/self/clear_refs"
 _MB = 1024 * 1024
 
 try:
@@ -44,7 +41,7 @@ try:
 except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
     _PAGE = 4096
 
-_seen_peak = 0  # bytes: the highest VmHWM read before any reset (process-wide, for process_peak_rss_mb)
+_seen_peak = 0  # bytes: the highest VmHWM read so far (process-wide, for process_peak_rss_mb)
 _lock = threading.Lock()
 
 
@@ -88,22 +85,6 @@ def _note_peak(hwm: int | None) -> None:
             _seen_peak = max(_seen_peak, hwm)
 
 
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0, where permitted). True when it worked."""
-    _note_peak(_status()[1])  # keep the process peak before it is forgotten
-    try:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def current_rss_mb() -> float | None:
-    rss = _status()[0]
-    return None if rss is None else rss / _MB
-
-
 def process_peak_rss_mb() -> float | None:
     """The process's peak resident memory so far (MB), including peaks before any reset."""
     hwm = _status()[1]
@@ -119,7 +100,6 @@ class _Sampler(threading.Thread):
         super().__init__(name="bnfold-rss-sampler", daemon=True)
         self.interval = interval
         self.peak = 0
-        self.samples = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -127,7 +107,6 @@ class _Sampler(threading.Thread):
             rss = _statm_rss()
             if rss is not None:
                 self.peak = max(self.peak, rss)
-                self.samples += 1
             if self._stop_event.wait(self.interval):
                 return
 
@@ -145,9 +124,8 @@ class StageMeter:
     >>> m.to_dict()   # {"seconds": .., "rss_mb": .., "peak_rss_mb": .., "peak_method": ..}
     """
 
-    def __init__(self, *, interval: float = 0.01, reset_peak: bool = False):
+    def __init__(self, *, interval: float = 0.01):
         self.interval = interval
-        self.reset_peak = reset_peak
         self.seconds: float | None = None
         self.rss_mb: float | None = None
         self.peak_rss_mb: float | None = None
@@ -157,14 +135,8 @@ class StageMeter:
     def __enter__(self) -> "StageMeter":
         rss, hwm = _status()
         self._linux = hwm is not None
-        self._reset = False
-        if self._linux and self.reset_peak:
-            self._reset = _reset_hwm()
-            rss, hwm = _status()
-        self._rss0, self._hwm0 = rss, hwm
-        if not self._linux:
-            self._hwm0 = _ru_maxrss()
-        elif not self._reset:
+        self._rss0, self._hwm0 = rss, hwm if self._linux else _ru_maxrss()
+        if self._linux:
             self._sampler = _Sampler(self.interval)
             self._sampler.start()
         self._t0 = time.perf_counter()
@@ -178,9 +150,7 @@ class StageMeter:
             rss, hwm = _status()
             _note_peak(hwm)
             self.rss_mb = rss / _MB
-            if self._reset:
-                self.peak_rss_mb, self.peak_method = hwm / _MB, "hwm-reset"
-            elif hwm > self._hwm0:
+            if hwm > self._hwm0:
                 self.peak_rss_mb, self.peak_method = hwm / _MB, "hwm"
             else:
                 self.peak_rss_mb, self.peak_method = max(sampled, self._rss0, rss) / _MB, "sampled"

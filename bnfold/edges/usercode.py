@@ -72,6 +72,8 @@ def stdout_to_stderr() -> Iterator[None]:
             saved_fd = os.dup(1)  # fd 1 itself goes to stderr: C code and subprocesses write there
             os.dup2(fd_err, 1)
         except OSError:
+            if saved_fd is not None:  # dup worked, dup2 did not: fd 1 is untouched, the copy is not needed
+                os.close(saved_fd)
             saved_fd = None
     if saved_fd is not None and _fileno(saved_sys) == 1:  # bnfold's own results: the saved fd 1
         enc = getattr(saved_sys, "encoding", None) or "utf-8"

@@ -493,10 +493,9 @@ class IdentityBranch(Rule):
             raise NoMatch(f"branch `{path}` has stride {mod.stride}")
         if any(k % 2 == 0 for k in mod.kernel_size):
             raise NoMatch(f"branch `{path}` kernel {mod.kernel_size} has no centre tap")
-        pad = mod.padding
         centred = tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
-        if not (pad == "same" or tuple(pad) == centred):
-            raise NoMatch(f"branch `{path}` padding {pad} does not centre the kernel (needs {centred})")
+        if bn_kinds.padding(mod) != centred:  # 'same', 'valid' (a 1×1) and numbers alike
+            raise NoMatch(f"branch `{path}` padding {mod.padding} does not centre the kernel (needs {centred})")
         ctx.check_untied(path, "branch")
 
 
