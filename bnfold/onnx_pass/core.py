@@ -56,9 +56,10 @@ def attr(node, name: str, default=None):
 
 
 def f64(arr):
+    """``arr`` as a float64 tensor (a copy); None stays None (a layer without bias)."""
     import torch
 
-    return torch.from_numpy(np.asarray(arr, dtype=np.float64).copy())
+    return None if arr is None else torch.from_numpy(np.asarray(arr, dtype=np.float64).copy())
 
 
 # --------------------------------------------------------------------------------- constant values
@@ -74,10 +75,8 @@ class Consts:
             return None, "missing"
         if v.is_graph_input():
             return None, f"'{value_name(v)}' is a graph input (overridable at run time), not a constant"
-        if v.const_value is not None and v.is_initializer():
-            return self._np(v.const_value), None
         node = v.producer()
-        if node is None:
+        if node is None:  # an initializer (of this graph or an enclosing one)
             if v.const_value is not None:
                 return self._np(v.const_value), None
             return None, f"'{value_name(v)}' is an input of the enclosing function or graph, not a constant"
@@ -185,10 +184,13 @@ class Consts:
 
 # ----------------------------------------------------------------------------------- the context
 class Ctx:
-    """One graph-like (main graph, subgraph or function) being folded."""
+    """One graph-like (main graph, subgraph or function) being folded. ``model_names``: every value
+    name of the model (new names avoid them); ``inferred()``: the model's shapes from shape inference
+    (``fold._shapes``), for values whose IR shape is unknown."""
 
-    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str = ""):
+    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
         self.model, self.graph, self.main, self.opset, self.prefix = model, graph, main, opset, prefix
+        self.model_names, self.inferred = model_names, inferred
         self.consts = Consts()
         self._counter = itertools.count(1)
 
@@ -212,6 +214,10 @@ class Ctx:
             return f"'{value_name(v)}' is a graph output"
         n = len(v.uses())
         return None if n == 1 else f"'{value_name(v)}' has {n} consumers"
+
+    def reader(self, v) -> tuple | None:
+        """(node, input index) of the one reader of ``v``, or None (``single_use`` says why)."""
+        return None if self.single_use(v) else next(iter(v.uses()))
 
     def fresh(self, base: str) -> str:
         name = f"{base}_bnfold{next(self._counter)}"
@@ -237,11 +243,9 @@ class Ctx:
 
     def set_input(self, node, index: int, base: str, arr: np.ndarray) -> None:
         v = self.new_const(base, arr, node)
-        if index < len(node.inputs):
-            node.replace_input_with(index, v)
-        else:
+        if index >= len(node.inputs):
             node.resize_inputs(index + 1)
-            node.replace_input_with(index, v)
+        node.replace_input_with(index, v)
 
     def set_attr(self, node, name: str, value: float) -> None:
         import onnx_ir as ir
@@ -263,15 +267,14 @@ class Ctx:
         self.graph.remove(bn, safe=True)
 
     def rank(self, v) -> int | None:
-        if v.shape is not None:
-            return len(v.shape)
-        return self.ranks.get(v.name)
+        shape = self.shape(v)
+        return None if shape is None else len(shape)
 
     def shape(self, v) -> tuple | None:
         """``v``'s dims (int, a symbol, None: unknown) from the IR, else from shape inference."""
         if v.shape is not None:
             return tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in v.shape)
-        return self.ranks.shape(v.name) if v.name else None
+        return self.inferred().get(v.name) if v.name else None
 
 
 # --------------------------------------------------------------------------------- the BN itself

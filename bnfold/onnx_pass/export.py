@@ -27,9 +27,9 @@ from bnfold.edges.resources import return_freed_memory
 from bnfold.errors import BadInputError, ExportError, cause
 from bnfold.onnx_pass.fold import fold_ir
 from bnfold.onnx_pass import io as onnx_io
-from bnfold.onnx_pass.io import save_onnx, strip_metadata
+from bnfold.onnx_pass.io import initializer_bytes, save_onnx, strip_metadata
 from bnfold.plan import merge_plans
-from bnfold.options import OPSET_MIN, opset_range  # noqa: F401  (the one definition; used here and re-exported)
+from bnfold.options import opset_range
 
 OPSET_NATIVE_MIN = 18  # torch's dynamo exporter writes opsets from 18 natively; below, it converts
 
@@ -42,12 +42,6 @@ def opset_problem(opset) -> tuple[str, str] | None:
     if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
         return f"{opset!r} is outside the opsets bnfold writes ({lo}..{hi})", f"pass an opset from {lo} to {hi}"
     return None
-
-
-def _check_opset(opset) -> None:
-    problem = opset_problem(opset)
-    if problem is not None:
-        raise BadInputError(f"opset {problem[0]}", problem[1])
 
 
 @contextlib.contextmanager
@@ -83,18 +77,14 @@ def _stdout_held():
         os.dup2(held.fileno(), 1)
         try:
             yield
-        except BaseException:
-            os.dup2(saved, 1)
-            raise
-        else:
-            os.dup2(saved, 1)
-            held.seek(0)
-            text = held.read().decode(errors="replace")
-            if text:  # e.g. the model's own prints
-                sys.stdout.write(text)
-                sys.stdout.flush()
         finally:
+            os.dup2(saved, 1)
             os.close(saved)
+        held.seek(0)
+        text = held.read().decode(errors="replace")
+        if text:  # e.g. the model's own prints
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
 
 # The dynamo exporter builds its table of ATen → ONNX functions (``ONNXRegistry.from_torchlib``) on
@@ -258,7 +248,9 @@ def _export_ir(model, example_inputs, *, opset: int | None, dynamic_batch: bool,
     cannot convert down, the TorchScript exporter. Raises BadInputError (exit 2), ExportError (exit 3)."""
     import torch
 
-    _check_opset(opset)
+    problem = opset_problem(opset)
+    if problem is not None:
+        raise BadInputError(f"opset {problem[0]}", problem[1])
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     native = opset is None or opset >= OPSET_NATIVE_MIN
     try:
@@ -296,10 +288,6 @@ def export_proto(model, example_inputs: tuple, *, opset: int | None = None, dyna
     _release_weights(ir_model)
     strip_metadata(proto)
     return proto
-
-
-def _ir_initializer_bytes(ir_model) -> int:
-    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
 
 
 def _release_weights(ir_model) -> None:
@@ -395,7 +383,7 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
     left = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
     _optimise(model, exporter)
     after = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "BatchNormalization"}
-    if external_data is not None and _ir_initializer_bytes(model) > onnx_io.PROTO_LIMIT * 0.9:
+    if external_data is not None and initializer_bytes(model) > onnx_io.PROTO_LIMIT * 0.9:
         folder, name = external_data
         try:
             ir.external_data.unload_from_model(model, str(folder), name, size_threshold_bytes=1024)
@@ -420,4 +408,4 @@ def export(model, example_inputs, path: str | Path, *, opset: int | None = None,
         proto, _, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch,
                                  external_data=(staged.parent, path.name + ".data"))
         save_onnx(proto, staged, data_name=path.name + ".data")
-    return Path(path)
+    return path

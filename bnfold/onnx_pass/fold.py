@@ -11,14 +11,14 @@ names and opsets are kept.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
 
 from bnfold.edges.files import OutputSet
 from bnfold.edges.paths import check_run_paths, spec_files
 from bnfold.errors import first_line
 from bnfold.onnx_pass.core import BN, ONNX_DOMAINS, Ctx, bn_params, node_name, trim_unused_outputs
-from bnfold.onnx_pass.io import bn_count, load_onnx, opset_of, save_onnx, walk
+from bnfold.onnx_pass.io import initializer_bytes, load_onnx, save_onnx, walk
 from bnfold.onnx_pass.rules import RULES
 from bnfold.onnx_pass.merge import Merged, restructure
 from bnfold.plan import IDENTITY_BRANCH, MERGED_BRANCH, Folded, FoldPlan, Merge, Unfolded, Unmerged, folded_entry
@@ -33,11 +33,11 @@ def fold_graph(ctx: Ctx, plan: FoldPlan, record: dict | None = None) -> None:
     that became one Conv folds into it), until nothing changes."""
     bns = [n for n in ctx.graph if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
     entries = {id(bn): [bn, ctx.prefix + node_name(bn), None] for bn in bns}
-    trimmed = [(ctx.prefix + node_name(bn), k) for bn in bns for k in [trim_unused_outputs(ctx, bn)] if k]
+    trimmed = [ctx.prefix + node_name(bn) for bn in bns if trim_unused_outputs(ctx, bn)]
     if trimmed:
         plan.graph_edits += len(trimmed)
         plan.repairs.append(f"repaired: dropped the unused optional outputs of {len(trimmed)} BatchNormalization node(s) "
-                            f"({', '.join(n for n, _ in trimmed[:3])}{', …' if len(trimmed) > 3 else ''}): inference mode, one output")
+                            f"({', '.join(trimmed[:3])}{', …' if len(trimmed) > 3 else ''}): inference mode, one output")
     left, unmerged = list(entries.values()), []
     for _ in range(8):
         for e in left:
@@ -59,15 +59,16 @@ def _record_merges(ctx: Ctx, merges: list[Merged], entries: dict, plan: FoldPlan
     """Plan entries after merges: a BN absorbed as an identity branch folded into the target; a BN
     folded into a conv that merged away folded into the target (``backward`` → ``merged-branch``)."""
     for m in merges:
-        target, gone = ctx.prefix + m.target, {ctx.prefix + c for c, _ in m.convs}
+        target = ctx.prefix + m.target
+        merged = {target} | {ctx.prefix + c for c, _ in m.convs}
         plan.merges.append(Merge(target, tuple((ctx.prefix + c, sign) for c, sign in m.convs), m.groups))
         absorbed = {id(b) for b in m.bns}
         for e in entries.values():
             name, entry = e[1], e[2]
             if id(e[0]) in absorbed:
                 e[2] = folded_entry(name, [target], IDENTITY_BRANCH, ["Conv"])
-            elif isinstance(entry, Folded) and any(i in gone or i == target for i in entry.into):
-                pairs = dict.fromkeys((target, ty) if i in gone or i == target else (i, ty) for i, ty in zip(entry.into, entry.into_type))
+            elif isinstance(entry, Folded) and any(i in merged for i in entry.into):
+                pairs = dict.fromkeys((target if i in merged else i, ty) for i, ty in zip(entry.into, entry.into_type))
                 rule = MERGED_BRANCH if entry.rule == "backward" and target not in entry.into else entry.rule
                 e[2] = folded_entry(name, [i for i, _ in pairs], rule, [ty for _, ty in pairs])
 
@@ -116,8 +117,7 @@ def _shapes(model) -> dict[str, tuple]:
     import onnx
     import onnx_ir as ir
 
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > 1_900_000_000:  # shape inference needs one serialised message
+    if initializer_bytes(model) > 1_900_000_000:  # shape inference needs one serialised message
         return {}
     try:
         proto = ir.serde.serialize_model(model)
@@ -129,24 +129,6 @@ def _shapes(model) -> dict[str, tuple]:
         if vi.type.tensor_type.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim)
     return shapes
-
-
-class _LazyShapes:
-    """Ranks and shapes for values whose IR shape is unknown, from shape inference run on first need
-    only: inference serialises the whole model (a copy of every weight), which a graph whose values
-    carry their shapes (the exporter's) never needs."""
-
-    def __init__(self, model):
-        self.model, self._shapes = model, None
-
-    def shape(self, name) -> tuple | None:
-        if self._shapes is None:
-            self._shapes = _shapes(self.model)
-        return self._shapes.get(name)
-
-    def get(self, name, default=None):
-        shape = self.shape(name)
-        return default if shape is None else len(shape)
 
 
 def fold_ir(model, record: dict | None = None) -> FoldPlan:
@@ -163,12 +145,14 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     plan = FoldPlan(tracer="onnx")
     names = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.name}
     names |= {v.name for v in model.graph.inputs if v.name} | set(model.graph.initializers)
-    ranks = _LazyShapes(model)
+    # shape inference on first need only: it serialises the whole model (a copy of every weight),
+    # which a graph whose values carry their shapes (the exporter's) never needs
+    inferred = functools.cache(lambda: _shapes(model))
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
     ctxs = [Ctx(model, w.graph, main=w.graph is model.graph, prefix=w.prefix,
-                opset=opset if w.function is None else w.function.opset_imports.get("", opset)) for w in walk(model)]
+                opset=opset if w.function is None else w.function.opset_imports.get("", opset),
+                model_names=names, inferred=inferred) for w in walk(model)]
     for ctx in ctxs:
-        ctx.model_names, ctx.ranks = names, ranks
         fold_graph(ctx, plan, record)
     if plan.folded or plan.graph_edits:
         RemoveUnusedNodesPass()(model)
@@ -178,18 +162,6 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
 
 
 # -------------------------------------------------------------------------------------- entry points
-def _to_ir(src, *, copy: bool, repairs: list[str] | None = None):
-    """``src`` as an onnx_ir Model; a path is loaded with ``load_onnx`` (its repairs go to ``repairs``)."""
-    import onnx
-    import onnx_ir as ir
-
-    if isinstance(src, ir.Model):
-        return ir.serde.deserialize_model(ir.serde.serialize_model(src)) if copy else src
-    if isinstance(src, onnx.ModelProto):
-        return ir.serde.deserialize_model(src)
-    return ir.serde.deserialize_model(load_onnx(src, repairs))
-
-
 def fold_onnx_proto(model) -> FoldPlan:
     """Fold a ``ModelProto`` in place; return the plan (every BatchNormalization node, folded or why not)."""
     import onnx_ir as ir
@@ -201,26 +173,23 @@ def fold_onnx_proto(model) -> FoldPlan:
     return plan
 
 
-def fold_onnx_file(src, dst: str | Path, data_name: str | None = None) -> tuple[FoldPlan, dict[str, Any]]:
-    """Fold ``src`` (a path, ModelProto or onnx_ir Model, never modified) and write ``dst``."""
-    import onnx_ir as ir
-
-    repairs: list[str] = []
-    model = _to_ir(src, copy=True, repairs=repairs)
-    plan = fold_ir(model)
-    plan.repairs[:0] = repairs
-    proto = ir.serde.serialize_model(model)
-    info = save_onnx(proto, dst, data_name=data_name)
-    info["opset"] = opset_of(proto)
-    info["nodes"] = len(proto.graph.node)
-    info["batchnorm_nodes"] = bn_count(proto)
-    return plan, info
-
-
 def fold_onnx(src, dst: str | Path) -> FoldPlan:
     """Fold the BatchNormalization nodes of ``src`` (an .onnx path, ``onnx.ModelProto`` or
     ``onnx_ir.Model``; left unchanged) and write ``dst`` atomically, with its external data if any.
     Returns the plan."""
+    import onnx
+    import onnx_ir as ir
+
     check_run_paths({"src": spec_files(src)}, {"dst": dst}, sidecars={"dst": [".data"]})
     with OutputSet() as outs:  # the model and its external data land together
-        return fold_onnx_file(src, outs.reserve(dst))[0]
+        staged = outs.reserve(dst)
+        repairs: list[str] = []
+        if isinstance(src, ir.Model):  # folded in a copy
+            src = ir.serde.serialize_model(src)
+        elif not isinstance(src, onnx.ModelProto):
+            src = load_onnx(src, repairs)
+        model = ir.serde.deserialize_model(src)
+        plan = fold_ir(model)
+        plan.repairs[:0] = repairs
+        save_onnx(ir.serde.serialize_model(model), staged)
+        return plan

@@ -265,10 +265,8 @@ def write_streamed(proto, f) -> None:
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         if proto.HasField(name):  # proto2: an explicitly set default is serialised too
             setattr(before, name, getattr(proto, name))
-    after.opset_import.extend(proto.opset_import)  # fields 8+
-    after.metadata_props.extend(proto.metadata_props)
-    after.training_info.extend(proto.training_info)
-    after.functions.extend(proto.functions)
+    for name in ("opset_import", "metadata_props", "training_info", "functions"):  # fields 8+
+        getattr(after, name).extend(getattr(proto, name))
     bb, ab = before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
     f.write(bb)
     f.write(_field(7, glen))
@@ -291,8 +289,12 @@ def check_onnx_file(path: str | Path) -> None:
         raise ExportError(f"onnx.checker rejected the exported model: {first_line(err)}", "report this model to bnfold") from err
 
 
-def _initializer_bytes(proto) -> int:
-    return sum(len(t.raw_data) for t in proto.graph.initializer)
+def initializer_bytes(model) -> int:
+    """The bytes of a model's initializers: an ``onnx_ir.Model``'s tensors, a ModelProto's raw data."""
+    if _is_ir(model):
+        values = model.graph.initializers.values()
+        return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | None = None) -> dict[str, Any]:
@@ -306,14 +308,16 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
     path = Path(path)
     # weights already written as external data (export_folded's IR path) keep their file
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    large = not external and _initializer_bytes(proto) > PROTO_LIMIT * 0.9
-    info: dict[str, Any] = {"path": str(path), "external_data": None}
+    large = not external and initializer_bytes(proto) > PROTO_LIMIT * 0.9
     if not large:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:  # one initializer at a time: no second copy of the weights
                 write_streamed(proto, f)
             if check:
                 check_onnx_file(tmp)
+        # the file of the weights the exporter already wrote beside the model (None: none)
+        locations = (e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location")
+        data_name = next(locations, None)
     else:
         data_name = data_name or path.name + ".data"
         with atomic_path(path.parent / data_name) as tmp_data, atomic_path(path) as tmp:
@@ -328,17 +332,13 @@ def save_onnx(proto, path: str | Path, *, check: bool = True, data_name: str | N
             tmp.write_bytes(m.SerializeToString(deterministic=True))
         if check:
             check_onnx_file(path)
-        info["external_data"] = data_name
-    if info["external_data"] is None:  # weights the exporter already wrote beside the model
-        info["external_data"] = next((e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"), None)
-    info["sha256"] = sha256_file(path)
-    info["bytes"] = path.stat().st_size
-    return info
+    return {"path": str(path), "external_data": data_name, "sha256": sha256_file(path),
+            "bytes": path.stat().st_size}
 
 
 def opset_of(proto) -> int | None:
     for o in proto.opset_import:
-        if o.domain in ("", "ai.onnx"):
+        if o.domain in ONNX_DOMAINS:
             return int(o.version)
     return None
 
@@ -350,10 +350,7 @@ def bn_count(model) -> int:
 
 def _bn_output_count(node) -> int:
     """Outputs of a node as runtimes count them: up to the last one with a name."""
-    names = list(node.output)
-    while names and not names[-1]:
-        names.pop()
-    return len(names)
+    return max((k + 1 for k, name in enumerate(node.output) if name), default=0)
 
 
 def ort_blockers(proto) -> list[str]:

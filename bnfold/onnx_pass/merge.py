@@ -54,9 +54,6 @@ def _keeps_shape(ctx: Ctx, y, z) -> bool:
         zs = None if why else arr.shape
     if zs is None:
         return False
-    rank = ctx.rank(y)
-    if rank is not None and len(zs) <= rank and all(d == 1 for d in zs):
-        return True
     ys = ctx.shape(y)
     if ys is None or len(zs) > len(ys):
         return False
@@ -95,15 +92,15 @@ def drop_zero_adds(ctx: Ctx) -> int:
 
 
 # ------------------------------------------------------------------- constant affine after a conv
-def _per_channel(arr: np.ndarray, rank: int | None, c: int, axis: int) -> np.ndarray | None:
-    """``arr`` as one value per channel on ``axis`` of a rank-``rank`` output (broadcast from a
+def _per_channel(arr: np.ndarray, rank: int | None, c: int) -> np.ndarray | None:
+    """``arr`` as one value per channel on axis 1 of a rank-``rank`` output (broadcast from a
     scalar or a (…, C, 1…) tensor that does not widen the output), float64; None when it is not one."""
     if rank is None or arr.ndim > rank or arr.dtype.kind != "f":
         return None
     shape = (1,) * (rank - arr.ndim) + tuple(arr.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, c):
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, c):
         return None
-    return np.broadcast_to(arr.astype(np.float64).reshape(-1), (c,)).copy() if arr.size in (1, c) else None
+    return np.broadcast_to(arr.astype(np.float64).reshape(-1), (c,)).copy()
 
 
 def fold_affine_after(ctx: Ctx) -> int:
@@ -137,11 +134,11 @@ def _fold_into(ctx: Ctx, node, p, arr: np.ndarray) -> bool:
     out = p.outputs[0]
     if p.op_type == "Conv":
         cw = conv_weights(ctx, p)
-        c, rank, axis = cw.out_channels, ctx.rank(out), 1
+        c, rank = cw.out_channels, ctx.rank(out)
     else:
         cw = gemm_producer(ctx, out, None)
-        c, rank, axis = cw.b.shape[0] if cw.trans_b else cw.b.shape[1], 2, 1
-    vec = _per_channel(arr, rank, c, axis)
+        c, rank = cw.b.shape[0] if cw.trans_b else cw.b.shape[1], 2
+    vec = _per_channel(arr, rank, c)
     if vec is None or (node.op_type == "Div" and not np.all(np.isfinite(1 / vec))):
         return False
     one, zero = np.ones(c), np.zeros(c)
@@ -182,9 +179,8 @@ def _is_sum(ctx: Ctx, node) -> bool:
 
 def _inner(ctx: Ctx, v) -> bool:
     """``v`` is read once, by a sum node: its own sum continues in that one."""
-    if v.is_graph_output() or len(v.uses()) != 1:
-        return False
-    return _is_sum(ctx, next(iter(v.uses()))[0])
+    use = ctx.reader(v)
+    return use is not None and _is_sum(ctx, use[0])
 
 
 def _tree(ctx: Ctx, root) -> tuple[list, list[Term]]:
@@ -222,7 +218,7 @@ def _geometry(ctx: Ctx, node) -> dict:
 def _classify(ctx: Ctx, t: Term) -> None:
     v = t.value
     p = v.producer() if v is not None else None
-    if p is None or p.domain not in ONNX_DOMAINS or not ctx.owns(p) or v.is_graph_output() or len(v.uses()) != 1:
+    if p is None or p.domain not in ONNX_DOMAINS or not ctx.owns(p) or ctx.single_use(v):
         return
     try:
         if p.op_type == "Conv" and len(p.inputs) >= 2:
@@ -322,7 +318,7 @@ def _merge_convs(ctx: Ctx, root, group: list[Term]):
     for t in group:
         if t.kind == "conv":
             g = t.geo
-            parts.append((f64(g["w"]), None if g["b"] is None else f64(g["b"]), g["group"], t.sign))
+            parts.append((f64(g["w"]), f64(g["b"]), g["group"], t.sign))
         else:
             s, sh = t.st if t.kind == "bn" else (f64(np.ones(target.geo["w"].shape[0])), None)
             parts.append((identity_kernel(s, n), sh, s.numel(), t.sign))
@@ -345,7 +341,7 @@ def _merge_gemms(ctx: Ctx, root, group: list[Term]):
         raise NoMatch(f"Gemms with B of shapes {sorted(shapes)}")
     target = group[0]
     dt = target.geo["b"].dtype
-    parts = [(f64(t.geo["b"]), None if t.geo["c"] is None else f64(t.geo["c"]), t.geo["alpha"], t.geo["beta"], t.sign) for t in group]
+    parts = [(f64(t.geo["b"]), f64(t.geo["c"]), t.geo["alpha"], t.geo["beta"], t.sign) for t in group]
     b, c = merge_linear_branches(parts)
     tnode = target.node
     bv = ctx.new_const(value_name(tnode.inputs[1]), b.numpy().astype(dt), root)

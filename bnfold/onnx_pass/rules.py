@@ -92,14 +92,15 @@ class JoinOfConvs:
 
 
 # ------------------------------------------------------------------------------- rule helpers
-def conv_weights(ctx: Ctx, node, what: str = "weights") -> ConvWeights:
+def conv_weights(ctx: Ctx, node) -> ConvWeights:
     """A Conv-like node's weights, or NoMatch when they are not constant floating-point tensors."""
-    w = ctx.need_const(node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} '{node_name(node)}' {what}")
+    what = f"{node.op_type} '{node_name(node)}'"
+    w = ctx.need_const(node.inputs[1] if len(node.inputs) > 1 else None, f"{what} weights")
     b = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = ctx.need_const(node.inputs[2], f"{node.op_type} '{node_name(node)}' bias")
+        b = ctx.need_const(node.inputs[2], f"{what} bias")
     if (w.dtype.kind != "f" and "float" not in str(w.dtype)) or w.dtype.itemsize < 2:
-        raise NoMatch(f"{node.op_type} '{node_name(node)}' weights are {w.dtype}, not 16/32/64-bit floating point")
+        raise NoMatch(f"{what} weights are {w.dtype}, not 16/32/64-bit floating point")
     return ConvWeights(node, w, b)
 
 
@@ -107,14 +108,14 @@ def _set_conv(ctx: Ctx, conv: ConvWeights, w2, b2) -> None:
     """New weight and bias tensors (float64 → the weight's dtype) for ``conv``."""
     node, dt = conv.node, conv.w.dtype
     ctx.set_input(node, 1, value_name(node.inputs[1]), w2.numpy().astype(dt))
-    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    ctx.set_input(node, 2, value_name(node.inputs[2]) if has_bias else node_name(node) + "_bias", b2.numpy().astype(dt))
+    base = node_name(node) + "_bias" if conv.b is None else value_name(node.inputs[2])
+    ctx.set_input(node, 2, base, b2.numpy().astype(dt))
 
 
 def conv_backward(ctx: Ctx, conv: ConvWeights, s, t) -> None:
     """W'[c] = W[c]·s[c], b' = b·s + t (ConvTranspose: per group on weight dim 1)."""
     node = conv.node
-    w2, b2 = fold_backward(f64(conv.w), None if conv.b is None else f64(conv.b), s, t,
+    w2, b2 = fold_backward(f64(conv.w), f64(conv.b), s, t,
                            transposed=node.op_type == "ConvTranspose", groups=int(attr(node, "group", 1)))
     _set_conv(ctx, conv, w2, b2)
 
@@ -142,28 +143,39 @@ def _conv_of(ctx: Ctx, node, c: int) -> ConvWeights:
     return conv
 
 
+def gemm_weights(ctx: Ctx, node, what: str) -> GemmWeights:
+    """A Gemm's or MatMul's constant B, its C (a Gemm's; None: none) and transB; ``what`` names the
+    node in the NoMatch of a value that is not constant."""
+    b = ctx.need_const(node.inputs[1], f"{what} B")
+    c = None
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = ctx.need_const(node.inputs[2], f"{what} C")
+    return GemmWeights(node, b, c, bool(attr(node, "transB", 0)))
+
+
 def gemm_producer(ctx: Ctx, x, c: int | None) -> GemmWeights:
     """The Gemm producing ``x`` with ``c`` outputs (None: any), and its constant B and C."""
     prod = producer(ctx, x, ("Gemm",))
-    bw = ctx.need_const(prod.inputs[1], f"Gemm '{node_name(prod)}' B")
-    cw = None
-    if len(prod.inputs) > 2 and prod.inputs[2] is not None:
-        cw = ctx.need_const(prod.inputs[2], f"Gemm '{node_name(prod)}' C")
-    trans_b = bool(attr(prod, "transB", 0))
-    n = bw.shape[0] if trans_b else bw.shape[1]
+    gemm = gemm_weights(ctx, prod, f"Gemm '{node_name(prod)}'")
+    n = gemm.b.shape[0] if gemm.trans_b else gemm.b.shape[1]
     if c is not None and n != c:
         raise NoMatch(f"Gemm '{node_name(prod)}' has {n} outputs, BN {c} channels")
-    return GemmWeights(prod, bw, cw, trans_b)
+    return gemm
+
+
+def _set_gemm(ctx: Ctx, gemm: GemmWeights, b2, c2) -> None:
+    """New B and C tensors (float64 → B's dtype) for Gemm ``gemm``, and β = 1."""
+    g, dt = gemm.node, gemm.b.dtype
+    ctx.set_input(g, 1, value_name(g.inputs[1]), b2.numpy().astype(dt))
+    ctx.set_input(g, 2, node_name(g) + "_C", c2.numpy().astype(dt))
+    ctx.set_attr(g, "beta", 1.0)
 
 
 def gemm_backward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
     """op(B)'[:,n] = op(B)[:,n]·s[n],  C' = β·C·s + t,  β' = 1."""
-    g, dt = gemm.node, gemm.b.dtype
-    b2, c2 = fold_gemm_backward(f64(gemm.b), None if gemm.c is None else f64(gemm.c), s, t,
-                                beta=float(attr(g, "beta", 1.0)), trans_b=gemm.trans_b)
-    ctx.set_input(g, 1, value_name(g.inputs[1]), b2.numpy().astype(dt))
-    ctx.set_input(g, 2, node_name(g) + "_C", c2.numpy().astype(dt))
-    ctx.set_attr(g, "beta", 1.0)
+    b2, c2 = fold_gemm_backward(f64(gemm.b), f64(gemm.c), s, t,
+                                beta=float(attr(gemm.node, "beta", 1.0)), trans_b=gemm.trans_b)
+    _set_gemm(ctx, gemm, b2, c2)
 
 
 def _matmul_chain(ctx: Ctx, x, c: int, *, rank2: bool) -> MatMulChain:
@@ -200,12 +212,16 @@ def _matmul_chain(ctx: Ctx, x, c: int, *, rank2: bool) -> MatMulChain:
     return chain
 
 
-def _matmul_fold(ctx: Ctx, bn: BN, chain: MatMulChain, tail, replace: bool = True) -> None:
-    """B'[:,n] = B[:,n]·s[n]; bias' = bias·s + t, or an Add of t after ``tail`` (the node whose
-    output replaces the BN's). ``replace=False``: only the weights (the caller places t, and the BN)."""
-    import onnx_ir as ir
+def _linear_producer(ctx: Ctx, x, c: int) -> GemmWeights | MatMulChain:
+    """The Gemm, else the MatMul chain (any rank), producing ``x`` with ``c`` outputs."""
+    if x.producer() is not None and x.producer().op_type == "Gemm":
+        return gemm_producer(ctx, x, c)
+    return _matmul_chain(ctx, x, c, rank2=False)
 
-    mm, s, t = chain.matmul, bn.s, bn.t
+
+def _matmul_weights(ctx: Ctx, chain: MatMulChain, s, t):
+    """B'[:,n] = B[:,n]·s[n]; bias' = bias·s + t, into the chain's Add if any; returns bias' (float64)."""
+    mm = chain.matmul
     bias = None if chain.bias is None else f64(chain.bias).reshape(-1).expand(s.numel())
     b2, bias2 = fold_backward(f64(chain.b).T, bias, s, t)  # a Linear: weight (out, in)
     ctx.set_input(mm, 1, value_name(mm.inputs[1]), b2.T.contiguous().numpy().astype(chain.b.dtype))
@@ -213,12 +229,24 @@ def _matmul_fold(ctx: Ctx, bn: BN, chain: MatMulChain, tail, replace: bool = Tru
         add, k = chain.add, chain.bias_index
         shape = chain.bias.shape if chain.bias.size == s.numel() else (s.numel(),)
         ctx.set_input(add, k, value_name(add.inputs[k]), bias2.numpy().astype(chain.bias.dtype).reshape(shape))
-        if replace:
-            ctx.replace_bn(bn.node, tail.outputs[0])
+    return bias2
+
+
+def _backward_linear(ctx: Ctx, bn: BN, p: GemmWeights | MatMulChain, tail) -> None:
+    """The backward fold into Gemm or MatMul chain ``p``; the BN's readers read the output of
+    ``tail`` (``p``'s last node or a layout node after it), through an Add of bias' = t after it
+    when ``p`` is a MatMul without an Add."""
+    import onnx_ir as ir
+
+    if isinstance(p, GemmWeights):
+        gemm_backward(ctx, p, bn.s, bn.t)
+        ctx.replace_bn(bn.node, tail.outputs[0])
         return
-    if not replace:
+    bias2 = _matmul_weights(ctx, p, bn.s, bn.t)
+    if p.add is not None:
+        ctx.replace_bn(bn.node, tail.outputs[0])
         return
-    c = ctx.new_const(node_name(mm) + "_bias", bias2.numpy().astype(chain.b.dtype), bn.node)
+    c = ctx.new_const(node_name(p.matmul) + "_bias", bias2.numpy().astype(p.b.dtype), bn.node)
     add = ir.Node("", "Add", [tail.outputs[0], c], name=node_name(bn.node) + "_bias_add")
     ctx.replace_bn(bn.node, add.outputs[0], [add])
 
@@ -263,8 +291,7 @@ class BackwardGemm(OnnxRule):
         return gemm_producer(ctx, bn.node.inputs[0], bn.channels)
 
     def rewrite(self, ctx: Ctx, bn: BN, m: GemmWeights) -> None:
-        gemm_backward(ctx, m, bn.s, bn.t)
-        ctx.replace_bn(bn.node, m.node.outputs[0])
+        _backward_linear(ctx, bn, m, m.node)
 
 
 class BackwardMatMul(OnnxRule):
@@ -277,7 +304,7 @@ class BackwardMatMul(OnnxRule):
         return _matmul_chain(ctx, bn.node.inputs[0], bn.channels, rank2=True)
 
     def rewrite(self, ctx: Ctx, bn: BN, m: MatMulChain) -> None:
-        _matmul_fold(ctx, bn, m, m.nodes[-1])
+        _backward_linear(ctx, bn, m, m.nodes[-1])
 
 
 class BackwardReshape(OnnxRule):
@@ -293,20 +320,13 @@ class BackwardReshape(OnnxRule):
         c = bn.channels
         if why or shape.ndim != 1 or len(shape) != 2 or int(shape[-1]) != c:
             raise NoMatch(f"Reshape '{node_name(rs)}' does not give (rows, {c}) with the channel axis last" + (f" ({why})" if why else ""))
-        src = rs.inputs[0]
         try:
-            if src.producer() is not None and src.producer().op_type == "Gemm":
-                return LayoutOfProducer(gemm_producer(ctx, src, c), [rs])
-            return LayoutOfProducer(_matmul_chain(ctx, src, c, rank2=False), [rs])
+            return LayoutOfProducer(_linear_producer(ctx, rs.inputs[0], c), [rs])
         except NoMatch as nm:
             raise NoMatch(f"Reshape '{node_name(rs)}' input: {nm.reason}") from None
 
     def rewrite(self, ctx: Ctx, bn: BN, m: LayoutOfProducer) -> None:
-        if isinstance(m.producer, GemmWeights):
-            gemm_backward(ctx, m.producer, bn.s, bn.t)
-            ctx.replace_bn(bn.node, m.path[-1].outputs[0])
-            return
-        _matmul_fold(ctx, bn, m.producer, m.path[-1])
+        _backward_linear(ctx, bn, m.producer, m.path[-1])
 
 
 class BackwardTranspose(OnnxRule):
@@ -327,7 +347,7 @@ class BackwardTranspose(OnnxRule):
             raise NoMatch("no Transpose between a MatMul/Gemm and the BN", applies=False)
         c = bn.channels
         try:
-            prod = gemm_producer(ctx, x, c) if x.producer() is not None and x.producer().op_type == "Gemm" else _matmul_chain(ctx, x, c, rank2=False)
+            prod = _linear_producer(ctx, x, c)
         except NoMatch as nm:
             raise NoMatch(f"{path[0].op_type} '{node_name(path[0])}' input: {nm.reason}", applies=nm.applies) from None
         rank = ctx.rank(x)
@@ -358,18 +378,16 @@ class BackwardTranspose(OnnxRule):
         import onnx_ir as ir
 
         p = m.producer
-        if isinstance(p, GemmWeights):
-            gemm_backward(ctx, p, bn.s, bn.t)
-        elif p.add is not None:
-            _matmul_fold(ctx, BN(None, bn.s, bn.t), p, None, replace=False)
-        else:  # B' now; t added right after the MatMul, before the layout nodes
-            mm = p.matmul
-            _matmul_fold(ctx, BN(None, bn.s, bn.t), p, None, replace=False)
-            c = ctx.new_const(node_name(mm) + "_bias", bn.t.numpy().astype(p.b.dtype), m.path[0])
-            add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(mm) + "_bias_add")
-            add.outputs[0].name = ctx.fresh(value_name(mm.outputs[0]))
-            ctx.graph.insert_after(mm, add)
-            m.path[0].replace_input_with(0, add.outputs[0])
+        if not isinstance(p, MatMulChain) or p.add is not None:
+            _backward_linear(ctx, bn, p, m.path[-1])
+            return
+        mm = p.matmul  # B' now; t added right after the MatMul, before the layout nodes
+        _matmul_weights(ctx, p, bn.s, bn.t)
+        c = ctx.new_const(node_name(mm) + "_bias", bn.t.numpy().astype(p.b.dtype), m.path[0])
+        add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(mm) + "_bias_add")
+        add.outputs[0].name = ctx.fresh(value_name(mm.outputs[0]))
+        ctx.graph.insert_after(mm, add)
+        m.path[0].replace_input_with(0, add.outputs[0])
         ctx.replace_bn(bn.node, m.path[-1].outputs[0])
 
 
@@ -385,15 +403,12 @@ class BackwardConcat(OnnxRule):
         rank = ctx.rank(cat.outputs[0])
         if axis != 1 and not (rank is not None and axis == 1 - rank):
             raise NoMatch(f"Concat '{node_name(cat)}' joins axis {axis}, not the channel axis 1")
-        parts, seen = [], set()
-        for x in cat.inputs:
+        parts = []
+        for x in cat.inputs:  # each read once (``producer``): a repeated input has two consumers
             try:
                 prod = producer(ctx, x, ("Conv", "ConvTranspose"))
             except NoMatch as nm:
                 raise NoMatch(f"Concat '{node_name(cat)}' input '{value_name(x)}': {nm.reason}") from None
-            if id(prod) in seen:
-                raise NoMatch(f"Concat '{node_name(cat)}' reads '{value_name(x)}' twice")
-            seen.add(id(prod))
             parts.append(conv_weights(ctx, prod))
         total = sum(p.out_channels for p in parts)
         if total != bn.channels:
@@ -424,7 +439,7 @@ class AddOfConvs(OnnxRule):
             except NoMatch as nm:
                 raise NoMatch(f"Add '{node_name(add)}' input '{value_name(x)}': {nm.reason}", applies=nm.applies) from None
             parts.append(_conv_of(ctx, prod, bn.channels))
-        if len(parts) != 2 or parts[0].node is parts[1].node:
+        if len(parts) != 2:  # Add(a, a): 'a' has two consumers, which ``producer`` refuses
             raise NoMatch(f"Add '{node_name(add)}' does not add two different convolutions")
         return JoinOfConvs(add, parts)
 
@@ -461,7 +476,7 @@ class ForwardConv(OnnxRule):
         return conv
 
     def rewrite(self, ctx: Ctx, bn: BN, m: ConvWeights) -> None:
-        w2, b2 = fold_forward(f64(m.w), None if m.b is None else f64(m.b), bn.s, bn.t, groups=int(attr(m.node, "group", 1)))
+        w2, b2 = fold_forward(f64(m.w), f64(m.b), bn.s, bn.t, groups=int(attr(m.node, "group", 1)))
         _set_conv(ctx, m, w2, b2)
         ctx.bypass_bn(bn.node)
 
@@ -478,46 +493,42 @@ class ForwardGemm(OnnxRule):
         what = f"consumer {cons.op_type} '{node_name(cons)}'"
         if int(attr(cons, "transA", 0)):
             raise NoMatch(f"consumer Gemm '{node_name(cons)}' has transA=1 (BN channels would be its rows)")
-        bw = ctx.need_const(cons.inputs[1], f"{what} B")
-        c = None
-        if cons.op_type == "Gemm" and len(cons.inputs) > 2 and cons.inputs[2] is not None:
-            c = ctx.need_const(cons.inputs[2], f"consumer Gemm '{node_name(cons)}' C")
+        m = gemm_weights(ctx, cons, what)
         if cons.op_type == "MatMul":
             rank = ctx.rank(bn.node.inputs[0])
-            if bw.ndim != 2 or rank != 2:
-                raise NoMatch(f"{what} needs a 2-D input and a constant 2-D B (input rank {rank}, B rank {bw.ndim})")
-        trans_b = bool(attr(cons, "transB", 0))
-        k = bw.shape[1] if trans_b else bw.shape[0]
+            if m.b.ndim != 2 or rank != 2:
+                raise NoMatch(f"{what} needs a 2-D input and a constant 2-D B "
+                              f"(input rank {rank}, B rank {m.b.ndim})")
+        k = m.b.shape[1] if m.trans_b else m.b.shape[0]
         if k != bn.channels:
             raise NoMatch(f"{what} reads {k} features, BN has {bn.channels}")
-        return GemmWeights(cons, bw, c, trans_b)
+        return m
 
     def rewrite(self, ctx: Ctx, bn: BN, m: GemmWeights) -> None:
-        g, dt = m.node, m.b.dtype
-        b2, c2 = fold_gemm_forward(f64(m.b), None if m.c is None else f64(m.c), bn.s, bn.t,
-                                   alpha=float(attr(g, "alpha", 1.0)), beta=float(attr(g, "beta", 1.0)), trans_b=m.trans_b)
-        if g.op_type == "Gemm":
-            ctx.set_input(g, 1, value_name(g.inputs[1]), b2.numpy().astype(dt))
-            ctx.set_input(g, 2, node_name(g) + "_C", c2.numpy().astype(dt))
-            ctx.set_attr(g, "beta", 1.0)
-            ctx.bypass_bn(bn.node)
-            return
-        _matmul_with_bias(ctx, g, b2.numpy().astype(dt), c2.numpy().astype(dt), bn.node.inputs[0], [bn.node, g])
+        gemm_forward(ctx, m, bn.s, bn.t)
+        ctx.bypass_bn(bn.node)
 
 
-def _matmul_with_bias(ctx: Ctx, g, b2: np.ndarray, c2: np.ndarray, x, gone: list) -> None:
-    """MatMul ``g`` becomes MatMul(x, B') → Add(C'); the Add's output takes ``g``'s output (name,
-    type, shape), and the nodes ``gone`` (``g``, and the BN when ``x`` is its input) go."""
+def gemm_forward(ctx: Ctx, gemm: GemmWeights, s, t) -> None:
+    """op(B)'[k,:] = s[k]·op(B)[k,:],  C' = β·C + α·t·op(B),  β' = 1; a MatMul ``g`` becomes
+    MatMul(x, B') → Add(C'), the Add's output taking ``g``'s output (name, type, shape)."""
     import onnx_ir as ir
 
+    g, dt = gemm.node, gemm.b.dtype
+    b2, c2 = fold_gemm_forward(f64(gemm.b), f64(gemm.c), s, t,
+                               alpha=float(attr(g, "alpha", 1.0)), beta=float(attr(g, "beta", 1.0)),
+                               trans_b=gemm.trans_b)
+    if g.op_type == "Gemm":
+        _set_gemm(ctx, gemm, b2, c2)
+        return
     out = g.outputs[0]
-    b = ctx.new_const(value_name(g.inputs[1]), b2, g)
-    c = ctx.new_const(node_name(g) + "_bias", c2, g)
-    mm = ir.Node(g.domain, "MatMul", [x, b], name=g.name, metadata_props=dict(g.metadata_props))
+    b = ctx.new_const(value_name(g.inputs[1]), b2.numpy().astype(dt), g)
+    c = ctx.new_const(node_name(g) + "_bias", c2.numpy().astype(dt), g)
+    mm = ir.Node(g.domain, "MatMul", [g.inputs[0], b], name=g.name, metadata_props=dict(g.metadata_props))
     mm.outputs[0].name = ctx.fresh(out.name or node_name(g))
     mm.outputs[0].type, mm.outputs[0].shape = out.type, out.shape
     add = ir.Node("", "Add", [mm.outputs[0], c], name=node_name(g) + "_bias_add")
-    ir.convenience.replace_nodes_and_values(ctx.graph, g, gone, [mm, add], [out], [add.outputs[0]])
+    ir.convenience.replace_nodes_and_values(ctx.graph, g, [g], [mm, add], [out], [add.outputs[0]])
 
 
 @dataclass
@@ -532,6 +543,7 @@ class PoolHeads:
 
 
 _FLATTENS = ("Flatten", "Reshape", "Squeeze")
+_TO_POOL = ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten")
 
 
 class PoolHead(OnnxRule):
@@ -544,16 +556,15 @@ class PoolHead(OnnxRule):
     side = "forward"
 
     def match(self, ctx: Ctx, bn: BN) -> PoolHeads:
-        pool = _consumer(ctx, bn.node, ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten"))
+        pool = _consumer(ctx, bn.node, _TO_POOL)
         while pool.op_type in ("Reshape", "Flatten"):  # x.flatten(2).mean(-1): spatial axes merged, (N, C) kept
             ins, outs = ctx.shape(pool.inputs[0]), ctx.shape(pool.outputs[0])
             if not (ins and outs and len(outs) >= 3 and all(isinstance(d, int) for d in ins[:2]) and tuple(ins[:2]) == tuple(outs[:2])):
                 raise NoMatch(f"BN output goes to {pool.op_type} '{node_name(pool)}', not to an average pool", applies=False)
-            users = list(pool.outputs[0].uses())
-            if pool.outputs[0].is_graph_output() or len(users) != 1 or users[0][1] != 0 or users[0][0].op_type not in (
-                    "GlobalAveragePool", "ReduceMean", "Reshape", "Flatten") or users[0][0].domain not in ONNX_DOMAINS:
+            use = ctx.reader(pool.outputs[0])
+            if not use or use[1] != 0 or use[0].op_type not in _TO_POOL or use[0].domain not in ONNX_DOMAINS:
                 raise NoMatch(f"{pool.op_type} '{node_name(pool)}' after the BN does not go to an average pool alone", applies=False)
-            pool = users[0][0]
+            pool = use[0]
         rank = ctx.rank(pool.inputs[0])
         if pool.op_type == "ReduceMean":
             axes = attr(pool, "axes", None)
@@ -561,21 +572,16 @@ class PoolHead(OnnxRule):
                 axes = ctx.need_const(pool.inputs[1], f"ReduceMean '{node_name(pool)}' axes").reshape(-1).tolist()
             if not axes or rank is None or sorted(int(a) % rank for a in axes) != list(range(2, rank)):
                 raise NoMatch(f"ReduceMean '{node_name(pool)}' does not average exactly the spatial axes (axes {axes}, rank {rank})")
-        x = pool.outputs[0]
-        while True:  # flatten/reshape/squeeze to (N, C): each the only reader of the last
-            users = list(x.uses())
-            if x.is_graph_output() or len(users) != 1 or users[0][0].op_type not in _FLATTENS or users[0][1] != 0:
-                break
-            x = users[0][0].outputs[0]
+        x = pool.outputs[0]  # then flatten/reshape/squeeze to (N, C), each the only reader of the last
+        while (use := ctx.reader(x)) and use[0].op_type in _FLATTENS and use[1] == 0:
+            x = use[0].outputs[0]
         shape = ctx.shape(x)
         if shape is None or len(shape) != 2 or shape[1] != bn.channels:
             raise NoMatch(f"the pooled value '{value_name(x)}' is not (N, {bn.channels}) (shape {shape})")
         if x.is_graph_output() or not x.uses():
             raise NoMatch(f"the pooled value '{value_name(x)}' is a graph output" if x.is_graph_output() else "the pooled value is unused")
-        heads = [self._head(ctx, bn, node, idx) for node, idx in x.uses()]
-        if len({id(h.node) for h in heads}) != len(heads):
-            raise NoMatch("a head reads the pooled value twice")
-        return PoolHeads(heads)
+        # a node reading it twice reads it as an input other than 0 too: ``_head`` refuses that
+        return PoolHeads([self._head(ctx, bn, node, idx) for node, idx in x.uses()])
 
     @staticmethod
     def _head(ctx: Ctx, bn: BN, node, idx: int) -> GemmWeights:
@@ -584,26 +590,14 @@ class PoolHead(OnnxRule):
             raise NoMatch(f"the pooled value goes to {node.op_type} '{node_name(node)}' (input {idx}), not to a Gemm/MatMul head")
         if int(attr(node, "transA", 0)):
             raise NoMatch(f"{what} has transA=1")
-        b = ctx.need_const(node.inputs[1], f"{what} B")
-        c = None
-        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = ctx.need_const(node.inputs[2], f"{what} C")
-        trans_b = bool(attr(node, "transB", 0))
-        if b.ndim != 2 or (b.shape[1] if trans_b else b.shape[0]) != bn.channels:
-            raise NoMatch(f"{what} B of shape {b.shape} does not read {bn.channels} features")
-        return GemmWeights(node, b, c, trans_b)
+        head = gemm_weights(ctx, node, what)
+        if head.b.ndim != 2 or (head.b.shape[1] if head.trans_b else head.b.shape[0]) != bn.channels:
+            raise NoMatch(f"{what} B of shape {head.b.shape} does not read {bn.channels} features")
+        return head
 
     def rewrite(self, ctx: Ctx, bn: BN, m: PoolHeads) -> None:
         for h in m.heads:
-            g, dt = h.node, h.b.dtype
-            b2, c2 = fold_gemm_forward(f64(h.b), None if h.c is None else f64(h.c), bn.s, bn.t,
-                                       alpha=float(attr(g, "alpha", 1.0)), beta=float(attr(g, "beta", 1.0)), trans_b=h.trans_b)
-            if g.op_type == "Gemm":
-                ctx.set_input(g, 1, value_name(g.inputs[1]), b2.numpy().astype(dt))
-                ctx.set_input(g, 2, node_name(g) + "_C", c2.numpy().astype(dt))
-                ctx.set_attr(g, "beta", 1.0)
-            else:
-                _matmul_with_bias(ctx, g, b2.numpy().astype(dt), c2.numpy().astype(dt), g.inputs[0], [g])
+            gemm_forward(ctx, h, bn.s, bn.t)
         ctx.bypass_bn(bn.node)
 
 
