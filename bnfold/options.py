@@ -207,9 +207,8 @@ _SHAPE_FIX = "write a shape as 1,3,224,224 or [1, 3, 224, 224]"
 
 def _is_dims(v) -> bool:
     """A shape written as integers: [1, 3, 224, 224], (1, 10), torch.Size."""
-    if not isinstance(v, (list, tuple)) or not v:
-        return False
-    return all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+    return isinstance(v, (list, tuple)) and bool(v) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in v)
 
 
 def _shape_of(v, via, key) -> tuple[int, ...]:
