@@ -333,9 +333,7 @@ def model_kind(model: Any) -> str | None:
     """"onnx" or "torch" for a model as any interface passes it (spec, path, module); None: unknown."""
     if model is None:
         return None
-    if isinstance(model, (str, Path)):
-        return "onnx" if spec_kind(str(model)).kind == "onnx" else "torch"
-    return "torch"
+    return "onnx" if isinstance(model, (str, Path)) and spec_kind(str(model)).kind == "onnx" else "torch"
 
 
 _ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)

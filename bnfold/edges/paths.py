@@ -92,15 +92,8 @@ def onnx_data_files(path: PathLike) -> list[str]:
 
 
 def _items(mapping: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tuple[str, PathLike]]:
-    out = []
-    for label, value in mapping.items():
-        if value is None:
-            continue
-        if isinstance(value, (str, os.PathLike)):
-            out.append((label, value))
-        else:
-            out.extend((label, v) for v in value if v is not None)
-    return out
+    return [(label, v) for label, value in mapping.items() if value is not None
+            for v in ([value] if isinstance(value, (str, os.PathLike)) else value) if v is not None]
 
 
 def _input_refs(inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[_Ref]:
