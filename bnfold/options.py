@@ -52,9 +52,6 @@ class Via:
     def key(self, key: str) -> str:
         return f"{key}="
 
-    def where(self) -> str:
-        return ""
-
 
 class CliVia(Via):
     name = "cli"
@@ -90,10 +87,9 @@ class OptionError(BadInputError):
     """An option value that cannot be used (exit 2), worded for the interface that passed it."""
 
     def __init__(self, via: Via, key: str | None, problem: str, fix: str | None = None):
-        where = via.where()
         named = via.key(key) if key else ""
         if isinstance(via, ConfigVia):
-            text = f"{where}, {named} {problem}" if key else f"{where}: {problem}"
+            text = f"{via.where()}, {named} {problem}" if key else f"{via.where()}: {problem}"
         else:
             text = f"{named} {problem}".strip() if key else problem
         super().__init__(text, fix)
