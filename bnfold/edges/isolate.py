@@ -286,8 +286,7 @@ def _pump(conn, task: Task) -> bool:
     try:
         while conn.poll():
             task.status, task.result = pickle.loads(conn.recv_bytes()[1:])
-    except (EOFError, OSError, pickle.UnpicklingError, ValueError):
-        conn.close()
+    except (EOFError, OSError, pickle.UnpicklingError, ValueError):  # _collect closes the pipe
         return True
     return False
 
