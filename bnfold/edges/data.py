@@ -34,10 +34,8 @@ class Batch:
     def size(self) -> int:
         import torch
 
-        for t in itertools.chain(self.args, self.kwargs.values()):
-            if isinstance(t, torch.Tensor) and t.dim() > 0:
-                return int(t.shape[0])
-        return 1
+        return next((int(t.shape[0]) for t in itertools.chain(self.args, self.kwargs.values())
+                     if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
 
 
 def as_batch(item: Any) -> Batch:
@@ -45,9 +43,7 @@ def as_batch(item: Any) -> Batch:
     import torch
 
     def tens(x):
-        if isinstance(x, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(x))
-        return x
+        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
     if isinstance(item, Batch):
         return item
