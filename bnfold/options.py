@@ -245,8 +245,7 @@ def _p_tolerance(v, via, key):
     if isinstance(v, Mapping):
         if not v:
             raise OptionError(via, key, "is an empty table", "give at least one OUTPUT = number")
-        for name, num in v.items():
-            out[str(name)] = _number(num, via, key)
+        out = {str(name): _number(num, via, key) for name, num in v.items()}
     else:
         items = [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
         if not isinstance(items, (list, tuple)) or not items:
