@@ -50,7 +50,7 @@ from bnfold.edges.data import (DataSource, as_batch, as_source, call_model, eval
 from bnfold.errors import CalibrationError, DataError, first_line
 from bnfold.report import by_drift
 from bnfold.verification.compare import topk_agreement
-from bnfold.verification.runners import flatten_outputs, tf32
+from bnfold.verification.runners import flatten_outputs, hooks_removed, tf32
 
 ESTIMATORS = ("paper", "pooled")
 EFFECT_BATCHES, EFFECT_SAMPLES = 4, 256  # calibration batches kept for output_effect
@@ -250,8 +250,8 @@ class _Run:
         self.hooks: list = []
 
     def attach(self) -> None:
-        """Only the BN layers in batch-statistics mode (momentum 1), each with its forward hook."""
-        self.work.eval()
+        """Only the BN layers in batch-statistics mode (momentum 1), each with its forward hook (the caller
+        puts every module in eval mode first)."""
         for name, bn in self.bns:
             if bn.running_mean is None:  # track_running_stats=False: give it buffers to fill
                 bn.register_buffer("running_mean", torch.zeros(bn.num_features, dtype=self.dtype, device=self.device))
@@ -287,15 +287,13 @@ class _Run:
             return hook
 
         diag = [bn.register_forward_pre_hook(pre_hook(name)) for name, bn in self.bns]
-        try:
-            call_model(self.work, batch)
-        except CalibrationError:
-            raise
-        except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
-            pass
-        finally:
-            for h in diag:
-                h.remove()
+        with hooks_removed(diag):
+            try:
+                call_model(self.work, batch)
+            except CalibrationError:
+                raise
+            except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
+                pass
 
     def restore(self) -> None:
         for name, bn in self.bns:
@@ -394,7 +392,7 @@ def run_calibration(
     batches = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
     run = _Run(work, estimator)  # saves everything it touches, so that it can be restored (on success and on failure)
     kept: list | None = [] if effect else None
-    with eval_mode(work):  # every module's training flag restored afterwards
+    with eval_mode(work), hooks_removed(run.hooks):  # every module's training flag restored afterwards
         try:
             run.attach()
             _feed(run, batches, summary, progress, allow_tf32, kept)
@@ -406,9 +404,6 @@ def run_calibration(
         except BaseException:
             run.restore()
             raise
-        finally:
-            for h in run.hooks:
-                h.remove()
     if kept:
         with tf32(allow_tf32):
             summary.output_effect = _output_effect(run, kept)
