@@ -155,27 +155,24 @@ def _drift(mean: torch.Tensor, var: torch.Tensor, old_m: torch.Tensor, old_v: to
     shift = (om - m).abs() / s_pop
     log_ratio = ((ov + eps).log() - (v + eps).log()).abs()  # |log r|: max(r, 1/r) = exp(|log r|)
     drift = (((m - om) / s_run).square() + v * (1 / s_run - 1 / s_pop).square()).sqrt()
-    # what was wrong with the stored statistics, as bits (_stored_problem): reported, never a crash
+    # what was wrong with the stored statistics, as bits (_drift_fields): reported, never a crash
     bad = ((~torch.isfinite(om).all()).double() + 2 * (~torch.isfinite(ov).all()).double()
            + 4 * (old_v.to(device=m.device, dtype=torch.float64) < 0).any().double())
     return [shift.max(), shift.mean(), log_ratio.max().exp(), log_ratio.mean().exp(), drift.max(), bad]
 
 
-def _stored_problem(bits: int) -> str | None:
-    """What made a layer's stored statistics unusable (``_drift``'s bits), None when they were usable."""
-    words = [w for b, w in ((1, "NaN/Inf in running_mean"), (2, "NaN/Inf in running_var"), (4, "negative running_var")) if bits & b]
-    return ", ".join(words) or None
-
-
 def _drift_fields(values: list[float | None]) -> dict[str, Any]:
     """The summary's drift fields from ``_drift``'s host values: None where a value is not finite, and the
-    variance-based ones None too when the stored variances were unusable (a negative one is clamped above)."""
+    variance-based ones None too when the stored variances were unusable (a negative one is clamped above);
+    ``stored_problem``: what made the stored statistics unusable (``_drift``'s bits), None when usable."""
     *fields, bits = values
+    bits = int(bits or 0)
     out = dict(zip(_DRIFT, (x if x is not None and math.isfinite(x) else None for x in fields)))
-    problem = _stored_problem(int(bits or 0))
-    if problem is not None and int(bits) & 6:
+    if bits & 6:
         out.update(var_ratio=None, var_ratio_gmean=None, drift=None)
-    return {**out, "stored_problem": problem}
+    words = [w for b, w in ((1, "NaN/Inf in running_mean"), (2, "NaN/Inf in running_var"),
+                            (4, "negative running_var")) if bits & b]
+    return {**out, "stored_problem": ", ".join(words) or None}
 
 
 def _host_table(names: list[str], results: dict, saved: dict, eps: dict) -> list[list]:

@@ -51,7 +51,7 @@ an explanation never changes a verdict.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -62,7 +62,7 @@ from bnfold.errors import first_line
 from bnfold.onnx_pass.export import _dynamo_ir, _module_of, _scope_paths
 from bnfold.onnx_pass.io import node_label
 from bnfold.torch_pass.fold import fold_with_plan, inspect
-from bnfold.verification.compare import NOISE_K, divergence
+from bnfold.verification.compare import NOISE_K, Record, divergence
 from bnfold.verification.providers import PROVIDERS
 from bnfold.verification.runners import OrtRunner, TorchRunner, as_feeds, hooks_removed, to_numpy
 from bnfold.verification.verify import FLOAT64_MAX_BYTES, VerifyReport, _float64_runner, _input_sets
@@ -97,7 +97,7 @@ class Point:
 
 
 @dataclass
-class Explanation:
+class Explanation(Record):
     """Where the candidate first leaves the reference. ``status``: "diverged" (``first`` names the
     place), "matches" (no compared place is beyond its floor) or "unavailable" (``message`` says why)."""
 
@@ -114,16 +114,10 @@ class Explanation:
     def __str__(self) -> str:
         return self.message
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Explanation":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["first"] = Point(**d["first"]) if d.get("first") else None
-        kw["points"] = [Point(**p) for p in d.get("points", [])]
-        return cls(**kw)
+        return super().from_dict(d, first=Point(**d["first"]) if d.get("first") else None,
+                                 points=[Point(**p) for p in d.get("points", [])])
 
 
 # ----------------------------------------------------------------------------- the entry points
@@ -172,11 +166,12 @@ def _message(points: list[Point], first: Point | None, floor: str) -> tuple[str,
         return "unavailable", "no explanation: no place of the reference could be matched with a value of the ONNX file"
     f64 = floor == "float64"
     if first is None:
-        return "matches", (f"no compared place leaves the reference beyond its {'float32 noise floor' if f64 else 'tolerance'} "
-                           f"({len(points)} places compared)")
+        return "matches", (f"no compared place leaves the reference beyond its "
+                           f"{'float32 noise floor' if f64 else 'tolerance'} ({len(points)} places compared)")
     before = points.index(first)
     what, size = ("floor", first.noise_floor) if f64 else ("tolerance", first.limit)
-    err = first.max_abs_error_float64 if f64 and first.max_abs_error_float64 is not None else first.max_abs_error
+    err = (first.max_abs_error_float64 if f64 and first.max_abs_error_float64 is not None
+           else first.max_abs_error)
     tail = (f"everything before it matches ({before} place{'s' if before != 1 else ''} compared before it, {len(points)} in all)"
             if before else f"it is the first of the {len(points)} places compared")
     return "diverged", f"diverges first at {first.where()}: max abs {_g(err)} vs {what} {_g(size)} (limit {_g(first.limit)}); {tail}"
@@ -191,7 +186,8 @@ def _judge(points: list[Point], ref: dict, cand: dict, ref64: dict | None, keys:
     out = []
     for p, key in zip(points, keys):
         got, want = cand.get(p.value), ref.get(key)
-        if got is None or want is None or got.shape != want.shape or got.dtype.kind != "f" or not np.isfinite(want).all():
+        if (got is None or want is None or got.shape != want.shape or got.dtype.kind != "f"
+                or not np.isfinite(want).all()):
             continue
         t64 = ref64.get(key) if ref64 is not None else None
         if t64 is not None and not np.isfinite(t64).all():
