@@ -314,9 +314,7 @@ def _onnx_values(path: Path, names: list[str], feeds, provider: str) -> dict[str
     proto = onnx.load(str(path))
     have = {o.name for o in proto.graph.output}
     wanted = list(dict.fromkeys(names))
-    for n in wanted:
-        if n not in have:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
     with tempfile.TemporaryDirectory(prefix="bnfold-explain-") as tmp:
         copy_path = Path(tmp) / "explain.onnx"
         # weights beside it (any size; not save_onnx: inside convert, its writes wait for the OutputSet's commit)

@@ -251,11 +251,8 @@ def _uncast(undo: list) -> None:
 
 # ------------------------------------------------------------------------- onnxruntime runner
 @contextlib.contextmanager
-def _captured_stderr(lines: list[str], enabled: bool = True):
+def _captured_stderr(lines: list[str]):
     """Capture what native code writes to fd 2 (onnxruntime's logger) into ``lines``."""
-    if not enabled:
-        yield
-        return
     fd = 2  # native code writes to fd 2 whatever sys.stderr is
     with contextlib.suppress(Exception):
         sys.stderr.flush()
@@ -314,8 +311,9 @@ class OrtRunner(Released):
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = severity
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVEL_NAMES[level])
+        quiet = contextlib.nullcontext() if verbose else _captured_stderr(self.messages)
         try:
-            with _captured_stderr(self.messages, enabled=not verbose), self._running():
+            with quiet, self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
             if provider == "cpu":
