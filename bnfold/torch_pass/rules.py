@@ -228,12 +228,9 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
     name = g.op_name(u)
     if name is None or not u.all_input_nodes or u.all_input_nodes[0] is not x:
         return None
-    if name in _DROPOUTS:
-        training = _arg(u, 2, "training", _arg(u, 2, "train", True))
-        if training is not False:
-            raise NoMatch(f"`{name}` runs in training mode")
-        return ("dropout", rank, repeat)
-    if name in _NOOPS:
+    if name in _DROPOUTS and _arg(u, 2, "training", _arg(u, 2, "train", True)) is not False:
+        raise NoMatch(f"`{name}` runs in training mode")
+    if name in _DROPOUTS or name in _NOOPS:
         return ("dropout", rank, repeat)
     if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d"):
         return ("pool", rank, repeat)
