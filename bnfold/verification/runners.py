@@ -261,18 +261,20 @@ def _captured_stderr(lines: list[str]):
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), fd)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
-            lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
+    try:  # the saved descriptor is closed whatever fails below
+        with tempfile.TemporaryFile(mode="w+b") as tmp:
+            os.dup2(tmp.fileno(), fd)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, fd)
+                tmp.seek(0)
+                text = tmp.read().decode("utf-8", "replace")
+                lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
+    finally:
+        os.close(saved)
 
 
 def ort_severity(verbose: bool = False) -> int:
