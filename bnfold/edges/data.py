@@ -238,10 +238,8 @@ class DataSource:
         if count == 0:
             raise DataError(f"{self.what} is empty: it yielded no batches", "provide at least one batch")
         self.batches = count
-        top = hashlib.sha256()
-        for name in sorted(hashes):
-            top.update(f"{name}:{hashes[name].hexdigest()};".encode())
-        self.fingerprint = top.hexdigest() if hashable else None
+        joined = "".join(f"{name}:{hashes[name].hexdigest()};" for name in sorted(hashes))
+        self.fingerprint = hashlib.sha256(joined.encode()).hexdigest() if hashable else None
         if self._head is None and kept:
             self._head = _concat_head(kept, self._want)
 
