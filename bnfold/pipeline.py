@@ -170,17 +170,13 @@ def _source(opts: ConvertOptions):
 # ------------------------------------------------------------------------------ provenance
 def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool) -> dict[str, str]:
     """What made an artifact, as string metadata (the ONNX file's ``metadata_props``)."""
-
-    def tol(v):
-        return json.dumps(v, sort_keys=True)
-
     d = {
         "version": __version__,
         "calibrated": "true" if calibrated else "false",
         "opset": str(opset) if opset is not None else "",
         "dynamic_batch": "true" if opts.dynamic_batch else "false",
-        "atol": tol(opts.atol),
-        "rtol": tol(opts.rtol),
+        "atol": json.dumps(opts.atol, sort_keys=True),
+        "rtol": json.dumps(opts.rtol, sort_keys=True),
         "seed": str(opts.seed),
     }
     if calibrated:
@@ -193,12 +189,10 @@ def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool
 
 def add_provenance(proto, prov: dict[str, str]) -> None:
     """Record ``prov`` in the proto's metadata_props (after the exporter's metadata was stripped)."""
-    keep = [p for p in proto.metadata_props if not p.key.startswith(PROVENANCE_PREFIX)]
+    keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PROVENANCE_PREFIX)]
     del proto.metadata_props[:]
-    for p in keep:
-        proto.metadata_props.add(key=p.key, value=p.value)
-    for k in sorted(prov):
-        proto.metadata_props.add(key=k, value=prov[k])
+    for k, v in keep + sorted(prov.items()):
+        proto.metadata_props.add(key=k, value=v)
 
 
 def read_provenance(path: str | Path) -> dict[str, str]:
@@ -612,8 +606,8 @@ def _explain_into(vr: VerifyReport, rebuild, onnx_path, sets, opts: ConvertOptio
     except Exception as err:  # noqa: BLE001 — an explanation never changes the verdict
         vr.explanation = Explanation("unavailable", f"no explanation: the reference could not be built again ({type(err).__name__}: "
                                      f"{first_line(err)[:200]}); run again with {opts.via.key('explain').strip()}").to_dict()
-        return vr.explanation
-    explain_report(vr, reference, onnx_path, sets)
+    else:
+        explain_report(vr, reference, onnx_path, sets)
     return vr.explanation
 
 

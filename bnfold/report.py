@@ -157,10 +157,9 @@ UNVERIFIED = "written, not verified"
 
 
 def _status(ok: bool | None) -> str:
-    """PASSED, FAILED, or for a report whose ``passed`` is None (``--no-verify``) its own state."""
-    if ok is None:
-        return f"[yellow]{UNVERIFIED.upper()}[/]"
-    return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
+    """``plain_status`` in colour (rich markup)."""
+    colour = "yellow" if ok is None else "green" if ok else "bold red"
+    return f"[{colour}]{plain_status(ok)}[/]"
 
 
 def plain_status(ok: bool | None) -> str:
@@ -606,11 +605,8 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         rep = e.get("report") or {}
         bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
-        result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
-        if e.get("exit_code") == 0 and rep and rep.get("passed", True) is None:
-            result = UNVERIFIED
-        if e.get("skipped"):
-            result = "unchanged (skipped)"
+        result = {"PASSED": "passed", "FAILED": "**FAILED**", "skipped (unchanged)": "unchanged (skipped)",
+                  UNVERIFIED: UNVERIFIED}.get(conversion_result(e), f"**error {e['exit_code']}**")
         note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")
         lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | "
                      f"{_fmt(_worst_error(rep))} | {provs} | {note} |")

@@ -91,6 +91,13 @@ def _fail(err: BaseException, code: int, traced: BaseException | None = None) ->
     raise typer.Exit(code)
 
 
+def _interrupted() -> None:
+    message = f"interrupted; {written_message()}"
+    sys.stderr.write(f"bnfold: {message}\n")
+    _json_error(EXIT_INTERRUPTED, message, None)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def _guard(fn, outputs=(), isolated: bool = True):
     """Run ``fn``; render bnfold errors as one line with their exit code. From the entry point
     (``main``) it runs in a supervised child process (bnfold.edges.isolate), unless ``isolated`` is
@@ -117,9 +124,7 @@ def _supervised(fn, outputs: list) -> None:
     if task.status == "ok":
         raise typer.Exit(task.result)
     if stopped or task.status == "interrupted":
-        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
-        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _interrupted()
     if task.status == "error":
         _fail(ModelError(f"unexpected error in the process running bnfold: {task.result}", "rerun with --debug and report it"), EXIT_MODEL)
     _fail(isolate.death_error(task), EXIT_MODEL)
@@ -137,9 +142,7 @@ def _run_guarded(fn):
     except BnfoldError as err:
         _fail(err, err.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
-        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _interrupted()
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
@@ -221,9 +224,8 @@ def _table_options(command: str, first: tuple = ()):
             for flag in GLOBAL_FLAGS:  # given before or after the command
                 STATE[flag] = kw.pop(flag) or STATE[flag]
             STATE["json"] = bool(kw.get("json_out"))  # an error below is one JSON object too
-            values = {k: kw.pop(k) for k in keys}
             try:
-                values = {k: _once(k, v) for k, v in values.items()}
+                values = {k: _once(k, kw.pop(k)) for k in keys}
             except BadInputError as err:
                 _fail(err, err.exit_code)
             return fn(values, **kw)
