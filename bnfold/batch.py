@@ -299,10 +299,9 @@ def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debu
         # imported once here, not once per child; the exporter's table too (onnx_pass/export.py)
         warm_up(("torch", "onnx", "onnxruntime", "torch.onnx", "bnfold.pipeline"), then=warm_exporter)
     tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}
-    index = {id(t): i for i, t in tasks.items()}
 
     def finished_one(task: Task) -> None:
-        i = index[id(task)]
+        i = next(i for i, t in tasks.items() if t is task)
         results[i] = _task_result(entries[i], task)
         if results[i] is not None:
             done(results[i])
