@@ -195,13 +195,6 @@ def add_provenance(proto, prov: dict[str, str]) -> None:
         proto.metadata_props.add(key=k, value=v)
 
 
-def read_provenance(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(PROVENANCE_PREFIX):]: p.value for p in m.metadata_props if p.key.startswith(PROVENANCE_PREFIX)}
-
-
 def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
     """Option values an artifact was made with that say how to rebuild its inputs (estimator, batch size,
     dynamic batch, seed), as ConvertOptions fields (for ``bnfold verify``). Never the tolerance: the
@@ -532,7 +525,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     check_seed(opts.seed)
     check_run_paths(_run_inputs(model, opts, onnx_path), {"--report": opts.report})
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
-    prov = read_provenance(onnx_path)
+    prov = {p.key[len(PROVENANCE_PREFIX):]: p.value for p in artifact.metadata_props
+            if p.key.startswith(PROVENANCE_PREFIX)}  # what made it (``provenance``'s keys)
     made = provenance_defaults(prov)
     # batch size only for data that bnfold cuts into batches (files); a DataLoader has its own
     keys = ("estimator", "batch_size") if isinstance(opts.calib, (str, Path)) else ("estimator",)

@@ -283,13 +283,10 @@ def compact_verification_table(verification: dict[str, Any]):
             t.add_row(_checked(run), run["inputs"], *((o["name"],) if len(names) > 1 else ()), _fmt(o.get("max_abs_error")),
                       *top1, against, _status(o["passed"]))
     if float64:
-        t.caption = f"* against the float64 run: atol + {runs and _noise_k(runs)} x the model's own float32 error"
+        k = next((f"{o['noise_k']:g}" for run in runs for o in run["outputs"] if o.get("noise_k")), "K")
+        t.caption = f"* against the float64 run: atol + {k} x the model's own float32 error"
         t.caption_justify = "left"
     return t
-
-
-def _noise_k(runs: list) -> str:
-    return next((f"{o['noise_k']:g}" for run in runs for o in run["outputs"] if o.get("noise_k")), "K")
 
 
 def failure_lines(verification: dict[str, Any]) -> list[str]:
