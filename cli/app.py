@@ -267,6 +267,14 @@ def _print_json(obj) -> None:
     stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _show(result, json_out: bool, render, **kw) -> None:
+    """A command's result: its JSON object under --json, else ``render``'s tables (-q: the last line)."""
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        render(result.to_dict(), _console(), quiet=STATE["quiet"], **kw)
+
+
 # ------------------------------------------------------------------------------------ convert
 @app.command(cls=_Command, epilog=_examples(
     "bnfold convert samples/digits/model.py:build -w samples/digits/weights.pt \\\n"
@@ -304,10 +312,7 @@ def convert(
             raise BadInputError("no output path", "pass -o OUT.onnx")
         opts = _build("convert", values, model)
         rep = bnfold.convert(model, None, output, options=opts)
-        if json_out:
-            _print_json(rep.to_dict())
-        else:
-            render_convert(rep.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
+        _show(rep, json_out, render_convert, verbose=STATE["verbose"])
         raise typer.Exit(rep.exit_code)
 
     _guard(work, (output, values["report"], values.get("plot")), isolated=config is None)  # --config isolates each conversion
@@ -382,10 +387,7 @@ def verify(
     def work():
         opts = _build("verify", values, model)
         check = bnfold.check_artifact(model, onnx_file, options=opts)
-        if json_out:
-            _print_json(check.to_dict())
-        else:
-            render_verify(check.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
+        _show(check, json_out, render_verify, verbose=STATE["verbose"])
         raise typer.Exit(check.exit_code)
 
     _guard(work, (values.get("report"),))
@@ -404,11 +406,7 @@ def inspect(
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
     def work():
         opts = _build("inspect", values, model)
-        plan = bnfold.inspect_spec(model, options=opts)
-        if json_out:
-            _print_json(plan.to_dict())
-        else:
-            render_inspect(plan.to_dict(), _console(), quiet=STATE["quiet"])
+        _show(bnfold.inspect_spec(model, options=opts), json_out, render_inspect)
 
     _guard(work)
 
