@@ -200,16 +200,12 @@ def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
     dynamic batch, seed), as ConvertOptions fields (for ``bnfold verify``). Never the tolerance: the
     pass criterion comes from bnfold's defaults or the caller, not from the file being checked (trust
     rule "PASSED means compared", docs/trust.md)."""
+    parse = {"estimator": Estimator, "batch_size": int, "dynamic_batch": lambda v: v == "true", "seed": int}
     out: dict[str, Any] = {}
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        if prov.get("estimator"):
-            out["estimator"] = Estimator(prov["estimator"])
-        if prov.get("batch_size"):
-            out["batch_size"] = int(prov["batch_size"])
-        if prov.get("dynamic_batch"):
-            out["dynamic_batch"] = prov["dynamic_batch"] == "true"
-        if prov.get("seed"):
-            out["seed"] = int(prov["seed"])
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # the first value that does not parse ends it
+        for key, value in parse.items():
+            if prov.get(key):
+                out[key] = value(prov[key])
     return out
 
 
