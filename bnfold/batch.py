@@ -271,7 +271,7 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             import traceback
 
             traceback.print_exc()
-        code, error = EXIT_MODEL, f"unexpected {type(err).__name__}: {first_line(err, empty='')[:300]}"
+        code, error = EXIT_MODEL, f"unexpected {type(err).__name__}: {first_line(err, empty='')}"
     error = " ".join(error.split())
     result.update(exit_code=code, error=error, detail=error)
     return result

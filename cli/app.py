@@ -146,8 +146,7 @@ def _run_guarded(fn):
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
-        first = first_line(err, empty="")
-        problem = f"unexpected {type(err).__name__} while processing the model: {first[:300]}"
+        problem = f"unexpected {type(err).__name__} while processing the model: {first_line(err, empty='')}"
         fix = "rerun with --debug for the traceback and report it if the model is valid"
         _fail(ModelError(problem, fix), EXIT_MODEL, err)
 
