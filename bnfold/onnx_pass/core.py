@@ -186,8 +186,8 @@ class Ctx:
     name of the model (new names avoid them); ``inferred()``: the model's shapes from shape inference
     (``fold._shapes``), for values whose IR shape is unknown."""
 
-    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
-        self.model, self.graph, self.main, self.opset, self.prefix = model, graph, main, opset, prefix
+    def __init__(self, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
+        self.graph, self.main, self.opset, self.prefix = graph, main, opset, prefix
         self.model_names, self.inferred = model_names, inferred
         self.consts = Consts()
         self._counter = itertools.count(1)
