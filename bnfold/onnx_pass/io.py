@@ -5,6 +5,7 @@ BatchNormalization nodes, validating their statistics, folding."""
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +131,10 @@ def strip_metadata(proto) -> None:
     clear(proto)
     for where in walk(proto):
         g = where.graph
-        if where.function is None:  # a GraphProto; a FunctionProto has only its nodes to clear
-            for coll in (g.input, g.output, g.value_info, g.initializer):
-                for v in coll:
-                    clear(v)
-        clear(g)
-        for n in g.node:
-            clear(n)
+        # a GraphProto's values too; a FunctionProto has only its nodes to clear
+        values = (g.input, g.output, g.value_info, g.initializer) if where.function is None else ()
+        for x in itertools.chain([g], g.node, *values):
+            clear(x)
 
 
 # ------------------------------------------------------------------------------ the one traversal
