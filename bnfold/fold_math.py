@@ -229,9 +229,8 @@ def pad_kernel(weight: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     k = tuple(weight.shape[2:])
     if len(k) != len(size) or any(a > b or (b - a) % 2 for a, b in zip(k, size)):
         raise ValueError(f"kernel {k} cannot be centred in {tuple(size)}")
-    pad: list[int] = []
-    for a, b in reversed(list(zip(k, size))):  # F.pad: last dim first
-        pad += [(b - a) // 2, (b - a) // 2]
+    # F.pad: last dim first, both sides
+    pad = [(b - a) // 2 for a, b in reversed(list(zip(k, size))) for _ in range(2)]
     return torch.nn.functional.pad(weight, pad) if any(pad) else weight
 
 

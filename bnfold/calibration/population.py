@@ -50,7 +50,7 @@ from bnfold.edges.data import (DataSource, as_batch, as_source, call_model, eval
 from bnfold.errors import CalibrationError, DataError, first_line
 from bnfold.report import by_drift
 from bnfold.verification.compare import topk_agreement
-from bnfold.verification.runners import flatten_outputs, tf32
+from bnfold.verification.runners import flatten_outputs, hooks_removed, tf32
 
 ESTIMATORS = ("paper", "pooled")
 EFFECT_BATCHES, EFFECT_SAMPLES = 4, 256  # calibration batches kept for output_effect
@@ -155,27 +155,24 @@ def _drift(mean: torch.Tensor, var: torch.Tensor, old_m: torch.Tensor, old_v: to
     shift = (om - m).abs() / s_pop
     log_ratio = ((ov + eps).log() - (v + eps).log()).abs()  # |log r|: max(r, 1/r) = exp(|log r|)
     drift = (((m - om) / s_run).square() + v * (1 / s_run - 1 / s_pop).square()).sqrt()
-    # what was wrong with the stored statistics, as bits (_stored_problem): reported, never a crash
+    # what was wrong with the stored statistics, as bits (_drift_fields): reported, never a crash
     bad = ((~torch.isfinite(om).all()).double() + 2 * (~torch.isfinite(ov).all()).double()
            + 4 * (old_v.to(device=m.device, dtype=torch.float64) < 0).any().double())
     return [shift.max(), shift.mean(), log_ratio.max().exp(), log_ratio.mean().exp(), drift.max(), bad]
 
 
-def _stored_problem(bits: int) -> str | None:
-    """What made a layer's stored statistics unusable (``_drift``'s bits), None when they were usable."""
-    words = [w for b, w in ((1, "NaN/Inf in running_mean"), (2, "NaN/Inf in running_var"), (4, "negative running_var")) if bits & b]
-    return ", ".join(words) or None
-
-
 def _drift_fields(values: list[float | None]) -> dict[str, Any]:
     """The summary's drift fields from ``_drift``'s host values: None where a value is not finite, and the
-    variance-based ones None too when the stored variances were unusable (a negative one is clamped above)."""
+    variance-based ones None too when the stored variances were unusable (a negative one is clamped above);
+    ``stored_problem``: what made the stored statistics unusable (``_drift``'s bits), None when usable."""
     *fields, bits = values
+    bits = int(bits or 0)
     out = dict(zip(_DRIFT, (x if x is not None and math.isfinite(x) else None for x in fields)))
-    problem = _stored_problem(int(bits or 0))
-    if problem is not None and int(bits) & 6:
+    if bits & 6:
         out.update(var_ratio=None, var_ratio_gmean=None, drift=None)
-    return {**out, "stored_problem": problem}
+    words = [w for b, w in ((1, "NaN/Inf in running_mean"), (2, "NaN/Inf in running_var"),
+                            (4, "negative running_var")) if bits & b]
+    return {**out, "stored_problem": ", ".join(words) or None}
 
 
 def _host_table(names: list[str], results: dict, saved: dict, eps: dict) -> list[list]:
@@ -250,8 +247,8 @@ class _Run:
         self.hooks: list = []
 
     def attach(self) -> None:
-        """Only the BN layers in batch-statistics mode (momentum 1), each with its forward hook."""
-        self.work.eval()
+        """Only the BN layers in batch-statistics mode (momentum 1), each with its forward hook (the caller
+        puts every module in eval mode first)."""
         for name, bn in self.bns:
             if bn.running_mean is None:  # track_running_stats=False: give it buffers to fill
                 bn.register_buffer("running_mean", torch.zeros(bn.num_features, dtype=self.dtype, device=self.device))
@@ -287,15 +284,13 @@ class _Run:
             return hook
 
         diag = [bn.register_forward_pre_hook(pre_hook(name)) for name, bn in self.bns]
-        try:
-            call_model(self.work, batch)
-        except CalibrationError:
-            raise
-        except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
-            pass
-        finally:
-            for h in diag:
-                h.remove()
+        with hooks_removed(diag):
+            try:
+                call_model(self.work, batch)
+            except CalibrationError:
+                raise
+            except Exception:  # noqa: BLE001 — not a BN size problem: the caller reports the first error
+                pass
 
     def restore(self) -> None:
         for name, bn in self.bns:
@@ -394,7 +389,7 @@ def run_calibration(
     batches = as_source(data, batch_size, what="the calibration data")  # every data form, normalised once
     run = _Run(work, estimator)  # saves everything it touches, so that it can be restored (on success and on failure)
     kept: list | None = [] if effect else None
-    with eval_mode(work):  # every module's training flag restored afterwards
+    with eval_mode(work), hooks_removed(run.hooks):  # every module's training flag restored afterwards
         try:
             run.attach()
             _feed(run, batches, summary, progress, allow_tf32, kept)
@@ -406,9 +401,6 @@ def run_calibration(
         except BaseException:
             run.restore()
             raise
-        finally:
-            for h in run.hooks:
-                h.remove()
     if kept:
         with tf32(allow_tf32):
             summary.output_effect = _output_effect(run, kept)

@@ -19,11 +19,6 @@ from torch import nn
 
 
 # ------------------------------------------------------------------------------------ BN kinds
-@dataclass(frozen=True)
-class BNKind:
-    remainder: Callable[[nn.Module], nn.Module]  # what stays of forward() once s·x + t is folded
-
-
 class DropAct(nn.Module):
     """What remains of timm's ``BatchNormAct2d`` once folded: ``act(drop(x))``, same submodule names
     (``drop``, ``act``) so their state_dict keys, if any, do not move."""
@@ -47,8 +42,7 @@ class ZeroBranch(nn.Module):
         super().__init__()
         self.out_channels = None if conv is None else int(conv.out_channels)
         if conv is not None:  # 'same' padding only with odd extents (the merge checks)
-            k, d = tuple(conv.kernel_size), tuple(conv.dilation)
-            self.geometry = tuple(zip(k, tuple(conv.stride), padding(conv), d))
+            self.geometry = tuple(zip(conv.kernel_size, conv.stride, padding(conv), conv.dilation))
 
     def forward(self, x):
         if self.out_channels is None:
@@ -78,7 +72,7 @@ def drop_act_remainder(bn: nn.Module) -> nn.Module:
     return DropAct(getattr(bn, "drop", None), getattr(bn, "act", None))
 
 
-_BN: dict[type, BNKind] = {}
+_BN: dict[type, Callable[[nn.Module], nn.Module]] = {}  # class → what stays of forward() once folded
 _LAZY_BN = {
     # module name → [(class name, remainder)]; registered by type once the module is imported
     "torchvision.ops.misc": [("FrozenBatchNorm2d", identity_remainder)],
@@ -99,7 +93,7 @@ def register_batchnorm(cls: type, remainder: Callable[[nn.Module], nn.Module] | 
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"register_batchnorm expects an nn.Module subclass, got {cls!r}")
-    _BN[cls] = BNKind(remainder or identity_remainder)
+    _BN[cls] = remainder or identity_remainder
 
 
 for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
@@ -121,8 +115,8 @@ def _registered_base(cls: type, registry: dict) -> type | None:
     return next((base for base in cls.__mro__ if base in registry), None)
 
 
-def bn_kind(m: nn.Module) -> tuple[BNKind | None, str | None]:
-    """(kind, None) for a known BN, (None, reason) for a BN subclass bnfold does not know."""
+def bn_remainder(m: nn.Module) -> tuple[Callable[[nn.Module], nn.Module] | None, str | None]:
+    """(its remainder, None) for a known BN, (None, reason) for a BN subclass bnfold does not know."""
     cls = type(m)
     base = _registered_base(cls, _BN)
     if base is None and not isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -146,10 +140,10 @@ EVAL_IDENTITY = (nn.Identity, nn.modules.dropout._DropoutNd)  # modules that are
 def remainder_is_identity(bn: nn.Module) -> bool:
     """True when ``bn`` is a known kind whose remainder is the identity in eval (only Identity /
     Dropout inside)."""
-    kind, _ = bn_kind(bn)
-    if kind is None:
+    remainder, _ = bn_remainder(bn)
+    if remainder is None:
         return False
-    rem = kind.remainder(bn)
+    rem = remainder(bn)
     leaves = [m for m in rem.modules() if not list(m.children())]
     return all(isinstance(m, EVAL_IDENTITY) for m in leaves) and (
         type(rem) in (nn.Identity, DropAct, nn.Sequential) or isinstance(rem, nn.modules.dropout._DropoutNd)
@@ -168,6 +162,7 @@ _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _TORCH_PRODUCERS = _CONV + _CONVT + (nn.Linear,)
 _PROD: dict[type, ProducerKind] = {}
 
+_COND = "mixes expert kernels with input-dependent routing weights (CondConv)"
 _WS = "standardises its weight in forward() (weight standardisation): a folded scale would be normalised away"
 _LAZY_PROD = {
     "timm.layers.conv2d_same": [
@@ -176,10 +171,7 @@ _LAZY_PROD = {
     "timm.layers.std_conv": [(n, _WS, _WS) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")],
     # subclasses whose forward() is their parent's math (timm's Linear only adds a TorchScript cast)
     "timm.layers.linear": [("Linear", None, None)],
-    "timm.layers.cond_conv2d": [
-        ("CondConv2d", "mixes expert kernels with input-dependent routing weights (CondConv)",
-         "mixes expert kernels with input-dependent routing weights (CondConv)"),
-    ],
+    "timm.layers.cond_conv2d": [("CondConv2d", _COND, _COND)],
 }
 
 

@@ -33,8 +33,8 @@ from bnfold.torch_pass.rules import BN, LATE_RULES, RULES, Context, IdentityBran
 # ------------------------------------------------------------------------------ BN recognition
 def _bn_problem(m: nn.Module) -> str | None:
     """Why this BN cannot be folded whatever its neighbours are, or None."""
-    kind, why = bn_kinds.bn_kind(m)
-    if kind is None:
+    remainder, why = bn_kinds.bn_remainder(m)
+    if remainder is None:
         return why or f"{type(m).__qualname__} is not a known BatchNorm kind"
     if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
         return "no running statistics (track_running_stats=False): run calibration first (bnfold calibrate / --calib)"
@@ -147,9 +147,9 @@ def _apply(model: nn.Module, plan: FoldPlan) -> None:
         _apply_merge(model, m, by_target, scale_shift)
     for f in plan.folded:  # the plan _discover made: every fold is of this pass
         bn = model.get_submodule(f.bn)
-        kind, _ = bn_kinds.bn_kind(bn)
+        remainder, _ = bn_kinds.bn_remainder(bn)
         _warn_hooks(f.bn, bn)
-        _set_submodule(model, f.bn, ZeroBranch() if f.rule == IdentityBranch.name else kind.remainder(bn))
+        _set_submodule(model, f.bn, ZeroBranch() if f.rule == IdentityBranch.name else remainder(bn))
 
 
 _HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",

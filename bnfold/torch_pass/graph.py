@@ -84,19 +84,19 @@ class Graph:
     @staticmethod
     def is_meta_read(node, value) -> bool:
         """``node`` reads only metadata (shape, dtype, …) of ``value``."""
-        if node.op in ("call_method", "call_function"):
-            name = _fn_name(node)
-            if name in _SHAPE_OF_SECOND and len(node.args) > 1 and node.args[1] is value and node.args[0] is not value:
-                return True  # x.reshape_as(value): value is a shape template
-            if name in _LIKE and node.args and node.args[0] is value:
-                return True
-        if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-            return node.args[1] in _META_ATTRS
+        if node.op not in ("call_method", "call_function"):
+            return False
+        name = _fn_name(node)
+        args = node.args
+        if name in _SHAPE_OF_SECOND and len(args) > 1 and args[1] is value and args[0] is not value:
+            return True  # x.reshape_as(value): value is a shape template
+        if name in _LIKE and args and args[0] is value:
+            return True
         if node.op == "call_method":
-            return node.target in _META_METHODS
-        if node.op == "call_function":
-            return _fn_name(node) in _META_ATEN or node.target is len
-        return False
+            return name in _META_METHODS
+        if node.target is getattr:
+            return len(args) > 1 and args[1] in _META_ATTRS
+        return name in _META_ATEN or node.target is len
 
     def data_users(self, node, own=None) -> list:
         """Consumers of ``node``'s value outside its call, metadata reads excluded. A free node

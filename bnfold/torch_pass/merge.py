@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bnfold.plan import MERGED_BRANCH, Merge, Unmerged
+from bnfold.plan import IDENTITY_BRANCH, MERGED_BRANCH, Merge, Unmerged
 from bnfold.rule import NoMatch
 from bnfold.torch_pass import bn_kinds
-from bnfold.torch_pass.rules import Context, IdentityBranch, is_sum, strip_identity, sum_root, sum_terms
+from bnfold.torch_pass.rules import Context, is_sum, strip_identity, sum_root, sum_terms
 
 
 @dataclass
@@ -44,21 +44,18 @@ def merge_parallel_branches(ctx: Context) -> None:
         edits_of.setdefault(e.bn, []).append(e)
     # a BN folded backward into one conv, whole (not a concat's slices, not a sum's several branches)
     backward = {bn: es[0].target for bn, es in edits_of.items() if len(es) == 1 and es[0].op == "backward" and es[0].sl is None}
-    folded = {f.bn: f for f in ctx.plan.folded}
+    identity = {f.bn for f in ctx.plan.folded if f.rule == IDENTITY_BRANCH}
     roots = dict.fromkeys(sum_root(g, n) for n in g.graph.nodes if g.module_of(n) is None and is_sum(g, n))
     for root in roots:
-        branches, others = [], []
+        by_x, others = {}, []  # the conv branches by the input they read; the other terms and why
         for leaf, sign in sum_terms(g, root):
             try:
-                b = _conv_branch(ctx, leaf, sign, backward, folded)
+                b = _conv_branch(ctx, leaf, sign, backward, identity)
             except NoMatch as nm:
                 others.append((leaf, nm.reason))
                 continue
             if b is not None:
-                branches.append(b)
-        by_x: dict = {}
-        for b in branches:
-            by_x.setdefault(b.x, []).append(b)
+                by_x.setdefault(b.x, []).append(b)
         for x, group in by_x.items():
             _merge_group(ctx, group, [why for leaf, why in others if _reaches(g, leaf, x)])
 
@@ -98,7 +95,7 @@ def _reaches(g, leaf, x, depth: int = 4) -> bool:
     return False
 
 
-def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) -> ConvBranch | None:
+def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, identity: set) -> ConvBranch | None:
     """The conv branch that the sum term ``leaf`` is; None for a term with nothing to merge (a
     ``ZeroBranch``, an identity BN already inside a conv of the sum); NoMatch(why) for a term that
     is not a linear conv branch."""
@@ -113,8 +110,7 @@ def _conv_branch(ctx: Context, leaf, sign: int, backward: dict, folded: dict) ->
         raise NoMatch(f"branch `{path}`'s output is also used outside the sum")
     bn = None
     if bn_kinds.is_batchnorm(mod):
-        f = folded.get(path)
-        if f is not None and f.rule == IdentityBranch.name:
+        if path in identity:
             return None
         if path not in backward:
             raise NoMatch(f"BN `{path}` is not folded into a conv of the branch")

@@ -1,10 +1,8 @@
 """The fold rules of the PyTorch pass: one small unit per pattern, on the protocol of ``bnfold.rule``.
 
-Each rule has a ``name`` and ``match(ctx, bn)`` (``bn``: the BN module's path and its one call) that
-returns a ``Match`` (the modules that absorb the BN and the edits, ``plan.Edit``, that do it) or raises
-``NoMatch`` with the reason: ``applies=False`` when the pattern is not there at all (``concat`` on a BN
-whose input is no concatenation; such reasons are not reported), else the reason the pattern is not
-exact here.
+A rule's ``match(ctx, bn)`` (``bn``: the BN module's path and its one call) returns a ``Match`` (the
+modules that absorb the BN and the edits, ``plan.Edit``, that do it) or raises ``NoMatch`` with the
+reason (``applies=False``, not reported, when the pattern is not there at all).
 
 Applying a match is data too: every edit says "this BN's (s, t), channels a:b, each repeated k times,
 onto target's output channels (backward) or input channels (forward)"; ``fold._apply`` runs them
@@ -230,12 +228,9 @@ def _passthrough(g: Graph, u, x, rank: int | None, repeat: int):
     name = g.op_name(u)
     if name is None or not u.all_input_nodes or u.all_input_nodes[0] is not x:
         return None
-    if name in _DROPOUTS:
-        training = _arg(u, 2, "training", _arg(u, 2, "train", True))
-        if training is not False:
-            raise NoMatch(f"`{name}` runs in training mode")
-        return ("dropout", rank, repeat)
-    if name in _NOOPS:
+    if name in _DROPOUTS and _arg(u, 2, "training", _arg(u, 2, "train", True)) is not False:
+        raise NoMatch(f"`{name}` runs in training mode")
+    if name in _DROPOUTS or name in _NOOPS:
         return ("dropout", rank, repeat)
     if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d"):
         return ("pool", rank, repeat)
@@ -311,7 +306,7 @@ def _walk_to_consumer(g: Graph, call: Call):
     repeat, crossed = 1, []
     while True:
         users = g.data_users(node, own)
-        if len(users) != 1:
+        if len(users) != 1 or g.owner(users[0]) is not None:
             where = "BN output" if not crossed else f"the `{crossed[-1][1]}` after the BN"
             others = [g.what(u) for u in users if g.owner(u) is None]
             paths = [g.owner(u)[0] for u in users if g.owner(u) is not None]
@@ -320,8 +315,6 @@ def _walk_to_consumer(g: Graph, call: Call):
                 raise NoMatch(f"{where} has {len(users)} consumers{why}")
             return paths, node, rank, repeat, crossed
         u = users[0]
-        if g.owner(u) is not None:
-            return [g.owner(u)[0]], node, rank, repeat, crossed
         step = _passthrough(g, u, node, rank, repeat)
         if step is None:
             raise NoMatch(f"BN output goes to {g.what(u)}, not to a Conv/Linear module")
@@ -405,8 +398,7 @@ def sum_terms(g: Graph, root) -> list[tuple]:
             leaves.append((n, sign))
             return
         if g.op_name(n) in ("sub", "isub", "sub_"):
-            args = [a for a in n.args if isinstance(a, type(n))]
-            if len(args) != len(n.args):  # a constant operand (x - 1): not a plain branch sum
+            if not all(isinstance(a, type(n)) for a in n.args):  # x - 1: a constant operand, not a branch
                 leaves.append((n, sign))
                 return
             expand(n.args[0], sign)

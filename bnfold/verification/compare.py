@@ -66,8 +66,21 @@ DEFAULT_TOLERANCES = {
 }
 
 
+class Record:
+    """A dataclass that is its JSON: ``to_dict`` writes it, ``from_dict`` reads it back (keys that are
+    not fields ignored; ``given``: fields the caller builds itself)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **given):
+        names = {f.name for f in fields(cls)} - set(given)
+        return cls(**{k: v for k, v in d.items() if k in names}, **given)
+
+
 @dataclass
-class OutputComparison:
+class OutputComparison(Record):
     name: str
     passed: bool
     shape: list | None
@@ -97,14 +110,6 @@ class OutputComparison:
 
     def __bool__(self) -> bool:
         return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "OutputComparison":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ---------------------------------------------------------------------------------- tolerances

@@ -51,7 +51,7 @@ an explanation never changes a verdict.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -62,9 +62,9 @@ from bnfold.errors import first_line
 from bnfold.onnx_pass.export import _dynamo_ir, _module_of, _scope_paths
 from bnfold.onnx_pass.io import node_label
 from bnfold.torch_pass.fold import fold_with_plan, inspect
-from bnfold.verification.compare import NOISE_K, divergence
+from bnfold.verification.compare import NOISE_K, Record, divergence
 from bnfold.verification.providers import PROVIDERS
-from bnfold.verification.runners import OrtRunner, TorchRunner, as_feeds, to_numpy
+from bnfold.verification.runners import OrtRunner, TorchRunner, as_feeds, hooks_removed, to_numpy
 from bnfold.verification.verify import FLOAT64_MAX_BYTES, VerifyReport, _float64_runner, _input_sets
 
 # rules whose target modules keep their own output function (the BN sits before them)
@@ -97,7 +97,7 @@ class Point:
 
 
 @dataclass
-class Explanation:
+class Explanation(Record):
     """Where the candidate first leaves the reference. ``status``: "diverged" (``first`` names the
     place), "matches" (no compared place is beyond its floor) or "unavailable" (``message`` says why)."""
 
@@ -114,16 +114,10 @@ class Explanation:
     def __str__(self) -> str:
         return self.message
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Explanation":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["first"] = Point(**d["first"]) if d.get("first") else None
-        kw["points"] = [Point(**p) for p in d.get("points", [])]
-        return cls(**kw)
+        return super().from_dict(d, first=Point(**d["first"]) if d.get("first") else None,
+                                 points=[Point(**p) for p in d.get("points", [])])
 
 
 # ----------------------------------------------------------------------------- the entry points
@@ -140,7 +134,7 @@ def explain(reference, onnx_path: str | Path, inputs, *, provider: str = "cpu", 
         else:
             exp = _explain_module(reference, Path(onnx_path), sets[name], provider, noise_k, float64_max_bytes)
     except Exception as err:  # noqa: BLE001 — a diagnosis, never a new failure
-        exp = Explanation("unavailable", f"no explanation: {type(err).__name__}: {first_line(err)[:300]}")
+        exp = Explanation("unavailable", f"no explanation: {type(err).__name__}: {first_line(err)}")
     exp.provider, exp.inputs, exp.noise_k = provider, name, noise_k
     return exp
 
@@ -160,16 +154,24 @@ def explain_report(report: VerifyReport, reference, onnx_path: str | Path, input
     return exp
 
 
+def _explanation(points: list[Point], reference: str, floor: str) -> Explanation:
+    """The Explanation of the judged ``points``: the first that diverged, in words."""
+    first = next((p for p in points if p.diverged), None)
+    status, message = _message(points, first, floor)
+    return Explanation(status, message, reference=reference, floor=floor, first=first, points=points)
+
+
 def _message(points: list[Point], first: Point | None, floor: str) -> tuple[str, str]:
     if not points:
         return "unavailable", "no explanation: no place of the reference could be matched with a value of the ONNX file"
+    f64 = floor == "float64"
     if first is None:
-        return "matches", (f"no compared place leaves the reference beyond its {'float32 noise floor' if floor == 'float64' else 'tolerance'} "
-                           f"({len(points)} places compared)")
+        return "matches", (f"no compared place leaves the reference beyond its "
+                           f"{'float32 noise floor' if f64 else 'tolerance'} ({len(points)} places compared)")
     before = points.index(first)
-    what = "floor" if floor == "float64" else "tolerance"
-    size = first.noise_floor if floor == "float64" else first.limit
-    err = first.max_abs_error_float64 if floor == "float64" and first.max_abs_error_float64 is not None else first.max_abs_error
+    what, size = ("floor", first.noise_floor) if f64 else ("tolerance", first.limit)
+    err = (first.max_abs_error_float64 if f64 and first.max_abs_error_float64 is not None
+           else first.max_abs_error)
     tail = (f"everything before it matches ({before} place{'s' if before != 1 else ''} compared before it, {len(points)} in all)"
             if before else f"it is the first of the {len(points)} places compared")
     return "diverged", f"diverges first at {first.where()}: max abs {_g(err)} vs {what} {_g(size)} (limit {_g(first.limit)}); {tail}"
@@ -184,13 +186,12 @@ def _judge(points: list[Point], ref: dict, cand: dict, ref64: dict | None, keys:
     out = []
     for p, key in zip(points, keys):
         got, want = cand.get(p.value), ref.get(key)
-        if got is None or want is None or np.asarray(got).shape != np.asarray(want).shape or np.asarray(got).dtype.kind != "f":
+        if (got is None or want is None or got.shape != want.shape or got.dtype.kind != "f"
+                or not np.isfinite(want).all()):
             continue
         t64 = ref64.get(key) if ref64 is not None else None
         if t64 is not None and not np.isfinite(t64).all():
             t64 = None
-        if not np.isfinite(want).all():
-            continue
         d = divergence(want, got, t64, k)
         p.max_abs_error, p.max_abs_error_float64, p.noise_floor, p.limit = (d["max_abs_error"], d["max_abs_error_float64"],
                                                                               d["noise_floor"], d["limit"])
@@ -214,11 +215,8 @@ def _explain_module(model, onnx_path: Path, feeds, provider: str, k: float, floa
             _, _, ref64 = _capture(runner64, feeds)
     points, keys = _module_points(order, calls, plan, value_module, nodes)
     cand = _onnx_values(onnx_path, [p.value for p in points], feeds, provider)
-    judged = _judge(points, ref, cand, ref64, keys, k)
     floor = "float64" if ref64 is not None else "tolerance"
-    first = next((p for p in judged if p.diverged), None)
-    status, message = _message(judged, first, floor)
-    return Explanation(status, message, reference="pytorch", floor=floor, first=first, points=judged)
+    return _explanation(_judge(points, ref, cand, ref64, keys, k), "pytorch", floor)
 
 
 def _capture(runner: TorchRunner, feeds) -> tuple[list[str], dict[str, int], dict[str, np.ndarray]]:
@@ -241,11 +239,8 @@ def _capture(runner: TorchRunner, feeds) -> tuple[list[str], dict[str, int], dic
         return fn
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in runner.model.named_modules() if n]
-    try:
+    with hooks_removed(hooks):
         runner.infer(feeds)
-    finally:
-        for h in hooks:
-            h.remove()
     return order, calls, outs
 
 
@@ -319,9 +314,7 @@ def _onnx_values(path: Path, names: list[str], feeds, provider: str) -> dict[str
     proto = onnx.load(str(path))
     have = {o.name for o in proto.graph.output}
     wanted = list(dict.fromkeys(names))
-    for n in wanted:
-        if n not in have:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
     with tempfile.TemporaryDirectory(prefix="bnfold-explain-") as tmp:
         copy_path = Path(tmp) / "explain.onnx"
         # weights beside it (any size; not save_onnx: inside convert, its writes wait for the OutputSet's commit)
@@ -342,7 +335,4 @@ def _explain_onnx(original: Path, candidate: Path, feeds, provider: str) -> Expl
     names = [p.value for p in points]
     ref = _onnx_values(original, names, feeds, "cpu")
     cand = _onnx_values(candidate, names, feeds, provider)
-    judged = _judge(points, ref, cand, None, names, NOISE_K)
-    first = next((p for p in judged if p.diverged), None)
-    status, message = _message(judged, first, "tolerance")
-    return Explanation(status, message, reference="onnx", floor="tolerance", first=first, points=judged)
+    return _explanation(_judge(points, ref, cand, None, names, NOISE_K), "onnx", "tolerance")

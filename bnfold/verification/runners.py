@@ -35,7 +35,7 @@ from bnfold.errors import BadInputError, BnfoldError, first_line, inputs_rejecte
 from bnfold.edges.data import Batch, call_model, eval_mode, model_dtype_device, prepare
 from bnfold.edges.isolate import runtime
 from bnfold.verification.providers import PROVIDERS, unavailable_reason
-from bnfold.edges.load import onnx_error
+from bnfold.edges.load import onnx_error, tensor_to_numpy
 from bnfold.report import LEVEL_NAMES
 
 LEVELS = ("disable_all", "default")
@@ -85,12 +85,7 @@ def flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
 
 
 def to_numpy(t) -> np.ndarray:
-    import torch
-
-    if isinstance(t, np.ndarray):
-        return t
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return t if isinstance(t, np.ndarray) else tensor_to_numpy(t)
 
 
 def positional_batch(inputs) -> Batch:
@@ -107,6 +102,17 @@ def as_feeds(feeds):
     if isinstance(feeds, tuple) and len(feeds) == 2 and isinstance(feeds[1], Mapping) and isinstance(feeds[0], tuple):
         return Batch(feeds[0], dict(feeds[1]))
     return positional_batch(feeds)
+
+
+@contextlib.contextmanager
+def hooks_removed(handles: list):
+    """The hooks of ``handles`` (a list, which may still grow inside the block) removed at the end of
+    the block, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -148,7 +154,6 @@ class TorchRunner(Released):
                  borrow: bool = False):
         import torch
 
-
         m_dtype, m_device = model_dtype_device(model)
         self.dtype = dtype or m_dtype
         self.torch_device = torch.device(device) if device is not None else m_device
@@ -169,14 +174,16 @@ class TorchRunner(Released):
         b = as_feeds(feeds)  # passed as given (an example, never bound as the user's data: data=False)
         return prepare(Batch(b.args, b.kwargs), self.dtype, self.torch_device)
 
-    def infer(self, feeds) -> Outputs:
+    def _call(self, batch):
         import torch
 
+        with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
+            return call_model(self.model, batch)
 
+    def infer(self, feeds) -> Outputs:
         batch = self._prepare(feeds)
         try:
-            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
-                out = call_model(self.model, batch)
+            out = self._call(batch)
         except BnfoldError:
             raise
         except Exception as err:  # the model refuses these inputs: bad input (exit 2), never a bare RuntimeError
@@ -186,7 +193,6 @@ class TorchRunner(Released):
     def first_nonfinite_module(self, feeds) -> str | None:
         """The first module (in execution order) whose output holds NaN/Inf for ``feeds``, if any."""
         import torch
-
 
         found: list[str] = []
 
@@ -198,14 +204,8 @@ class TorchRunner(Released):
             return fn
 
         hooks = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n and not list(m.children())]
-        try:
-            with torch.no_grad(), eval_mode(self.model), tf32(self.allow_tf32):
-                call_model(self.model, self._prepare(feeds))
-        except Exception:  # noqa: BLE001 — a diagnosis, never a new failure
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
+        with hooks_removed(hooks), contextlib.suppress(Exception):  # a diagnosis, never a new failure
+            self._call(self._prepare(feeds))
         return found[0] if found else None
 
     def close(self) -> None:
@@ -251,11 +251,8 @@ def _uncast(undo: list) -> None:
 
 # ------------------------------------------------------------------------- onnxruntime runner
 @contextlib.contextmanager
-def _captured_stderr(lines: list[str], enabled: bool = True):
+def _captured_stderr(lines: list[str]):
     """Capture what native code writes to fd 2 (onnxruntime's logger) into ``lines``."""
-    if not enabled:
-        yield
-        return
     fd = 2  # native code writes to fd 2 whatever sys.stderr is
     with contextlib.suppress(Exception):
         sys.stderr.flush()
@@ -264,18 +261,20 @@ def _captured_stderr(lines: list[str], enabled: bool = True):
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), fd)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
-            lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
+    try:  # the saved descriptor is closed whatever fails below
+        with tempfile.TemporaryFile(mode="w+b") as tmp:
+            os.dup2(tmp.fileno(), fd)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, fd)
+                tmp.seek(0)
+                text = tmp.read().decode("utf-8", "replace")
+                lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
+    finally:
+        os.close(saved)
 
 
 def ort_severity(verbose: bool = False) -> int:
@@ -307,14 +306,16 @@ class OrtRunner(Released):
             import torch  # noqa: F401  (loads CUDA/cuDNN libraries before onnxruntime looks for them)
         import onnxruntime as ort
 
-        ort.set_default_logger_severity(ort_severity(verbose))  # the default logger: set before any session
+        severity = ort_severity(verbose)
+        ort.set_default_logger_severity(severity)  # the default logger: set before any session
         so = ort.SessionOptions()
-        so.log_severity_level = ort_severity(verbose)
+        so.log_severity_level = severity
         self.run_options = ort.RunOptions()
-        self.run_options.log_severity_level = ort_severity(verbose)
+        self.run_options.log_severity_level = severity
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVEL_NAMES[level])
+        quiet = contextlib.nullcontext() if verbose else _captured_stderr(self.messages)
         try:
-            with _captured_stderr(self.messages, enabled=not verbose), self._running():
+            with quiet, self._running():
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.spec.provider_list())
         except Exception as err:
             if provider == "cpu":

@@ -34,7 +34,7 @@ from bnfold.edges.data import model_dtype_device
 from bnfold.errors import BadInputError, ProviderError, WeightsError, first_line
 from bnfold.onnx_pass.io import node_label, walk_nodes
 from bnfold.report import LEVEL_NAMES, plain_status, html, render_verification, show
-from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Tolerance
+from bnfold.verification.compare import FLOAT32_EPS, NOISE_K, OutputComparison, Record, Tolerance
 from bnfold import progress
 from bnfold.verification.providers import DEFAULT_PROVIDERS, PROVIDERS, available_providers, parse_providers, unavailable_reason
 from bnfold.verification.runners import LEVELS, OrtRunner, RunnerUnavailable, TorchRunner, positional_batch
@@ -44,7 +44,7 @@ FLOAT64_MAX_BYTES = 1_500_000_000  # float64 copy of the reference's parameters 
 
 # ------------------------------------------------------------------------------------- results
 @dataclass
-class Run:
+class Run(Record):
     target: str  # "onnx" or "folded-module"
     provider: str  # "cpu", "cuda", ... or "pytorch"
     graph_optimization: str | None  # "disable_all", "default" (onnxruntime), None for PyTorch
@@ -72,9 +72,7 @@ class Run:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Run":
-        names = {f.name for f in fields(cls)} - {"outputs"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   outputs=[OutputComparison.from_dict(o) for o in d.get("outputs", [])])
+        return super().from_dict(d, outputs=[OutputComparison.from_dict(o) for o in d.get("outputs", [])])
 
 
 @dataclass
@@ -155,13 +153,13 @@ def check_statistics(reference) -> None:
         eps = getattr(m, "eps", 0.0)
         problem = None
         with torch.no_grad():
-            v = var.detach()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                problem = f"running_var has {int((~torch.isfinite(v)).sum())} NaN/Inf values"
-            elif bool((v < 0).any()):
-                problem = f"running_var has {int((v < 0).sum())} negative value(s) (min {float(v.min()):.3g})"
-            elif mean.is_floating_point() and not bool(torch.isfinite(mean.detach()).all()):
-                problem = f"running_mean has {int((~torch.isfinite(mean.detach())).sum())} NaN/Inf values"
+            if var.is_floating_point() and not bool(torch.isfinite(var).all()):
+                problem = f"running_var has {int((~torch.isfinite(var)).sum())} NaN/Inf values"
+            elif bool((var < 0).any()):
+                problem = (f"running_var has {int((var < 0).sum())} negative value(s) "
+                           f"(min {float(var.min()):.3g})")
+            elif mean.is_floating_point() and not bool(torch.isfinite(mean).all()):
+                problem = f"running_mean has {int((~torch.isfinite(mean)).sum())} NaN/Inf values"
             elif isinstance(eps, (int, float)) and eps < 0:
                 problem = f"eps is negative ({eps:g})"
         if problem:
@@ -347,9 +345,9 @@ def _float64_outputs(out: References, reference, sets: dict, settings: VerifySet
             out.refs64 = {s: runner.infer(f) for s, f in sets.items()}
             out.float64_reference = "ran"
         except Exception as err:  # noqa: BLE001 — the model may not support float64
-            first = first_line(err)
-            out.float64_reference = f"failed: {type(err).__name__}: {first[:200]}"
-            out.note(f"the float64 run of the reference failed ({type(err).__name__}: {first[:160]}): "
+            out.float64_reference = f"failed: {type(err).__name__}: {first_line(err, 200)}"
+            out.note(f"the float64 run of the reference failed "
+                     f"({type(err).__name__}: {first_line(err, 160)}): "
                      "judged against the float32 reference only")
 
 
