@@ -197,33 +197,27 @@ def manifest_path(output: str | Path) -> Path:
     return Path(str(output) + MANIFEST_SUFFIX)
 
 
-def is_unchanged(entry: dict[str, Any]) -> bool:
-    """Skip only when everything that can change the result is unchanged (docs/ci.md): the fingerprint,
-    every file the recorded run read, and every requested output is there. When in doubt, run."""
+def unchanged_manifest(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the recorded run when a conversion may be skipped (a skipped conversion keeps
+    its report in the summary), else None. Skip only when everything that can change the result is
+    unchanged (docs/ci.md): the fingerprint, every file the recorded run read, and every requested
+    output is there. When in doubt, run."""
     mpath, out = manifest_path(entry["output"]), Path(entry["output"])
     if not mpath.is_file() or not all(Path(p).is_file() for p in _outputs(entry)):
-        return False
+        return None
     try:
         old = json.loads(mpath.read_text())
     except (OSError, ValueError):
-        return False
+        return None
     now = json.loads(json.dumps(fingerprint(entry), default=str))
     if not all(old.get(k) == now[k] for k in now) or old.get("onnx_sha256") != sha256_file(out):
-        return False
+        return None
     reads = old.get("reads")
     if not isinstance(reads, dict):  # a manifest from before reads were recorded
-        return False
+        return None
     try:
-        return all(Path(f).is_file() and sha256_file(f) == h for f, h in reads.items())
+        return old if all(Path(f).is_file() and sha256_file(f) == h for f, h in reads.items()) else None
     except OSError:
-        return False
-
-
-def previous_report(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The report of the run a manifest records (a skipped conversion keeps it in the summary)."""
-    try:
-        return json.loads(manifest_path(entry["output"]).read_text()).get("report")
-    except (OSError, ValueError):
         return None
 
 
@@ -271,7 +265,7 @@ def run_one(entry: dict[str, Any], debug: bool = False, threads: int | None = No
             import traceback
 
             traceback.print_exc()
-        code, error = EXIT_MODEL, f"unexpected {type(err).__name__}: {first_line(err, empty='')[:300]}"
+        code, error = EXIT_MODEL, f"unexpected {type(err).__name__}: {first_line(err, empty='')}"
     error = " ".join(error.split())
     result.update(exit_code=code, error=error, detail=error)
     return result
@@ -299,10 +293,9 @@ def _run_isolated(entries: list, todo: list[int], results: list, jobs: int, debu
         # imported once here, not once per child; the exporter's table too (onnx_pass/export.py)
         warm_up(("torch", "onnx", "onnxruntime", "torch.onnx", "bnfold.pipeline"), then=warm_exporter)
     tasks = {i: Task(run_one, (entries[i], debug, threads), outputs=_supervised_outputs(entries[i])) for i in todo}
-    index = {id(t): i for i, t in tasks.items()}
 
     def finished_one(task: Task) -> None:
-        i = index[id(task)]
+        i = next(i for i, t in tasks.items() if t is task)
         results[i] = _task_result(entries[i], task)
         if results[i] is not None:
             done(results[i])
@@ -372,8 +365,10 @@ def _run_config(config, jobs: int, skip_unchanged: bool, report, debug: bool, li
     results: list[dict[str, Any] | None] = [None] * len(entries)
     todo = []
     for i, e in enumerate(entries):
-        if skip_unchanged and is_unchanged(e):
-            results[i] = _result(e, detail="unchanged since the run its manifest records", report=previous_report(e), skipped=True)
+        old = unchanged_manifest(e) if skip_unchanged else None
+        if old is not None:
+            results[i] = _result(e, detail="unchanged since the run its manifest records",
+                                 report=old.get("report"), skipped=True)
             _finished(lines, results, results[i])
         else:
             todo.append(i)

@@ -110,6 +110,6 @@ def inputs_rejected(inputs, err: BaseException, what: str = "inputs", fix: str |
     bad input (exit 2) naming their shapes and the model's own first line, for ``convert``, ``inspect``
     and the API's ``verify`` alike. ``inputs``: the tensors (anything with ``.shape``)."""
     shapes = ", ".join(str(list(t.shape)) for t in inputs if hasattr(t, "shape")) or "(none)"
-    return BadInputError(f"the model rejected {what} of shape {shapes}: {first_line(err)[:200]}",
+    return BadInputError(f"the model rejected {what} of shape {shapes}: {first_line(err, 200)}",
                          fix or "pass inputs the model accepts (rank, channels, size)")
 

@@ -170,17 +170,13 @@ def _source(opts: ConvertOptions):
 # ------------------------------------------------------------------------------ provenance
 def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool) -> dict[str, str]:
     """What made an artifact, as string metadata (the ONNX file's ``metadata_props``)."""
-
-    def tol(v):
-        return json.dumps(v, sort_keys=True)
-
     d = {
         "version": __version__,
         "calibrated": "true" if calibrated else "false",
         "opset": str(opset) if opset is not None else "",
         "dynamic_batch": "true" if opts.dynamic_batch else "false",
-        "atol": tol(opts.atol),
-        "rtol": tol(opts.rtol),
+        "atol": json.dumps(opts.atol, sort_keys=True),
+        "rtol": json.dumps(opts.rtol, sort_keys=True),
         "seed": str(opts.seed),
     }
     if calibrated:
@@ -193,19 +189,10 @@ def provenance(opts: ConvertOptions, source, opset: int | None, calibrated: bool
 
 def add_provenance(proto, prov: dict[str, str]) -> None:
     """Record ``prov`` in the proto's metadata_props (after the exporter's metadata was stripped)."""
-    keep = [p for p in proto.metadata_props if not p.key.startswith(PROVENANCE_PREFIX)]
+    keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PROVENANCE_PREFIX)]
     del proto.metadata_props[:]
-    for p in keep:
-        proto.metadata_props.add(key=p.key, value=p.value)
-    for k in sorted(prov):
-        proto.metadata_props.add(key=k, value=prov[k])
-
-
-def read_provenance(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(PROVENANCE_PREFIX):]: p.value for p in m.metadata_props if p.key.startswith(PROVENANCE_PREFIX)}
+    for k, v in keep + sorted(prov.items()):
+        proto.metadata_props.add(key=k, value=v)
 
 
 def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
@@ -213,16 +200,12 @@ def provenance_defaults(prov: dict[str, str]) -> dict[str, Any]:
     dynamic batch, seed), as ConvertOptions fields (for ``bnfold verify``). Never the tolerance: the
     pass criterion comes from bnfold's defaults or the caller, not from the file being checked (trust
     rule "PASSED means compared", docs/trust.md)."""
+    parse = {"estimator": Estimator, "batch_size": int, "dynamic_batch": lambda v: v == "true", "seed": int}
     out: dict[str, Any] = {}
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        if prov.get("estimator"):
-            out["estimator"] = Estimator(prov["estimator"])
-        if prov.get("batch_size"):
-            out["batch_size"] = int(prov["batch_size"])
-        if prov.get("dynamic_batch"):
-            out["dynamic_batch"] = prov["dynamic_batch"] == "true"
-        if prov.get("seed"):
-            out["seed"] = int(prov["seed"])
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # the first value that does not parse ends it
+        for key, value in parse.items():
+            if prov.get(key):
+                out[key] = value(prov[key])
     return out
 
 
@@ -538,7 +521,8 @@ def check_artifact(model, onnx_path: str | Path, example_inputs=None, *, options
     check_seed(opts.seed)
     check_run_paths(_run_inputs(model, opts, onnx_path), {"--report": opts.report})
     artifact = load_onnx(onnx_path)  # a clear error for a missing, truncated or non-ONNX artifact
-    prov = read_provenance(onnx_path)
+    prov = {p.key[len(PROVENANCE_PREFIX):]: p.value for p in artifact.metadata_props
+            if p.key.startswith(PROVENANCE_PREFIX)}  # what made it (``provenance``'s keys)
     made = provenance_defaults(prov)
     # batch size only for data that bnfold cuts into batches (files); a DataLoader has its own
     keys = ("estimator", "batch_size") if isinstance(opts.calib, (str, Path)) else ("estimator",)
@@ -612,8 +596,8 @@ def _explain_into(vr: VerifyReport, rebuild, onnx_path, sets, opts: ConvertOptio
     except Exception as err:  # noqa: BLE001 — an explanation never changes the verdict
         vr.explanation = Explanation("unavailable", f"no explanation: the reference could not be built again ({type(err).__name__}: "
                                      f"{first_line(err)[:200]}); run again with {opts.via.key('explain').strip()}").to_dict()
-        return vr.explanation
-    explain_report(vr, reference, onnx_path, sets)
+    else:
+        explain_report(vr, reference, onnx_path, sets)
     return vr.explanation
 
 

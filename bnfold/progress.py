@@ -123,12 +123,9 @@ class Counter:
 
     def _show(self, final: bool = False) -> None:
         line = self.r._text(self.stage, self._detail(final))
-        if self.r.live:
-            self.r._write(line, redraw=True)
-            if final:
-                self.r.close()
-        else:
-            self.r._write(line)
+        self.r._write(line, redraw=self.r.live)
+        if final:  # a live line ends here (a plain line already has)
+            self.r.close()
         self.shown_at = self.r.clock()
 
     def advance(self, k: int = 1) -> None:

@@ -157,10 +157,9 @@ UNVERIFIED = "written, not verified"
 
 
 def _status(ok: bool | None) -> str:
-    """PASSED, FAILED, or for a report whose ``passed`` is None (``--no-verify``) its own state."""
-    if ok is None:
-        return f"[yellow]{UNVERIFIED.upper()}[/]"
-    return "[green]PASSED[/]" if ok else "[bold red]FAILED[/]"
+    """``plain_status`` in colour (rich markup)."""
+    colour = "yellow" if ok is None else "green" if ok else "bold red"
+    return f"[{colour}]{plain_status(ok)}[/]"
 
 
 def plain_status(ok: bool | None) -> str:
@@ -284,13 +283,10 @@ def compact_verification_table(verification: dict[str, Any]):
             t.add_row(_checked(run), run["inputs"], *((o["name"],) if len(names) > 1 else ()), _fmt(o.get("max_abs_error")),
                       *top1, against, _status(o["passed"]))
     if float64:
-        t.caption = f"* against the float64 run: atol + {runs and _noise_k(runs)} x the model's own float32 error"
+        k = next((f"{o['noise_k']:g}" for run in runs for o in run["outputs"] if o.get("noise_k")), "K")
+        t.caption = f"* against the float64 run: atol + {k} x the model's own float32 error"
         t.caption_justify = "left"
     return t
-
-
-def _noise_k(runs: list) -> str:
-    return next((f"{o['noise_k']:g}" for run in runs for o in run["outputs"] if o.get("noise_k")), "K")
 
 
 def failure_lines(verification: dict[str, Any]) -> list[str]:
@@ -606,11 +602,8 @@ def markdown_summary(entries: Iterable[dict[str, Any]]) -> str:
         rep = e.get("report") or {}
         bn = bn_folded(rep) if rep else "-"
         provs = ", ".join((rep.get("verification") or {}).get("providers_run", [])) or "-"
-        result = {0: "passed", 1: "**FAILED**"}.get(e.get("exit_code"), f"**error {e.get('exit_code')}**")
-        if e.get("exit_code") == 0 and rep and rep.get("passed", True) is None:
-            result = UNVERIFIED
-        if e.get("skipped"):
-            result = "unchanged (skipped)"
+        result = {"PASSED": "passed", "FAILED": "**FAILED**", "skipped (unchanged)": "unchanged (skipped)",
+                  UNVERIFIED: UNVERIFIED}.get(conversion_result(e), f"**error {e['exit_code']}**")
         note = (e.get("error") or e.get("detail") or "").replace("|", "\\|")
         lines.append(f"| {e.get('model', '')} | {e.get('output', '')} | {result} | {bn} | "
                      f"{_fmt(_worst_error(rep))} | {provs} | {note} |")

@@ -91,6 +91,13 @@ def _fail(err: BaseException, code: int, traced: BaseException | None = None) ->
     raise typer.Exit(code)
 
 
+def _interrupted() -> None:
+    message = f"interrupted; {written_message()}"
+    sys.stderr.write(f"bnfold: {message}\n")
+    _json_error(EXIT_INTERRUPTED, message, None)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def _guard(fn, outputs=(), isolated: bool = True):
     """Run ``fn``; render bnfold errors as one line with their exit code. From the entry point
     (``main``) it runs in a supervised child process (bnfold.edges.isolate), unless ``isolated`` is
@@ -117,9 +124,7 @@ def _supervised(fn, outputs: list) -> None:
     if task.status == "ok":
         raise typer.Exit(task.result)
     if stopped or task.status == "interrupted":
-        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
-        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _interrupted()
     if task.status == "error":
         _fail(ModelError(f"unexpected error in the process running bnfold: {task.result}", "rerun with --debug and report it"), EXIT_MODEL)
     _fail(isolate.death_error(task), EXIT_MODEL)
@@ -137,14 +142,11 @@ def _run_guarded(fn):
     except BnfoldError as err:
         _fail(err, err.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write(f"bnfold: interrupted; {written_message()}\n")
-        _json_error(EXIT_INTERRUPTED, f"interrupted; {written_message()}", None)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _interrupted()
     except (SystemExit, GeneratorExit) as err:  # user code (a model's forward) ending the process
         _fail(as_error(err, "the model's code"), EXIT_MODEL)
     except Exception as err:  # a bug in bnfold, or a model that breaks in an unforeseen way
-        first = first_line(err, empty="")
-        problem = f"unexpected {type(err).__name__} while processing the model: {first[:300]}"
+        problem = f"unexpected {type(err).__name__} while processing the model: {first_line(err, empty='')}"
         fix = "rerun with --debug for the traceback and report it if the model is valid"
         _fail(ModelError(problem, fix), EXIT_MODEL, err)
 
@@ -221,9 +223,8 @@ def _table_options(command: str, first: tuple = ()):
             for flag in GLOBAL_FLAGS:  # given before or after the command
                 STATE[flag] = kw.pop(flag) or STATE[flag]
             STATE["json"] = bool(kw.get("json_out"))  # an error below is one JSON object too
-            values = {k: kw.pop(k) for k in keys}
             try:
-                values = {k: _once(k, v) for k, v in values.items()}
+                values = {k: _once(k, kw.pop(k)) for k in keys}
             except BadInputError as err:
                 _fail(err, err.exit_code)
             return fn(values, **kw)
@@ -265,6 +266,14 @@ def _print_json(obj) -> None:
     stdout().write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _show(result, json_out: bool, render, **kw) -> None:
+    """A command's result: its JSON object under --json, else ``render``'s tables (-q: the last line)."""
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        render(result.to_dict(), _console(), quiet=STATE["quiet"], **kw)
+
+
 # ------------------------------------------------------------------------------------ convert
 @app.command(cls=_Command, epilog=_examples(
     "bnfold convert samples/digits/model.py:build -w samples/digits/weights.pt \\\n"
@@ -302,10 +311,7 @@ def convert(
             raise BadInputError("no output path", "pass -o OUT.onnx")
         opts = _build("convert", values, model)
         rep = bnfold.convert(model, None, output, options=opts)
-        if json_out:
-            _print_json(rep.to_dict())
-        else:
-            render_convert(rep.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
+        _show(rep, json_out, render_convert, verbose=STATE["verbose"])
         raise typer.Exit(rep.exit_code)
 
     _guard(work, (output, values["report"], values.get("plot")), isolated=config is None)  # --config isolates each conversion
@@ -380,10 +386,7 @@ def verify(
     def work():
         opts = _build("verify", values, model)
         check = bnfold.check_artifact(model, onnx_file, options=opts)
-        if json_out:
-            _print_json(check.to_dict())
-        else:
-            render_verify(check.to_dict(), _console(), verbose=STATE["verbose"], quiet=STATE["quiet"])
+        _show(check, json_out, render_verify, verbose=STATE["verbose"])
         raise typer.Exit(check.exit_code)
 
     _guard(work, (values.get("report"),))
@@ -402,11 +405,7 @@ def inspect(
     """Show every BatchNorm layer's fate: folded backward/forward into what, or why it stays."""
     def work():
         opts = _build("inspect", values, model)
-        plan = bnfold.inspect_spec(model, options=opts)
-        if json_out:
-            _print_json(plan.to_dict())
-        else:
-            render_inspect(plan.to_dict(), _console(), quiet=STATE["quiet"])
+        _show(bnfold.inspect_spec(model, options=opts), json_out, render_inspect)
 
     _guard(work)
 

@@ -202,19 +202,19 @@ def test_skip_unchanged_sees_imported_modules_read_files_and_outputs(ws):
                    'calib = "data.py:from_npz"\noutput = "a.onnx"\n')
     assert batch.run_config(cfg)["exit_code"] == 0
     (entry,) = batch.load_config(cfg)
-    assert batch.is_unchanged(entry)
+    assert batch.unchanged_manifest(entry) is not None
     for path, new in (("helper.py", "C = 4  # edited\n"), ("d.npz", None)):
         old = (ws / path).read_bytes()
         if new is None:
             np.savez(ws / "d.npz", x=np.random.RandomState(1).randn(16, 1, 8, 8).astype("float32"))
         else:
             (ws / path).write_text(new)
-        assert not batch.is_unchanged(entry), path
+        assert batch.unchanged_manifest(entry) is None, path
         (ws / path).write_bytes(old)
-        assert batch.is_unchanged(entry)
+        assert batch.unchanged_manifest(entry) is not None
     cfg.write_text(cfg.read_text() + 'report = "r.json"\n')  # a new requested output: run
     (entry,) = batch.load_config(cfg)
-    assert not batch.is_unchanged(entry)
+    assert batch.unchanged_manifest(entry) is None
 
 
 # ------------------------------------------------------------- §7 one validation, before any work

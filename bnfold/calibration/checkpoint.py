@@ -41,7 +41,7 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     if parse_model_spec(model).kind == "onnx":
         raise BadInputError("calibration needs the PyTorch model", "pass path/file.py:factory, not a .onnx file")
     check_run_paths({"model": spec_files(model), "--weights": opts.weights, "--calib": spec_files(opts.calib)},
-                    {"-o": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=[] if opts.overwrite else ["-o"])
+                    {"-o": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=not opts.overwrite)
     m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
     batches = load_batches(opts.calib, opts.batch_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -63,6 +63,11 @@ def f64(arr):
 
 
 # --------------------------------------------------------------------------------- constant values
+def _binary(ufunc):
+    """A ``Consts`` op for a binary ONNX op, computed in its inputs' common dtype."""
+    return lambda self, node, a, b: ufunc(a, b).astype(np.result_type(a, b))
+
+
 class Consts:
     """Constant values, followed through the small op chains exporters write; never graph inputs."""
 
@@ -167,14 +172,7 @@ class Consts:
     def _op_Sqrt(self, node, x):
         return np.sqrt(x)
 
-    def _op_Add(self, node, a, b):
-        return (a + b).astype(np.result_type(a, b))
-
-    def _op_Sub(self, node, a, b):
-        return (a - b).astype(np.result_type(a, b))
-
-    def _op_Mul(self, node, a, b):
-        return (a * b).astype(np.result_type(a, b))
+    _op_Add, _op_Sub, _op_Mul = _binary(np.add), _binary(np.subtract), _binary(np.multiply)
 
     def _op_Div(self, node, a, b):
         if a.dtype.kind in "iu":
@@ -188,8 +186,8 @@ class Ctx:
     name of the model (new names avoid them); ``inferred()``: the model's shapes from shape inference
     (``fold._shapes``), for values whose IR shape is unknown."""
 
-    def __init__(self, model, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
-        self.model, self.graph, self.main, self.opset, self.prefix = model, graph, main, opset, prefix
+    def __init__(self, graph, *, main: bool, opset: int, prefix: str, model_names: set, inferred):
+        self.graph, self.main, self.opset, self.prefix = graph, main, opset, prefix
         self.model_names, self.inferred = model_names, inferred
         self.consts = Consts()
         self._counter = itertools.count(1)
@@ -199,7 +197,7 @@ class Ctx:
 
     def need_const(self, v, what: str) -> np.ndarray:
         """The constant value of ``v``, or ``NoMatch("{what}: why it is not a constant")``."""
-        arr, why = self.consts.value(v)
+        arr, why = self.const(v)
         if why:
             raise NoMatch(f"{what}: {why}")
         return arr

@@ -401,8 +401,7 @@ def export_folded(module, example_inputs, *, opset: int | None = None, dynamic_b
 def export(model, example_inputs, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = False) -> Path:
     """Export ``model`` (eval mode) to ``path``: one checked, reproducible .onnx file. BN layers the
     graph still has are folded by bnfold's float64 ONNX rules where they can be (``export_folded``)."""
-    check_output_path(path)
-    path = Path(path)
+    path = check_output_path(path)
     with OutputSet() as outs:  # the model and its external data land together
         staged = outs.reserve(path)
         proto, _, _ = export_folded(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch,

@@ -149,7 +149,7 @@ def fold_ir(model, record: dict | None = None) -> FoldPlan:
     # which a graph whose values carry their shapes (the exporter's) never needs
     inferred = functools.cache(lambda: _shapes(model))
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
-    ctxs = [Ctx(model, w.graph, main=w.graph is model.graph, prefix=w.prefix,
+    ctxs = [Ctx(w.graph, main=w.graph is model.graph, prefix=w.prefix,
                 opset=opset if w.function is None else w.function.opset_imports.get("", opset),
                 model_names=names, inferred=inferred) for w in walk(model)]
     for ctx in ctxs:

@@ -5,6 +5,7 @@ BatchNormalization nodes, validating their statistics, folding."""
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +131,10 @@ def strip_metadata(proto) -> None:
     clear(proto)
     for where in walk(proto):
         g = where.graph
-        if where.function is None:  # a GraphProto; a FunctionProto has only its nodes to clear
-            for coll in (g.input, g.output, g.value_info, g.initializer):
-                for v in coll:
-                    clear(v)
-        clear(g)
-        for n in g.node:
-            clear(n)
+        # a GraphProto's values too; a FunctionProto has only its nodes to clear
+        values = (g.input, g.output, g.value_info, g.initializer) if where.function is None else ()
+        for x in itertools.chain([g], g.node, *values):
+            clear(x)
 
 
 # ------------------------------------------------------------------------------ the one traversal
@@ -348,11 +346,6 @@ def bn_count(model) -> int:
     return sum(1 for _ in walk_nodes(model, "BatchNormalization"))
 
 
-def _bn_output_count(node) -> int:
-    """Outputs of a node as runtimes count them: up to the last one with a name."""
-    return max((k + 1 for k, name in enumerate(node.output) if name), default=0)
-
-
 def ort_blockers(proto) -> list[str]:
     """What in ``proto`` onnxruntime cannot run (it crashes or refuses): BatchNormalization before
     opset 14 whose named outputs are neither 1 (inference) nor 5 (training)."""
@@ -361,7 +354,7 @@ def ort_blockers(proto) -> list[str]:
         return []
     out = []
     for n, _ in walk_nodes(proto, "BatchNormalization"):
-        k = _bn_output_count(n)
+        k = max((i + 1 for i, name in enumerate(n.output) if name), default=0)  # as runtimes count them
         if k not in (1, 5):
             out.append(f"BatchNormalization '{node_label(n)}' (opset {opset}) has {k} outputs (up to its last "
                        "named one), not 1 or 5: onnxruntime crashes or refuses to load it")

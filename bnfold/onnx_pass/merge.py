@@ -22,7 +22,7 @@ import numpy as np
 
 from bnfold.fold_math import identity_kernel, merge_branches, merge_linear_branches
 from bnfold.onnx_pass.core import ONNX_DOMAINS, Ctx, attr, bn_params, f64, node_name, value_name
-from bnfold.onnx_pass.rules import conv_backward, conv_weights, gemm_backward, gemm_producer
+from bnfold.onnx_pass.rules import conv_backward, conv_weights, gemm_backward, gemm_weights, producer
 from bnfold.plan import Unmerged
 from bnfold.rule import NoMatch
 
@@ -112,15 +112,12 @@ def fold_affine_after(ctx: Ctx) -> int:
         if node.op_type not in ("Mul", "Div", "Add", "Sub") or node.domain not in ONNX_DOMAINS or len(node.inputs) != 2:
             continue
         for k in ((0, 1) if node.op_type in ("Mul", "Add") else (0,)):
-            v, c = node.inputs[k], node.inputs[1 - k]
-            p = v.producer() if v is not None else None
-            if p is None or p.op_type not in ("Conv", "Gemm") or p.domain not in ONNX_DOMAINS or not ctx.owns(p) or ctx.single_use(v):
-                continue
-            arr, why = ctx.const(c)
-            if why:
+            v = node.inputs[k]
+            if v is None:
                 continue
             try:
-                if _fold_into(ctx, node, p, arr):
+                p = producer(ctx, v, ("Conv", "Gemm"))  # read by this node alone, in this graph
+                if _fold_into(ctx, node, p, ctx.need_const(node.inputs[1 - k], "the other operand")):
                     n += _bypass(ctx, node, v)
                     break
             except NoMatch:
@@ -131,12 +128,11 @@ def fold_affine_after(ctx: Ctx) -> int:
 def _fold_into(ctx: Ctx, node, p, arr: np.ndarray) -> bool:
     """Fold ``node`` (``p``'s output op the constant ``arr``) into ``p``'s weights; False when ``arr``
     is not one value per output channel (or divides by zero)."""
-    out = p.outputs[0]
     if p.op_type == "Conv":
         cw = conv_weights(ctx, p)
-        c, rank = cw.out_channels, ctx.rank(out)
+        c, rank = cw.out_channels, ctx.rank(p.outputs[0])
     else:
-        cw = gemm_producer(ctx, out, None)
+        cw = gemm_weights(ctx, p, f"Gemm '{node_name(p)}'")
         c, rank = cw.b.shape[0] if cw.trans_b else cw.b.shape[1], 2
     vec = _per_channel(arr, rank, c)
     if vec is None or (node.op_type == "Div" and not np.all(np.isfinite(1 / vec))):
@@ -217,16 +213,16 @@ def _geometry(ctx: Ctx, node) -> dict:
 
 def _classify(ctx: Ctx, t: Term) -> None:
     v = t.value
-    p = v.producer() if v is not None else None
-    if p is None or p.domain not in ONNX_DOMAINS or not ctx.owns(p) or ctx.single_use(v):
+    if v is None:
         return
     try:
+        p = producer(ctx, v, ("Conv", "BatchNormalization", "Gemm"))
         if p.op_type == "Conv" and len(p.inputs) >= 2:
             t.geo, t.kind = _geometry(ctx, p), "conv"
         elif p.op_type == "BatchNormalization":
             t.st, t.kind = bn_params(ctx, p), "bn"
         elif p.op_type == "Gemm" and not int(attr(p, "transA", 0)):
-            g = gemm_producer(ctx, v, None)
+            g = gemm_weights(ctx, p, f"Gemm '{node_name(p)}'")
             n = g.b.shape[0] if g.trans_b else g.b.shape[1]
             if g.c is not None and g.c.size not in (1, n):
                 return

@@ -153,12 +153,12 @@ def gemm_weights(ctx: Ctx, node, what: str) -> GemmWeights:
     return GemmWeights(node, b, c, bool(attr(node, "transB", 0)))
 
 
-def gemm_producer(ctx: Ctx, x, c: int | None) -> GemmWeights:
-    """The Gemm producing ``x`` with ``c`` outputs (None: any), and its constant B and C."""
+def gemm_producer(ctx: Ctx, x, c: int) -> GemmWeights:
+    """The Gemm producing ``x`` with ``c`` outputs, and its constant B and C."""
     prod = producer(ctx, x, ("Gemm",))
     gemm = gemm_weights(ctx, prod, f"Gemm '{node_name(prod)}'")
     n = gemm.b.shape[0] if gemm.trans_b else gemm.b.shape[1]
-    if c is not None and n != c:
+    if n != c:
         raise NoMatch(f"Gemm '{node_name(prod)}' has {n} outputs, BN {c} channels")
     return gemm
 
