@@ -52,9 +52,6 @@ class Via:
     def key(self, key: str) -> str:
         return f"{key}="
 
-    def where(self) -> str:
-        return ""
-
 
 class CliVia(Via):
     name = "cli"
@@ -90,10 +87,9 @@ class OptionError(BadInputError):
     """An option value that cannot be used (exit 2), worded for the interface that passed it."""
 
     def __init__(self, via: Via, key: str | None, problem: str, fix: str | None = None):
-        where = via.where()
         named = via.key(key) if key else ""
         if isinstance(via, ConfigVia):
-            text = f"{where}, {named} {problem}" if key else f"{where}: {problem}"
+            text = f"{via.where()}, {named} {problem}" if key else f"{via.where()}: {problem}"
         else:
             text = f"{named} {problem}".strip() if key else problem
         super().__init__(text, fix)
@@ -207,9 +203,8 @@ _SHAPE_FIX = "write a shape as 1,3,224,224 or [1, 3, 224, 224]"
 
 def _is_dims(v) -> bool:
     """A shape written as integers: [1, 3, 224, 224], (1, 10), torch.Size."""
-    if not isinstance(v, (list, tuple)) or not v:
-        return False
-    return all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+    return isinstance(v, (list, tuple)) and bool(v) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in v)
 
 
 def _shape_of(v, via, key) -> tuple[int, ...]:
@@ -250,8 +245,7 @@ def _p_tolerance(v, via, key):
     if isinstance(v, Mapping):
         if not v:
             raise OptionError(via, key, "is an empty table", "give at least one OUTPUT = number")
-        for name, num in v.items():
-            out[str(name)] = _number(num, via, key)
+        out = {str(name): _number(num, via, key) for name, num in v.items()}
     else:
         items = [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
         if not isinstance(items, (list, tuple)) or not items:
@@ -334,9 +328,7 @@ def model_kind(model: Any) -> str | None:
     """"onnx" or "torch" for a model as any interface passes it (spec, path, module); None: unknown."""
     if model is None:
         return None
-    if isinstance(model, (str, Path)):
-        return "onnx" if spec_kind(str(model)).kind == "onnx" else "torch"
-    return "torch"
+    return "onnx" if isinstance(model, (str, Path)) and spec_kind(str(model)).kind == "onnx" else "torch"
 
 
 _ALL = (CONVERT, VERIFY, CALIBRATE, INSPECT)

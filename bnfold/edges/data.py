@@ -34,10 +34,8 @@ class Batch:
     def size(self) -> int:
         import torch
 
-        for t in itertools.chain(self.args, self.kwargs.values()):
-            if isinstance(t, torch.Tensor) and t.dim() > 0:
-                return int(t.shape[0])
-        return 1
+        return next((int(t.shape[0]) for t in itertools.chain(self.args, self.kwargs.values())
+                     if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
 
 
 def as_batch(item: Any) -> Batch:
@@ -45,9 +43,7 @@ def as_batch(item: Any) -> Batch:
     import torch
 
     def tens(x):
-        if isinstance(x, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(x))
-        return x
+        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
     if isinstance(item, Batch):
         return item
@@ -242,10 +238,8 @@ class DataSource:
         if count == 0:
             raise DataError(f"{self.what} is empty: it yielded no batches", "provide at least one batch")
         self.batches = count
-        top = hashlib.sha256()
-        for name in sorted(hashes):
-            top.update(f"{name}:{hashes[name].hexdigest()};".encode())
-        self.fingerprint = top.hexdigest() if hashable else None
+        joined = "".join(f"{name}:{hashes[name].hexdigest()};" for name in sorted(hashes))
+        self.fingerprint = hashlib.sha256(joined.encode()).hexdigest() if hashable else None
         if self._head is None and kept:
             self._head = _concat_head(kept, self._want)
 

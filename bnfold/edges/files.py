@@ -101,7 +101,7 @@ def check_output_path(path: str | Path, *, force: bool = True, what: str = "outp
     raw = str(path)
     if raw.strip() == "":
         raise OutputPathError(f"empty {what} path", "pass a file name")
-    if raw.endswith(("/", os.sep)) or raw.endswith(("/.", "/..")) or raw in (".", ".."):
+    if raw.endswith(("/", os.sep, "/.", "/..")) or raw in (".", ".."):
         raise OutputPathError(f"{what} path '{raw}' names a folder, not a file", "pass a file name inside it")
     p = Path(path)
     if len(p.name.encode()) > _NAME_MAX:
@@ -241,15 +241,10 @@ class OutputSet:
         """(staged, final) pairs to commit: registered files, plus unregistered ones (an ONNX model's
         external data) written into a staging folder, first."""
         registered = set(self._staged.values())
-        extra: list[tuple[Path, Path]] = []
-        for folder, d in self._dirs:
-            if not d.is_dir():
-                continue
-            for child in sorted(d.iterdir()):
-                if child not in registered and not child.name.startswith(".") and child.is_file():
-                    final = folder / child.name
-                    if final not in self._discarded:
-                        extra.append((child, final))
+        extra = [(child, folder / child.name) for folder, d in self._dirs if d.is_dir()
+                 for child in sorted(d.iterdir())
+                 if child not in registered and not child.name.startswith(".") and child.is_file()
+                 and folder / child.name not in self._discarded]
         return extra + [(s, f) for f, s in self._staged.items() if s.exists()]
 
     def commit(self) -> list[Path]:
@@ -288,11 +283,10 @@ class OutputSet:
         """Errors name the final paths the user gave, never staging names."""
         if isinstance(exc, KeyboardInterrupt) or not self._dirs:
             return
-        subs = []
-        for folder, d in self._dirs:
-            for form in {str(d), os.path.abspath(d), os.path.realpath(d)}:
-                subs.append((form + os.sep, (str(folder) + os.sep) if str(folder) not in ("", ".") else ""))
-        subs.sort(key=lambda s: -len(s[0]))
+        subs = sorted(((form + os.sep, (str(folder) + os.sep) if str(folder) not in ("", ".") else "")
+                       for folder, d in self._dirs
+                       for form in {str(d), os.path.abspath(d), os.path.realpath(d)}),
+                      key=lambda s: -len(s[0]))
 
         def fix(text):
             if not isinstance(text, str):

@@ -43,7 +43,7 @@ from bnfold.errors import ModelError, first_line
 
 __all__ = ["Task", "can_fork", "death_error", "enable", "running", "runtime", "supervise", "warm_up"]
 
-_CHANNEL: list[Any] = []  # in a supervised child: [connection to the parent, shared stage slot]
+_CHANNEL: list[Any] = []  # in a supervised child: [the shared stage slot]
 _SLOT = 4096  # bytes of shared memory holding the child's current stage
 _SEP = "\x1f"
 _STAGES: list[bytes] = []  # in a supervised child: what runs now, innermost last (encoded)
@@ -84,7 +84,7 @@ def runtime(name: str, provider: str, level: str, path) -> contextlib.AbstractCo
 
 def _mark(stage: bytes) -> None:
     """The child's current stage into shared memory (no system call: a mark costs about a microsecond)."""
-    slot = _CHANNEL[1]
+    slot = _CHANNEL[0]
     slot[4:4 + len(stage)] = stage
     slot[:4] = len(stage).to_bytes(4, "little")
 
@@ -123,7 +123,7 @@ def _child_main(conn, slot, fn: Callable, args: tuple, cwd: str, env: dict) -> N
     if os.environ != env:
         os.environ.clear()
         os.environ.update(env)
-    _CHANNEL[:] = [conn, slot]
+    _CHANNEL[:] = [slot]
     signal.signal(signal.SIGINT, _stop_child)
     signal.signal(signal.SIGTERM, _stop_child)
     _end_with_parent()
@@ -286,8 +286,7 @@ def _pump(conn, task: Task) -> bool:
     try:
         while conn.poll():
             task.status, task.result = pickle.loads(conn.recv_bytes()[1:])
-    except (EOFError, OSError, pickle.UnpicklingError, ValueError):
-        conn.close()
+    except (EOFError, OSError, pickle.UnpicklingError, ValueError):  # _collect closes the pipe
         return True
     return False
 
@@ -306,9 +305,9 @@ def _finish(proc, task: Task, on_done) -> None:
 
 def death_error(task: Task) -> ModelError:
     """The one-line error (exit 3) for a task whose child died without sending its result."""
-    code = task.exitcode if task.exitcode is not None else 0
+    code = task.exitcode or 0
     sig = _signame(-code) if code < 0 else None
-    what, rt = task.stage if task.stage else (None, None)
+    what, rt = task.stage or (None, None)
     if rt is not None:
         name, provider, level, path = rt
         how = f"crashed ({sig})" if sig else f"ended the process (exit status {code})"

@@ -7,6 +7,7 @@ turned into lists — by ``null``; anything else unknown goes through ``default`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -26,15 +27,11 @@ def sanitize(obj: Any) -> Any:
         return [sanitize(v) for v in obj]
     tolist = getattr(obj, "tolist", None)  # numpy / torch scalars and arrays
     if callable(tolist) and type(obj).__module__.split(".")[0] in ("numpy", "torch"):
-        try:
+        with contextlib.suppress(Exception):
             return sanitize(tolist())
-        except Exception:
-            pass
     if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        try:
+        with contextlib.suppress(Exception):
             return sanitize(obj.to_dict())
-        except Exception:
-            pass
     if hasattr(obj, "__fspath__"):
         return str(obj)
     return obj

@@ -8,9 +8,8 @@ Both are parsed here only (``parse_model_spec``, ``spec_kind``). Checkpoints are
 
 from __future__ import annotations
 
-import importlib
-import itertools
 import importlib.util
+import itertools
 import os
 import re
 import sys

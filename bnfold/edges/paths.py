@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Self, Union
 
-from bnfold.edges.files import check_output_path, note_inputs, run_inputs, watch
+from bnfold.edges.files import check_output_path, file_identity, note_inputs, run_inputs, watch
 from bnfold.edges.load import spec_kind
 from bnfold.errors import ConfigError, OutputPathError
 
@@ -34,11 +34,8 @@ class _Ref:
         self.label = label
         self.raw = str(raw)
         self.real = os.path.realpath(os.path.abspath(os.fspath(raw)))
-        try:
-            st = os.stat(self.real)
-            self.inode = (st.st_dev, st.st_ino)
-        except OSError:
-            self.inode = None
+        ident = file_identity(self.real)
+        self.inode = ident[:2] if ident else None
 
     def same(self, other: "_Ref") -> bool:
         return self.real == other.real or (self.inode is not None and self.inode == other.inode)
@@ -95,15 +92,8 @@ def onnx_data_files(path: PathLike) -> list[str]:
 
 
 def _items(mapping: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tuple[str, PathLike]]:
-    out = []
-    for label, value in mapping.items():
-        if value is None:
-            continue
-        if isinstance(value, (str, os.PathLike)):
-            out.append((label, value))
-        else:
-            out.extend((label, v) for v in value if v is not None)
-    return out
+    return [(label, v) for label, value in mapping.items() if value is not None
+            for v in ([value] if isinstance(value, (str, os.PathLike)) else value) if v is not None]
 
 
 def _input_refs(inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[_Ref]:

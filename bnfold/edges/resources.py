@@ -25,6 +25,7 @@ raised ``ru_maxrss`` (``"ru_maxrss"``), otherwise None; the RSS at the end is No
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -35,9 +36,7 @@ _STATM = "/proc/self/statm"
 _MB = 1024 * 1024
 
 try:
-    import os as _os
-
-    _PAGE = _os.sysconf("SC_PAGE_SIZE")
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
 except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
     _PAGE = 4096
 

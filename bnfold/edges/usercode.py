@@ -43,16 +43,15 @@ def as_error(err: BaseException, what: str, error: type[BnfoldError] = ModelSpec
             problem = f"{what} called sys.exit({'' if code is None else code})"
         else:
             problem = f"{what} exited with SystemExit: {first_line(err, empty='') or type(code).__name__}"
-        fix = "user code must return (or raise an exception), not exit the process"
+        new = error(problem, "user code must return (or raise an exception), not exit the process")
+        # user code that tries to end the process failed to do its job, whichever it was: exit 3, as for an
+        # os._exit the supervised child reports (bnfold.edges.isolate); the error keeps its kind (data, spec)
+        new.exit_code = EXIT_MODEL
     else:
         msg = first_line(err, empty="")
         problem = f"{what} raised {type(err).__name__}" + (f": {msg}" if msg else "")
         fix = "fix the data function" if issubclass(error, DataError) else "fix the model code"
-    new = error(problem, fix)
-    if isinstance(err, SystemExit):
-        # user code that tries to end the process failed to do its job, whichever it was: exit 3, as for an
-        # os._exit the supervised child reports (bnfold.edges.isolate); the error keeps its kind (data, spec)
-        new.exit_code = EXIT_MODEL
+        new = error(problem, fix)
     new.__cause__ = err
     return new
 
