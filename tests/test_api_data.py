@@ -165,6 +165,19 @@ def test_convert(env, form, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_calibrate_checkpoint(env, form, tmp_path):
+    """calibrate_checkpoint (`bnfold calibrate` as an API) takes every form calibrate and convert take."""
+    data, gen = _data(env, form)
+    kw = {"batch_size": _bs(form)} if _bs(form) else {}
+    summary = bnfold.calibrate_checkpoint(f"{env[0] / 'netmod_i14.py'}:build", tmp_path / "c.pt", calib=data, **kw)
+    assert summary.batches == 3 and summary.samples == N
+    state = torch.load(tmp_path / "c.pt")
+    torch.testing.assert_close(state["bn.running_mean"], _expected(env), rtol=1e-6, atol=1e-6)
+    if gen:
+        assert gen.starts == 1 and gen.given == 3
+
+
 @pytest.fixture(scope="module")
 def artifact(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "a.onnx"

@@ -120,7 +120,24 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             source = run_user(fn, what=f"data function '{text}'", error=DataError)
             return collect(source, where=f"'{text}'")
         raise DataError(f"data '{text}' is not a known form", f"use {FORMS}")
+    samples = _samples(spec)
+    if samples is not None:  # a tensor or array of samples (or a dict of them), cut like a file's
+        return split_arrays(samples[0], batch_size, samples[1], "the data")
     return collect(spec, where="the data")
+
+
+def _samples(data: Any) -> tuple[list, list | None] | None:
+    """(arrays, names) of a tensor or array of samples, or of a dict of them (named inputs); None for any
+    other form. Tensors become numpy arrays as a .pt file's do (bfloat16 upcast)."""
+    import numpy as np
+    import torch
+
+    arraylike = (torch.Tensor, np.ndarray)
+    named = isinstance(data, dict) and data and all(isinstance(v, arraylike) for v in data.values())
+    if not (named or isinstance(data, arraylike)):
+        return None
+    values = data.values() if named else [data]
+    return [tensor_to_numpy(v) if isinstance(v, torch.Tensor) else v for v in values], list(data) if named else None
 
 
 def split_arrays(arrays: list, batch_size: int | None, names: list | None, where: str) -> list[Batch]:
@@ -163,8 +180,6 @@ class DataSource:
 
     def __init__(self, data: Any, batch_size: int | None = None, *, what: str = "the data",
                  fingerprint: bool = False):
-        import torch
-
         self.what = what
         self._list: list[Batch] | None = None
         self._iterable = None
@@ -180,14 +195,9 @@ class DataSource:
         if isinstance(data, (str, Path)):
             self._list = load_batches(data, batch_size)
             return
-        import numpy as np
-
-        arraylike = (torch.Tensor, np.ndarray)
-        named = isinstance(data, dict) and data and all(isinstance(v, arraylike) for v in data.values())
-        if named or isinstance(data, arraylike):  # arrays of samples, cut like a file's
-            values = data.values() if named else [data]
-            arrays = [tensor_to_numpy(v) if isinstance(v, torch.Tensor) else v for v in values]  # bfloat16 too
-            self._list = split_arrays(arrays, batch_size, list(data) if named else None, what)
+        samples = _samples(data)
+        if samples is not None:  # arrays of samples, cut like a file's
+            self._list = split_arrays(samples[0], batch_size, samples[1], what)
             return
         if batch_size is not None:
             raise DataError(f"batch_size cuts arrays into batches, but {what} is a {type(data).__name__} that yields its own batches",

@@ -49,7 +49,7 @@ class _Ref:
 
 def spec_files(spec: str | None) -> list[str]:
     """The files a model or data spec reads: ``x.py:fn`` → x.py, ``x.onnx`` → x.onnx and its data, a data file."""
-    if not spec or not isinstance(spec, (str, os.PathLike)):
+    if not isinstance(spec, (str, os.PathLike)) or not spec:  # in-memory data (a tensor has no truth value)
         return []
     text = os.fspath(spec)
     parts = spec_kind(text)
