@@ -123,15 +123,14 @@ def check_run_paths(
     inputs: Mapping[str, PathLike | Iterable[PathLike] | None],
     outputs: Mapping[str, PathLike | None],
     *,
-    no_overwrite: bool | Iterable[str] = False,
+    no_overwrite: bool = False,
     sidecars: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, Path]:
     """Check a run's paths before any work; returns {output label: Path}.
 
     ``inputs``: label → path (or list of paths, or None) of every file the run reads (an ONNX file's
     external data is added here). ``outputs``: label → path (or None) of every file the run writes.
-    ``no_overwrite``: --no-overwrite, which protects *every* output (any truthy value; a list of
-    labels is accepted as before, and means the same). ``sidecars``: output label → suffixes
+    ``no_overwrite``: --no-overwrite, which protects *every* output. ``sidecars``: output label → suffixes
     of files written beside it (``[".data"]`` for an ONNX file's external data), checked as outputs too.
     """
     outs = _items(outputs)
