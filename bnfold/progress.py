@@ -10,8 +10,9 @@ no reporter is open (the API's default: ``progress=False``). Every line is
 begins. ``count`` reports n/N of a long loop (calibration batches) with its rate and ETA.
 
 Where stderr is a terminal, a count updates its own line in place; elsewhere (CI logs, a pipe) every
-line is a plain line, never a carriage return, and a count prints at each tenth of its total (or
-every ``PLAIN_EVERY_S`` seconds when the total is unknown) and once when it ends. Lines are cut to the
+line is a plain line, never a carriage return, and a count prints at each tenth of its total (at most
+one line per ``PLAIN_TENTH_S``: a loop of under a second prints its start and its end), or every
+``PLAIN_EVERY_S`` seconds when the total is unknown, and once when it ends. Lines are cut to the
 terminal's width (``COLUMNS``; 80 when unknown). stdout is never written.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 PLAIN_EVERY_S = 5.0  # a count of unknown total, in a log: one line at most this often
+PLAIN_TENTH_S = 1.0  # a count's tenths, in a log: one line at most this often
 LIVE_EVERY_S = 0.1  # a count on a terminal: redrawn at most this often
 
 
@@ -98,7 +100,7 @@ class Silent(Reporter):
 
 
 class Counter:
-    """n/N with rate and ETA: a redrawn line on a terminal, a line per tenth in a log."""
+    """n/N with rate and ETA: a redrawn line on a terminal, a line per tenth (at most one a second) in a log."""
 
     def __init__(self, reporter: Reporter, stage: str, total: int | None, unit: str):
         self.r, self.stage, self.total, self.unit = reporter, stage, total, unit
@@ -138,7 +140,7 @@ class Counter:
                 self._show()
         elif self.total:
             tenth = self.n * 10 // self.total
-            if tenth > self.shown_tenth and self.n < self.total:
+            if tenth > self.shown_tenth and self.n < self.total and now - self.shown_at >= PLAIN_TENTH_S:
                 self.shown_tenth = tenth
                 self._show()
         elif now - self.shown_at >= PLAIN_EVERY_S:

@@ -59,6 +59,22 @@ def test_plain_lines_count_by_tenths_with_rate_and_eta():
     assert len(lines[-1]) == 79 and lines[-1].endswith("…")  # cut to the width
 
 
+@pytest.mark.parametrize("step_s, lines_expected", [(0.005, 2), (0.2, 1 + 4 + 1)])
+def test_plain_tenths_at_most_one_line_a_second(step_s, lines_expected):
+    """A quick loop in a log is its start and its end; a 4.4 s one a line per second at most."""
+    clock, out = Clock(), io.StringIO()
+    count = Reporter(out, live=False, clock=clock).count("calibrate", 22, "batches")
+    for _ in range(22):
+        clock.t += step_s
+        count.advance()
+    count.done()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("calibrate 0/22 batches") and "22/22 batches" in lines[-1] and "took" in lines[-1]
+    assert len(lines) == lines_expected, lines
+    shown = [float(ln.split()[0].rstrip("s")) for ln in lines[:-1]]
+    assert all(b - a >= 1.0 for a, b in zip(shown, shown[1:]))
+
+
 def test_unknown_total_prints_at_most_every_few_seconds_and_at_the_end():
     clock, out = Clock(), io.StringIO()
     count = Reporter(out, live=False, clock=clock).count("calibrate", None, "batches")
@@ -119,8 +135,10 @@ def test_a_failing_convert_with_json_shows_each_stage_on_stderr_only(tmp_path):
     err = res.stderr
     ver = rep["verification"]
     levels = [f"verify {p} {lv}" for p in ver["providers_run"] for lv in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")]
-    head = ["start", "load", "note:", "check", "calibrate", *["calibrate"] * 6, "reference", "fold", "export"]
     stages = _stages(err)
+    calib = stages.count("calibrate")  # its first and last lines, and a tenth's at most once a second between
+    head = ["start", "load", "note:", "check", *["calibrate"] * calib, "reference", "fold", "export"]
+    assert 2 <= calib <= 7, err
     assert stages[:len(head)] == head and set(stages[len(head):-2]) == {"verify"} and stages[-2:] == ["explain", "done"], err
     assert "calibrate 6/6 batches" in err and all(lv in err for lv in levels) and "note: no weights given" in err
     assert "\r" not in err and all(len(ln) < 80 for ln in err.splitlines())
