@@ -83,7 +83,8 @@ def _body_process_peak_survives_a_reset_by_the_caller():
     with StageMeter() as m:
         buf = _touch(32)
         del buf
-    assert m.to_dict()["peak_rss_mb"] < high - 100
+    d = m.to_dict()
+    assert d["rss_mb"] + 25 <= d["peak_rss_mb"] < high - 100  # the 32 MB touched inside, not the earlier peak
     assert _resources.process_peak_rss_mb() >= high  # the meter's process peak is kept
 
 
