@@ -10,7 +10,7 @@ import torch
 
 from bnfold.calibration.population import CalibrationSummary, run_calibration
 from bnfold.edges import jsonio as json
-from bnfold.edges.data import load_batches
+from bnfold.edges.data import as_source
 from bnfold.edges.files import OutputSet, write_bytes_atomic, write_text_atomic
 from bnfold.edges.load import load_model, parse_model_spec
 from bnfold.edges.paths import check_run_paths, spec_files
@@ -43,7 +43,7 @@ def _calibrate_checkpoint(model: str, output: str | Path, opts: ConvertOptions) 
     check_run_paths({"model": spec_files(model), "--weights": opts.weights, "--calib": spec_files(opts.calib)},
                     {"-o": output, "--report": opts.report, "--plot": opts.plot}, no_overwrite=not opts.overwrite)
     m = load_model(model, opts.weights, trust_pickle=opts.trust_pickle)
-    batches = load_batches(opts.calib, opts.batch_size)
+    batches = list(as_source(opts.calib, opts.batch_size))  # every form calibrate takes, read the same way
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(batches) < world:  # every rank says so, before joining: no rank waits in a collective for the others
         raise BadInputError(f"fewer batches ({len(batches)}) than ranks ({world}) under torchrun: a rank would get no data",

@@ -120,9 +120,6 @@ def load_batches(spec: str | Path | Iterable, batch_size: int | None = None) -> 
             source = run_user(fn, what=f"data function '{text}'", error=DataError)
             return collect(source, where=f"'{text}'")
         raise DataError(f"data '{text}' is not a known form", f"use {FORMS}")
-    samples = _samples(spec)
-    if samples is not None:  # a tensor or array of samples (or a dict of them), cut like a file's
-        return split_arrays(samples[0], batch_size, samples[1], "the data")
     return collect(spec, where="the data")
 
 
