@@ -417,7 +417,7 @@ def _compare_into(report: VerifyReport, references: References, candidates: Iter
 def _new_report(references: References, tolerance: Tolerance) -> VerifyReport:
     tolerance.check_names(references.output_names())
     return VerifyReport(float64_reference=references.float64_reference, noise_k=tolerance.noise_k,
-                        notes=list(dict.fromkeys(references.notes)))
+                        notes=list(references.notes))  # note() keeps them unique
 
 
 def compare_runners(reference, candidates, inputs, *, reference64=None, tolerance: Tolerance | None = None, **keywords) -> VerifyReport:
