@@ -23,7 +23,7 @@ from bnfold.errors import BadInputError, BnfoldError, EXIT_OK, EXIT_VERIFY_FAILE
 from bnfold.options import API, CONVERT, VERIFY, ConvertOptions, Estimator, OptionError, Via, reword
 from bnfold.report import SCHEMA_VERSION, CheckReport, ConvertReport, write_drift_plot  # noqa: F401  (ConvertReport is public here too)
 from bnfold._version import __version__
-from bnfold.edges.resources import collect_new_only, process_peak_rss_mb, return_freed_memory, stage
+from bnfold.edges.resources import collect_new_only, process_peak_rss_mb, return_freed_memory, stage, weight_bytes
 from bnfold import progress
 from bnfold.edges.load import check_alloc, check_onnx_sample, check_seed, load_model, load_weights, onnx_inputs, parse_model_spec
 from bnfold.edges.data import _positional, as_source, Batch, call_model, eval_mode, model_dtype_device
@@ -75,11 +75,6 @@ def _stage(rep, name: str, detail: str = ""):
         progress.current().step(STAGE_LINES[name], detail)
     with stage(name, rep.timings, rep.resources["stages"]):
         yield
-
-
-def weight_bytes(model) -> int:
-    """Bytes of a module's parameters and buffers (what its weights take before the fold)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _graph_counts(proto) -> dict[str, int]:

@@ -212,3 +212,8 @@ def return_freed_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a module's parameters and buffers (what its weights take before the fold)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
